@@ -1,0 +1,25 @@
+//! `nanofleet-agent`: the software on a formulation device that talks to the Nanofleet
+//! cloud, and a fleet simulator that runs many simulated devices in one process.
+//!
+//! # Layout
+//! - [`hal`]: the device hardware-abstraction trait.
+//! - [`sim`]: a simulated device with realistic physics, alarms and injectable faults.
+//! - [`outbox`]: unacknowledged messages and what to (re)send; pure state.
+//! - [`seq`]: per-stream sequence numbers that survive restarts.
+//! - [`link`]: the MQTT edge that runs one device.
+//! - [`fleet`]: many simulated devices, each with its own connection.
+#![forbid(unsafe_code)]
+
+pub mod fleet;
+pub mod hal;
+pub mod link;
+pub mod outbox;
+pub mod seq;
+pub mod sim;
+
+/// Resident memory of this process in bytes (Linux), for the simulator's report.
+pub fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}

@@ -1,0 +1,560 @@
+//! A simulated formulation device with plausible physics (numbers from DOMAIN.md):
+//! two fluid lines under pressure control, the run phases of an LNP formulation,
+//! on-device alarms, and faults that can be injected.
+//!
+//! Pure logic: no clock, no I/O. The caller passes the time of each reading.
+//!
+//! Nominal recipe: total flow rate (TFR) 12 mL/min at a flow-rate ratio (FRR,
+//! aqueous:ethanol) of 3:1, so 9,000 µL/min aqueous and 3,000 µL/min ethanol; 20 to
+//! 25 °C. The pressure controller holds each line's pressure within about ±1 % of what
+//! the line's resistance needs for its flow setpoint; flow sensors read with a
+//! coefficient of variation of 0.07 that pump wear raises towards 0.3.
+
+use std::collections::VecDeque;
+
+use nanofleet_proto::device::v1::{
+    Alarm, AlarmCode, AlarmPriority, Event, FluidLine, LineReading, PhaseChange, RunPhase, Sample, event,
+};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+use crate::hal::{Device, DeviceInfo, Reading};
+
+/// Nominal total flow rate, µL/min (12 mL/min).
+pub const TFR_UL_MIN: f64 = 12_000.0;
+/// Nominal flow-rate ratio, aqueous:ethanol.
+pub const FRR: f64 = 3.0;
+/// Pressure that drives the nominal flow through a clean line, mbar.
+pub const AQUEOUS_PRESSURE_MBAR: f64 = 1_500.0;
+pub const ETHANOL_PRESSURE_MBAR: f64 = 1_100.0;
+/// Above this line pressure the device declares an occlusion, mbar.
+pub const OCCLUSION_LIMIT_MBAR: f64 = 2_500.0;
+/// Allowed mixing temperature, °C.
+pub const TEMPERATURE_RANGE_C: (f64, f64) = (20.0, 25.0);
+/// Flow sensor coefficient of variation of a healthy pump.
+pub const FLOW_CV: f64 = 0.07;
+/// Flow sensor coefficient of variation of a worn pump.
+pub const WORN_FLOW_CV: f64 = 0.3;
+/// A flow more than this far off its setpoint on every sample for over a second
+/// raises an alarm.
+pub const FLOW_TOLERANCE: f64 = 0.05;
+/// An FRR whose two-second mean is more than this far off its setpoint raises an alarm.
+pub const FRR_TOLERANCE: f64 = 0.10;
+
+/// Faults the simulator can inject (DOMAIN.md, "failure modes").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Fault {
+    /// Line resistance grows during runs: pressure creeps up until an occlusion alarm.
+    PartialClog,
+    /// Flow dropouts with air-in-line flags.
+    Bubbles,
+    /// Flow CV grows from 0.07 to 0.3 and the pump delivers 8 % less.
+    PumpWear,
+    /// The ethanol line delivers 15 % less: FRR shifts.
+    EthanolLineFault,
+    /// Occasional flow-sensor CRC errors.
+    SensorCrc,
+    /// The chamber runs slowly warmer, run after run.
+    SlowDrift,
+}
+
+impl Fault {
+    pub const ALL: [Fault; 6] = [
+        Fault::PartialClog,
+        Fault::Bubbles,
+        Fault::PumpWear,
+        Fault::EthanolLineFault,
+        Fault::SensorCrc,
+        Fault::SlowDrift,
+    ];
+}
+
+/// Phase plan of one run: phase, duration in seconds, fraction of nominal flow on the
+/// aqueous and ethanol lines.
+const RUN_PLAN: &[(RunPhase, i64, f64, f64)] = &[
+    (RunPhase::SelfTest, 4, 0.0, 0.0),
+    (RunPhase::CartridgeVerify, 3, 0.0, 0.0),
+    (RunPhase::Prime, 6, 0.3, 0.3),
+    (RunPhase::Equilibrate, 5, 1.0, 1.0),
+    (RunPhase::StartWaste, 3, 1.0, 1.0),
+    (RunPhase::Collect, 30, 1.0, 1.0),
+    (RunPhase::EndWaste, 3, 1.0, 1.0),
+    (RunPhase::BufferExchange, 15, 0.5, 0.0),
+    (RunPhase::Flush, 6, 0.5, 0.5),
+    (RunPhase::QcSample, 5, 0.0, 0.0),
+    (RunPhase::Complete, 3, 0.0, 0.0),
+];
+
+/// Idle time between runs, seconds.
+const IDLE_SECONDS: (i64, i64) = (8, 30);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum AlarmKey {
+    Occlusion(FluidLine),
+    AirInLine(FluidLine),
+    FlowOffSetpoint(FluidLine),
+    FrrDrift,
+    Temperature,
+    SensorCrc(FluidLine),
+}
+
+impl AlarmKey {
+    fn code(self) -> (AlarmCode, AlarmPriority, FluidLine) {
+        match self {
+            AlarmKey::Occlusion(l) => (AlarmCode::Occlusion, AlarmPriority::High, l),
+            AlarmKey::AirInLine(l) => (AlarmCode::AirInLine, AlarmPriority::High, l),
+            AlarmKey::FlowOffSetpoint(l) => (AlarmCode::FlowOffSetpoint, AlarmPriority::Medium, l),
+            AlarmKey::FrrDrift => (AlarmCode::FrrDrift, AlarmPriority::Medium, FluidLine::Unspecified),
+            AlarmKey::Temperature => {
+                (AlarmCode::TemperatureOutOfRange, AlarmPriority::Medium, FluidLine::Unspecified)
+            }
+            AlarmKey::SensorCrc(l) => (AlarmCode::SensorCrc, AlarmPriority::Low, l),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct LineState {
+    /// Multiplier on the resistance of a clean line (partial clog).
+    resistance: f64,
+    /// Recent (flow, setpoint) readings, one second's worth.
+    recent: VecDeque<(f64, f64)>,
+    air_streak: u32,
+}
+
+/// A simulated formulation device.
+#[derive(Debug)]
+pub struct SimDevice {
+    info: DeviceInfo,
+    rng: SmallRng,
+    faults: Vec<Fault>,
+    phase: RunPhase,
+    phase_started_ms: i64,
+    phase_len_ms: i64,
+    plan_index: Option<usize>,
+    runs: u64,
+    run_id: String,
+    aqueous: LineState,
+    ethanol: LineState,
+    chamber_c: f64,
+    cartridge_c: f64,
+    drift_c: f64,
+    active: Vec<AlarmKey>,
+    started: bool,
+}
+
+impl SimDevice {
+    pub fn new(info: DeviceInfo, seed: u64) -> SimDevice {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let chamber_c = 22.0 + rng.random_range(-0.5..0.5);
+        SimDevice {
+            info,
+            rng,
+            faults: Vec::new(),
+            phase: RunPhase::Idle,
+            phase_started_ms: 0,
+            phase_len_ms: 0,
+            plan_index: None,
+            runs: 0,
+            run_id: String::new(),
+            aqueous: LineState { resistance: 1.0, ..Default::default() },
+            ethanol: LineState { resistance: 1.0, ..Default::default() },
+            chamber_c,
+            cartridge_c: 21.5,
+            drift_c: 0.0,
+            active: Vec::new(),
+            started: false,
+        }
+    }
+
+    pub fn inject(&mut self, fault: Fault) {
+        if !self.faults.contains(&fault) {
+            self.faults.push(fault);
+        }
+    }
+
+    pub fn clear_faults(&mut self) {
+        self.faults.clear();
+        self.aqueous.resistance = 1.0;
+        self.ethanol.resistance = 1.0;
+        self.drift_c = 0.0;
+    }
+
+    pub fn phase(&self) -> RunPhase {
+        self.phase
+    }
+
+    fn has(&self, f: Fault) -> bool {
+        self.faults.contains(&f)
+    }
+
+    fn normal(&mut self) -> f64 {
+        // Box-Muller; avoids ln(0).
+        let u1: f64 = self.rng.random_range(f64::EPSILON..1.0);
+        let u2: f64 = self.rng.random();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+
+    fn enter(&mut self, phase: RunPhase, len_s: i64, now_ms: i64, events: &mut Vec<Event>) {
+        let from = self.phase;
+        self.phase = phase;
+        self.phase_started_ms = now_ms;
+        self.phase_len_ms = len_s * 1000;
+        events.push(Event {
+            time_unix_ms: now_ms,
+            kind: Some(event::Kind::PhaseChange(PhaseChange {
+                from: from as i32,
+                to: phase as i32,
+                run_id: self.run_id.clone(),
+            })),
+        });
+    }
+
+    fn advance_phase(&mut self, now_ms: i64, events: &mut Vec<Event>) {
+        if self.started && now_ms - self.phase_started_ms < self.phase_len_ms {
+            return;
+        }
+        if !self.started {
+            self.started = true;
+            // Devices of a fleet start at different points of their idle time.
+            let idle = self.rng.random_range(1..IDLE_SECONDS.1);
+            self.enter(RunPhase::Idle, idle, now_ms, events);
+            return;
+        }
+        let next = match self.plan_index {
+            None => Some(0),
+            Some(i) if i + 1 < RUN_PLAN.len() => Some(i + 1),
+            Some(_) => None,
+        };
+        match next {
+            Some(0) => {
+                self.runs += 1;
+                self.run_id = format!("{}-R{:05}", self.info.device_id, self.runs);
+                self.plan_index = Some(0);
+                let (p, s, _, _) = RUN_PLAN[0];
+                self.enter(p, s, now_ms, events);
+            }
+            Some(i) => {
+                self.plan_index = Some(i);
+                let (p, s, _, _) = RUN_PLAN[i];
+                self.enter(p, s, now_ms, events);
+            }
+            None => self.go_idle(now_ms, events),
+        }
+    }
+
+    fn go_idle(&mut self, now_ms: i64, events: &mut Vec<Event>) {
+        self.plan_index = None;
+        let idle = self.rng.random_range(IDLE_SECONDS.0..=IDLE_SECONDS.1);
+        self.enter(RunPhase::Idle, idle, now_ms, events);
+        self.run_id.clear();
+        if self.has(Fault::SlowDrift) {
+            self.drift_c += 0.15;
+        }
+        // Cleaning between runs clears a partial clog.
+        self.aqueous.resistance = 1.0;
+        self.ethanol.resistance = 1.0;
+    }
+
+    fn flow_fractions(&self) -> (f64, f64) {
+        match (self.plan_index, self.phase) {
+            (Some(i), p) if RUN_PLAN[i].0 == p => (RUN_PLAN[i].2, RUN_PLAN[i].3),
+            _ => (0.0, 0.0),
+        }
+    }
+
+    fn line(&mut self, line: FluidLine, setpoint: f64, nominal_mbar: f64, dt_ms: i64) -> LineReading {
+        let cv = if self.has(Fault::PumpWear) { WORN_FLOW_CV } else { FLOW_CV };
+        let clog = self.has(Fault::PartialClog) && line == FluidLine::Aqueous && setpoint > 0.0;
+        let bubbles = self.has(Fault::Bubbles) && setpoint > 0.0;
+        let crc = self.has(Fault::SensorCrc) && self.rng.random_bool(0.05);
+        let ethanol_fault = self.has(Fault::EthanolLineFault) && line == FluidLine::Ethanol;
+        let worn = self.has(Fault::PumpWear);
+        let (n1, n2) = (self.normal(), self.normal());
+        let air = bubbles && self.rng.random_bool(0.04);
+        let state = if line == FluidLine::Aqueous { &mut self.aqueous } else { &mut self.ethanol };
+        if clog {
+            // About +1.5 % resistance per second of flow.
+            state.resistance *= 1.0 + 0.015 * dt_ms as f64 / 1000.0;
+        }
+        // A worn pump delivers less and pulsates more.
+        let delivered = match (ethanol_fault, worn) {
+            (true, _) => 0.85,
+            (false, true) => 0.92,
+            (false, false) => 1.0,
+        };
+        let mut flow = if setpoint > 0.0 { setpoint * delivered * (1.0 + cv * n1) } else { 0.3 * n1 };
+        if air {
+            flow *= 0.1;
+        }
+        // The controller raises pressure to hold the flow through a higher resistance.
+        let target = nominal_mbar
+            * (setpoint / (TFR_UL_MIN * if line == FluidLine::Aqueous { 0.75 } else { 0.25 }))
+            * state.resistance;
+        let pressure = if setpoint > 0.0 { target * (1.0 + 0.01 / 3.0 * n2) } else { 20.0 + 2.0 * n2 };
+        state.air_streak = if air { state.air_streak + 1 } else { 0 };
+        state.recent.push_back((flow, setpoint));
+        let keep = 2 * (1000 / dt_ms.max(1)).max(1) as usize + 1;
+        while state.recent.len() > keep {
+            state.recent.pop_front();
+        }
+        LineReading {
+            line: line as i32,
+            flow_ul_min: flow,
+            flow_setpoint_ul_min: setpoint,
+            pressure_mbar: pressure,
+            temperature_c: self.chamber_c + self.drift_c - 0.3,
+            air_in_line: air,
+            high_flow: setpoint > 0.0 && flow > setpoint * 1.5,
+            crc_error: crc,
+        }
+    }
+
+    /// Relative offsets of the flow from its setpoint over the last `window` samples (None while the
+    /// line was not flowing for all of it).
+    fn offsets(state: &LineState, window: usize) -> Option<impl Iterator<Item = f64> + '_> {
+        if state.recent.len() < window {
+            return None;
+        }
+        let recent = state.recent.iter().skip(state.recent.len() - window);
+        if recent.clone().any(|(_, sp)| *sp <= 0.0) {
+            return None;
+        }
+        Some(recent.map(|(f, sp)| (f - sp) / sp))
+    }
+
+    /// Flow off setpoint by more than 5 %, on the same side, on every sample for over a
+    /// second: a sustained deviation, not sensor noise.
+    fn flow_off(state: &LineState, per_second: usize) -> Option<f64> {
+        let offs: Vec<f64> = Self::offsets(state, per_second + 1)?.collect();
+        let high = offs.iter().all(|o| *o > FLOW_TOLERANCE);
+        let low = offs.iter().all(|o| *o < -FLOW_TOLERANCE);
+        (high || low).then(|| offs.iter().sum::<f64>() / offs.len() as f64)
+    }
+
+    /// Mean relative flow offset over two seconds.
+    fn mean_offset(state: &LineState, per_second: usize) -> Option<f64> {
+        let offs: Vec<f64> = Self::offsets(state, 2 * per_second)?.collect();
+        Some(offs.iter().sum::<f64>() / offs.len() as f64)
+    }
+
+    fn set_alarm(&mut self, key: AlarmKey, on: bool, detail: String, now_ms: i64, events: &mut Vec<Event>) {
+        let was = self.active.contains(&key);
+        if on == was {
+            return;
+        }
+        if on {
+            self.active.push(key);
+        } else {
+            self.active.retain(|k| *k != key);
+        }
+        let (code, priority, line) = key.code();
+        events.push(Event {
+            time_unix_ms: now_ms,
+            kind: Some(event::Kind::Alarm(Alarm {
+                code: code as i32,
+                priority: priority as i32,
+                active: on,
+                detail,
+                line: line as i32,
+            })),
+        });
+    }
+
+    fn check_alarms(&mut self, s: &Sample, now_ms: i64, dt_ms: i64, events: &mut Vec<Event>) {
+        let per_second = (1000 / dt_ms.max(1)).max(1) as usize;
+        let mut abort = false;
+        for (i, l) in s.lines.iter().enumerate() {
+            let line = FluidLine::try_from(l.line).unwrap_or(FluidLine::Unspecified);
+            let name = if line == FluidLine::Aqueous { "aqueous" } else { "ethanol" };
+            let occluded = l.pressure_mbar > OCCLUSION_LIMIT_MBAR;
+            abort |= occluded;
+            self.set_alarm(
+                AlarmKey::Occlusion(line),
+                occluded,
+                format!(
+                    "{name} pressure {:.0} mbar over limit {OCCLUSION_LIMIT_MBAR:.0} mbar",
+                    l.pressure_mbar
+                ),
+                now_ms,
+                events,
+            );
+            let state = if i == 0 { &self.aqueous } else { &self.ethanol };
+            let air = state.air_streak >= 2;
+            let offset = Self::flow_off(state, per_second);
+            abort |= air;
+            self.set_alarm(
+                AlarmKey::AirInLine(line),
+                air,
+                format!("air in {name} line on 2+ consecutive samples"),
+                now_ms,
+                events,
+            );
+            let off = offset.is_some();
+            self.set_alarm(
+                AlarmKey::FlowOffSetpoint(line),
+                off,
+                format!("{name} flow {:+.1} % off setpoint over 1 s", offset.unwrap_or(0.0) * 100.0),
+                now_ms,
+                events,
+            );
+            self.set_alarm(
+                AlarmKey::SensorCrc(line),
+                l.crc_error,
+                format!("{name} flow sensor CRC error"),
+                now_ms,
+                events,
+            );
+        }
+        let frr_off = match (
+            Self::mean_offset(&self.aqueous, per_second),
+            Self::mean_offset(&self.ethanol, per_second),
+        ) {
+            (Some(a), Some(e)) => ((1.0 + a) / (1.0 + e) - 1.0).abs() > FRR_TOLERANCE,
+            _ => false,
+        };
+        self.set_alarm(
+            AlarmKey::FrrDrift,
+            frr_off,
+            format!("FRR more than {:.0} % off setpoint", FRR_TOLERANCE * 100.0),
+            now_ms,
+            events,
+        );
+        let t = s.chamber_temperature_c;
+        let t_bad = !(TEMPERATURE_RANGE_C.0..=TEMPERATURE_RANGE_C.1).contains(&t);
+        self.set_alarm(
+            AlarmKey::Temperature,
+            t_bad,
+            format!(
+                "chamber {t:.1} °C outside {:.0} to {:.0} °C",
+                TEMPERATURE_RANGE_C.0, TEMPERATURE_RANGE_C.1
+            ),
+            now_ms,
+            events,
+        );
+        if abort && self.plan_index.is_some() {
+            self.plan_index = None;
+            self.enter(RunPhase::Aborted, 5, now_ms, events);
+        }
+    }
+}
+
+impl Device for SimDevice {
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    fn read(&mut self, now_ms: i64, dt_ms: i64) -> Reading {
+        let mut events = Vec::new();
+        if self.phase == RunPhase::Aborted && now_ms - self.phase_started_ms >= self.phase_len_ms {
+            self.go_idle(now_ms, &mut events);
+        } else if self.phase != RunPhase::Aborted {
+            self.advance_phase(now_ms, &mut events);
+        }
+        let (fa, fe) = self.flow_fractions();
+        let aq_sp = TFR_UL_MIN * FRR / (FRR + 1.0) * fa;
+        let et_sp = TFR_UL_MIN / (FRR + 1.0) * fe;
+        // Slow thermal wander of the chamber around its set temperature.
+        let wander = 0.02 * self.normal();
+        self.chamber_c = (self.chamber_c + wander).clamp(21.0, 23.0);
+        let cartridge = 0.05 * self.normal();
+        self.cartridge_c = (self.cartridge_c + cartridge).clamp(20.5, 22.5);
+        let aqueous = self.line(FluidLine::Aqueous, aq_sp, AQUEOUS_PRESSURE_MBAR, dt_ms);
+        let ethanol = self.line(FluidLine::Ethanol, et_sp, ETHANOL_PRESSURE_MBAR, dt_ms);
+        let tfr = (aqueous.flow_ul_min + ethanol.flow_ul_min).max(0.0);
+        let dp = 350.0 * tfr / TFR_UL_MIN * (1.0 + 0.01 * self.normal());
+        let sample = Sample {
+            time_unix_ms: now_ms,
+            phase: self.phase as i32,
+            lines: vec![aqueous, ethanol],
+            chamber_temperature_c: self.chamber_c + self.drift_c,
+            cartridge_temperature_c: self.cartridge_c,
+            mixer_pressure_drop_mbar: dp,
+            door_closed: true,
+            run_id: self.run_id.clone(),
+        };
+        self.check_alarms(&sample, now_ms, dt_ms, &mut events);
+        Reading { sample, events }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device() -> SimDevice {
+        let info = DeviceInfo {
+            device_id: "NF-T-01".into(),
+            site_id: "test".into(),
+            model: "NF-200".into(),
+            firmware_version: "1.0.0".into(),
+        };
+        SimDevice::new(info, 7)
+    }
+
+    /// Runs the device for `secs` at 10 Hz; returns the readings.
+    fn run(d: &mut SimDevice, from_ms: i64, secs: i64) -> Vec<Reading> {
+        (0..secs * 10).map(|i| d.read(from_ms + i * 100, 100)).collect()
+    }
+
+    fn alarms(readings: &[Reading]) -> Vec<AlarmCode> {
+        readings
+            .iter()
+            .flat_map(|r| &r.events)
+            .filter_map(|e| match &e.kind {
+                Some(event::Kind::Alarm(a)) if a.active => AlarmCode::try_from(a.code).ok(),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_healthy_device_runs_every_phase_at_the_nominal_recipe() {
+        let mut d = device();
+        let readings = run(&mut d, 0, 400);
+        let phases: std::collections::HashSet<i32> = readings.iter().map(|r| r.sample.phase).collect();
+        for (p, ..) in RUN_PLAN {
+            assert!(phases.contains(&(*p as i32)), "phase {p:?} never reached");
+        }
+        let collect: Vec<&Sample> =
+            readings.iter().map(|r| &r.sample).filter(|s| s.phase == RunPhase::Collect as i32).collect();
+        assert!(collect.len() > 100);
+        let mean =
+            |f: &dyn Fn(&Sample) -> f64| collect.iter().map(|s| f(s)).sum::<f64>() / collect.len() as f64;
+        let aq = mean(&|s| s.lines[0].flow_ul_min);
+        let et = mean(&|s| s.lines[1].flow_ul_min);
+        assert!((aq - 9_000.0).abs() < 150.0, "aqueous mean {aq}");
+        assert!((et - 3_000.0).abs() < 50.0, "ethanol mean {et}");
+        assert!((aq / et - 3.0).abs() < 0.1, "FRR {}", aq / et);
+        let p = mean(&|s| s.lines[0].pressure_mbar);
+        assert!((p - AQUEOUS_PRESSURE_MBAR).abs() < 15.0, "pressure within ±1 %: {p}");
+        assert_eq!(alarms(&readings), vec![], "a healthy device raises no alarm");
+    }
+
+    #[test]
+    fn a_partial_clog_raises_pressure_until_occlusion_aborts_the_run() {
+        let mut d = device();
+        d.inject(Fault::PartialClog);
+        let readings = run(&mut d, 0, 400);
+        assert!(alarms(&readings).contains(&AlarmCode::Occlusion));
+        assert!(readings.iter().any(|r| r.sample.phase == RunPhase::Aborted as i32));
+    }
+
+    #[test]
+    fn bubbles_raise_air_in_line_and_pump_wear_flow_alarms() {
+        let mut d = device();
+        d.inject(Fault::Bubbles);
+        assert!(alarms(&run(&mut d, 0, 600)).contains(&AlarmCode::AirInLine));
+        let mut d = device();
+        d.inject(Fault::PumpWear);
+        assert!(alarms(&run(&mut d, 0, 400)).contains(&AlarmCode::FlowOffSetpoint));
+    }
+
+    #[test]
+    fn an_ethanol_line_fault_shifts_frr() {
+        let mut d = device();
+        d.inject(Fault::EthanolLineFault);
+        assert!(alarms(&run(&mut d, 0, 400)).contains(&AlarmCode::FrrDrift));
+    }
+}

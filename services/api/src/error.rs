@@ -1,0 +1,44 @@
+//! The API's error vocabulary, mapped to gRPC codes and HTTP statuses here and nowhere
+//! else.
+
+/// What went wrong with an API call.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    #[error("{what} {id:?} not found")]
+    NotFound { what: &'static str, id: String },
+    #[error("{field} = {value:?} is invalid, allowed: {allowed}")]
+    InvalidArgument { field: &'static str, value: String, allowed: String },
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl Error {
+    pub fn grpc_code(&self) -> tonic::Code {
+        match self {
+            Error::NotFound { .. } => tonic::Code::NotFound,
+            Error::InvalidArgument { .. } => tonic::Code::InvalidArgument,
+            Error::Unavailable(_) => tonic::Code::Unavailable,
+        }
+    }
+
+    pub fn http_status(&self) -> u16 {
+        match self {
+            Error::NotFound { .. } => 404,
+            Error::InvalidArgument { .. } => 400,
+            Error::Unavailable(_) => 503,
+        }
+    }
+}
+
+impl From<nanofleet_store::Error> for Error {
+    fn from(e: nanofleet_store::Error) -> Self {
+        tracing::error!(error = %e, "storage error");
+        Error::Unavailable(e.to_string())
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        tonic::Status::new(e.grpc_code(), e.to_string())
+    }
+}

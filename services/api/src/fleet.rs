@@ -1,0 +1,163 @@
+//! Fleet queries: what the gRPC API and the dashboard both show. Plain async functions
+//! over the store; no transport here.
+
+use nanofleet_proto::Message as _;
+use nanofleet_proto::device::v1::{Alarm, Sample, TelemetryBatch};
+use nanofleet_proto::topics::validate_device_id;
+use nanofleet_proto::v1 as pb;
+use nanofleet_store::{DeviceRecord, Store};
+
+use crate::Error;
+
+/// Samples returned when the caller sets no limit.
+pub const DEFAULT_SAMPLE_LIMIT: u32 = 10_000;
+/// Most samples one query returns.
+pub const MAX_SAMPLE_LIMIT: u32 = 100_000;
+
+/// Read access to the fleet; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Fleet {
+    store: Store,
+    ingest: nanofleet_ingest::Ingest,
+}
+
+/// A telemetry window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TelemetryWindow {
+    pub samples: Vec<Sample>,
+    pub truncated: bool,
+}
+
+impl Fleet {
+    pub fn new(store: Store, ingest: nanofleet_ingest::Ingest) -> Fleet {
+        Fleet { store, ingest }
+    }
+
+    pub fn ingest_stats(&self) -> nanofleet_ingest::StatsSnapshot {
+        self.ingest.stats()
+    }
+
+    pub async fn sites(&self) -> Result<Vec<pb::Site>, Error> {
+        Ok(self
+            .store
+            .list_sites()
+            .await?
+            .into_iter()
+            .map(|s| pb::Site {
+                id: s.id,
+                name: s.name,
+                devices_total: s.devices_total.try_into().unwrap_or(u32::MAX),
+                devices_online: s.devices_online.try_into().unwrap_or(u32::MAX),
+            })
+            .collect())
+    }
+
+    pub async fn devices(&self, site_id: Option<&str>) -> Result<Vec<pb::Device>, Error> {
+        let site = site_id.filter(|s| !s.is_empty());
+        Ok(self.store.list_devices(site).await?.into_iter().map(device).collect())
+    }
+
+    pub async fn device(&self, device_id: &str) -> Result<pb::Device, Error> {
+        check_device_id(device_id)?;
+        match self.store.get_device(device_id).await? {
+            Some(d) => Ok(device(d)),
+            None => Err(Error::NotFound { what: "device", id: device_id.to_owned() }),
+        }
+    }
+
+    /// Samples of `device_id` in `[since_ms, until_ms)`, oldest first; the newest
+    /// `limit` are kept.
+    pub async fn telemetry(
+        &self,
+        device_id: &str,
+        since_ms: i64,
+        until_ms: i64,
+        limit: u32,
+    ) -> Result<TelemetryWindow, Error> {
+        check_device_id(device_id)?;
+        if until_ms <= since_ms {
+            return Err(Error::InvalidArgument {
+                field: "until_unix_ms",
+                value: until_ms.to_string(),
+                allowed: format!("after since_unix_ms ({since_ms})"),
+            });
+        }
+        let limit = match limit {
+            0 => DEFAULT_SAMPLE_LIMIT,
+            n if n > MAX_SAMPLE_LIMIT => {
+                return Err(Error::InvalidArgument {
+                    field: "limit",
+                    value: n.to_string(),
+                    allowed: format!("0 (default {DEFAULT_SAMPLE_LIMIT}) to {MAX_SAMPLE_LIMIT}"),
+                });
+            }
+            n => n,
+        };
+        if self.store.get_device(device_id).await?.is_none() {
+            return Err(Error::NotFound { what: "device", id: device_id.to_owned() });
+        }
+        let rows = self.store.query_telemetry(device_id, since_ms, until_ms, limit).await?;
+        let mut samples: Vec<Sample> = Vec::new();
+        for row in rows {
+            match TelemetryBatch::decode(row.payload.as_slice()) {
+                Ok(b) => samples
+                    .extend(b.samples.into_iter().filter(|s| (since_ms..until_ms).contains(&s.time_unix_ms))),
+                Err(e) => {
+                    tracing::error!(device_id, seq = row.seq, error = %e, "stored telemetry does not decode")
+                }
+            }
+        }
+        samples.sort_by_key(|s| s.time_unix_ms);
+        let truncated = samples.len() > limit as usize;
+        if truncated {
+            samples.drain(..samples.len() - limit as usize);
+        }
+        Ok(TelemetryWindow { samples, truncated })
+    }
+}
+
+fn check_device_id(id: &str) -> Result<(), Error> {
+    validate_device_id(id).map_err(|reason| Error::InvalidArgument {
+        field: "device_id",
+        value: id.to_owned(),
+        allowed: format!("a device id ({reason})"),
+    })
+}
+
+fn device(d: DeviceRecord) -> pb::Device {
+    let DeviceRecord {
+        id,
+        site_id,
+        model,
+        firmware_version,
+        online,
+        session_id: _,
+        connected_ms,
+        last_seen_ms,
+        telemetry_seq,
+        last_sample_ms: _,
+        last_sample,
+        active_alarms,
+    } = d;
+    pb::Device {
+        id,
+        site_id,
+        model,
+        firmware_version,
+        online,
+        last_seen_unix_ms: last_seen_ms,
+        connected_since_unix_ms: connected_ms,
+        last_sample: last_sample.and_then(|b| Sample::decode(b.as_slice()).ok()),
+        telemetry_seq: telemetry_seq.try_into().unwrap_or(0),
+        active_alarms: active_alarms
+            .into_iter()
+            .map(|a| Alarm {
+                code: a.code as i32,
+                priority: a.priority as i32,
+                active: true,
+                detail: a.detail,
+                line: a.line as i32,
+            })
+            .collect(),
+    }
+}

@@ -1,0 +1,68 @@
+//! JSON shapes of the dashboard API and the CLI's `--output json`. Enum values lose their protobuf prefix
+//! (`RUN_PHASE_COLLECT` becomes `COLLECT`).
+
+use nanofleet_proto::device::v1::{AlarmCode, AlarmPriority, FluidLine, LineReading, RunPhase, Sample};
+use nanofleet_proto::v1 as pb;
+use serde_json::{Value, json};
+
+fn strip(name: &'static str, prefix: &str) -> &'static str {
+    name.strip_prefix(prefix).unwrap_or(name)
+}
+
+pub fn site(s: &pb::Site) -> Value {
+    json!({ "id": s.id, "name": s.name, "devices_total": s.devices_total, "devices_online": s.devices_online })
+}
+
+pub fn device(d: &pb::Device) -> Value {
+    json!({
+        "id": d.id,
+        "site_id": d.site_id,
+        "model": d.model,
+        "firmware_version": d.firmware_version,
+        "online": d.online,
+        "last_seen_ms": d.last_seen_unix_ms,
+        "connected_ms": d.connected_since_unix_ms,
+        "telemetry_seq": d.telemetry_seq,
+        "last_sample": d.last_sample.as_ref().map(sample),
+        "active_alarms": d.active_alarms.iter().map(|a| json!({
+            "code": strip(AlarmCode::try_from(a.code).unwrap_or_default().as_str_name(), "ALARM_CODE_"),
+            "priority": strip(AlarmPriority::try_from(a.priority).unwrap_or_default().as_str_name(), "ALARM_PRIORITY_"),
+            "line": strip(FluidLine::try_from(a.line).unwrap_or_default().as_str_name(), "FLUID_LINE_"),
+            "detail": a.detail,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn line(l: Option<&LineReading>) -> Value {
+    match l {
+        None => Value::Null,
+        Some(l) => json!({
+            "flow_ul_min": l.flow_ul_min,
+            "flow_setpoint_ul_min": l.flow_setpoint_ul_min,
+            "pressure_mbar": l.pressure_mbar,
+            "temperature_c": l.temperature_c,
+            "air_in_line": l.air_in_line,
+        }),
+    }
+}
+
+pub fn sample(s: &Sample) -> Value {
+    let find = |want: FluidLine| s.lines.iter().find(|l| l.line == want as i32);
+    let aq = find(FluidLine::Aqueous);
+    let et = find(FluidLine::Ethanol);
+    let (qa, qe) = (aq.map_or(0.0, |l| l.flow_ul_min), et.map_or(0.0, |l| l.flow_ul_min));
+    let frr = if qe > 100.0 { Some(qa / qe) } else { None };
+    json!({
+        "time_ms": s.time_unix_ms,
+        "phase": strip(RunPhase::try_from(s.phase).unwrap_or_default().as_str_name(), "RUN_PHASE_"),
+        "run_id": s.run_id,
+        "aqueous": line(aq),
+        "ethanol": line(et),
+        "frr": frr,
+        "tfr_ml_min": ((qa + qe) / 1000.0).max(0.0),
+        "chamber_temperature_c": s.chamber_temperature_c,
+        "cartridge_temperature_c": s.cartridge_temperature_c,
+        "mixer_pressure_drop_mbar": s.mixer_pressure_drop_mbar,
+        "door_closed": s.door_closed,
+    })
+}

@@ -1,0 +1,15 @@
+//! Nanofleet's operator API.
+//!
+//! [`Fleet`] answers the questions operators ask (sites, devices, telemetry); the
+//! `grpc` module adapts it to the `nanofleet.v1` services, and the dashboard serves
+//! the same answers as JSON. Errors come from one vocabulary, [`Error`], mapped to
+//! gRPC codes and HTTP statuses in one place.
+#![forbid(unsafe_code)]
+
+mod error;
+mod fleet;
+mod grpc;
+pub mod json;
+
+pub use error::Error;
+pub use fleet::{DEFAULT_SAMPLE_LIMIT, Fleet, MAX_SAMPLE_LIMIT, TelemetryWindow};

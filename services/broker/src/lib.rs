@@ -1,0 +1,203 @@
+//! The MQTT broker embedded in the Nanofleet server (the zero-setup default).
+//!
+//! Built on the `rmqtt` broker library (see `docs/decisions/0001-embedded-mqtt-broker.md`).
+//! Devices connect with MQTT 3.1.1 or 5; what they publish is not routed through a
+//! subscription but handed to ingest in-process from the broker's publish ACL hook:
+//!
+//! 1. the topic must be under `nf/v1/{client id}/` (a device speaks only for itself);
+//! 2. ingest validates and durably stores the message;
+//! 3. only then does the hook return, and the broker send the PUBACK.
+//!
+//! So an acknowledged QoS 1 message is always committed, and a message ingest could
+//! not commit is never acknowledged: the connection is closed and the device re-sends.
+//! Refused messages get a PUBACK with a failure reason code (MQTT 5), because
+//! re-sending them cannot help.
+//!
+//! Last wills (a device's death message) do not pass the publish ACL hook in rmqtt;
+//! they are taken from the publish hook instead.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::num::NonZeroU16;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use nanofleet_ingest::{Inbound, Ingest, Outcome, Reason};
+use rmqtt::codec::v5::PublishAckReason;
+use rmqtt::context::ServerContext;
+use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType, Type};
+use rmqtt::net::Builder;
+use rmqtt::server::MqttServer;
+use rmqtt::types::{FromType, PublishAclResult, PublishResult};
+
+/// Broker settings.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", default)]
+pub struct Options {
+    /// Address of the plain-TCP MQTT listener (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// QoS 1 messages a client may have unacknowledged towards the broker.
+    pub max_inflight: u16,
+    /// Largest MQTT packet accepted, bytes.
+    pub max_packet_size: u32,
+    /// Messages queued towards one slow subscriber before the broker drops them.
+    /// rmqtt's default (1,000) silently drops QoS 1 messages; keep it high.
+    pub max_mqueue_len: usize,
+    /// Concurrent TLS/MQTT handshakes before new connections wait.
+    pub max_handshaking: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7883)),
+            max_inflight: 32,
+            max_packet_size: 256 * 1024,
+            max_mqueue_len: 100_000,
+            max_handshaking: 5_000,
+        }
+    }
+}
+
+/// Broker errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("mqtt listener on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: rmqtt::Error },
+}
+
+/// A running embedded broker; dropping it does not stop it, call [`Broker::shutdown`].
+pub struct Broker {
+    scx: ServerContext,
+    local_addr: SocketAddr,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker").field("local_addr", &self.local_addr).finish_non_exhaustive()
+    }
+}
+
+impl Broker {
+    /// Binds the listener and starts accepting devices; their messages go to `ingest`.
+    pub async fn start(opts: &Options, ingest: Ingest) -> Result<Broker, Error> {
+        let bind_err = |source| Error::Bind { addr: opts.listen, source };
+        let scx = ServerContext::new().busy_check_enable(false).build().await;
+        let hooks = IngestHook { ingest };
+        let register = scx.extends.hook_mgr().register();
+        register.add_priority(Type::MessagePublishCheckAcl, 100, Box::new(hooks.clone())).await;
+        register.add_priority(Type::MessagePublish, 100, Box::new(hooks)).await;
+        register.start().await;
+
+        let listener = Builder::new()
+            .name("mqtt")
+            .laddr(opts.listen)
+            .nodelay(true)
+            .max_inflight(NonZeroU16::new(opts.max_inflight.max(1)).unwrap_or(NonZeroU16::MIN))
+            .max_packet_size(opts.max_packet_size)
+            .max_mqueue_len(opts.max_mqueue_len)
+            .max_handshaking_limit(opts.max_handshaking)
+            .max_clientid_len(nanofleet_proto::topics::MAX_DEVICE_ID_LEN)
+            .bind()
+            .map_err(bind_err)?;
+        let local_addr = listener.local_addr().map_err(bind_err)?;
+        let listener = listener.tcp().map_err(bind_err)?;
+        let server = MqttServer::new(scx.clone()).listener_by_id(listener, 1).build();
+        let server = tokio::spawn(async move {
+            if let Err(e) = server.run().await {
+                tracing::error!(error = %e, "mqtt server stopped");
+            }
+        });
+        tracing::info!(%local_addr, "mqtt listening");
+        Ok(Broker { scx, local_addr, server })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Number of connected clients.
+    pub async fn connections(&self) -> usize {
+        self.scx.extends.shared().await.sessions_count()
+    }
+
+    /// Closes one client's connection, as a server-side kick (its last will is
+    /// published). Returns whether it was connected.
+    pub async fn kick(&self, client_id: &str) -> bool {
+        let shared = self.scx.extends.shared().await;
+        let found = shared.iter().find(|e| e.session().is_some_and(|s| &*s.id.client_id == client_id));
+        match found {
+            Some(mut entry) => entry.kick(true, true, true).await.is_ok(),
+            None => false,
+        }
+    }
+
+    /// Stops accepting, closes every connection and waits for their last wills to be
+    /// ingested.
+    pub async fn shutdown(self) {
+        self.server.abort();
+        let _ = self.server.await;
+        let entries: Vec<_> = {
+            let shared = self.scx.extends.shared().await;
+            shared.iter().collect()
+        };
+        let n = entries.len();
+        for mut entry in entries {
+            let _ = tokio::time::timeout(Duration::from_secs(2), entry.kick(true, true, true)).await;
+        }
+        tracing::info!(closed = n, "mqtt stopped");
+    }
+}
+
+#[derive(Clone)]
+struct IngestHook {
+    ingest: Ingest,
+}
+
+#[async_trait]
+impl Handler for IngestHook {
+    async fn hook(&self, param: &Parameter, acc: Option<HookResult>) -> ReturnType {
+        match param {
+            Parameter::MessagePublishCheckAcl(session, publish) => {
+                let inbound = Inbound {
+                    client_id: Some(&session.id.client_id),
+                    topic: &publish.topic,
+                    payload: &publish.payload,
+                };
+                let result = match self.ingest.handle(inbound).await {
+                    Ok(Outcome::Stored) => PublishAclResult::allow(),
+                    Ok(Outcome::Rejected(r)) => {
+                        let code = match r.reason() {
+                            Reason::BadTopic | Reason::IdentityMismatch | Reason::UnknownDevice => {
+                                PublishAckReason::NotAuthorized
+                            }
+                            Reason::UnsupportedChannel => PublishAckReason::TopicNameInvalid,
+                            Reason::MalformedPayload | Reason::OutOfRange => {
+                                PublishAckReason::PayloadFormatInvalid
+                            }
+                        };
+                        PublishAclResult(PublishResult::reason_code(code, Some(r.to_string().into()), false))
+                    }
+                    // Not committed: no PUBACK; closing the connection makes the device re-send.
+                    Err(e) => PublishAclResult(PublishResult::reason_code(
+                        PublishAckReason::ImplementationSpecificError,
+                        Some(e.to_string().into()),
+                        true,
+                    )),
+                };
+                (false, Some(HookResult::PublishAclResult(result)))
+            }
+            Parameter::MessagePublish(_, from, publish) if matches!(from.typ(), FromType::LastWill) => {
+                let inbound = Inbound {
+                    client_id: Some(&from.id.client_id),
+                    topic: &publish.topic,
+                    payload: &publish.payload,
+                };
+                let _ = self.ingest.handle(inbound).await;
+                (true, acc)
+            }
+            _ => (true, acc),
+        }
+    }
+}

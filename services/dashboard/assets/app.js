@@ -1,0 +1,1244 @@
+// Nanofleet dashboard: a single-page operations console over the server's JSON API.
+//
+// Routes (hash based, so the server serves one page):
+//   #/                 fleet overview: totals, one card per hospital site, active alarms
+//   #/devices?site=ID  device table with a site filter
+//   #/devices/ID       one device: presence, last values, alarms, live telemetry chart
+//
+// Every view polls once a second and updates its DOM in place instead of rebuilding it,
+// so a click, a hover or an open <select> is not lost to a refresh.
+'use strict';
+
+(() => {
+  const POLL_MS = 1000;
+  const REQUEST_TIMEOUT_MS = 5000;
+  const CHART_WINDOW_MS = 120_000;
+  // Devices sample at about 10 Hz; a longer silence is drawn as a break in the line
+  // rather than a straight segment that would suggest readings that were never taken.
+  const GAP_MS = 2000;
+  // Follow-up requests in one tick while the server says it left samples out of an answer.
+  const MAX_TELEMETRY_PAGES = 20;
+  const PRIORITY_RANK = { HIGH: 3, MEDIUM: 2, LOW: 1 };
+  const LOCALE = 'en-GB';
+
+  // === DOM helpers ===
+
+  function h(tag, attrs, ...children) {
+    const el = document.createElement(tag);
+    if (attrs) {
+      for (const [k, v] of Object.entries(attrs)) {
+        if (v == null || v === false) continue;
+        if (k === 'class') el.className = v;
+        else if (k === 'text') el.textContent = v;
+        else if (k.startsWith('on') && typeof v === 'function') el.addEventListener(k.slice(2), v);
+        else el.setAttribute(k, v === true ? '' : String(v));
+      }
+    }
+    append(el, children);
+    return el;
+  }
+
+  function append(el, children) {
+    for (const c of children.flat(Infinity)) {
+      if (c == null || c === false) continue;
+      el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+    }
+  }
+
+  function setText(el, text) {
+    const s = text == null ? '' : String(text);
+    if (el.textContent !== s) el.textContent = s;
+  }
+
+  function setAttr(el, name, value) {
+    if (value == null) {
+      if (el.hasAttribute(name)) el.removeAttribute(name);
+      return;
+    }
+    const s = String(value);
+    if (el.getAttribute(name) !== s) el.setAttribute(name, s);
+  }
+
+  function setClass(el, cls) {
+    if (el.className !== cls) el.className = cls;
+  }
+
+  /** Replaces the children of `el` only when their rendered text would change. */
+  function setChildren(el, signature, build) {
+    if (el.dataset.sig === signature) return;
+    el.dataset.sig = signature;
+    el.replaceChildren();
+    append(el, [build()]);
+  }
+
+  /**
+   * Keyed list update: keeps the element of every item whose key is still present, creates
+   * the missing ones, drops the rest and puts them in the order of `items`.
+   */
+  function reconcile(container, items, keyOf, create, update) {
+    const existing = new Map();
+    for (const el of Array.from(container.children)) {
+      if (el.dataset.key == null) el.remove();
+      else existing.set(el.dataset.key, el);
+    }
+    let prev = null;
+    for (const item of items) {
+      const key = String(keyOf(item));
+      let el = existing.get(key);
+      if (el) existing.delete(key);
+      else {
+        el = create(item);
+        el.dataset.key = key;
+      }
+      update(el, item);
+      const want = prev ? prev.nextSibling : container.firstChild;
+      if (el !== want) container.insertBefore(el, want);
+      prev = el;
+    }
+    for (const el of existing.values()) el.remove();
+  }
+
+  // === Formatting ===
+
+  function fmtNum(v, digits = 0) {
+    if (typeof v !== 'number' || !Number.isFinite(v)) return '—';
+    // Sensor noise around zero would otherwise print as "-0.0".
+    const rounded = Number(v.toFixed(digits)) || 0;
+    return rounded.toLocaleString(LOCALE, { minimumFractionDigits: digits, maximumFractionDigits: digits });
+  }
+
+  function fmtDuration(ms) {
+    const s = Math.max(0, Math.round(ms / 1000));
+    if (s < 60) return `${s} s`;
+    const m = Math.floor(s / 60);
+    if (m < 60) return `${m} min`;
+    const hr = Math.floor(m / 60);
+    if (hr < 48) return `${hr} h ${m % 60} min`;
+    return `${Math.floor(hr / 24)} d`;
+  }
+
+  function fmtAgo(ms) {
+    if (typeof ms !== 'number' || !Number.isFinite(ms) || ms <= 0) return 'never';
+    return `${fmtDuration(serverNow() - ms)} ago`;
+  }
+
+  function fmtClock(ms) {
+    if (typeof ms !== 'number' || !Number.isFinite(ms) || ms <= 0) return '—';
+    return new Date(ms).toLocaleTimeString(LOCALE, { hour12: false });
+  }
+
+  function fmtDateTime(ms) {
+    if (typeof ms !== 'number' || !Number.isFinite(ms) || ms <= 0) return '—';
+    const d = new Date(ms);
+    const sameDay = d.toDateString() === new Date(serverNow()).toDateString();
+    return sameDay
+      ? d.toLocaleTimeString(LOCALE, { hour12: false })
+      : d.toLocaleString(LOCALE, { hour12: false, day: '2-digit', month: 'short', hour: '2-digit', minute: '2-digit', second: '2-digit' });
+  }
+
+  function hasTime(ms) {
+    return typeof ms === 'number' && Number.isFinite(ms) && ms > 0;
+  }
+
+  function known(value) {
+    return value && value !== 'UNSPECIFIED' ? String(value) : null;
+  }
+
+  function phaseLabel(phase) {
+    return known(phase) ? phase.replace(/_/g, ' ') : '—';
+  }
+
+  function phaseClass(phase) {
+    return known(phase) ? `phase phase-${phase.toLowerCase()}` : 'phase phase-none';
+  }
+
+  /** "aqueous line", or null for an alarm that concerns the whole device. */
+  function lineText(alarm) {
+    return known(alarm.line) ? `${alarm.line.toLowerCase()} line` : null;
+  }
+
+  /**
+   * The flow-rate ratio, only while both lines are commanded to flow: between runs the
+   * flows are sensor noise around zero and their ratio means nothing.
+   */
+  function frrOf(s) {
+    if (!s || typeof s.frr !== 'number' || !Number.isFinite(s.frr)) return null;
+    const aq = s.aqueous && s.aqueous.flow_setpoint_ul_min;
+    const et = s.ethanol && s.ethanol.flow_setpoint_ul_min;
+    return aq > 0 && et > 0 ? s.frr : null;
+  }
+
+  function ulToMl(v) {
+    return typeof v === 'number' && Number.isFinite(v) ? v / 1000 : null;
+  }
+
+  // === Device helpers ===
+
+  function worstPriority(alarms) {
+    let worst = null;
+    for (const a of alarms || []) {
+      const rank = PRIORITY_RANK[a.priority] || 0;
+      if (worst == null || rank > (PRIORITY_RANK[worst] || 0)) worst = a.priority || 'UNSPECIFIED';
+    }
+    return worst;
+  }
+
+  function sortedAlarms(alarms) {
+    return [...(alarms || [])].sort(
+      (a, b) => (PRIORITY_RANK[b.priority] || 0) - (PRIORITY_RANK[a.priority] || 0) || (b.changed_ms || 0) - (a.changed_ms || 0),
+    );
+  }
+
+  function byId(a, b) {
+    return String(a.id).localeCompare(String(b.id), LOCALE, { numeric: true });
+  }
+
+  function siteName(id) {
+    const site = state.sites.get(id);
+    return site ? site.name : id || '—';
+  }
+
+  function alarmBadge(alarms) {
+    const list = alarms || [];
+    const worst = worstPriority(list);
+    if (!worst) return null;
+    const short = { HIGH: 'HIGH', MEDIUM: 'MED', LOW: 'LOW' }[worst] || 'ALARM';
+    const text = list.length === 1 ? short : `${short} +${list.length - 1}`;
+    return h('span', {
+      class: `alarm-badge prio-${worst}`,
+      'data-testid': 'alarm-badge',
+      title: sortedAlarms(list).map((a) => `${a.priority} ${a.code}: ${a.detail || ''}`).join('\n'),
+    }, text);
+  }
+
+  function alarmSignature(alarms) {
+    return (alarms || []).map((a) => `${a.priority}|${a.code}|${a.line}|${a.detail}|${a.changed_ms}`).join(';');
+  }
+
+  // === Server access ===
+
+  class HttpError extends Error {
+    constructor(status, message) {
+      super(message);
+      this.status = status;
+    }
+  }
+
+  class UnreachableError extends Error {}
+
+  // Offset between the server's clock and this browser's, so "last seen N s ago" stays
+  // right on a workstation whose clock is off. The Date header has one-second resolution,
+  // so offsets below a few seconds are treated as noise.
+  let clockOffset = 0;
+
+  function serverNow() {
+    return Date.now() + clockOffset;
+  }
+
+  function noteServerClock(res) {
+    const header = res.headers.get('Date');
+    if (!header) return;
+    const server = Date.parse(header);
+    if (!Number.isFinite(server)) return;
+    const offset = server + 500 - Date.now();
+    clockOffset = Math.abs(offset) > 3000 ? offset : 0;
+  }
+
+  async function api(path) {
+    const ctl = new AbortController();
+    const timer = setTimeout(() => ctl.abort(), REQUEST_TIMEOUT_MS);
+    try {
+      let res;
+      try {
+        res = await fetch(path, { signal: ctl.signal, cache: 'no-store', headers: { Accept: 'application/json' } });
+      } catch (e) {
+        throw new UnreachableError(ctl.signal.aborted ? 'request timed out' : 'connection failed');
+      }
+      noteServerClock(res);
+      let body = null;
+      try {
+        body = await res.json();
+      } catch (e) {
+        if (ctl.signal.aborted) throw new UnreachableError('request timed out');
+      }
+      if (!res.ok) throw new HttpError(res.status, (body && body.error) || `HTTP ${res.status}`);
+      if (body == null) throw new HttpError(res.status, 'the server sent a response that is not JSON');
+      return body;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  // === App state, polling and routing ===
+
+  const state = {
+    view: null,
+    route: null,
+    // Bumped on every navigation and filter change: answers to older requests are dropped.
+    gen: 0,
+    sites: new Map(),
+    lastOk: 0,
+    timer: null,
+  };
+
+  function rememberSites(fleet) {
+    if (!fleet || !Array.isArray(fleet.sites)) return;
+    state.sites = new Map(fleet.sites.map((s) => [s.id, s]));
+  }
+
+  const el = {
+    view: null,
+    banner: null,
+    bannerTitle: null,
+    bannerDetail: null,
+    live: null,
+    liveText: null,
+  };
+
+  function markOk() {
+    state.lastOk = Date.now();
+    el.banner.hidden = true;
+    el.view.classList.remove('stale');
+    setAttr(el.live, 'data-state', 'live');
+    setText(el.liveText, `Live · ${fmtClock(serverNow())}`);
+  }
+
+  function markFailure(err) {
+    let title;
+    let why;
+    if (err instanceof UnreachableError) {
+      title = 'Server unreachable, retrying…';
+      why = err.message === 'request timed out' ? 'The last request timed out.' : 'The connection failed.';
+    } else if (err instanceof HttpError && err.status >= 500) {
+      title = 'Server error, retrying…';
+      why = `The server answered ${err.status}: ${err.message}.`;
+    } else {
+      // A 4xx or a payload this page cannot read: the server is up but something is off.
+      console.error(err);
+      title = 'Unexpected answer from the server, retrying…';
+      why = err instanceof HttpError ? `HTTP ${err.status}: ${err.message}.` : String(err && err.message ? err.message : err);
+    }
+    el.banner.hidden = false;
+    setText(el.bannerTitle, title);
+    el.view.classList.toggle('stale', state.lastOk > 0);
+    const since = state.lastOk ? ` Showing data from ${fmtClock(state.lastOk + clockOffset)}.` : '';
+    setText(el.bannerDetail, `${why}${since}`);
+    setAttr(el.live, 'data-state', 'error');
+    const what = err instanceof UnreachableError ? 'Disconnected' : 'Not updating';
+    setText(el.liveText, state.lastOk ? `${what} · last update ${fmtClock(state.lastOk + clockOffset)}` : what);
+  }
+
+  async function tick() {
+    clearTimeout(state.timer);
+    const gen = state.gen;
+    const view = state.view;
+    const started = Date.now();
+    const isCurrent = () => gen === state.gen && view === state.view;
+    try {
+      await view.refresh(isCurrent);
+      if (isCurrent()) markOk();
+    } catch (err) {
+      if (isCurrent()) markFailure(err);
+    } finally {
+      if (isCurrent()) {
+        const wait = Math.max(200, POLL_MS - (Date.now() - started));
+        state.timer = setTimeout(tick, wait);
+      }
+    }
+  }
+
+  function refreshNow() {
+    state.gen += 1;
+    tick();
+  }
+
+  function parseRoute() {
+    const raw = location.hash.replace(/^#/, '') || '/';
+    const q = raw.indexOf('?');
+    const path = q >= 0 ? raw.slice(0, q) : raw;
+    const params = new URLSearchParams(q >= 0 ? raw.slice(q + 1) : '');
+    let parts;
+    try {
+      parts = path.split('/').filter(Boolean).map(decodeURIComponent);
+    } catch (e) {
+      return { name: 'unknown', path };
+    }
+    if (parts.length === 0) return { name: 'overview' };
+    if (parts[0] === 'devices' && parts.length === 1) return { name: 'devices', site: params.get('site') || '' };
+    if (parts[0] === 'devices' && parts.length === 2) return { name: 'device', id: parts[1] };
+    return { name: 'unknown', path };
+  }
+
+  function onRoute() {
+    const route = parseRoute();
+    const prev = state.route;
+    state.route = route;
+    for (const a of document.querySelectorAll('.mainnav a')) {
+      const nav = a.dataset.nav;
+      a.classList.toggle('active', nav === route.name || (nav === 'devices' && route.name === 'device'));
+    }
+    if (prev && prev.name === 'devices' && route.name === 'devices' && state.view && state.view.setSite) {
+      state.view.setSite(route.site);
+      refreshNow();
+      return;
+    }
+    if (state.view && state.view.unmount) state.view.unmount();
+    const make = { overview: overviewView, devices: devicesView, device: deviceView }[route.name] || unknownView;
+    state.view = make(route);
+    el.view.replaceChildren(state.view.root);
+    window.scrollTo(0, 0);
+    document.title = state.view.title || 'Nanofleet';
+    refreshNow();
+  }
+
+  function navigate(hash) {
+    if (location.hash === hash) onRoute();
+    else location.hash = hash;
+  }
+
+  function deviceHash(id) {
+    return `#/devices/${encodeURIComponent(id)}`;
+  }
+
+  // === Overview ===
+
+  function kpi(label, testid) {
+    const value = h('div', { class: 'kpi-value', 'data-testid': testid }, '—');
+    const sub = h('div', { class: 'kpi-sub' });
+    const card = h('div', { class: 'card kpi' }, h('div', { class: 'kpi-label' }, label), value, sub);
+    return { card, value, sub };
+  }
+
+  function overviewView() {
+    const k = {
+      total: kpi('Devices', 'fleet-total'),
+      online: kpi('Online', 'fleet-online'),
+      alarms: kpi('Active alarms', 'fleet-alarms'),
+      accepted: kpi('Messages accepted', 'ingest-accepted'),
+      duplicates: kpi('Duplicates', 'ingest-duplicates'),
+      rejected: kpi('Rejected', 'ingest-rejected'),
+    };
+    const siteGrid = h('div', { class: 'site-grid' });
+    const siteMeta = h('span', { class: 'muted' });
+    const alarmBody = h('tbody');
+    const alarmMeta = h('span', { class: 'muted' });
+
+    const root = h('div', { class: 'overview' },
+      h('div', { class: 'page-title' }, h('h1', null, 'Fleet overview'), h('span', { class: 'muted' }, 'Formulation devices across hospital pharmacies')),
+      h('section', { class: 'kpis' }, Object.values(k).map((x) => x.card)),
+      h('section', { class: 'section' },
+        h('div', { class: 'section-head' }, h('h2', null, 'Sites'), siteMeta),
+        siteGrid),
+      h('section', { class: 'section' },
+        h('div', { class: 'section-head' }, h('h2', null, 'Active alarms'), alarmMeta),
+        h('div', { class: 'card table-wrap' },
+          h('table', { class: 'grid', 'data-testid': 'alarm-table' },
+            h('thead', null, h('tr', null,
+              h('th', null, 'Priority'), h('th', null, 'Device'), h('th', null, 'Site'), h('th', null, 'Alarm'),
+              h('th', null, 'Line'), h('th', null, 'Detail'), h('th', null, 'Since'))),
+            alarmBody))));
+
+    function renderTotals(fleet, devices) {
+      const total = fleet.devices_total ?? 0;
+      const online = fleet.devices_online ?? 0;
+      setText(k.total.value, fmtNum(total));
+      setText(k.total.sub, `${fmtNum((fleet.sites || []).length)} sites`);
+      setText(k.online.value, fmtNum(online));
+      setText(k.online.sub, total > 0 ? `${fmtNum((100 * online) / total)} % of fleet · ${fmtNum(total - online)} offline` : 'no devices registered');
+      setClass(k.online.card, `card kpi ${total > 0 && online === total ? 'good' : online < total ? 'warn' : ''}`);
+
+      const all = devices.flatMap((d) => d.active_alarms || []);
+      const high = all.filter((a) => a.priority === 'HIGH').length;
+      const withAlarms = devices.filter((d) => (d.active_alarms || []).length > 0).length;
+      setText(k.alarms.value, fmtNum(all.length));
+      setText(k.alarms.sub, all.length ? `${fmtNum(high)} high · on ${fmtNum(withAlarms)} device${withAlarms === 1 ? '' : 's'}` : 'none');
+      setClass(k.alarms.card, `card kpi ${high ? 'bad' : all.length ? 'warn' : 'good'}`);
+
+      const ingest = fleet.ingest || {};
+      const rejected = ingest.rejected || {};
+      const reasons = Object.entries(rejected).filter(([, n]) => n > 0).sort((a, b) => b[1] - a[1]);
+      const rejectedTotal = reasons.reduce((s, [, n]) => s + n, 0);
+      setText(k.accepted.value, fmtNum(ingest.accepted));
+      setText(k.accepted.sub, ingest.batches_committed != null ? `${fmtNum(ingest.batches_committed)} batches committed` : '');
+      setText(k.duplicates.value, fmtNum(ingest.duplicates));
+      setText(k.duplicates.sub, 'resent messages, stored once');
+      setText(k.rejected.value, fmtNum(rejectedTotal));
+      const reasonText = reasons.map(([r, n]) => `${r.replace(/_/g, ' ')} ${fmtNum(n)}`).join(' · ');
+      const storage = ingest.storage_errors ? ` · storage errors ${fmtNum(ingest.storage_errors)}` : '';
+      setText(k.rejected.sub, (reasonText || 'none') + storage);
+      setAttr(k.rejected.sub, 'title', reasonText || null);
+      setClass(k.rejected.card, `card kpi ${rejectedTotal ? 'warn' : ''}`);
+    }
+
+    function renderSites(fleet, devices) {
+      const groups = new Map();
+      for (const s of fleet.sites || []) groups.set(s.id, { site: s, devices: [] });
+      for (const d of devices) {
+        if (!groups.has(d.site_id)) {
+          groups.set(d.site_id, { site: { id: d.site_id, name: d.site_id || 'No site', devices_total: null, devices_online: null }, devices: [] });
+        }
+        groups.get(d.site_id).devices.push(d);
+      }
+      const list = [...groups.values()];
+      setText(siteMeta, `${list.length} hospital pharmac${list.length === 1 ? 'y' : 'ies'}`);
+      reconcile(siteGrid, list, (g) => g.site.id, createSiteCard, updateSiteCard);
+    }
+
+    function createSiteCard(g) {
+      const name = h('div', { class: 'site-name' });
+      const id = h('div', { class: 'site-id' });
+      const count = h('span', { class: 'site-count' });
+      const tiles = h('div', { class: 'tile-grid' });
+      const card = h('article', { class: 'card site-card', 'data-testid': 'site-card', 'data-site-id': g.site.id },
+        h('div', { class: 'card-head' }, h('div', null, name, id), count),
+        tiles);
+      card._parts = { name, id, count, tiles };
+      return card;
+    }
+
+    function updateSiteCard(card, g) {
+      const p = card._parts;
+      setText(p.name, g.site.name || g.site.id);
+      setText(p.id, g.site.id);
+      const total = g.site.devices_total ?? g.devices.length;
+      const online = g.site.devices_online ?? g.devices.filter((d) => d.online).length;
+      setText(p.count, `${fmtNum(online)} / ${fmtNum(total)} online`);
+      setClass(p.count, `site-count ${online === total && total > 0 ? '' : online === 0 ? 'none' : 'partial'}`);
+      reconcile(p.tiles, [...g.devices].sort(byId), (d) => d.id, createTile, updateTile);
+      if (g.devices.length === 0 && !p.tiles.firstChild) {
+        p.tiles.append(h('div', { class: 'muted' }, 'No devices registered at this site.'));
+      }
+    }
+
+    function createTile(d) {
+      const dot = h('span', { class: 'dot' });
+      const id = h('span', { class: 'tile-id' }, d.id);
+      const badge = h('span', { class: 'badge-slot' });
+      const phase = h('span', { class: 'phase' });
+      const meta = h('div', { class: 'tile-meta' });
+      const tile = h('a', { class: 'tile', href: deviceHash(d.id), 'data-testid': 'device-tile', 'data-device-id': d.id },
+        h('div', { class: 'tile-top' }, dot, id, badge),
+        h('div', { class: 'tile-phase' }, phase),
+        meta);
+      tile._parts = { dot, badge, phase, meta };
+      return tile;
+    }
+
+    function updateTile(tile, d) {
+      const p = tile._parts;
+      const s = d.last_sample;
+      const worst = worstPriority(d.active_alarms);
+      setAttr(tile, 'data-online', d.online ? 'true' : 'false');
+      setAttr(tile, 'data-alarm', worst);
+      setClass(p.dot, d.online ? 'dot on' : 'dot');
+      setChildren(p.badge, alarmSignature(d.active_alarms), () => alarmBadge(d.active_alarms));
+      setText(p.phase, phaseLabel(s && s.phase));
+      setClass(p.phase, phaseClass(s && s.phase));
+      const meta = d.online
+        ? (s && typeof s.tfr_ml_min === 'number' ? `TFR ${fmtNum(s.tfr_ml_min, 1)} mL/min · FRR ${fmtNum(frrOf(s), 1)}` : `${d.model || ''} · ${d.firmware_version || ''}`)
+        : `offline · seen ${fmtAgo(d.last_seen_ms)}`;
+      setText(p.meta, meta);
+      setAttr(tile, 'title', `${d.id} · ${d.online ? 'online' : 'offline'} · ${d.model || ''} firmware ${d.firmware_version || '?'}`);
+    }
+
+    function renderAlarms(devices) {
+      const rows = [];
+      for (const d of devices) for (const a of d.active_alarms || []) rows.push({ d, a });
+      rows.sort((x, y) => (PRIORITY_RANK[y.a.priority] || 0) - (PRIORITY_RANK[x.a.priority] || 0) || (y.a.changed_ms || 0) - (x.a.changed_ms || 0));
+      setText(alarmMeta, rows.length ? `${rows.length} across the fleet, most severe first` : '');
+      if (rows.length === 0) {
+        setChildren(alarmBody, 'empty', () => h('tr', null, h('td', { class: 'empty', colspan: 7 }, 'No active alarms across the fleet.')));
+        return;
+      }
+      delete alarmBody.dataset.sig;
+      reconcile(alarmBody, rows, (r) => `${r.d.id}|${r.a.code}|${r.a.line || ''}`, createAlarmRow, updateAlarmRow);
+    }
+
+    function createAlarmRow(r) {
+      const cells = Array.from({ length: 7 }, (_, i) => h('td', { class: i === 5 ? 'wrap' : null }));
+      const row = h('tr', { class: 'link', 'data-testid': 'alarm-row', onclick: () => navigate(deviceHash(r.d.id)) }, cells);
+      row._cells = cells;
+      return row;
+    }
+
+    function updateAlarmRow(row, r) {
+      const [prio, dev, site, code, line, detail, since] = row._cells;
+      setChildren(prio, r.a.priority, () => h('span', { class: `alarm-badge prio-${r.a.priority}` }, r.a.priority));
+      setChildren(dev, r.d.id, () => h('a', { class: 'id-link', href: deviceHash(r.d.id) }, r.d.id));
+      setText(site, siteName(r.d.site_id));
+      setText(code, r.a.code);
+      setClass(code, 'mono');
+      setText(line, known(r.a.line) ? r.a.line.toLowerCase() : '—');
+      setText(detail, r.a.detail || '');
+      setText(since, hasTime(r.a.changed_ms) ? `${fmtDateTime(r.a.changed_ms)} (${fmtAgo(r.a.changed_ms)})` : '—');
+      setClass(since, 'muted');
+    }
+
+    return {
+      root,
+      title: 'Fleet overview · Nanofleet',
+      async refresh(isCurrent) {
+        const [fleet, devs] = await Promise.all([api('api/fleet'), api('api/devices')]);
+        if (!isCurrent()) return;
+        rememberSites(fleet);
+        const devices = (devs.devices || []).slice().sort(byId);
+        renderTotals(fleet, devices);
+        renderSites(fleet, devices);
+        renderAlarms(devices);
+      },
+    };
+  }
+
+  // === Device table ===
+
+  const DEVICE_COLUMNS = [
+    ['Device'], ['Site'], ['Model'], ['Firmware'], ['Presence'], ['Phase'],
+    ['TFR', 'mL/min', true], ['FRR', 'aq:eth', true], ['P aqueous', 'mbar', true], ['P ethanol', 'mbar', true],
+    ['Alarms'],
+  ];
+
+  function devicesView(route) {
+    let site = route.site || '';
+    const select = h('select', {
+      id: 'site-filter',
+      'data-testid': 'site-filter',
+      onchange: () => navigate(select.value ? `#/devices?site=${encodeURIComponent(select.value)}` : '#/devices'),
+    });
+    const count = h('span', { class: 'count', 'data-testid': 'device-count' });
+    const tbody = h('tbody');
+
+    const root = h('div', { class: 'devices' },
+      h('div', { class: 'page-title' }, h('h1', null, 'Devices'), h('span', { class: 'muted' }, 'Presence, process values and alarms, refreshed every second')),
+      h('div', { class: 'toolbar' }, h('label', { for: 'site-filter' }, 'Site'), select, count),
+      h('div', { class: 'card table-wrap' },
+        h('table', { class: 'grid', 'data-testid': 'device-table' },
+          h('thead', null, h('tr', null, DEVICE_COLUMNS.map(([name, unit, num]) =>
+            h('th', { class: num ? 'num' : null }, name, unit ? h('span', { class: 'unit' }, ` ${unit}`) : null)))),
+          tbody)));
+
+    function renderOptions() {
+      const options = [{ id: '', name: 'All sites' }, ...[...state.sites.values()].sort((a, b) => a.name.localeCompare(b.name, LOCALE))];
+      if (site && !state.sites.has(site)) options.push({ id: site, name: site });
+      reconcile(select, options, (o) => o.id || '*', (o) => h('option', { value: o.id }), (opt, o) => setText(opt, o.name));
+      if (select.value !== site) select.value = site;
+    }
+
+    function createRow(d) {
+      const cells = DEVICE_COLUMNS.map(([name, , num]) => h('td', { class: num ? 'num' : name === 'Alarms' ? 'wrap' : null }));
+      const row = h('tr', { class: 'link', 'data-testid': 'device-row', 'data-device-id': d.id }, cells);
+      row.addEventListener('click', (ev) => {
+        if (ev.target.closest('a')) return;
+        navigate(deviceHash(d.id));
+      });
+      row._cells = cells;
+      return row;
+    }
+
+    function updateRow(row, d) {
+      const [id, siteCell, model, fw, presence, phase, tfr, frr, paq, peth, alarms] = row._cells;
+      const s = d.last_sample;
+      const worst = worstPriority(d.active_alarms);
+      setAttr(row, 'data-site-id', d.site_id);
+      setAttr(row, 'data-online', d.online ? 'true' : 'false');
+      setClass(row, `link${d.online ? '' : ' offline'}${worst ? ` alarm-${worst.toLowerCase()}` : ''}`);
+      setChildren(id, d.id, () => h('a', { class: 'id-link', href: deviceHash(d.id) }, d.id));
+      setText(siteCell, siteName(d.site_id));
+      setText(model, d.model || '—');
+      setText(fw, d.firmware_version || '—');
+      setChildren(presence, `${d.online}`, () => h('span', { class: `presence ${d.online ? 'on' : 'off'}` },
+        h('span', { class: d.online ? 'dot on' : 'dot' }),
+        h('span', { class: 'presence-state' }, d.online ? 'Online' : 'Offline'),
+        h('span', { class: 'presence-ago' })));
+      setText(presence.querySelector('.presence-ago'), `last seen ${fmtAgo(d.last_seen_ms)}`);
+      const ph = s ? s.phase : null;
+      setChildren(phase, String(ph), () => h('span', { class: phaseClass(ph) }, phaseLabel(ph)));
+      setText(tfr, fmtNum(s && s.tfr_ml_min, 2));
+      setText(frr, fmtNum(frrOf(s), 2));
+      setText(paq, fmtNum(s && s.aqueous && s.aqueous.pressure_mbar, 0));
+      setText(peth, fmtNum(s && s.ethanol && s.ethanol.pressure_mbar, 0));
+      setChildren(alarms, alarmSignature(d.active_alarms), () => {
+        const list = sortedAlarms(d.active_alarms);
+        if (list.length === 0) return h('span', { class: 'muted' }, '—');
+        return h('span', { class: 'alarm-chips' }, list.map((a) =>
+          h('span', { class: `alarm-badge prio-${a.priority}`, title: `${a.priority}${lineText(a) ? ` · ${lineText(a)}` : ''}: ${a.detail || ''}` }, a.code)));
+      });
+    }
+
+    return {
+      root,
+      title: 'Devices · Nanofleet',
+      setSite(next) {
+        site = next || '';
+        renderOptions();
+      },
+      async refresh(isCurrent) {
+        const query = site ? `?site=${encodeURIComponent(site)}` : '';
+        const [fleet, devs] = await Promise.all([api('api/fleet'), api(`api/devices${query}`)]);
+        if (!isCurrent()) return;
+        rememberSites(fleet);
+        renderOptions();
+        const devices = (devs.devices || []).slice().sort((a, b) =>
+          siteName(a.site_id).localeCompare(siteName(b.site_id), LOCALE) || byId(a, b));
+        const online = devices.filter((d) => d.online).length;
+        setText(count, `${devices.length} device${devices.length === 1 ? '' : 's'} · ${online} online`);
+        if (devices.length === 0) {
+          setChildren(tbody, 'empty', () => h('tr', null, h('td', { class: 'empty', colspan: DEVICE_COLUMNS.length },
+            site ? 'No devices registered at this site.' : 'No devices registered.')));
+          return;
+        }
+        delete tbody.dataset.sig;
+        reconcile(tbody, devices, (d) => d.id, createRow, updateRow);
+      },
+    };
+  }
+
+  // === Device page ===
+
+  function reading(label) {
+    const value = h('dd');
+    return { node: h('div', null, h('dt', null, label), value), value };
+  }
+
+  function setReading(r, value, unit) {
+    setChildren(r.value, `${value}|${unit || ''}`, () => [value, unit ? h('span', { class: 'unit' }, unit) : null]);
+  }
+
+  const LINE_ROWS = [
+    ['flow', 'Flow', 'mL/min'],
+    ['setpoint', 'Flow setpoint', 'mL/min'],
+    ['deviation', 'Deviation from setpoint', null],
+    ['pressure', 'Pressure', 'mbar'],
+    ['temperature', 'Fluid temperature', '°C'],
+    ['air', 'Air in line', null],
+  ];
+
+  function deviceView(route) {
+    const deviceId = route.id;
+    const telemetry = { samples: [], lastTime: null, loaded: false };
+
+    const presence = h('span', { class: 'presence' });
+    const facts = {};
+    const factList = h('dl', { class: 'facts' },
+      [['model', 'Model'], ['firmware', 'Firmware'], ['site', 'Site'], ['connected', 'Connected since'], ['seen', 'Last seen'], ['seq', 'Telemetry seq']]
+        .map(([key, label]) => {
+          facts[key] = h('dd', null, '—');
+          return h('div', null, h('dt', null, label), facts[key]);
+        }));
+
+    const r = {
+      phase: reading('Phase'), run: reading('Run'),
+      tfr: reading('Total flow rate (TFR)'), frr: reading('Flow-rate ratio (FRR)'),
+      dp: reading('Mixer pressure drop'), door: reading('Door'),
+      chamber: reading('Chamber temperature'), cartridge: reading('Cartridge temperature'),
+    };
+    const sampleTime = h('span', { class: 'muted' });
+    const lineCells = {};
+    const lineBody = h('tbody', null, LINE_ROWS.map(([key, label, unit]) => {
+      lineCells[key] = { aqueous: h('td', { class: 'num' }), ethanol: h('td', { class: 'num' }) };
+      return h('tr', { 'data-quantity': key },
+        h('td', null, label, unit ? h('span', { class: 'unit' }, ` ${unit}`) : null),
+        lineCells[key].aqueous, lineCells[key].ethanol);
+    }));
+    const alarmList = h('div');
+    const alarmCount = h('span', { class: 'muted' });
+
+    const canvas = h('canvas', { 'data-testid': 'telemetry-chart', 'data-points': '0', role: 'img', 'aria-label': `Flow and pressure of ${deviceId} over the last two minutes` });
+    const chartNote = h('div', { class: 'chart-note' }, 'Waiting for telemetry…');
+    const chartMeta = h('span', { class: 'muted' });
+
+    const legend = h('div', { class: 'legend' },
+      h('span', { style: 'color: var(--aqueous)' }, h('i'), 'Aqueous'),
+      h('span', { style: 'color: var(--ethanol)' }, h('i'), 'Ethanol'),
+      h('span', { style: 'color: var(--muted)' }, h('i', { class: 'dashed' }), 'Flow setpoint'),
+      h('span', { style: 'color: #7a4fb3' }, h('i'), 'Mixer ΔP'),
+      h('span', null, h('i', { class: 'mark' }), 'Air in line'));
+
+    const body = h('div', null,
+      h('section', { class: 'card device-head' },
+        h('h1', null, deviceId),
+        presence,
+        factList),
+      h('div', { class: 'device-grid' },
+        h('section', { class: 'card' },
+          h('div', { class: 'card-head' }, h('h2', null, 'Process'), sampleTime),
+          h('div', { class: 'card-body' }, h('dl', { class: 'readings' }, Object.values(r).map((x) => x.node)))),
+        h('section', { class: 'card' },
+          h('div', { class: 'card-head' }, h('h2', null, 'Fluid lines')),
+          h('div', { class: 'table-wrap' }, h('table', { class: 'grid lines', 'data-testid': 'line-table' },
+            h('thead', null, h('tr', null,
+              h('th', null, ''),
+              h('th', { class: 'num' }, h('span', { class: 'line-name' }, h('span', { class: 'swatch aqueous' }), 'Aqueous')),
+              h('th', { class: 'num' }, h('span', { class: 'line-name' }, h('span', { class: 'swatch ethanol' }), 'Ethanol')))),
+            lineBody))),
+        h('section', { class: 'card' },
+          h('div', { class: 'card-head' }, h('h2', null, 'Active alarms'), alarmCount),
+          alarmList)),
+      h('section', { class: 'card chart-card' },
+        h('div', { class: 'card-head' }, h('h2', null, 'Live telemetry'), chartMeta, legend),
+        h('div', { class: 'chart-box' }, canvas, chartNote)));
+
+    const root = h('div', { class: 'device' },
+      h('nav', { class: 'crumbs' }, h('a', { href: '#/' }, 'Overview'), h('span', { class: 'sep' }, '›'),
+        h('a', { href: '#/devices' }, 'Devices'), h('span', { class: 'sep' }, '›'), h('span', null, deviceId)),
+      body);
+
+    function renderNotFound(message) {
+      if (root.dataset.missing === message) return;
+      root.dataset.missing = message;
+      body.replaceChildren(h('section', { class: 'card notice', 'data-testid': 'device-missing' },
+        h('h1', null, `Device ${deviceId} not found`),
+        h('p', { class: 'muted' }, message),
+        h('p', null, h('a', { href: '#/devices' }, 'Back to all devices'))));
+    }
+
+    function renderHeader(d) {
+      setClass(presence, `presence ${d.online ? 'on' : 'off'}`);
+      setAttr(presence, 'data-testid', 'device-presence');
+      setAttr(presence, 'data-online', d.online ? 'true' : 'false');
+      setChildren(presence, String(d.online), () => [
+        h('span', { class: d.online ? 'dot on' : 'dot' }),
+        h('span', { class: 'presence-state' }, d.online ? 'Online' : 'Offline'),
+        h('span', { class: 'presence-ago' })]);
+      setText(presence.querySelector('.presence-ago'), `last seen ${fmtAgo(d.last_seen_ms)}`);
+      setText(facts.model, d.model || '—');
+      setText(facts.firmware, d.firmware_version || '—');
+      setChildren(facts.site, `${d.site_id}|${siteName(d.site_id)}`, () =>
+        h('a', { href: `#/devices?site=${encodeURIComponent(d.site_id)}` }, siteName(d.site_id)));
+      setText(facts.connected, d.online && d.connected_ms ? `${fmtDateTime(d.connected_ms)} (${fmtDuration(serverNow() - d.connected_ms)})` : '—');
+      setText(facts.seen, fmtDateTime(d.last_seen_ms));
+      setText(facts.seq, fmtNum(d.telemetry_seq));
+    }
+
+    function renderProcess(s) {
+      setText(sampleTime, s ? `sample at ${fmtClock(s.time_ms)}` : 'no telemetry yet');
+      const ph = s ? s.phase : null;
+      setChildren(r.phase.value, String(ph), () => h('span', { class: phaseClass(ph) }, phaseLabel(ph)));
+      setReading(r.run, s && s.run_id ? s.run_id : '—');
+      setAttr(r.run.value, 'title', s && s.run_id ? s.run_id : null);
+      setReading(r.tfr, fmtNum(s && s.tfr_ml_min, 2), 'mL/min');
+      setReading(r.frr, frrOf(s) != null ? `${fmtNum(frrOf(s), 2)} : 1` : '—');
+      setReading(r.dp, fmtNum(s && s.mixer_pressure_drop_mbar, 0), 'mbar');
+      setReading(r.door, s ? (s.door_closed ? 'Closed' : 'Open') : '—');
+      setReading(r.chamber, fmtNum(s && s.chamber_temperature_c, 1), '°C');
+      setReading(r.cartridge, fmtNum(s && s.cartridge_temperature_c, 1), '°C');
+
+      for (const line of ['aqueous', 'ethanol']) {
+        const v = (s && s[line]) || null;
+        const cell = (key) => lineCells[key][line];
+        setText(cell('flow'), fmtNum(ulToMl(v && v.flow_ul_min), 3));
+        setText(cell('setpoint'), fmtNum(ulToMl(v && v.flow_setpoint_ul_min), 3));
+        const hasDev = v && Number.isFinite(v.flow_ul_min) && Number.isFinite(v.flow_setpoint_ul_min) && v.flow_setpoint_ul_min > 0;
+        const pct = hasDev ? (100 * (v.flow_ul_min - v.flow_setpoint_ul_min)) / v.flow_setpoint_ul_min : null;
+        setText(cell('deviation'), pct == null ? '—' : `${pct >= 0 ? '+' : '−'}${fmtNum(Math.abs(pct), 1)} %`);
+        // The device raises a flow alarm beyond 5 % off setpoint; flag it before the alarm latches.
+        setClass(cell('deviation'), `num${pct != null && Math.abs(pct) > 5 ? ' dev-bad' : ''}`);
+        setText(cell('pressure'), fmtNum(v && v.pressure_mbar, 0));
+        setText(cell('temperature'), fmtNum(v && v.temperature_c, 1));
+        setText(cell('air'), v ? (v.air_in_line ? 'Detected' : 'None') : '—');
+        setClass(cell('air'), `num ${v && v.air_in_line ? 'air-yes' : ''}`);
+      }
+    }
+
+    function renderAlarms(d) {
+      const list = sortedAlarms(d.active_alarms);
+      setText(alarmCount, list.length ? `${list.length}` : '');
+      setChildren(alarmList, alarmSignature(list), () => {
+        if (list.length === 0) {
+          return h('div', { class: 'no-alarms' }, h('span', { class: 'dot on' }), 'No active alarms');
+        }
+        return h('ul', { class: 'alarm-list' }, list.map((a) => h('li', { class: 'alarm-item', 'data-testid': 'alarm-item' },
+          h('span', { class: `alarm-badge prio-${a.priority}` }, a.priority),
+          h('div', null, h('span', { class: 'alarm-code' }, a.code, lineText(a) ? h('span', { class: 'alarm-line' }, lineText(a)) : null)),
+          h('div', { class: 'alarm-detail' }, a.detail || ''),
+          h('div', { class: 'alarm-since', 'data-changed': a.changed_ms }))));
+      });
+      for (const since of alarmList.querySelectorAll('.alarm-since')) {
+        const ms = Number(since.dataset.changed);
+        since.hidden = !hasTime(ms);
+        setText(since, hasTime(ms) ? `since ${fmtDateTime(ms)} · ${fmtAgo(ms)}` : '');
+      }
+    }
+
+    async function pullTelemetry(d, isCurrent) {
+      const path = `api/devices/${encodeURIComponent(deviceId)}/telemetry?since_ms=`;
+      for (let page = 0; page < MAX_TELEMETRY_PAGES; page++) {
+        let since;
+        if (telemetry.lastTime != null) since = telemetry.lastTime + 1;
+        else {
+          const latest = d.last_sample && Number.isFinite(d.last_sample.time_ms) ? d.last_sample.time_ms : serverNow();
+          since = Math.floor(Math.min(latest, serverNow()) - CHART_WINDOW_MS);
+        }
+        const res = await api(path + since);
+        if (!isCurrent()) return false;
+        const samples = Array.isArray(res.samples) ? res.samples : [];
+        for (const s of samples) {
+          if (!s || !Number.isFinite(s.time_ms)) continue;
+          if (telemetry.lastTime != null && s.time_ms <= telemetry.lastTime) continue;
+          telemetry.samples.push(s);
+          telemetry.lastTime = s.time_ms;
+        }
+        if (!res.truncated || samples.length === 0) break;
+      }
+      telemetry.loaded = true;
+      if (telemetry.lastTime != null) {
+        const keepFrom = telemetry.lastTime - CHART_WINDOW_MS - 5000;
+        let drop = 0;
+        while (drop < telemetry.samples.length && telemetry.samples[drop].time_ms < keepFrom) drop++;
+        if (drop) telemetry.samples.splice(0, drop);
+      }
+      return true;
+    }
+
+    function redraw() {
+      const drawn = drawTelemetry(canvas, telemetry.samples);
+      setAttr(canvas, 'data-points', drawn);
+      chartNote.hidden = drawn > 0;
+      setText(chartNote, telemetry.loaded ? 'No telemetry in the last 2 minutes.' : 'Waiting for telemetry…');
+      setText(chartMeta, drawn > 0 ? `last 2 minutes · ${fmtNum(drawn)} samples` : 'last 2 minutes');
+    }
+
+    const resize = new ResizeObserver(() => redraw());
+    resize.observe(canvas);
+
+    return {
+      root,
+      title: `${deviceId} · Nanofleet`,
+      unmount() {
+        resize.disconnect();
+      },
+      async refresh(isCurrent) {
+        let d;
+        try {
+          [d] = await Promise.all([api(`api/devices/${encodeURIComponent(deviceId)}`), api('api/fleet').then(rememberSites)]);
+        } catch (err) {
+          if (err instanceof HttpError && err.status === 404) {
+            if (isCurrent()) renderNotFound(err.message);
+            return;
+          }
+          throw err;
+        }
+        if (!isCurrent()) return;
+        if (root.dataset.missing) {
+          // The device was registered after this page opened.
+          onRoute();
+          return;
+        }
+        renderHeader(d);
+        renderProcess(d.last_sample);
+        renderAlarms(d);
+        if (await pullTelemetry(d, isCurrent)) redraw();
+      },
+    };
+  }
+
+  // === Telemetry chart ===
+
+  const CHART = {
+    aqueous: '#1f6fd1',
+    ethanol: '#e07000',
+    mixer: '#7a4fb3',
+    air: '#c62828',
+    grid: '#e6eaef',
+    axis: '#9aa6b2',
+    text: '#4d5b6a',
+    title: '#18222e',
+    font: '12px system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif',
+    phase: {
+      IDLE: '#eceff3', SELF_TEST: '#dfe8f7', CARTRIDGE_VERIFY: '#dfe8f7', PRIME: '#dfe8f7', EQUILIBRATE: '#dfe8f7',
+      START_WASTE: '#ebe3f6', END_WASTE: '#ebe3f6', COLLECT: '#d5efdd', BUFFER_EXCHANGE: '#d3ecec',
+      FLUSH: '#e3e7f5', QC_SAMPLE: '#e3e7f5', COMPLETE: '#e4f4e9', ABORTED: '#f6dede',
+    },
+  };
+
+  function niceStep(range, targetTicks) {
+    const raw = range / Math.max(1, targetTicks);
+    const mag = 10 ** Math.floor(Math.log10(raw));
+    for (const m of [1, 2, 2.5, 5, 10]) if (m * mag >= raw) return m * mag;
+    return 10 * mag;
+  }
+
+  function stepDigits(step) {
+    for (let d = 0; d < 4; d++) if (Math.abs(step * 10 ** d - Math.round(step * 10 ** d)) < 1e-9) return d;
+    return 4;
+  }
+
+  function niceMax(max, floor) {
+    const top = Math.max(max * 1.1, floor);
+    const step = niceStep(top, 4);
+    return { max: Math.ceil(top / step) * step, step };
+  }
+
+  /** Draws flow and pressure panels for the last two minutes; returns the samples drawn. */
+  function drawTelemetry(canvas, all) {
+    const rect = canvas.getBoundingClientRect();
+    if (rect.width < 50 || rect.height < 50) return countVisible(all);
+    const dpr = window.devicePixelRatio || 1;
+    const W = Math.round(rect.width);
+    const H = Math.round(rect.height);
+    if (canvas.width !== Math.round(W * dpr) || canvas.height !== Math.round(H * dpr)) {
+      canvas.width = Math.round(W * dpr);
+      canvas.height = Math.round(H * dpr);
+    }
+    const ctx = canvas.getContext('2d');
+    ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+    ctx.clearRect(0, 0, W, H);
+    ctx.font = CHART.font;
+
+    const { xMin, xMax } = chartWindow(all);
+    const samples = all.filter((s) => s.time_ms >= xMin && s.time_ms <= xMax);
+
+    const left = 84;
+    const right = 30;
+    const phaseTop = 4;
+    const phaseH = 20;
+    const gap = 26;
+    const bottomAxis = 30;
+    const plotW = W - left - right;
+    const panelTop1 = phaseTop + phaseH + 14;
+    const panelH = Math.max(40, (H - panelTop1 - gap - bottomAxis) / 2);
+    const panelTop2 = panelTop1 + panelH + gap;
+    const x = (t) => left + ((t - xMin) / (xMax - xMin)) * plotW;
+
+    // Phase strip: which step of the run the device was in at each moment.
+    ctx.save();
+    ctx.fillStyle = '#f4f6f8';
+    ctx.fillRect(left, phaseTop, plotW, phaseH);
+    ctx.textBaseline = 'middle';
+    ctx.textAlign = 'right';
+    ctx.fillStyle = CHART.text;
+    ctx.fillText('Phase', left - 10, phaseTop + phaseH / 2);
+    for (const seg of phaseSegments(samples)) {
+      const x0 = Math.max(left, x(seg.from));
+      const x1 = Math.min(left + plotW, x(seg.to));
+      if (x1 - x0 < 0.5) continue;
+      ctx.fillStyle = CHART.phase[seg.phase] || '#e9edf2';
+      ctx.fillRect(x0, phaseTop, x1 - x0, phaseH);
+      ctx.fillStyle = 'rgba(255,255,255,0.9)';
+      ctx.fillRect(x1 - 1, phaseTop, 1, phaseH);
+      const label = phaseLabel(seg.phase);
+      const tw = ctx.measureText(label).width;
+      if (x1 - x0 > tw + 10) {
+        ctx.fillStyle = CHART.title;
+        ctx.textAlign = 'center';
+        ctx.fillText(label, (x0 + x1) / 2, phaseTop + phaseH / 2 + 0.5);
+      }
+    }
+    ctx.restore();
+
+    const flowMax = maxOf(samples, (s) => [ml(s.aqueous, 'flow_ul_min'), ml(s.aqueous, 'flow_setpoint_ul_min'), ml(s.ethanol, 'flow_ul_min'), ml(s.ethanol, 'flow_setpoint_ul_min')]);
+    const pMax = maxOf(samples, (s) => [s.aqueous && s.aqueous.pressure_mbar, s.ethanol && s.ethanol.pressure_mbar, s.mixer_pressure_drop_mbar]);
+
+    const flowPanel = { top: panelTop1, height: panelH, ...niceMax(flowMax, 1), title: 'Flow', unit: 'mL/min', digits: 1 };
+    const pPanel = { top: panelTop2, height: panelH, ...niceMax(pMax, 100), title: 'Pressure', unit: 'mbar', digits: 0 };
+    flowPanel.digits = stepDigits(flowPanel.step);
+    pPanel.digits = stepDigits(pPanel.step);
+
+    const ticks = timeTicks(xMin, xMax);
+    for (const panel of [flowPanel, pPanel]) drawPanelFrame(ctx, panel, left, plotW, ticks, x);
+
+    const yOf = (panel) => (v) => panel.top + panel.height - (v / panel.max) * panel.height;
+    const yf = yOf(flowPanel);
+    const yp = yOf(pPanel);
+
+    clipTo(ctx, left, flowPanel, plotW, () => {
+      drawSeries(ctx, samples, x, yf, (s) => ml(s.aqueous, 'flow_setpoint_ul_min'), CHART.aqueous, 1.25, [5, 4], 0.75);
+      drawSeries(ctx, samples, x, yf, (s) => ml(s.ethanol, 'flow_setpoint_ul_min'), CHART.ethanol, 1.25, [5, 4], 0.75);
+      drawSeries(ctx, samples, x, yf, (s) => ml(s.aqueous, 'flow_ul_min'), CHART.aqueous, 2, null, 1);
+      drawSeries(ctx, samples, x, yf, (s) => ml(s.ethanol, 'flow_ul_min'), CHART.ethanol, 2, null, 1);
+    });
+    drawAirMarks(ctx, samples, x, flowPanel.top + flowPanel.height);
+
+    clipTo(ctx, left, pPanel, plotW, () => {
+      drawSeries(ctx, samples, x, yp, (s) => s.mixer_pressure_drop_mbar, CHART.mixer, 1.5, null, 1);
+      drawSeries(ctx, samples, x, yp, (s) => s.aqueous && s.aqueous.pressure_mbar, CHART.aqueous, 2, null, 1);
+      drawSeries(ctx, samples, x, yp, (s) => s.ethanol && s.ethanol.pressure_mbar, CHART.ethanol, 2, null, 1);
+    });
+
+    // Time axis under the lower panel.
+    ctx.fillStyle = CHART.text;
+    ctx.textAlign = 'center';
+    ctx.textBaseline = 'top';
+    const axisY = pPanel.top + pPanel.height;
+    for (const t of ticks) {
+      const px = x(t);
+      ctx.strokeStyle = CHART.axis;
+      ctx.beginPath();
+      ctx.moveTo(px + 0.5, axisY);
+      ctx.lineTo(px + 0.5, axisY + 4);
+      ctx.stroke();
+      ctx.fillText(fmtClock(t), px, axisY + 7);
+    }
+    ctx.textAlign = 'right';
+    ctx.fillStyle = CHART.text;
+    ctx.fillText('local time', left - 8, axisY + 7);
+
+    return samples.length;
+  }
+
+  function countVisible(all) {
+    const { xMin, xMax } = chartWindow(all);
+    return all.filter((s) => s.time_ms >= xMin && s.time_ms <= xMax).length;
+  }
+
+  function chartWindow(all) {
+    const last = all.length ? all[all.length - 1].time_ms : null;
+    const now = serverNow();
+    // Follow the wall clock so a device that stops reporting visibly falls behind; if its
+    // last sample is older than the window, anchor on that sample instead of a blank chart.
+    let xMax = now;
+    if (last != null && last > now) xMax = last;
+    if (last != null && last < now - CHART_WINDOW_MS) xMax = last;
+    return { xMin: xMax - CHART_WINDOW_MS, xMax };
+  }
+
+  function ml(line, key) {
+    return line && Number.isFinite(line[key]) ? line[key] / 1000 : null;
+  }
+
+  function maxOf(samples, pick) {
+    let max = 0;
+    for (const s of samples) for (const v of pick(s)) if (Number.isFinite(v) && v > max) max = v;
+    return max;
+  }
+
+  function timeTicks(xMin, xMax) {
+    const span = xMax - xMin;
+    const step = span <= 150_000 ? 20_000 : span <= 600_000 ? 60_000 : 300_000;
+    const out = [];
+    for (let t = Math.ceil(xMin / step) * step; t <= xMax; t += step) out.push(t);
+    return out;
+  }
+
+  function phaseSegments(samples) {
+    const segs = [];
+    for (let i = 0; i < samples.length; i++) {
+      const s = samples[i];
+      const next = samples[i + 1];
+      const end = next && next.time_ms - s.time_ms <= GAP_MS ? next.time_ms : s.time_ms + 100;
+      const cur = segs[segs.length - 1];
+      if (cur && cur.phase === s.phase && s.time_ms - cur.to <= GAP_MS) cur.to = end;
+      else segs.push({ phase: s.phase, from: s.time_ms, to: end });
+    }
+    return segs;
+  }
+
+  function drawPanelFrame(ctx, panel, left, plotW, ticks, x) {
+    ctx.save();
+    ctx.lineWidth = 1;
+    ctx.font = CHART.font;
+    ctx.textBaseline = 'middle';
+    ctx.textAlign = 'right';
+    for (let v = 0; v <= panel.max + panel.step / 1000; v += panel.step) {
+      const py = Math.round(panel.top + panel.height - (v / panel.max) * panel.height) + 0.5;
+      ctx.strokeStyle = v === 0 ? CHART.axis : CHART.grid;
+      ctx.beginPath();
+      ctx.moveTo(left, py);
+      ctx.lineTo(left + plotW, py);
+      ctx.stroke();
+      ctx.fillStyle = CHART.text;
+      ctx.fillText(fmtNum(v, panel.digits), left - 8, py);
+    }
+    for (const t of ticks) {
+      const px = Math.round(x(t)) + 0.5;
+      ctx.strokeStyle = CHART.grid;
+      ctx.beginPath();
+      ctx.moveTo(px, panel.top);
+      ctx.lineTo(px, panel.top + panel.height);
+      ctx.stroke();
+    }
+    ctx.strokeStyle = CHART.axis;
+    ctx.beginPath();
+    ctx.moveTo(left + 0.5, panel.top);
+    ctx.lineTo(left + 0.5, panel.top + panel.height);
+    ctx.stroke();
+    // Axis title, rotated along the left edge.
+    ctx.translate(16, panel.top + panel.height / 2);
+    ctx.rotate(-Math.PI / 2);
+    ctx.textAlign = 'center';
+    ctx.fillStyle = CHART.title;
+    ctx.font = `600 ${CHART.font}`;
+    ctx.fillText(`${panel.title} (${panel.unit})`, 0, 0);
+    ctx.restore();
+  }
+
+  function clipTo(ctx, left, panel, plotW, draw) {
+    ctx.save();
+    ctx.beginPath();
+    ctx.rect(left, panel.top - 2, plotW, panel.height + 4);
+    ctx.clip();
+    draw();
+    ctx.restore();
+  }
+
+  function drawSeries(ctx, samples, x, y, pick, color, width, dash, alpha) {
+    ctx.save();
+    ctx.strokeStyle = color;
+    ctx.globalAlpha = alpha;
+    ctx.lineWidth = width;
+    ctx.lineJoin = 'round';
+    ctx.setLineDash(dash || []);
+    ctx.beginPath();
+    let open = false;
+    let prevT = null;
+    for (const s of samples) {
+      const v = pick(s);
+      if (!Number.isFinite(v)) {
+        open = false;
+        continue;
+      }
+      const px = x(s.time_ms);
+      const py = y(v);
+      if (!open || prevT == null || s.time_ms - prevT > GAP_MS) ctx.moveTo(px, py);
+      else ctx.lineTo(px, py);
+      open = true;
+      prevT = s.time_ms;
+    }
+    ctx.stroke();
+    ctx.restore();
+  }
+
+  function drawAirMarks(ctx, samples, x, baseY) {
+    ctx.save();
+    ctx.fillStyle = CHART.air;
+    for (const s of samples) {
+      for (const [key, dy] of [['aqueous', 0], ['ethanol', -9]]) {
+        if (!(s[key] && s[key].air_in_line)) continue;
+        const px = x(s.time_ms);
+        const py = baseY - 2 + dy;
+        ctx.beginPath();
+        ctx.moveTo(px, py - 7);
+        ctx.lineTo(px - 4, py);
+        ctx.lineTo(px + 4, py);
+        ctx.closePath();
+        ctx.fill();
+      }
+    }
+    ctx.restore();
+  }
+
+  // === Unknown route ===
+
+  function unknownView(route) {
+    const root = h('section', { class: 'card notice' },
+      h('h1', null, 'Page not found'),
+      h('p', { class: 'muted' }, `There is no page at ${route.path || 'this address'}.`),
+      h('p', null, h('a', { href: '#/' }, 'Go to the fleet overview')));
+    return { root, title: 'Not found · Nanofleet', async refresh() {} };
+  }
+
+  // === Start ===
+
+  function start() {
+    el.view = document.getElementById('view');
+    el.banner = document.querySelector('[data-testid="error-banner"]');
+    el.bannerTitle = el.banner.querySelector('.banner-title');
+    el.bannerDetail = el.banner.querySelector('.banner-detail');
+    el.live = document.querySelector('[data-testid="live-status"]');
+    el.liveText = el.live.querySelector('.live-text');
+    window.addEventListener('hashchange', onRoute);
+    onRoute();
+  }
+
+  if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', start);
+  else start();
+})();

@@ -1,0 +1,405 @@
+//! Nanofleet ingest: from an MQTT publish to a durable row.
+//!
+//! A message comes in from the embedded broker's hook (or any other transport) as an
+//! [`Inbound`]. [`Ingest::handle`] decodes and validates it, checks that the topic's
+//! device is the one that sent it and that the device is known, then hands telemetry
+//! and events to a single writer task that commits them in batches (group commit:
+//! whatever queued up while the previous transaction ran goes into the next one). The
+//! call returns only once the message is committed, so a broker that acknowledges
+//! after `handle` returns never acknowledges a message a crash could lose.
+//!
+//! Re-sent messages (same device and sequence number) are stored once. Rejected
+//! messages are logged with the reason and counted in [`Stats`]; they never disturb
+//! the valid messages around them.
+//!
+//! # Layout
+//! - `validate`: pure checks on decoded payloads.
+//! - `stats`: counters.
+//! - `writer`: the batching writer task.
+#![forbid(unsafe_code)]
+
+pub mod stats;
+pub mod validate;
+mod writer;
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use nanofleet_proto::Message as _;
+use nanofleet_proto::device::v1::{DeviceState, EventBatch, Presence, TelemetryBatch, event};
+use nanofleet_proto::topics::{self, Channel, TopicError};
+use nanofleet_store::{AlarmChange, Birth, EventRecord, LastValues, Store, TelemetryRecord};
+use tokio::sync::{mpsc, oneshot};
+
+pub use stats::{Stats, StatsSnapshot};
+
+/// Ingest settings.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", default)]
+pub struct Options {
+    /// Most messages in one storage transaction.
+    pub max_batch: usize,
+    /// Messages waiting for the writer before publishers are slowed down.
+    pub queue: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { max_batch: 2_000, queue: 20_000 }
+    }
+}
+
+/// One message as the broker received it.
+#[derive(Debug, Clone, Copy)]
+pub struct Inbound<'a> {
+    /// The MQTT client id of the sender, when the transport knows it. It must equal
+    /// the device id in the topic.
+    pub client_id: Option<&'a str>,
+    pub topic: &'a str,
+    pub payload: &'a [u8],
+}
+
+/// Why a message was refused. Each reason is a counter label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    BadTopic,
+    IdentityMismatch,
+    MalformedPayload,
+    OutOfRange,
+    UnknownDevice,
+    UnsupportedChannel,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 6] = [
+        Reason::BadTopic,
+        Reason::IdentityMismatch,
+        Reason::MalformedPayload,
+        Reason::OutOfRange,
+        Reason::UnknownDevice,
+        Reason::UnsupportedChannel,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::BadTopic => "bad_topic",
+            Reason::IdentityMismatch => "identity_mismatch",
+            Reason::MalformedPayload => "malformed_payload",
+            Reason::OutOfRange => "out_of_range",
+            Reason::UnknownDevice => "unknown_device",
+            Reason::UnsupportedChannel => "unsupported_channel",
+        }
+    }
+}
+
+/// A refused message, with what was wrong.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Reject {
+    #[error(transparent)]
+    Topic(#[from] TopicError),
+    #[error("client {client_id:?} may not publish for device {topic_device:?}")]
+    ClientIdentity { client_id: String, topic_device: String },
+    #[error("payload names device {payload_device:?} but was published on the topic of {topic_device:?}")]
+    PayloadIdentity { topic_device: String, payload_device: String },
+    #[error("{channel} payload is not a valid protobuf message: {error}")]
+    Malformed { channel: Channel, error: String },
+    #[error("{field} = {value} is out of range, allowed: {allowed}")]
+    OutOfRange { field: String, value: String, allowed: String },
+    #[error("device {device_id:?} is not registered")]
+    UnknownDevice { device_id: String },
+    #[error("channel {channel} carries nothing the cloud accepts yet")]
+    UnsupportedChannel { channel: Channel },
+}
+
+impl Reject {
+    pub fn reason(&self) -> Reason {
+        match self {
+            Reject::Topic(_) => Reason::BadTopic,
+            Reject::ClientIdentity { .. } | Reject::PayloadIdentity { .. } => Reason::IdentityMismatch,
+            Reject::Malformed { .. } => Reason::MalformedPayload,
+            Reject::OutOfRange { .. } => Reason::OutOfRange,
+            Reject::UnknownDevice { .. } => Reason::UnknownDevice,
+            Reject::UnsupportedChannel { .. } => Reason::UnsupportedChannel,
+        }
+    }
+}
+
+/// What became of a message.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Durably stored (or already stored before: a re-send). Acknowledge it.
+    Stored,
+    /// Refused; acknowledging it is fine, re-sending it would not help.
+    Rejected(Reject),
+}
+
+/// Ingest errors: the message was not stored and must not be acknowledged.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("storage: {0}")]
+    Store(#[from] nanofleet_store::Error),
+    #[error("storage commit failed: {0}")]
+    Commit(String),
+    #[error("ingest is shutting down")]
+    ShuttingDown,
+}
+
+#[derive(Debug, Clone)]
+struct KnownDevice {
+    session_id: String,
+}
+
+struct Inner {
+    store: Store,
+    stats: Stats,
+    devices: RwLock<HashMap<String, KnownDevice>>,
+    writer: mpsc::Sender<writer::Item>,
+}
+
+/// Handle to the ingest pipeline; cheap to clone.
+#[derive(Clone)]
+pub struct Ingest {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Ingest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ingest").finish_non_exhaustive()
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+impl Ingest {
+    /// Loads the known devices and starts the writer. The writer ends when every
+    /// handle is dropped; await the returned task to see the last batch committed.
+    pub async fn start(store: Store, opts: &Options) -> Result<(Ingest, tokio::task::JoinHandle<()>), Error> {
+        let devices = store
+            .list_devices(None)
+            .await?
+            .into_iter()
+            .map(|d| (d.id, KnownDevice { session_id: d.session_id }))
+            .collect();
+        let (tx, rx) = mpsc::channel(opts.queue.max(1));
+        let inner = Arc::new(Inner {
+            store: store.clone(),
+            stats: Stats::default(),
+            devices: RwLock::new(devices),
+            writer: tx,
+        });
+        let task = tokio::spawn(writer::run(store, rx, opts.max_batch.max(1), Arc::downgrade(&inner)));
+        Ok((Ingest { inner }, task))
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        self.inner.stats.snapshot()
+    }
+
+    /// Handles one message; returns once it is durably stored or refused.
+    pub async fn handle(&self, msg: Inbound<'_>) -> Result<Outcome, Error> {
+        match self.classify(msg).await {
+            Ok(()) => Ok(Outcome::Stored),
+            Err(HandleError::Reject(r)) => {
+                self.inner.stats.reject(r.reason());
+                tracing::warn!(topic = msg.topic, client_id = msg.client_id, reason = r.reason().as_str(), error = %r, "message rejected");
+                Ok(Outcome::Rejected(r))
+            }
+            Err(HandleError::Fatal(e)) => {
+                self.inner.stats.storage_error();
+                tracing::error!(topic = msg.topic, error = %e, "message not stored");
+                Err(e)
+            }
+        }
+    }
+
+    async fn classify(&self, msg: Inbound<'_>) -> Result<(), HandleError> {
+        let (device, channel) = topics::parse_device_topic(msg.topic).map_err(Reject::from)?;
+        if let Some(client) = msg.client_id
+            && client != device
+        {
+            return Err(Reject::ClientIdentity {
+                client_id: client.to_owned(),
+                topic_device: device.to_owned(),
+            }
+            .into());
+        }
+        let malformed =
+            |e: nanofleet_proto::prost::DecodeError| Reject::Malformed { channel, error: e.to_string() };
+        let now = now_ms();
+        match channel {
+            Channel::Telemetry => {
+                let batch = TelemetryBatch::decode(msg.payload).map_err(malformed)?;
+                let seq = validate::telemetry(&batch, device, now)?;
+                self.known(device)?;
+                let item = telemetry_item(device, seq, &batch, msg.payload);
+                self.write(item).await
+            }
+            Channel::Events => {
+                let batch = EventBatch::decode(msg.payload).map_err(malformed)?;
+                let seq = validate::events(&batch, device, now)?;
+                self.known(device)?;
+                self.write(event_item(device, seq, &batch, msg.payload)).await
+            }
+            Channel::State => {
+                let state = DeviceState::decode(msg.payload).map_err(malformed)?;
+                match validate::state(&state, device, now)? {
+                    Presence::Online => self.birth(&state).await,
+                    _ => self.death(&state).await,
+                }
+            }
+            Channel::Ack => Err(Reject::UnsupportedChannel { channel }.into()),
+        }
+    }
+
+    fn known(&self, device: &str) -> Result<(), Reject> {
+        let devices = self.inner.devices.read().unwrap_or_else(|p| p.into_inner());
+        if devices.contains_key(device) {
+            Ok(())
+        } else {
+            Err(Reject::UnknownDevice { device_id: device.to_owned() })
+        }
+    }
+
+    async fn birth(&self, s: &DeviceState) -> Result<(), HandleError> {
+        let birth = Birth {
+            device_id: s.device_id.clone(),
+            site_id: s.site_id.clone(),
+            model: s.model.clone(),
+            firmware_version: s.firmware_version.clone(),
+            session_id: s.session_id.clone(),
+            time_ms: s.time_unix_ms,
+        };
+        self.inner.store.apply_birth(&birth).await.map_err(Error::from)?;
+        self.inner
+            .devices
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(s.device_id.clone(), KnownDevice { session_id: s.session_id.clone() });
+        tracing::info!(device_id = %s.device_id, site_id = %s.site_id, firmware = %s.firmware_version, "device online");
+        Ok(())
+    }
+
+    async fn death(&self, s: &DeviceState) -> Result<(), HandleError> {
+        let applied = self
+            .inner
+            .store
+            .apply_death(&s.device_id, &s.session_id, s.time_unix_ms)
+            .await
+            .map_err(Error::from)?;
+        if applied {
+            tracing::info!(device_id = %s.device_id, "device offline");
+        } else {
+            tracing::debug!(device_id = %s.device_id, session_id = %s.session_id, "stale death ignored");
+        }
+        Ok(())
+    }
+
+    /// Marks a device offline when its connection ends without a death message (the
+    /// broker knows before any last will could arrive, e.g. on a server-side kick).
+    pub async fn connection_closed(&self, device_id: &str) -> Result<(), Error> {
+        let session = {
+            let devices = self.inner.devices.read().unwrap_or_else(|p| p.into_inner());
+            devices.get(device_id).map(|d| d.session_id.clone())
+        };
+        if let Some(session) = session {
+            self.inner.store.apply_death(device_id, &session, now_ms()).await?;
+        }
+        Ok(())
+    }
+
+    async fn write(&self, item: writer::Payload) -> Result<(), HandleError> {
+        let (done, wait) = oneshot::channel();
+        self.inner
+            .writer
+            .send(writer::Item { payload: item, done })
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        match wait.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(HandleError::Fatal(e)),
+            Err(_) => Err(Error::ShuttingDown.into()),
+        }
+    }
+
+    /// Waits until everything queued so far is committed (for orderly shutdown and tests).
+    pub async fn flush(&self) -> Result<(), Error> {
+        let (done, wait) = oneshot::channel();
+        self.inner
+            .writer
+            .send(writer::Item { payload: writer::Payload::Barrier, done })
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        match tokio::time::timeout(Duration::from_secs(60), wait).await {
+            Ok(Ok(r)) => r,
+            _ => Err(Error::ShuttingDown),
+        }
+    }
+}
+
+enum HandleError {
+    Reject(Reject),
+    Fatal(Error),
+}
+
+impl From<Reject> for HandleError {
+    fn from(r: Reject) -> Self {
+        HandleError::Reject(r)
+    }
+}
+
+impl From<Error> for HandleError {
+    fn from(e: Error) -> Self {
+        HandleError::Fatal(e)
+    }
+}
+
+fn telemetry_item(device: &str, seq: i64, b: &TelemetryBatch, payload: &[u8]) -> writer::Payload {
+    // validate::telemetry guarantees at least one sample.
+    let first = b.samples.iter().map(|s| s.time_unix_ms).min().unwrap_or_default();
+    let newest = b.samples.iter().max_by_key(|s| s.time_unix_ms);
+    let last = newest.map(|s| s.time_unix_ms).unwrap_or_default();
+    writer::Payload::Telemetry(
+        TelemetryRecord {
+            device_id: device.to_owned(),
+            seq,
+            first_ms: first,
+            last_ms: last,
+            samples: b.samples.len() as i64,
+            payload: payload.to_vec(),
+        },
+        LastValues {
+            device_id: device.to_owned(),
+            seen_ms: now_ms(),
+            telemetry_seq: seq,
+            sample_ms: last,
+            sample: newest.map(|s| s.encode_to_vec()).unwrap_or_default(),
+        },
+    )
+}
+
+fn event_item(device: &str, seq: i64, b: &EventBatch, payload: &[u8]) -> writer::Payload {
+    let alarms = b
+        .events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(event::Kind::Alarm(a)) => Some(AlarmChange {
+                device_id: device.to_owned(),
+                code: i64::from(a.code),
+                line: i64::from(a.line),
+                priority: i64::from(a.priority),
+                active: a.active,
+                detail: a.detail.clone(),
+                changed_ms: e.time_unix_ms,
+            }),
+            _ => None,
+        })
+        .collect();
+    let time_ms = b.events.iter().map(|e| e.time_unix_ms).max().unwrap_or_default();
+    writer::Payload::Events(
+        EventRecord { device_id: device.to_owned(), seq, time_ms, payload: payload.to_vec() },
+        alarms,
+    )
+}

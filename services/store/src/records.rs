@@ -1,0 +1,153 @@
+//! Plain records the store reads and writes. Payloads stay encoded: the store does not
+//! interpret protobuf.
+
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use crate::Result;
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SiteSummary {
+    pub id: String,
+    pub name: String,
+    pub devices_total: i64,
+    pub devices_online: i64,
+}
+
+/// A device announced itself (MQTT birth).
+#[derive(Debug, Clone)]
+pub struct Birth {
+    pub device_id: String,
+    pub site_id: String,
+    pub model: String,
+    pub firmware_version: String,
+    pub session_id: String,
+    pub time_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceRecord {
+    pub id: String,
+    pub site_id: String,
+    pub model: String,
+    pub firmware_version: String,
+    pub online: bool,
+    pub session_id: String,
+    pub connected_ms: i64,
+    pub last_seen_ms: i64,
+    pub telemetry_seq: i64,
+    pub last_sample_ms: i64,
+    /// Encoded `nanofleet.device.v1.Sample`.
+    pub last_sample: Option<Vec<u8>>,
+    pub active_alarms: Vec<AlarmRecord>,
+}
+
+impl DeviceRecord {
+    pub(crate) fn from_row(r: &AnyRow) -> Result<DeviceRecord> {
+        Ok(DeviceRecord {
+            id: r.try_get(0)?,
+            site_id: r.try_get(1)?,
+            model: r.try_get(2)?,
+            firmware_version: r.try_get(3)?,
+            online: r.try_get::<i64, _>(4)? != 0,
+            session_id: r.try_get(5)?,
+            connected_ms: r.try_get(6)?,
+            last_seen_ms: r.try_get(7)?,
+            telemetry_seq: r.try_get(8)?,
+            last_sample_ms: r.try_get(9)?,
+            last_sample: r.try_get(10)?,
+            active_alarms: Vec::new(),
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlarmRecord {
+    pub code: i64,
+    pub line: i64,
+    pub priority: i64,
+    pub detail: String,
+    pub changed_ms: i64,
+}
+
+/// One telemetry batch as the device sent it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TelemetryRecord {
+    pub device_id: String,
+    pub seq: i64,
+    pub first_ms: i64,
+    pub last_ms: i64,
+    pub samples: i64,
+    /// Encoded `nanofleet.device.v1.TelemetryBatch`.
+    pub payload: Vec<u8>,
+}
+
+impl TelemetryRecord {
+    pub(crate) fn from_row(r: &AnyRow) -> Result<TelemetryRecord> {
+        Ok(TelemetryRecord {
+            device_id: r.try_get(0)?,
+            seq: r.try_get(1)?,
+            first_ms: r.try_get(2)?,
+            last_ms: r.try_get(3)?,
+            samples: r.try_get(4)?,
+            payload: r.try_get(5)?,
+        })
+    }
+}
+
+/// One event batch as the device sent it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRecord {
+    pub device_id: String,
+    pub seq: i64,
+    pub time_ms: i64,
+    /// Encoded `nanofleet.device.v1.EventBatch`.
+    pub payload: Vec<u8>,
+}
+
+/// The newest state of one alarm of one device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlarmChange {
+    pub device_id: String,
+    pub code: i64,
+    pub line: i64,
+    pub priority: i64,
+    pub active: bool,
+    pub detail: String,
+    pub changed_ms: i64,
+}
+
+/// The newest values of one device seen in a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LastValues {
+    pub device_id: String,
+    pub seen_ms: i64,
+    pub telemetry_seq: i64,
+    pub sample_ms: i64,
+    /// Encoded `nanofleet.device.v1.Sample`.
+    pub sample: Vec<u8>,
+}
+
+/// Everything one ingest transaction writes.
+#[derive(Debug, Clone, Default)]
+pub struct WriteBatch {
+    pub telemetry: Vec<TelemetryRecord>,
+    pub events: Vec<EventRecord>,
+    pub alarms: Vec<AlarmChange>,
+    pub last_values: Vec<LastValues>,
+}
+
+impl WriteBatch {
+    pub fn is_empty(&self) -> bool {
+        self.telemetry.is_empty()
+            && self.events.is_empty()
+            && self.alarms.is_empty()
+            && self.last_values.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteOutcome {
+    pub telemetry_inserted: u64,
+    pub events_inserted: u64,
+}
