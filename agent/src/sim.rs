@@ -218,7 +218,7 @@ impl SimDevice {
         if !self.started {
             self.started = true;
             // Devices of a fleet start at different points of their idle time.
-            let idle = self.rng.random_range(1..IDLE_SECONDS.1);
+            let idle = self.rng.random_range(1..IDLE_SECONDS.0);
             self.enter(RunPhase::Idle, idle, now_ms, events);
             return;
         }

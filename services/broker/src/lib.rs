@@ -22,7 +22,8 @@ use std::num::NonZeroU16;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use nanofleet_ingest::{Inbound, Ingest, Outcome, Reason};
+use nanofleet_ingest::{Inbound, Ingest, Outcome, Reject};
+use nanofleet_proto::topics::TopicError;
 use rmqtt::codec::v5::PublishAckReason;
 use rmqtt::context::ServerContext;
 use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType, Type};
@@ -168,12 +169,14 @@ impl Handler for IngestHook {
                 let result = match self.ingest.handle(inbound).await {
                     Ok(Outcome::Stored) => PublishAclResult::allow(),
                     Ok(Outcome::Rejected(r)) => {
-                        let code = match r.reason() {
-                            Reason::BadTopic | Reason::IdentityMismatch | Reason::UnknownDevice => {
-                                PublishAckReason::NotAuthorized
-                            }
-                            Reason::UnsupportedChannel => PublishAckReason::TopicNameInvalid,
-                            Reason::MalformedPayload | Reason::OutOfRange => {
+                        let code = match &r {
+                            Reject::Topic(TopicError::UnknownChannel { .. })
+                            | Reject::UnsupportedChannel { .. } => PublishAckReason::TopicNameInvalid,
+                            Reject::Topic(_)
+                            | Reject::ClientIdentity { .. }
+                            | Reject::PayloadIdentity { .. }
+                            | Reject::UnknownDevice { .. } => PublishAckReason::NotAuthorized,
+                            Reject::Malformed { .. } | Reject::OutOfRange { .. } => {
                                 PublishAckReason::PayloadFormatInvalid
                             }
                         };

@@ -624,7 +624,7 @@
     }
 
     function createRow(d) {
-      const cells = DEVICE_COLUMNS.map(([name, , num]) => h('td', { class: num ? 'num' : name === 'Alarms' ? 'wrap' : null }));
+      const cells = DEVICE_COLUMNS.map(([name, , num]) => h('td', { class: num ? 'num' : { Alarms: 'wrap', Site: 'site' }[name] || null }));
       const row = h('tr', { class: 'link', 'data-testid': 'device-row', 'data-device-id': d.id }, cells);
       row.addEventListener('click', (ev) => {
         if (ev.target.closest('a')) return;
@@ -1066,7 +1066,10 @@
       ctx.moveTo(px + 0.5, axisY);
       ctx.lineTo(px + 0.5, axisY + 4);
       ctx.stroke();
-      ctx.fillText(fmtClock(t), px, axisY + 7);
+      const label = fmtClock(t);
+      const half = ctx.measureText(label).width / 2;
+      // Keep clear of the axis title on the left and of the canvas edge on the right.
+      if (px - half >= left - 2 && px + half <= W) ctx.fillText(label, px, axisY + 7);
     }
     ctx.textAlign = 'right';
     ctx.fillStyle = CHART.text;

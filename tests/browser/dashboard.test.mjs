@@ -1,0 +1,284 @@
+// End-to-end check of the Nanofleet dashboard: a real `nanofleet demo` fleet (3 hospital
+// sites, 24 simulated devices) and a headless Chromium driving the page like an operator.
+//
+//   NANOFLEET_BIN  server binary (default: <repo>/target/debug/nanofleet)
+//   CHROMIUM       browser binary (default: /usr/bin/chromium)
+//
+// Screenshots and the server's log land in <repo>/target/browser/.
+
+import { describe, it, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { createWriteStream, existsSync } from 'node:fs';
+import { mkdir, mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { chromium } from 'playwright-core';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const repo = path.resolve(here, '../..');
+const serverBin = process.env.NANOFLEET_BIN
+  ? path.resolve(process.env.NANOFLEET_BIN)
+  : path.resolve(here, '../../target/debug/nanofleet');
+const chromiumBin = process.env.CHROMIUM || '/usr/bin/chromium';
+const outDir = path.join(repo, 'target', 'browser');
+
+const SITES = 3;
+const DEVICES = 24;
+const DEVICES_PER_SITE = 8;
+const STARTUP_TIMEOUT_MS = 30_000;
+const SHUTDOWN_TIMEOUT_MS = 10_000;
+const DASHBOARD_LINE = /dashboard\s+(http:\/\/\S+)/;
+// eslint-disable-next-line no-control-regex
+const ANSI = /\x1b\[[0-9;]*[A-Za-z]/g;
+
+/** Polls `probe` until `ok` accepts its value; fails with the last value seen. */
+async function until(what, probe, ok, timeoutMs) {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const value = await probe();
+    if (ok(value)) return value;
+    if (Date.now() > deadline) {
+      assert.fail(`${what}: still ${JSON.stringify(value)} after ${timeoutMs / 1000} s`);
+    }
+    await sleep(250);
+  }
+}
+
+/** The demo server as a process group, so SIGINT reaches it the way Ctrl-C in a terminal does. */
+class DemoServer {
+  constructor(dataDir) {
+    this.dataDir = dataDir;
+    this.output = [];
+    this.exit = null;
+  }
+
+  async start() {
+    await mkdir(outDir, { recursive: true });
+    const log = createWriteStream(path.join(outDir, 'server.log'));
+    const args = [
+      'demo',
+      '--data-dir', this.dataDir,
+      '--http-listen', '127.0.0.1:0',
+      '--grpc-listen', '127.0.0.1:0',
+      '--mqtt-listen', '127.0.0.1:0',
+    ];
+    this.child = spawn(serverBin, args, {
+      detached: true,
+      stdio: ['ignore', 'pipe', 'pipe'],
+      env: { ...process.env, NO_COLOR: '1' },
+    });
+    this.exited = new Promise((resolve) => {
+      this.child.once('exit', (code, signal) => {
+        this.exit = { code, signal };
+        resolve(this.exit);
+      });
+    });
+    const keep = (chunk) => {
+      log.write(chunk);
+      this.output.push(chunk.toString());
+      if (this.output.length > 400) this.output.splice(0, 200);
+    };
+    this.child.stderr.on('data', keep);
+
+    return new Promise((resolve, reject) => {
+      let pending = '';
+      const timer = setTimeout(() => {
+        reject(new Error(`the demo printed no "dashboard http://…" line within ${STARTUP_TIMEOUT_MS / 1000} s\n${this.tail()}`));
+      }, STARTUP_TIMEOUT_MS);
+      this.child.once('error', (err) => {
+        clearTimeout(timer);
+        reject(new Error(`cannot start ${serverBin}: ${err.message}`));
+      });
+      this.exited.then(({ code, signal }) => {
+        clearTimeout(timer);
+        reject(new Error(`the demo exited (code ${code}, signal ${signal}) before serving the dashboard\n${this.tail()}`));
+      });
+      this.child.stdout.on('data', (chunk) => {
+        keep(chunk);
+        pending += chunk.toString().replace(ANSI, '');
+        const lines = pending.split('\n');
+        pending = lines.pop();
+        for (const line of lines) {
+          const m = line.match(DASHBOARD_LINE);
+          if (m) {
+            clearTimeout(timer);
+            resolve(m[1]);
+          }
+        }
+      });
+    });
+  }
+
+  get running() {
+    return this.child != null && this.child.exitCode === null && this.child.signalCode === null;
+  }
+
+  signal(sig) {
+    try {
+      process.kill(-this.child.pid, sig);
+    } catch (err) {
+      if (err.code !== 'ESRCH') throw err;
+    }
+  }
+
+  /** Resolves to the exit status, or null if the process is still running after `ms`. */
+  async waitExit(ms) {
+    return Promise.race([this.exited, sleep(ms).then(() => null)]);
+  }
+
+  tail() {
+    const text = this.output.join('').replace(ANSI, '');
+    return `--- last server output ---\n${text.slice(-4000)}`;
+  }
+}
+
+describe('dashboard against a demo fleet', () => {
+  let server;
+  let context;
+  let page;
+  let dashboard;
+  let dataDir;
+  let profileDir;
+  const pageErrors = [];
+
+  const at = (hash) => {
+    const u = new URL(dashboard);
+    u.hash = hash;
+    return u.toString();
+  };
+  const count = (selector) => page.locator(selector).count();
+  const shoot = (name) => page.screenshot({ path: path.join(outDir, name), fullPage: true });
+
+  before(async () => {
+    assert.ok(existsSync(chromiumBin),
+      `Chromium not found at ${chromiumBin}: install it (apt-get install -y chromium) or set CHROMIUM to a Chromium binary`);
+    assert.ok(existsSync(serverBin),
+      `nanofleet binary not found at ${serverBin}: build it with \`cargo build\` or set NANOFLEET_BIN`);
+
+    dataDir = await mkdtemp(path.join(tmpdir(), 'nanofleet-data-'));
+    profileDir = await mkdtemp(path.join(tmpdir(), 'nanofleet-chromium-'));
+    server = new DemoServer(dataDir);
+    // A crashed runner must not leave the fleet running in the background.
+    process.once('exit', () => {
+      if (server.running) server.signal('SIGKILL');
+    });
+    dashboard = await server.start();
+
+    context = await chromium.launchPersistentContext(profileDir, {
+      executablePath: chromiumBin,
+      headless: true,
+      viewport: { width: 1440, height: 900 },
+      args: [
+        '--no-sandbox',
+        '--disable-gpu',
+        '--disable-quic',
+        '--no-first-run',
+        '--disable-background-networking',
+        '--disable-component-update',
+        '--disable-sync',
+      ],
+    });
+    page = context.pages()[0] ?? (await context.newPage());
+    page.setDefaultTimeout(15_000);
+    page.on('pageerror', (err) => pageErrors.push(`uncaught: ${err.message}`));
+    page.on('console', (msg) => {
+      if (msg.type() === 'error' && server.running) pageErrors.push(`console: ${msg.text()}`);
+    });
+  }, { timeout: STARTUP_TIMEOUT_MS + 30_000 });
+
+  after(async () => {
+    await context?.close().catch(() => {});
+    if (server?.running) {
+      server.signal('SIGKILL');
+      await server.waitExit(5_000);
+    }
+    for (const dir of [dataDir, profileDir]) {
+      if (dir) await rm(dir, { recursive: true, force: true }).catch(() => {});
+    }
+  });
+
+  it('overview shows every site and all devices online', { timeout: 60_000 }, async () => {
+    await page.goto(at('#/'));
+    // Marks this document: if the dashboard ever reloaded itself the mark would be gone.
+    await page.evaluate(() => { window.nanofleetTestMark = true; });
+
+    await until('site cards', () => count('[data-testid="site-card"]'), (n) => n === SITES, 10_000);
+    const state = await until(
+      'device tiles / online tiles / fleet-online',
+      async () => ({
+        tiles: await count('[data-testid="device-tile"]'),
+        online: await count('[data-testid="device-tile"][data-online="true"]'),
+        fleetOnline: (await page.getByTestId('fleet-online').textContent()).trim(),
+      }),
+      (s) => s.tiles === DEVICES && s.online === DEVICES && s.fleetOnline === String(DEVICES),
+      20_000,
+    );
+    assert.equal(state.online, DEVICES);
+    assert.equal((await page.getByTestId('fleet-total').textContent()).trim(), String(DEVICES));
+
+    for (const card of await page.getByTestId('site-card').all()) {
+      const siteId = await card.getAttribute('data-site-id');
+      assert.ok(siteId, 'every site card names its site');
+      assert.equal(await card.getByTestId('device-tile').count(), DEVICES_PER_SITE, `tiles on ${siteId}`);
+    }
+    await shoot('overview.png');
+  });
+
+  it('device table lists the fleet and the site filter narrows it', { timeout: 60_000 }, async () => {
+    await page.getByRole('link', { name: 'Devices', exact: true }).click();
+    await until('device rows', () => count('[data-testid="device-row"]'), (n) => n === DEVICES, 10_000);
+    const ids = await page.getByTestId('device-row').evaluateAll((rows) => rows.map((r) => r.dataset.deviceId));
+    assert.equal(new Set(ids).size, DEVICES, 'each device appears once');
+
+    const filter = page.getByTestId('site-filter');
+    const sites = (await filter.locator('option').evaluateAll((opts) => opts.map((o) => o.value))).filter(Boolean);
+    assert.equal(sites.length, SITES, `site filter offers every site, got ${JSON.stringify(sites)}`);
+    const site = sites[0];
+    await filter.selectOption(site);
+    const rowSites = await until(
+      `rows for site ${site}`,
+      () => page.getByTestId('device-row').evaluateAll((rows) => rows.map((r) => r.dataset.siteId)),
+      (list) => list.length === DEVICES_PER_SITE && list.every((s) => s === site),
+      10_000,
+    );
+    assert.equal(rowSites.length, DEVICES_PER_SITE);
+
+    await filter.selectOption('');
+    await until('device rows after clearing the filter', () => count('[data-testid="device-row"]'), (n) => n === DEVICES, 10_000);
+  });
+
+  it('device page opened from the overview draws live telemetry', { timeout: 60_000 }, async () => {
+    await page.getByRole('link', { name: 'Overview', exact: true }).click();
+    const tile = page.locator('[data-testid="device-tile"][data-online="true"]').first();
+    const deviceId = await tile.getAttribute('data-device-id');
+    await tile.click();
+    await page.waitForURL((u) => decodeURIComponent(new URL(u).hash) === `#/devices/${deviceId}`);
+    await until('device page heading', async () => (await page.locator('h1').first().textContent()).trim(), (t) => t === deviceId, 10_000);
+    await until('device presence', () => count('[data-testid="device-presence"][data-online="true"]'), (n) => n === 1, 10_000);
+
+    const chart = page.getByTestId('telemetry-chart');
+    const points = async () => Number(await chart.getAttribute('data-points'));
+    const first = await until('telemetry points drawn', points, (n) => n > 0, 15_000);
+    await sleep(3_000);
+    const later = await until(`telemetry points after ${first}`, points, (n) => n > first, 10_000);
+    assert.ok(later > first);
+
+    assert.equal(await page.evaluate(() => window.nanofleetTestMark), true, 'the page was never reloaded');
+    assert.deepEqual(pageErrors, [], 'no script or network errors in the page');
+    await shoot('device.png');
+  });
+
+  it('Ctrl-C stops the server cleanly and the dashboard says it is unreachable', { timeout: 60_000 }, async () => {
+    assert.ok(server.running, 'server still running before Ctrl-C');
+    server.signal('SIGINT');
+    const status = await server.waitExit(SHUTDOWN_TIMEOUT_MS);
+    assert.ok(status, `server still running ${SHUTDOWN_TIMEOUT_MS / 1000} s after SIGINT\n${server.tail()}`);
+    assert.deepEqual(status, { code: 0, signal: null }, `server exit after SIGINT\n${server.tail()}`);
+
+    await until('error banner', () => page.getByTestId('error-banner').isVisible(), (v) => v === true, 10_000);
+    await shoot('server-stopped.png');
+  });
+});
