@@ -68,9 +68,8 @@ impl Settings {
             quick,
             devices: env_num("NF_BENCH_DEVICES").map_or(devices, |n| n.clamp(1, 10_000) as usize),
             warmup: Duration::from_secs_f64(warmup),
-            window: env_num("NF_BENCH_WINDOW_SECS").map_or(Duration::from_secs_f64(window), |s| {
-                Duration::from_secs(s.clamp(1, 600))
-            }),
+            window: env_num("NF_BENCH_WINDOW_SECS")
+                .map_or(Duration::from_secs_f64(window), |s| Duration::from_secs(s.clamp(1, 600))),
         }
     }
 }
@@ -122,13 +121,11 @@ impl Publishers {
         let p = Publishers { counters, stop, tasks };
         let deadline = Instant::now() + Duration::from_secs(60);
         while p.counters.iter().any(|c| c.answered() == 0) {
-            if let Some(t) = p.tasks.iter().find(|t| t.is_finished()) {
-                let _ = t;
-                p.stop.cancel();
-                anyhow::bail!("a publisher stopped before its birth was acknowledged");
-            }
-            if Instant::now() > deadline {
-                anyhow::bail!("publishers not all connected after 60 s");
+            let failed = p.tasks.iter().any(|t| t.is_finished());
+            if failed || Instant::now() > deadline {
+                let outcome = p.stop().await;
+                let first = outcome.errors.first().cloned().unwrap_or_else(|| "timed out after 60 s".into());
+                anyhow::bail!("publishers did not all connect and announce themselves: {first}");
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -184,7 +181,8 @@ async fn publish(
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::PubAck(a))) => {
                     let ok = matches!(a.reason, PubAckReason::Success | PubAckReason::NoMatchingSubscribers);
-                    if ok { &acks.acked } else { &acks.refused }.fetch_add(1, Relaxed);
+                    let counter = if ok { &acks.acked } else { &acks.refused };
+                    counter.fetch_add(1, Relaxed);
                 }
                 Ok(Event::Outgoing(Outgoing::Disconnect)) => return Ok(()),
                 Ok(_) => {}
@@ -198,7 +196,8 @@ async fn publish(
     counters.sent.fetch_add(1, Relaxed);
     while counters.answered() == 0 {
         if conn.is_finished() {
-            return conn.await?.and_then(|()| anyhow::bail!("{id}: closed before the birth PUBACK"));
+            conn.await??;
+            anyhow::bail!("{id}: closed before the birth PUBACK");
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -310,7 +309,7 @@ fn thousands(v: f64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, ch) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(ch);
@@ -432,7 +431,8 @@ impl Mosquitto {
             .output()
             .ok()
             .and_then(|o| {
-                let text = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+                let text =
+                    String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
                 text.lines().find(|l| l.contains("version")).map(|l| l.trim().to_owned())
             })
             .unwrap_or_else(|| "mosquitto".into());
@@ -600,8 +600,14 @@ async fn run() -> anyhow::Result<()> {
             ratio = Some(r);
             println!();
             println!("  reference: {} forwarding to one QoS 1 subscriber", m.version);
-            println!("    delivered        {:>10} msg/s (received by the subscriber)", thousands(m.rates.delivered));
-            println!("    acknowledged     {:>10} msg/s (PUBACKs at the publishers)", thousands(m.rates.acked));
+            println!(
+                "    delivered        {:>10} msg/s (received by the subscriber)",
+                thousands(m.rates.delivered)
+            );
+            println!(
+                "    acknowledged     {:>10} msg/s (PUBACKs at the publishers)",
+                thousands(m.rates.acked)
+            );
             println!(
                 "    cpu              {:>10.2} cores publishers + subscriber, {:.2} cores mosquitto",
                 m.rates.cores_self, m.rates.cores_broker

@@ -197,3 +197,16 @@ pub fn telemetry(device_id: &str, seq: u64, n: usize) -> Vec<u8> {
     }
     .encode_to_vec()
 }
+
+/// Whether a test that needs an external service must fail (CI) rather than skip
+/// when the service is missing.
+pub fn services_required() -> bool {
+    std::env::var_os("NANOFLEET_REQUIRE_SERVICES").is_some_and(|v| v != "0")
+}
+
+/// Skips the calling test with a visible reason, or fails it where services are
+/// required.
+pub fn skip_or_fail(reason: &str) {
+    assert!(!services_required(), "required service missing: {reason}");
+    eprintln!("SKIPPED: {reason}");
+}

@@ -14,7 +14,7 @@ mod records;
 use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::{AnyPool, Executor, QueryBuilder, Row};
+use sqlx::{AnyPool, Executor, Row};
 
 pub use records::*;
 
@@ -213,12 +213,19 @@ impl Store {
 
     /// Devices, of one site or all, by id.
     pub async fn list_devices(&self, site_id: Option<&str>) -> Result<Vec<DeviceRecord>> {
-        let mut q = QueryBuilder::new(format!("SELECT {DEVICE_COLUMNS} FROM devices"));
-        if let Some(site) = site_id {
-            q.push(" WHERE site_id = ").push_bind(site.to_owned());
-        }
-        q.push(" ORDER BY id");
-        let rows = q.build().fetch_all(&self.pool).await?;
+        let rows = match site_id {
+            Some(site) => {
+                sqlx::query(&format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE site_id = $1 ORDER BY id"))
+                    .bind(site)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            None => {
+                sqlx::query(&format!("SELECT {DEVICE_COLUMNS} FROM devices ORDER BY id"))
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+        };
         let mut devices = rows.iter().map(DeviceRecord::from_row).collect::<Result<Vec<_>>>()?;
         self.attach_alarms(&mut devices).await?;
         Ok(devices)
@@ -265,30 +272,36 @@ impl Store {
         let mut out = WriteOutcome::default();
         let mut tx = self.pool.begin().await?;
         for chunk in batch.telemetry.chunks(ROWS_PER_INSERT) {
-            let mut q = QueryBuilder::new(
-                "INSERT INTO telemetry (device_id, seq, first_ms, last_ms, samples, payload) ",
+            let sql = multi_row_insert(
+                "INSERT INTO telemetry (device_id, seq, first_ms, last_ms, samples, payload)",
+                6,
+                chunk.len(),
+                "ON CONFLICT (device_id, seq) DO NOTHING",
             );
-            q.push_values(chunk, |mut b, t| {
-                b.push_bind(t.device_id.clone())
-                    .push_bind(t.seq)
-                    .push_bind(t.first_ms)
-                    .push_bind(t.last_ms)
-                    .push_bind(t.samples)
-                    .push_bind(t.payload.clone());
-            });
-            q.push(" ON CONFLICT (device_id, seq) DO NOTHING");
-            out.telemetry_inserted += q.build().execute(&mut *tx).await?.rows_affected();
+            let mut q = sqlx::query(&sql);
+            for t in chunk {
+                q = q
+                    .bind(&t.device_id)
+                    .bind(t.seq)
+                    .bind(t.first_ms)
+                    .bind(t.last_ms)
+                    .bind(t.samples)
+                    .bind(&t.payload);
+            }
+            out.telemetry_inserted += q.execute(&mut *tx).await?.rows_affected();
         }
         for chunk in batch.events.chunks(ROWS_PER_INSERT) {
-            let mut q = QueryBuilder::new("INSERT INTO events (device_id, seq, time_ms, payload) ");
-            q.push_values(chunk, |mut b, e| {
-                b.push_bind(e.device_id.clone())
-                    .push_bind(e.seq)
-                    .push_bind(e.time_ms)
-                    .push_bind(e.payload.clone());
-            });
-            q.push(" ON CONFLICT (device_id, seq) DO NOTHING");
-            out.events_inserted += q.build().execute(&mut *tx).await?.rows_affected();
+            let sql = multi_row_insert(
+                "INSERT INTO events (device_id, seq, time_ms, payload)",
+                4,
+                chunk.len(),
+                "ON CONFLICT (device_id, seq) DO NOTHING",
+            );
+            let mut q = sqlx::query(&sql);
+            for e in chunk {
+                q = q.bind(&e.device_id).bind(e.seq).bind(e.time_ms).bind(&e.payload);
+            }
+            out.events_inserted += q.execute(&mut *tx).await?.rows_affected();
         }
         for a in &batch.alarms {
             // Only a newer change overwrites: re-sent events arrive late.
@@ -370,5 +383,36 @@ impl Store {
     }
 }
 
+/// `head VALUES ($1, .., $cols), (..), .. tail` for `rows` rows. sqlx's `QueryBuilder`
+/// writes `?` placeholders under the `Any` driver, which PostgreSQL rejects; `$n`
+/// works on both backends.
+fn multi_row_insert(head: &str, cols: usize, rows: usize, tail: &str) -> String {
+    use std::fmt::Write as _;
+    let mut sql = String::with_capacity(head.len() + tail.len() + rows * cols * 6);
+    sql.push_str(head);
+    sql.push_str(" VALUES ");
+    for r in 0..rows {
+        sql.push_str(if r == 0 { "(" } else { ", (" });
+        for c in 0..cols {
+            let _ = write!(sql, "{}${}", if c == 0 { "" } else { ", " }, r * cols + c + 1);
+        }
+        sql.push(')');
+    }
+    sql.push(' ');
+    sql.push_str(tail);
+    sql
+}
+
 const DEVICE_COLUMNS: &str = "id, site_id, model, firmware_version, online, session_id, connected_ms, \
      last_seen_ms, telemetry_seq, last_sample_ms, last_sample";
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn multi_row_insert_numbers_placeholders_across_rows() {
+        assert_eq!(
+            super::multi_row_insert("INSERT INTO t (a, b)", 2, 2, "ON CONFLICT DO NOTHING"),
+            "INSERT INTO t (a, b) VALUES ($1, $2), ($3, $4) ON CONFLICT DO NOTHING"
+        );
+    }
+}

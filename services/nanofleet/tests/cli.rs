@@ -1,0 +1,142 @@
+//! The `nanofleet` binary as a user runs it: the demo, and the CLI against a server.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_nanofleet");
+
+fn nanofleet(args: &[&str]) -> std::process::Output {
+    Command::new(BIN).args(args).output().expect("run nanofleet")
+}
+
+struct Demo {
+    child: Child,
+    grpc: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Demo {
+    fn start() -> Demo {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut child = Command::new(BIN)
+            .args(["demo", "--data-dir"])
+            .arg(dir.path())
+            .args([
+                "--grpc-listen",
+                "127.0.0.1:0",
+                "--http-listen",
+                "127.0.0.1:0",
+                "--mqtt-listen",
+                "127.0.0.1:0",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn demo");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut grpc = None;
+        for line in BufReader::new(stdout).lines() {
+            let line = line.expect("read banner");
+            if let Some(url) = line.trim().strip_prefix("grpc") {
+                grpc = Some(url.trim().to_owned());
+            }
+            if line.contains("ready in") {
+                break;
+            }
+        }
+        Demo { child, grpc: grpc.expect("banner names the gRPC address"), _dir: dir }
+    }
+
+    fn interrupt(mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "demo still running 15 s after SIGINT");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn json(out: &std::process::Output) -> serde_json::Value {
+    assert!(out.status.success(), "exit {:?}: {}", out.status, String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("stdout is JSON")
+}
+
+#[test]
+fn the_demo_runs_three_hospitals_of_eight_devices_and_the_cli_sees_them() {
+    let demo = Demo::start();
+    let g = demo.grpc.clone();
+
+    // All 24 devices come online with telemetry.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let devices = loop {
+        let v = json(&nanofleet(&["devices", "list", "--output", "json", "--server", &g]));
+        let devices = v["devices"].as_array().cloned().unwrap_or_default();
+        let ready = devices.iter().filter(|d| d["online"] == true && !d["last_sample"].is_null()).count();
+        if ready == 24 {
+            break devices;
+        }
+        assert!(Instant::now() < deadline, "only {ready} of 24 devices online with telemetry");
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let sites = json(&nanofleet(&["sites", "list", "--output", "json", "--server", &g]));
+    let sites = sites["sites"].as_array().cloned().unwrap_or_default();
+    assert_eq!(sites.len(), 3);
+    assert!(sites.iter().all(|s| s["devices_total"] == 8), "{sites:?}");
+    assert!(sites[0]["name"].as_str().is_some_and(|n| n.contains("Pharmacy")));
+
+    let id = devices[0]["id"].as_str().expect("id").to_owned();
+    let one = json(&nanofleet(&["devices", "show", &id, "--output", "json", "--server", &g]));
+    assert_eq!(one["id"], id.as_str());
+    let t = json(&nanofleet(&["telemetry", &id, "--since", "1m", "--output", "json", "--server", &g]));
+    assert!(t["samples"].as_array().is_some_and(|s| !s.is_empty()));
+
+    // Tables for people.
+    let table = nanofleet(&["devices", "list", "--server", &g]);
+    assert!(table.status.success());
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.contains(&id) && text.contains("24 devices"), "{text}");
+
+    // A device that does not exist: a clear error, exit 1.
+    let missing = nanofleet(&["devices", "show", "NF-NOPE-99", "--server", &g]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("\"NF-NOPE-99\" not found"));
+
+    // Ctrl-C stops everything cleanly.
+    let status = demo.interrupt();
+    assert!(status.success(), "demo exit status after SIGINT: {status:?}");
+}
+
+#[test]
+fn an_unreachable_server_is_named_in_the_error() {
+    let out = nanofleet(&["devices", "list", "--server", "http://127.0.0.1:9"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot reach the Nanofleet server at http://127.0.0.1:9"), "{err}");
+}
+
+#[test]
+fn invalid_configuration_exits_64_with_one_readable_line() {
+    let out = nanofleet(&["server", "--grpc-listen", "not-an-address", "--data-dir", "/tmp/x"]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--grpc-listen"));
+    let out = nanofleet(&["server"]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--data-dir"));
+    let out = nanofleet(&["demo", "--fault-rate", "2"]);
+    assert_eq!(out.status.code(), Some(64));
+}
+
+#[test]
+fn help_teaches_with_examples() {
+    let out = nanofleet(&["--help"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("nanofleet demo") && text.contains("Examples"), "{text}");
+    let out = nanofleet(&["telemetry", "--help"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--since"));
+}

@@ -1,0 +1,95 @@
+//! The store on PostgreSQL: the same code as on SQLite, against a real server.
+//! Skips (with the reason) where no PostgreSQL answers; CI always provides one.
+
+use nanofleet_store::{Birth, LastValues, Options, Store, TelemetryRecord, WriteBatch};
+use nanofleet_tests::skip_or_fail;
+use sqlx::Connection as _;
+
+fn admin_url() -> String {
+    std::env::var("NANOFLEET_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A fresh database for this test, dropped at the end.
+async fn fresh_database() -> Option<(String, String)> {
+    let admin = admin_url();
+    let mut conn = match sqlx::PgConnection::connect(&admin).await {
+        Ok(c) => c,
+        Err(e) => {
+            skip_or_fail(&format!("no PostgreSQL at {admin}: {e}"));
+            return None;
+        }
+    };
+    let name = format!("nanofleet_test_{}_{}", std::process::id(), nanofleet_tests::now_ms());
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.ok()?;
+    let base = admin.rsplit_once('/').map(|(b, _)| b.to_owned()).unwrap_or(admin.clone());
+    Some((name.clone(), format!("{base}/{name}")))
+}
+
+async fn drop_database(name: &str) {
+    if let Ok(mut conn) = sqlx::PgConnection::connect(&admin_url()).await {
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut conn).await;
+    }
+}
+
+#[tokio::test]
+async fn the_store_works_on_postgresql_as_on_sqlite() -> anyhow::Result<()> {
+    let Some((name, url)) = fresh_database().await else { return Ok(()) };
+    let result = exercise(&url).await;
+    drop_database(&name).await;
+    result
+}
+
+async fn exercise(url: &str) -> anyhow::Result<()> {
+    let store =
+        Store::open(&Options { url: url.into(), max_connections: 4, sqlite_sync_full: false }).await?;
+    assert_eq!(store.backend(), nanofleet_store::Backend::Postgres);
+    store.upsert_site("site-a", "Site A", 1).await?;
+    let birth = Birth {
+        device_id: "NF-PG-01".into(),
+        site_id: "site-a".into(),
+        model: "NF-200".into(),
+        firmware_version: "2.3.1".into(),
+        session_id: "s1".into(),
+        time_ms: 1_000,
+    };
+    store.apply_birth(&birth).await?;
+    let rec = |seq: i64| TelemetryRecord {
+        device_id: "NF-PG-01".into(),
+        seq,
+        first_ms: seq * 100,
+        last_ms: seq * 100 + 50,
+        samples: 1,
+        payload: vec![seq as u8, 0, 1],
+    };
+    let batch = WriteBatch {
+        telemetry: vec![rec(1), rec(2), rec(2), rec(3)],
+        last_values: vec![LastValues {
+            device_id: "NF-PG-01".into(),
+            seen_ms: 2_000,
+            telemetry_seq: 3,
+            sample_ms: 350,
+            sample: vec![9],
+        }],
+        ..WriteBatch::default()
+    };
+    let out = store.write_batch(&batch).await?;
+    assert_eq!(out.telemetry_inserted, 3, "the duplicate in the batch is skipped");
+    let again =
+        store.write_batch(&WriteBatch { telemetry: vec![rec(3), rec(4)], ..Default::default() }).await?;
+    assert_eq!(again.telemetry_inserted, 1);
+    assert_eq!(store.telemetry_seqs("NF-PG-01").await?, vec![1, 2, 3, 4]);
+    let window = store.query_telemetry("NF-PG-01", 150, 350, 10).await?;
+    assert_eq!(window.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(window[0].payload, vec![1, 0, 1], "payload bytes round-trip");
+
+    let d = store.get_device("NF-PG-01").await?.expect("device");
+    assert!(d.online);
+    assert_eq!((d.telemetry_seq, d.last_seen_ms, d.last_sample.clone()), (3, 2_000, Some(vec![9])));
+    assert!(!store.apply_death("NF-PG-01", "an-old-session", 3_000).await?, "stale death ignored");
+    assert!(store.apply_death("NF-PG-01", "s1", 3_000).await?);
+    let sites = store.list_sites().await?;
+    assert_eq!((sites[0].devices_total, sites[0].devices_online), (1, 0));
+    store.close().await;
+    Ok(())
+}
