@@ -165,6 +165,29 @@ async fn a_simulated_fleet_is_visible_over_grpc() -> anyhow::Result<()> {
         .into_inner();
     assert_eq!(h.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
 
+    // Reflection lets any standard gRPC client discover the API.
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let mut reflection =
+        ServerReflectionClient::new(tonic::transport::Endpoint::from_shared(sb.grpc_url())?.connect().await?);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = reflection.server_reflection_info(futures::stream::iter([request])).await?.into_inner();
+    let Some(Ok(answer)) = futures::StreamExt::next(&mut answers).await else {
+        anyhow::bail!("no reflection answer")
+    };
+    let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+        anyhow::bail!("reflection answered something else")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in ["nanofleet.v1.FleetService", "nanofleet.v1.TelemetryService", "grpc.health.v1.Health"] {
+        assert!(names.iter().any(|n| n == want), "{want} not listed: {names:?}");
+    }
+
     fleet.stop().await;
     let offline = eventually("devices offline after the fleet stopped", Duration::from_secs(10), || {
         let mut api = fleet_api.clone();

@@ -2,7 +2,7 @@
 //! over the store; no transport here.
 
 use nanofleet_proto::Message as _;
-use nanofleet_proto::device::v1::{Alarm, Sample, TelemetryBatch};
+use nanofleet_proto::device::v1::{Sample, TelemetryBatch};
 use nanofleet_proto::topics::validate_device_id;
 use nanofleet_proto::v1 as pb;
 use nanofleet_store::{DeviceRecord, Store};
@@ -151,12 +151,12 @@ fn device(d: DeviceRecord) -> pb::Device {
         telemetry_seq: telemetry_seq.try_into().unwrap_or(0),
         active_alarms: active_alarms
             .into_iter()
-            .map(|a| Alarm {
+            .map(|a| pb::ActiveAlarm {
                 code: a.code as i32,
                 priority: a.priority as i32,
-                active: true,
-                detail: a.detail,
                 line: a.line as i32,
+                detail: a.detail,
+                since_unix_ms: a.changed_ms,
             })
             .collect(),
     }

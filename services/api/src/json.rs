@@ -29,6 +29,7 @@ pub fn device(d: &pb::Device) -> Value {
             "priority": strip(AlarmPriority::try_from(a.priority).unwrap_or_default().as_str_name(), "ALARM_PRIORITY_"),
             "line": strip(FluidLine::try_from(a.line).unwrap_or_default().as_str_name(), "FLUID_LINE_"),
             "detail": a.detail,
+            "changed_ms": a.since_unix_ms,
         })).collect::<Vec<_>>(),
     })
 }
