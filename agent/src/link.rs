@@ -8,6 +8,8 @@
 //! - at most `window` publishes are handed to the client at once, so `publish().await`
 //!   never waits on a full request queue;
 //! - the maximum packet size is raised from rumqttc's 10 KiB default;
+//! - the in-flight limit is set to the window: rumqttc preallocates a slot per possible
+//!   packet id up to it (13 MiB per connection at its default of 65,535);
 //! - every connection gets a new session id, carried by its birth and its last will, so
 //!   a late death of an old connection cannot mark the device offline.
 
@@ -144,6 +146,10 @@ pub async fn run_device<D: Device>(
     mqtt.set_keep_alive(opts.keep_alive)
         .set_clean_start(true)
         .set_max_packet_size(Some(256 * 1024))
+        // rumqttc sizes a per-connection table by this limit (u16::MAX by default,
+        // about 13 MiB per connection); the outbox never has more on the wire than
+        // `window` plus a birth or death.
+        .set_outgoing_inflight_upper_limit(u16::try_from(opts.window + 2).unwrap_or(u16::MAX))
         .set_last_will(last_will(&info, &first_session, &boot_id));
     let (client, mut eventloop) = AsyncClient::new(mqtt, opts.window + 8);
     let (tx, mut rx) = mpsc::unbounded_channel();

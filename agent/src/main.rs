@@ -70,7 +70,7 @@ struct RunArgs {
     state_dir: PathBuf,
     /// Inject a fault into the simulated hardware.
     #[arg(long, value_enum)]
-    fault: Option<FaultArg>,
+    fault: Option<Fault>,
     #[command(flatten)]
     link: LinkArgs,
 }
@@ -109,29 +109,6 @@ struct SimulateArgs {
 enum Output {
     Table,
     Json,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum FaultArg {
-    PartialClog,
-    Bubbles,
-    PumpWear,
-    EthanolLineFault,
-    SensorCrc,
-    SlowDrift,
-}
-
-impl From<FaultArg> for Fault {
-    fn from(f: FaultArg) -> Fault {
-        match f {
-            FaultArg::PartialClog => Fault::PartialClog,
-            FaultArg::Bubbles => Fault::Bubbles,
-            FaultArg::PumpWear => Fault::PumpWear,
-            FaultArg::EthanolLineFault => Fault::EthanolLineFault,
-            FaultArg::SensorCrc => Fault::SensorCrc,
-            FaultArg::SlowDrift => Fault::SlowDrift,
-        }
-    }
 }
 
 fn usage_error(msg: String) -> ! {
@@ -192,7 +169,7 @@ async fn main() -> anyhow::Result<()> {
             let seqs = SeqCounter::load(&a.state_dir, &a.device_id).context("loading sequence numbers")?;
             let mut sim = SimDevice::new(info, rand::random());
             if let Some(f) = a.fault {
-                sim.inject(f.into());
+                sim.inject(f);
             }
             let cancel = CancellationToken::new();
             tokio::spawn(ctrl_c(cancel.clone()));

@@ -42,7 +42,7 @@ pub const FLOW_TOLERANCE: f64 = 0.05;
 pub const FRR_TOLERANCE: f64 = 0.10;
 
 /// Faults the simulator can inject (DOMAIN.md, "failure modes").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Fault {
     /// Line resistance grows during runs: pressure creeps up until an occlusion alarm.

@@ -106,7 +106,9 @@ pub struct RawDevice {
 impl RawDevice {
     pub async fn connect(addr: SocketAddr, client_id: &str) -> anyhow::Result<RawDevice> {
         let mut opts = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
-        opts.set_keep_alive(Duration::from_secs(30)).set_max_packet_size(Some(1024 * 1024));
+        opts.set_keep_alive(Duration::from_secs(30))
+            .set_max_packet_size(Some(1024 * 1024))
+            .set_outgoing_inflight_upper_limit(256);
         let (client, mut eventloop) = AsyncClient::new(opts, 100);
         let (tx, acks) = mpsc::unbounded_channel();
         let (ready_tx, ready) = tokio::sync::oneshot::channel();
