@@ -22,14 +22,14 @@ pub mod stats;
 pub mod validate;
 mod writer;
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nanofleet_proto::Message as _;
 use nanofleet_proto::device::v1::{DeviceState, EventBatch, Presence, TelemetryBatch, event};
 use nanofleet_proto::topics::{self, Channel, TopicError};
-use nanofleet_store::{AlarmChange, Birth, EventRecord, LastValues, Store, TelemetryRecord};
+use nanofleet_store::{AlarmChange, Birth, EventRecord, Store, TelemetryRecord};
 use tokio::sync::{mpsc, oneshot};
 
 pub use stats::{Stats, StatsSnapshot};
@@ -145,15 +145,11 @@ pub enum Error {
     ShuttingDown,
 }
 
-#[derive(Debug, Clone)]
-struct KnownDevice {
-    session_id: String,
-}
-
 struct Inner {
     store: Store,
     stats: Stats,
-    devices: RwLock<HashMap<String, KnownDevice>>,
+    /// Devices that announced themselves (now or before a restart).
+    devices: RwLock<HashSet<String>>,
     writer: mpsc::Sender<writer::Item>,
 }
 
@@ -177,12 +173,7 @@ impl Ingest {
     /// Loads the known devices and starts the writer. The writer ends when every
     /// handle is dropped; await the returned task to see the last batch committed.
     pub async fn start(store: Store, opts: &Options) -> Result<(Ingest, tokio::task::JoinHandle<()>), Error> {
-        let devices = store
-            .list_devices(None)
-            .await?
-            .into_iter()
-            .map(|d| (d.id, KnownDevice { session_id: d.session_id }))
-            .collect();
+        let devices = store.list_devices(None).await?.into_iter().map(|d| d.id).collect();
         let (tx, rx) = mpsc::channel(opts.queue.max(1));
         let inner = Arc::new(Inner {
             store: store.clone(),
@@ -234,7 +225,7 @@ impl Ingest {
                 let batch = TelemetryBatch::decode(msg.payload).map_err(malformed)?;
                 let seq = validate::telemetry(&batch, device, now)?;
                 self.known(device)?;
-                let item = telemetry_item(device, seq, &batch, msg.payload);
+                let item = telemetry_item(device, seq, batch, msg.payload);
                 self.write(item).await
             }
             Channel::Events => {
@@ -256,7 +247,7 @@ impl Ingest {
 
     fn known(&self, device: &str) -> Result<(), Reject> {
         let devices = self.inner.devices.read().unwrap_or_else(|p| p.into_inner());
-        if devices.contains_key(device) {
+        if devices.contains(device) {
             Ok(())
         } else {
             Err(Reject::UnknownDevice { device_id: device.to_owned() })
@@ -273,11 +264,7 @@ impl Ingest {
             time_ms: s.time_unix_ms,
         };
         self.inner.store.apply_birth(&birth).await.map_err(Error::from)?;
-        self.inner
-            .devices
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(s.device_id.clone(), KnownDevice { session_id: s.session_id.clone() });
+        self.inner.devices.write().unwrap_or_else(|p| p.into_inner()).insert(s.device_id.clone());
         tracing::info!(device_id = %s.device_id, site_id = %s.site_id, firmware = %s.firmware_version, "device online");
         Ok(())
     }
@@ -293,19 +280,6 @@ impl Ingest {
             tracing::info!(device_id = %s.device_id, "device offline");
         } else {
             tracing::debug!(device_id = %s.device_id, session_id = %s.session_id, "stale death ignored");
-        }
-        Ok(())
-    }
-
-    /// Marks a device offline when its connection ends without a death message (the
-    /// broker knows before any last will could arrive, e.g. on a server-side kick).
-    pub async fn connection_closed(&self, device_id: &str) -> Result<(), Error> {
-        let session = {
-            let devices = self.inner.devices.read().unwrap_or_else(|p| p.into_inner());
-            devices.get(device_id).map(|d| d.session_id.clone())
-        };
-        if let Some(session) = session {
-            self.inner.store.apply_death(device_id, &session, now_ms()).await?;
         }
         Ok(())
     }
@@ -356,27 +330,22 @@ impl From<Error> for HandleError {
     }
 }
 
-fn telemetry_item(device: &str, seq: i64, b: &TelemetryBatch, payload: &[u8]) -> writer::Payload {
+fn telemetry_item(device: &str, seq: i64, b: TelemetryBatch, payload: &[u8]) -> writer::Payload {
     // validate::telemetry guarantees at least one sample.
     let first = b.samples.iter().map(|s| s.time_unix_ms).min().unwrap_or_default();
-    let newest = b.samples.iter().max_by_key(|s| s.time_unix_ms);
-    let last = newest.map(|s| s.time_unix_ms).unwrap_or_default();
+    let last = b.samples.iter().map(|s| s.time_unix_ms).max().unwrap_or_default();
+    let samples = b.samples.len() as i64;
+    let newest = b.samples.into_iter().max_by_key(|s| s.time_unix_ms).unwrap_or_default();
     writer::Payload::Telemetry(
         TelemetryRecord {
             device_id: device.to_owned(),
             seq,
             first_ms: first,
             last_ms: last,
-            samples: b.samples.len() as i64,
+            samples,
             payload: payload.to_vec(),
         },
-        LastValues {
-            device_id: device.to_owned(),
-            seen_ms: now_ms(),
-            telemetry_seq: seq,
-            sample_ms: last,
-            sample: newest.map(|s| s.encode_to_vec()).unwrap_or_default(),
-        },
+        writer::Newest { seen_ms: now_ms(), sample: newest },
     )
 }
 

@@ -4,16 +4,25 @@ use std::collections::HashMap;
 use std::sync::Weak;
 use std::time::Instant;
 
+use nanofleet_proto::Message as _;
+use nanofleet_proto::device::v1::Sample;
 use nanofleet_store::{AlarmChange, EventRecord, LastValues, Store, TelemetryRecord, WriteBatch};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{Error, Inner};
 
 pub(crate) enum Payload {
-    Telemetry(TelemetryRecord, LastValues),
+    Telemetry(TelemetryRecord, Newest),
     Events(EventRecord, Vec<AlarmChange>),
     /// Completes once everything queued before it is committed.
     Barrier,
+}
+
+/// The newest sample of a telemetry batch; only the newest per device and write batch
+/// is encoded and stored as the device's last values.
+pub(crate) struct Newest {
+    pub seen_ms: i64,
+    pub sample: Sample,
 }
 
 pub(crate) struct Item {
@@ -25,36 +34,44 @@ pub(crate) async fn run(store: Store, mut rx: mpsc::Receiver<Item>, max_batch: u
     let mut items = Vec::with_capacity(max_batch);
     while rx.recv_many(&mut items, max_batch).await > 0 {
         let mut batch = WriteBatch::default();
-        let mut last: HashMap<String, LastValues> = HashMap::new();
+        // device → (highest seq, newest)
+        let mut last: HashMap<String, (i64, Newest)> = HashMap::new();
         let mut messages = 0u64;
-        for item in &items {
-            match &item.payload {
-                Payload::Telemetry(t, l) => {
+        for item in items.iter_mut() {
+            match std::mem::replace(&mut item.payload, Payload::Barrier) {
+                Payload::Telemetry(t, newest) => {
                     messages += 1;
-                    batch.telemetry.push(t.clone());
-                    match last.get_mut(&l.device_id) {
-                        Some(prev) if prev.sample_ms > l.sample_ms => {
-                            prev.telemetry_seq = prev.telemetry_seq.max(l.telemetry_seq);
-                        }
-                        Some(prev) => {
-                            let seq = prev.telemetry_seq.max(l.telemetry_seq);
-                            *prev = l.clone();
-                            prev.telemetry_seq = seq;
+                    match last.get_mut(&t.device_id) {
+                        Some((seq, prev)) => {
+                            *seq = (*seq).max(t.seq);
+                            if newest.sample.time_unix_ms >= prev.sample.time_unix_ms {
+                                *prev = newest;
+                            }
                         }
                         None => {
-                            last.insert(l.device_id.clone(), l.clone());
+                            last.insert(t.device_id.clone(), (t.seq, newest));
                         }
                     }
+                    batch.telemetry.push(t);
                 }
                 Payload::Events(e, alarms) => {
                     messages += 1;
-                    batch.events.push(e.clone());
-                    batch.alarms.extend(alarms.iter().cloned());
+                    batch.events.push(e);
+                    batch.alarms.extend(alarms);
                 }
                 Payload::Barrier => {}
             }
         }
-        batch.last_values = last.into_values().collect();
+        batch.last_values = last
+            .into_iter()
+            .map(|(device_id, (seq, n))| LastValues {
+                device_id,
+                seen_ms: n.seen_ms,
+                telemetry_seq: seq,
+                sample_ms: n.sample.time_unix_ms,
+                sample: n.sample.encode_to_vec(),
+            })
+            .collect();
         let started = Instant::now();
         let result = if batch.is_empty() { Ok(Default::default()) } else { store.write_batch(&batch).await };
         match result {
