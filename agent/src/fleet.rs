@@ -59,7 +59,7 @@ pub struct FleetOptions {
     /// New connections per second while the fleet starts.
     pub connect_rate: f64,
     pub link: LinkOptions,
-    /// Where each device keeps its sequence numbers; None keeps them in memory.
+    /// Where each device keeps its sequence numbers; None numbers from the clock.
     pub state_dir: Option<PathBuf>,
     pub seed: u64,
     pub model: String,
@@ -141,7 +141,7 @@ impl Fleet {
                                 return;
                             }
                         },
-                        None => SeqCounter::ephemeral(),
+                        None => SeqCounter::from_clock(),
                     };
                     if let Err(e) = run_device(sim, link, seqs, cancel, status).await {
                         tracing::error!(device_id = %info.device_id, error = %e, "device stopped");

@@ -8,12 +8,14 @@
 //! - [`seq`]: per-stream sequence numbers that survive restarts.
 //! - [`link`]: the MQTT edge that runs one device.
 //! - [`fleet`]: many simulated devices, each with its own connection.
+//! - [`process`]: logging, signals, error reports and exit codes of the binaries.
 #![forbid(unsafe_code)]
 
 pub mod fleet;
 pub mod hal;
 pub mod link;
 pub mod outbox;
+pub mod process;
 pub mod seq;
 pub mod sim;
 

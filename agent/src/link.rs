@@ -164,10 +164,12 @@ pub async fn run_device<D: Device>(
         let mut session = first_session;
         let mut backoff = Duration::from_millis(100);
         let mut generation = 0u64;
+        let mut failures = 0u64;
         loop {
             let report = match eventloop.poll().await {
                 Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
                     backoff = Duration::from_millis(100);
+                    failures = 0;
                     generation += 1;
                     conn_generation.store(generation, Ordering::SeqCst);
                     Some(Link::Connected { session_id: session.clone(), generation })
@@ -191,6 +193,17 @@ pub async fn run_device<D: Device>(
                     eventloop.pending.clear();
                     session = new_session_id();
                     eventloop.options.set_last_will(last_will(&conn_info, &session, &conn_boot));
+                    failures += 1;
+                    // The first failure in a row and then every tenth, not every retry.
+                    if failures == 1 || failures.is_multiple_of(10) {
+                        tracing::warn!(
+                            device_id = %conn_info.device_id,
+                            failures,
+                            retry_in_ms = backoff.as_millis() as u64,
+                            error = %e,
+                            "cannot reach the broker"
+                        );
+                    }
                     let _ = tx.send(Link::Disconnected { error: e.to_string(), generation });
                     let jitter = rand::rng().random_range(0.5..1.5);
                     tokio::time::sleep(backoff.mul_f64(jitter)).await;
@@ -317,7 +330,15 @@ pub async fn run_device<D: Device>(
                 Ok(Some(Link::Sent { pkid, generation })) => outbox.on_sent(pkid, generation),
                 Ok(Some(Link::Acked { pkid, accepted, .. })) => outbox.on_acked(pkid, accepted),
                 Ok(Some(Link::Connected { .. })) => {}
-                Ok(Some(Link::Disconnected { .. })) | Ok(None) | Err(_) => break,
+                Ok(Some(Link::Disconnected { error, .. })) => {
+                    tracing::warn!(device_id = %info.device_id, %error, left = outbox.stats().queued, "connection lost while stopping");
+                    break;
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::warn!(device_id = %info.device_id, left = outbox.stats().queued, on_wire = outbox.on_wire(), "stopped before the cloud acknowledged everything");
+                    break;
+                }
             }
         }
     }
@@ -326,6 +347,8 @@ pub async fn run_device<D: Device>(
     if tokio::time::timeout(Duration::from_secs(2), conn).await.is_err() {
         tracing::debug!(device_id = %info.device_id, "connection task did not stop in time");
     }
-    status.lock().unwrap_or_else(|p| p.into_inner()).connected = false;
+    let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
+    st.connected = false;
+    st.outbox = outbox.stats();
     Ok(())
 }

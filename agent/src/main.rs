@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use nanofleet_agent::fleet::{Fleet, FleetOptions};
 use nanofleet_agent::hal::DeviceInfo;
 use nanofleet_agent::link::{LinkOptions, run_device};
+use nanofleet_agent::process;
 use nanofleet_agent::seq::SeqCounter;
 use nanofleet_agent::sim::{Fault, SimDevice};
 use tokio_util::sync::CancellationToken;
@@ -112,8 +113,7 @@ enum Output {
 }
 
 fn usage_error(msg: String) -> ! {
-    eprintln!("nanofleet-agent: {msg}");
-    std::process::exit(64);
+    process::usage_error("nanofleet-agent", msg)
 }
 
 fn link_options(a: &LinkArgs) -> LinkOptions {
@@ -139,21 +139,28 @@ fn link_options(a: &LinkArgs) -> LinkOptions {
     }
 }
 
-async fn ctrl_c(cancel: CancellationToken) {
-    let _ = tokio::signal::ctrl_c().await;
+async fn stop_on_signal(cancel: CancellationToken) {
+    process::stop_signal().await;
     cancel.cancel();
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "nanofleet_agent=info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let cli = Cli::parse();
+fn main() {
+    let cli: Cli = process::parse_args();
+    process::init_tracing("nanofleet_agent=info");
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("nanofleet-agent: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = runtime.block_on(run(cli)) {
+        eprintln!("nanofleet-agent: {}", process::report(e.as_ref()));
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(a) => {
             let link = link_options(&a.link);
@@ -172,7 +179,7 @@ async fn main() -> anyhow::Result<()> {
                 sim.inject(f);
             }
             let cancel = CancellationToken::new();
-            tokio::spawn(ctrl_c(cancel.clone()));
+            tokio::spawn(stop_on_signal(cancel.clone()));
             tracing::info!(device_id = %a.device_id, broker = %a.link.broker, "agent running");
             run_device(sim, link, seqs, cancel, Default::default()).await?;
         }
@@ -203,7 +210,7 @@ async fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
     let fleet = Fleet::start(&opts);
     let n = fleet.devices.len();
     let cancel = CancellationToken::new();
-    tokio::spawn(ctrl_c(cancel.clone()));
+    tokio::spawn(stop_on_signal(cancel.clone()));
     let mut every = tokio::time::interval(Duration::from_secs(2));
     every.tick().await;
     let mut last = Report::default();

@@ -32,9 +32,26 @@ pub struct SeqError {
 }
 
 impl SeqCounter {
-    /// Numbering in memory only (a device simulated for one process lifetime).
-    pub fn ephemeral() -> SeqCounter {
-        SeqCounter { path: None, next: [1, 1], reserved: Reserved { telemetry: u64::MAX, events: u64::MAX } }
+    /// Numbering in memory only, from `first`.
+    pub fn starting_at(first: u64) -> SeqCounter {
+        let first = first.max(1);
+        SeqCounter {
+            path: None,
+            next: [first, first],
+            reserved: Reserved { telemetry: u64::MAX, events: u64::MAX },
+        }
+    }
+
+    /// Numbering in memory only, from the current time in microseconds: a device
+    /// without a state directory still never reuses a number after a restart (unless
+    /// the clock goes back), where starting from 1 would make the cloud drop every
+    /// batch as already stored.
+    pub fn from_clock() -> SeqCounter {
+        let micros = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(1);
+        SeqCounter::starting_at(micros)
     }
 
     /// Numbering persisted in `dir/{device_id}.seq.json`.
@@ -85,6 +102,15 @@ impl SeqCounter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clock_numbering_starts_above_any_earlier_run() {
+        let a = SeqCounter::from_clock().next(Stream::Telemetry).expect("next");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let b = SeqCounter::from_clock().next(Stream::Telemetry).expect("next");
+        assert!(b > a + 1_000, "{a} then {b}");
+        assert!(i64::try_from(b).is_ok(), "fits the cloud's signed sequence numbers");
+    }
 
     #[test]
     fn numbering_never_repeats_across_a_restart() {

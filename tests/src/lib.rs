@@ -15,7 +15,7 @@ use nanofleet_proto::device::v1::{
 };
 use nanofleet_proto::topics::{Channel, device_topic};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
+use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, SubscribeReasonCode};
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use tokio::sync::mpsc;
 
@@ -100,6 +100,7 @@ where
 pub struct RawDevice {
     pub client: AsyncClient,
     acks: mpsc::UnboundedReceiver<PubAckReason>,
+    subacks: mpsc::UnboundedReceiver<Vec<SubscribeReasonCode>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -111,6 +112,7 @@ impl RawDevice {
             .set_outgoing_inflight_upper_limit(256);
         let (client, mut eventloop) = AsyncClient::new(opts, 100);
         let (tx, acks) = mpsc::unbounded_channel();
+        let (sub_tx, subacks) = mpsc::unbounded_channel();
         let (ready_tx, ready) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(async move {
             let mut ready_tx = Some(ready_tx);
@@ -124,13 +126,18 @@ impl RawDevice {
                     Ok(Event::Incoming(Packet::PubAck(a))) => {
                         let _ = tx.send(a.reason);
                     }
+                    Ok(Event::Incoming(Packet::SubAck(a))) => {
+                        let _ = sub_tx.send(a.return_codes);
+                    }
+                    // Close the socket once DISCONNECT is written, as a device would.
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
                     Ok(_) => {}
                     Err(_) => break,
                 }
             }
         });
         tokio::time::timeout(Duration::from_secs(10), ready).await??;
-        Ok(RawDevice { client, acks, task })
+        Ok(RawDevice { client, acks, subacks, task })
     }
 
     /// Publishes at QoS 1 and waits for the PUBACK's reason code.
@@ -140,14 +147,25 @@ impl RawDevice {
         reason.ok_or_else(|| anyhow::anyhow!("connection closed before the PUBACK"))
     }
 
+    /// Subscribes at QoS 1 and waits for the SUBACK's reason code.
+    pub async fn subscribe(&mut self, filter: &str) -> anyhow::Result<SubscribeReasonCode> {
+        self.client.subscribe(filter, QoS::AtLeastOnce).await?;
+        let codes = tokio::time::timeout(Duration::from_secs(10), self.subacks.recv()).await?;
+        codes.and_then(|c| c.first().copied()).ok_or_else(|| anyhow::anyhow!("no SUBACK"))
+    }
+
     /// Announces the device (birth) so that its telemetry is accepted.
     pub async fn birth(&mut self, device_id: &str, site_id: &str) -> anyhow::Result<PubAckReason> {
         self.publish(&device_topic(device_id, Channel::State), birth(device_id, site_id, "s-1")).await
     }
 
+    /// Sends DISCONNECT and closes the connection.
     pub async fn close(self) {
         let _ = self.client.disconnect().await;
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.task).await;
+        let abort = self.task.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(2), self.task).await.is_err() {
+            abort.abort();
+        }
     }
 }
 

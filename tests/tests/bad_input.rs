@@ -171,3 +171,33 @@ async fn bad_messages_in_a_burst_do_not_cost_a_valid_one() -> anyhow::Result<()>
     sb.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_subscribes_only_under_its_own_prefix() -> anyhow::Result<()> {
+    use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode;
+    let (sb, mut dev) = sandbox_with_device().await?;
+    assert!(matches!(dev.subscribe("nf/v1/NF-BAD-01/cmd/#").await?, SubscribeReasonCode::Success(_)));
+    for filter in
+        ["nf/v1/#", "nf/v1/+/telemetry", "nf/v1/NF-OTHER/cmd/#", "#", "$share/g/nf/v1/NF-BAD-01/cmd/x"]
+    {
+        let code = dev.subscribe(filter).await?;
+        assert_eq!(code, SubscribeReasonCode::NotAuthorized, "{filter}");
+    }
+    dev.close().await;
+    sb.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_leaves_without_a_death_message_is_offline() -> anyhow::Result<()> {
+    let (sb, dev) = sandbox_with_device().await?;
+    assert!(sb.server.store.get_device(DEV).await?.is_some_and(|d| d.online));
+    // A clean DISCONNECT: the broker discards the last will, and no death was sent.
+    dev.close().await;
+    nanofleet_tests::eventually("the device offline", std::time::Duration::from_secs(10), || async {
+        sb.server.store.get_device(DEV).await.ok().flatten().filter(|d| !d.online).map(|_| ())
+    })
+    .await?;
+    sb.stop().await;
+    Ok(())
+}

@@ -15,13 +15,23 @@ fn mosquitto_pub(
 ) -> anyhow::Result<()> {
     let file = sb.dir.path().join(format!("{client_id}-{}.bin", nanofleet_tests::now_ms()));
     std::fs::write(&file, payload)?;
-    let out = Command::new("mosquitto_pub")
-        .args(["-h", &sb.mqtt_addr().ip().to_string(), "-p", &sb.mqtt_addr().port().to_string()])
-        .args(["-i", client_id, "-q", "1", "-V", version, "-t", topic, "-f"])
-        .arg(&file)
-        .output()?;
-    anyhow::ensure!(out.status.success(), "mosquitto_pub failed: {}", String::from_utf8_lossy(&out.stderr));
-    Ok(())
+    // The broker refuses a client id whose previous connection is still closing
+    // (CONNACK "server unavailable"); a device retries, and so does this test.
+    let mut last = String::new();
+    for _ in 0..20 {
+        let out = Command::new("mosquitto_pub")
+            .args(["-h", &sb.mqtt_addr().ip().to_string(), "-p", &sb.mqtt_addr().port().to_string()])
+            .args(["-i", client_id, "-q", "1", "-V", version, "-t", topic, "-f"])
+            .arg(&file)
+            .output()?;
+        if out.status.success() {
+            return Ok(());
+        }
+        last = String::from_utf8_lossy(&out.stderr).into_owned();
+        anyhow::ensure!(last.contains("unavailable"), "mosquitto_pub failed: {last}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    anyhow::bail!("mosquitto_pub failed 20 times: {last}")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

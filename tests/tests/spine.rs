@@ -41,7 +41,7 @@ async fn telemetry_lands_exactly_once_across_agent_reconnects() -> anyhow::Resul
     let agent = tokio::spawn(run_device(
         device("NF-E2E-01"),
         fast(sb.link()),
-        SeqCounter::ephemeral(),
+        SeqCounter::starting_at(1),
         cancel.clone(),
         status.clone(),
     ));

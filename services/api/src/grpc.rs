@@ -65,6 +65,7 @@ impl TelemetryService for Fleet {
             duplicates: s.duplicates,
             rejected: s.rejected.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
             batches_committed: s.batches_committed,
+            storage_errors: s.storage_errors,
         }))
     }
 }

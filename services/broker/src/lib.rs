@@ -14,7 +14,9 @@
 //! re-sending them cannot help.
 //!
 //! Last wills (a device's death message) do not pass the publish ACL hook in rmqtt;
-//! they are taken from the publish hook instead.
+//! they are taken from the publish hook instead. When a connection ends, ingest learns
+//! it too, so a device that disconnects without a death message is still offline.
+//! A client may subscribe only under its own prefix.
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
@@ -24,12 +26,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use nanofleet_ingest::{Inbound, Ingest, Outcome, Reject};
 use nanofleet_proto::topics::TopicError;
-use rmqtt::codec::v5::PublishAckReason;
+use rmqtt::codec::v5::{PublishAckReason, SubscribeAckReason};
 use rmqtt::context::ServerContext;
 use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType, Type};
 use rmqtt::net::Builder;
 use rmqtt::server::MqttServer;
-use rmqtt::types::{FromType, PublishAclResult, PublishResult};
+use rmqtt::types::{FromType, PublishAclResult, PublishResult, SubscribeAclResult};
 
 /// Broker settings.
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -88,13 +90,17 @@ impl Broker {
         let hooks = IngestHook { ingest };
         let register = scx.extends.hook_mgr().register();
         register.add_priority(Type::MessagePublishCheckAcl, 100, Box::new(hooks.clone())).await;
-        register.add_priority(Type::MessagePublish, 100, Box::new(hooks)).await;
+        register.add_priority(Type::MessagePublish, 100, Box::new(hooks.clone())).await;
+        register.add_priority(Type::ClientSubscribeCheckAcl, 100, Box::new(hooks.clone())).await;
+        register.add_priority(Type::ClientDisconnected, 100, Box::new(hooks)).await;
         register.start().await;
 
         let listener = Builder::new()
             .name("mqtt")
             .laddr(opts.listen)
             .nodelay(true)
+            // Restart at once even while old connections linger in TIME_WAIT.
+            .reuseaddr(Some(true))
             .max_inflight(NonZeroU16::new(opts.max_inflight.max(1)).unwrap_or(NonZeroU16::MIN))
             .max_packet_size(opts.max_packet_size)
             .max_mqueue_len(opts.max_mqueue_len)
@@ -151,6 +157,11 @@ impl Broker {
     }
 }
 
+/// Names one connection of a client: its start time and remote address.
+fn connection_token(id: &rmqtt::types::Id) -> String {
+    format!("{}@{:?}", id.create_time, id.remote_addr)
+}
+
 #[derive(Clone)]
 struct IngestHook {
     ingest: Ingest,
@@ -161,8 +172,10 @@ impl Handler for IngestHook {
     async fn hook(&self, param: &Parameter, acc: Option<HookResult>) -> ReturnType {
         match param {
             Parameter::MessagePublishCheckAcl(session, publish) => {
+                let connection = connection_token(&session.id);
                 let inbound = Inbound {
                     client_id: Some(&session.id.client_id),
+                    connection: Some(&connection),
                     topic: &publish.topic,
                     payload: &publish.payload,
                 };
@@ -192,12 +205,36 @@ impl Handler for IngestHook {
                 (false, Some(HookResult::PublishAclResult(result)))
             }
             Parameter::MessagePublish(_, from, publish) if matches!(from.typ(), FromType::LastWill) => {
+                let connection = connection_token(&from.id);
                 let inbound = Inbound {
                     client_id: Some(&from.id.client_id),
+                    connection: Some(&connection),
                     topic: &publish.topic,
                     payload: &publish.payload,
                 };
                 let _ = self.ingest.handle(inbound).await;
+                (true, acc)
+            }
+            // A device subscribes only under its own prefix (commands to it).
+            Parameter::ClientSubscribeCheckAcl(session, subscribe) => {
+                let prefix = nanofleet_proto::topics::device_prefix(&session.id.client_id);
+                let result = if subscribe.topic_filter.starts_with(&prefix) {
+                    SubscribeAclResult::new_success(subscribe.opts.qos(), None)
+                } else {
+                    tracing::warn!(
+                        client_id = %session.id.client_id,
+                        filter = %subscribe.topic_filter,
+                        "subscription refused: outside the client's own prefix"
+                    );
+                    SubscribeAclResult::new_failure(SubscribeAckReason::NotAuthorized)
+                };
+                (false, Some(HookResult::SubscribeAclResult(result)))
+            }
+            Parameter::ClientDisconnected(session, _) => {
+                let connection = connection_token(&session.id);
+                if let Err(e) = self.ingest.connection_closed(&session.id.client_id, &connection).await {
+                    tracing::warn!(client_id = %session.id.client_id, error = %e, "presence not updated");
+                }
                 (true, acc)
             }
             _ => (true, acc),

@@ -17,6 +17,7 @@
 use std::net::SocketAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -42,7 +43,7 @@ pub fn router(fleet: Fleet) -> Router {
         .route("/", get(|| async { static_file(INDEX_HTML, "text/html; charset=utf-8") }))
         .route("/assets/app.js", get(|| async { static_file(APP_JS, "text/javascript; charset=utf-8") }))
         .route("/assets/style.css", get(|| async { static_file(STYLE_CSS, "text/css; charset=utf-8") }))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/api/fleet", get(fleet_summary))
         .route("/api/devices", get(devices))
@@ -103,10 +104,32 @@ struct DevicesQuery {
     site: Option<String>,
 }
 
+/// A query string that does not parse gets the API's JSON error shape.
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(q)| q).map_err(|e| {
+        ApiError(nanofleet_api::Error::InvalidArgument {
+            field: "query",
+            value: e.body_text(),
+            allowed: "the parameters documented in docs/api.md".into(),
+        })
+    })
+}
+
+/// Live and able to read the store.
+async fn healthz(State(fleet): State<Fleet>) -> Response {
+    match tokio::time::timeout(std::time::Duration::from_secs(2), fleet.sites()).await {
+        Ok(Ok(_)) => "ok\n".into_response(),
+        Ok(Err(e)) => ApiError(e).into_response(),
+        Err(_) => ApiError(nanofleet_api::Error::Unavailable("storage did not answer within 2 s".into()))
+            .into_response(),
+    }
+}
+
 async fn devices(
     State(fleet): State<Fleet>,
-    Query(q): Query<DevicesQuery>,
+    q: Result<Query<DevicesQuery>, QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let q = query(q)?;
     let devices = fleet.devices(q.site.as_deref()).await?;
     Ok(Json(serde_json::json!({ "devices": devices.iter().map(json::device).collect::<Vec<_>>() })))
 }
@@ -128,8 +151,9 @@ struct TelemetryQuery {
 async fn telemetry(
     State(fleet): State<Fleet>,
     Path(id): Path<String>,
-    Query(q): Query<TelemetryQuery>,
+    q: Result<Query<TelemetryQuery>, QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let q = query(q)?;
     let now = now_ms();
     let since = q.since_ms.unwrap_or(now - 2 * 60 * 1000);
     let until = q.until_ms.unwrap_or(now + 1);

@@ -22,12 +22,12 @@ pub mod stats;
 pub mod validate;
 mod writer;
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nanofleet_proto::Message as _;
-use nanofleet_proto::device::v1::{DeviceState, EventBatch, Presence, TelemetryBatch, event};
+use nanofleet_proto::device::v1::{self as pb, DeviceState, EventBatch, TelemetryBatch, event};
 use nanofleet_proto::topics::{self, Channel, TopicError};
 use nanofleet_store::{AlarmChange, Birth, EventRecord, Store, TelemetryRecord};
 use tokio::sync::{mpsc, oneshot};
@@ -56,6 +56,9 @@ pub struct Inbound<'a> {
     /// The MQTT client id of the sender, when the transport knows it. It must equal
     /// the device id in the topic.
     pub client_id: Option<&'a str>,
+    /// Identifies the client's connection, when the transport knows it: a device whose
+    /// connection closes without a death message is then still recorded offline.
+    pub connection: Option<&'a str>,
     pub topic: &'a str,
     pub payload: &'a [u8],
 }
@@ -145,11 +148,18 @@ pub enum Error {
     ShuttingDown,
 }
 
+#[derive(Debug, Clone, Default)]
+struct Presence {
+    session_id: String,
+    connection: Option<String>,
+}
+
 struct Inner {
     store: Store,
     stats: Stats,
-    /// Devices that announced themselves (now or before a restart).
-    devices: RwLock<HashSet<String>>,
+    /// Devices that announced themselves (now or before a restart), with the session
+    /// and connection of their latest birth.
+    devices: RwLock<HashMap<String, Presence>>,
     writer: mpsc::Sender<writer::Item>,
 }
 
@@ -173,7 +183,12 @@ impl Ingest {
     /// Loads the known devices and starts the writer. The writer ends when every
     /// handle is dropped; await the returned task to see the last batch committed.
     pub async fn start(store: Store, opts: &Options) -> Result<(Ingest, tokio::task::JoinHandle<()>), Error> {
-        let devices = store.list_devices(None).await?.into_iter().map(|d| d.id).collect();
+        let devices = store
+            .list_devices(None)
+            .await?
+            .into_iter()
+            .map(|d| (d.id, Presence { session_id: d.session_id, connection: None }))
+            .collect();
         let (tx, rx) = mpsc::channel(opts.queue.max(1));
         let inner = Arc::new(Inner {
             store: store.clone(),
@@ -237,7 +252,7 @@ impl Ingest {
             Channel::State => {
                 let state = DeviceState::decode(msg.payload).map_err(malformed)?;
                 match validate::state(&state, device, now)? {
-                    Presence::Online => self.birth(&state).await,
+                    pb::Presence::Online => self.birth(&state, msg.connection).await,
                     _ => self.death(&state).await,
                 }
             }
@@ -247,14 +262,14 @@ impl Ingest {
 
     fn known(&self, device: &str) -> Result<(), Reject> {
         let devices = self.inner.devices.read().unwrap_or_else(|p| p.into_inner());
-        if devices.contains(device) {
+        if devices.contains_key(device) {
             Ok(())
         } else {
             Err(Reject::UnknownDevice { device_id: device.to_owned() })
         }
     }
 
-    async fn birth(&self, s: &DeviceState) -> Result<(), HandleError> {
+    async fn birth(&self, s: &DeviceState, connection: Option<&str>) -> Result<(), HandleError> {
         let birth = Birth {
             device_id: s.device_id.clone(),
             site_id: s.site_id.clone(),
@@ -264,7 +279,10 @@ impl Ingest {
             time_ms: s.time_unix_ms,
         };
         self.inner.store.apply_birth(&birth).await.map_err(Error::from)?;
-        self.inner.devices.write().unwrap_or_else(|p| p.into_inner()).insert(s.device_id.clone());
+        self.inner.devices.write().unwrap_or_else(|p| p.into_inner()).insert(
+            s.device_id.clone(),
+            Presence { session_id: s.session_id.clone(), connection: connection.map(str::to_owned) },
+        );
         tracing::info!(device_id = %s.device_id, site_id = %s.site_id, firmware = %s.firmware_version, "device online");
         Ok(())
     }
@@ -280,6 +298,25 @@ impl Ingest {
             tracing::info!(device_id = %s.device_id, "device offline");
         } else {
             tracing::debug!(device_id = %s.device_id, session_id = %s.session_id, "stale death ignored");
+        }
+        Ok(())
+    }
+
+    /// A transport connection closed. If it carried the device's latest birth, the
+    /// device is offline, whether or not a death message said so (a clean disconnect
+    /// discards the last will; a device may also simply not send one).
+    pub async fn connection_closed(&self, device_id: &str, connection: &str) -> Result<(), Error> {
+        let session = {
+            let devices = self.inner.devices.read().unwrap_or_else(|p| p.into_inner());
+            match devices.get(device_id) {
+                Some(p) if p.connection.as_deref() == Some(connection) => Some(p.session_id.clone()),
+                _ => None,
+            }
+        };
+        if let Some(session) = session
+            && self.inner.store.apply_death(device_id, &session, now_ms()).await?
+        {
+            tracing::info!(device_id, "device offline (connection closed)");
         }
         Ok(())
     }

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use nanofleet::cli::{Client, Output};
 use nanofleet::demo::{self, Demo};
 use nanofleet::server::{self, DEFAULT_GRPC, DEFAULT_HTTP, DEFAULT_MQTT, Server};
+use nanofleet_agent::process;
 
 /// Nanofleet: the fleet platform for point-of-care LNP formulation devices.
 ///
@@ -143,11 +144,15 @@ struct TelemetryArgs {
 }
 
 fn config_error(msg: impl std::fmt::Display) -> ! {
-    eprintln!("nanofleet: {msg}");
-    std::process::exit(64);
+    process::usage_error("nanofleet", msg)
 }
 
 fn server_options(l: ListenArgs, data_dir: PathBuf) -> server::Options {
+    if let Some(url) = &l.database_url
+        && !["sqlite:", "postgres:", "postgresql:"].iter().any(|p| url.starts_with(p))
+    {
+        config_error(format!("--database-url {url:?}: allowed sqlite://PATH or postgres://USER@HOST/DB"));
+    }
     let mut o = server::Options::new(data_dir);
     o.database_url = l.database_url;
     o.grpc_listen = l.grpc_listen;
@@ -156,42 +161,8 @@ fn server_options(l: ListenArgs, data_dir: PathBuf) -> server::Options {
     o
 }
 
-fn init_tracing(default: &str) {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-}
-
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
-}
-
 fn main() {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) if e.use_stderr() => {
-            let _ = e.print();
-            std::process::exit(64);
-        }
-        Err(e) => {
-            let _ = e.print();
-            std::process::exit(0);
-        }
-    };
+    let cli: Cli = process::parse_args();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -200,7 +171,7 @@ fn main() {
         }
     };
     if let Err(e) = runtime.block_on(run(cli)) {
-        eprintln!("nanofleet: {e:#}");
+        eprintln!("nanofleet: {}", process::report(e.as_ref()));
         std::process::exit(1);
     }
 }
@@ -208,7 +179,7 @@ fn main() {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Server(a) => {
-            init_tracing("info,rmqtt=warn,rmqtt_net=warn");
+            process::init_tracing("info,rmqtt=warn,rmqtt_net=warn");
             let Some(dir) = a.listen.data_dir.clone() else {
                 config_error("--data-dir (or NANOFLEET_DATA_DIR) is required for `nanofleet server`");
             };
@@ -217,11 +188,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "nanofleet server: dashboard http://{}/  grpc http://{}  mqtt {}",
                 server.http_addr, server.grpc_addr, server.mqtt_addr
             );
-            shutdown_signal().await;
+            process::stop_signal().await;
             server.shutdown().await;
         }
         Command::Demo(a) => {
-            init_tracing("warn,nanofleet=info");
+            process::init_tracing("warn,nanofleet=info");
             if !(0.0..=1.0).contains(&a.fault_rate) {
                 config_error(format!("--fault-rate {}: allowed 0 to 1", a.fault_rate));
             }
@@ -247,7 +218,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let demo = Demo::start(&opts).await?;
             println!("{}", demo.banner());
             println!("\n  data       {}\n  ready in   {} ms", dir.display(), started.elapsed().as_millis());
-            shutdown_signal().await;
+            process::stop_signal().await;
             eprintln!("stopping: devices say goodbye, then the server");
             demo.stop().await;
         }

@@ -136,13 +136,18 @@ impl Server {
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<FleetServiceServer<Fleet>>().await;
         health.set_serving::<TelemetryServiceServer<Fleet>>().await;
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(nanofleet_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()?;
+        // Both reflection versions: older tools (grpcurl before 1.8.8) ask for v1alpha.
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(nanofleet_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection().build_v1()?;
+        let reflection_v1alpha = reflection().build_v1alpha()?;
         let router = tonic::transport::Server::builder()
             .add_service(health_service)
-            .add_service(reflection)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
             .add_service(FleetServiceServer::new(fleet.clone()))
             .add_service(TelemetryServiceServer::new(fleet.clone()));
         let stop = cancel.clone();
