@@ -553,6 +553,8 @@ async fn main() {
 }
 
 async fn run() -> anyhow::Result<()> {
+    // `RUST_LOG=nanofleet_ingest=trace` shows each commit's size and duration.
+    nanofleet_tests::init_tracing();
     let s = Settings::from_env();
     let ticks = clock_ticks();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());

@@ -13,18 +13,38 @@
 //! The harness reports connect time, memory per device in this process, memory per
 //! connection in the server, and what was delivered. It measures; it asserts nothing
 //! about speed or size.
+//!
+//! Peers, in child processes of this harness against the same server: bare MQTT 5
+//! clients (rumqttc, as the agent configures it) that only connect, once with the
+//! client's outgoing in-flight table limited to the agent's window and once with the
+//! client's default table. They show how much of a simulated device's memory is its
+//! MQTT client.
+//!
+//! The simulator stops ramping up early, and says so, if its resident memory passes
+//! `NF_BENCH_MAX_RSS_MB` (default: 30 % of the memory available at start), so that a
+//! run never drives the machine out of memory.
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant};
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use anyhow::Context as _;
 use nanofleet_agent::fleet::{Fleet, FleetOptions};
 use nanofleet_agent::link::LinkOptions;
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use serde_json::json;
+
+/// Bare clients of the peer that keeps rumqttc's default in-flight table: few, because
+/// each costs megabytes.
+const UNLIMITED_PEER_CLIENTS: usize = 20;
 
 // === settings ===
 
@@ -34,6 +54,7 @@ struct Settings {
     devices_per_site: usize,
     run: Duration,
     connect_rate: f64,
+    max_rss: u64,
 }
 
 impl Settings {
@@ -48,12 +69,19 @@ impl Settings {
             Err(_) => default,
         };
         let devices_per_site = devices.min(100);
+        let available = status_kb_in("/proc/meminfo", "MemAvailable:").unwrap_or(4 << 30);
+        let max_rss =
+            match std::env::var("NF_BENCH_MAX_RSS_MB").ok().and_then(|v| v.trim().parse::<u64>().ok()) {
+                Some(mb) => mb << 20,
+                None => available / 10 * 3,
+            };
         Settings {
             quick,
             sites: devices.div_ceil(devices_per_site),
             devices_per_site,
             run: Duration::from_secs(if quick { 6 } else { 15 }),
             connect_rate: 2_000.0,
+            max_rss,
         }
     }
 
@@ -99,6 +127,8 @@ struct ServerProcess {
     child: Child,
     mqtt: SocketAddr,
     http: String,
+    /// Warning and error lines of the server's log, counted by level and target.
+    problems: Arc<Mutex<BTreeMap<String, usize>>>,
     _dir: tempfile::TempDir,
 }
 
@@ -144,8 +174,20 @@ impl ServerProcess {
                 }
             }
         };
-        // Drain the rest of the log in the background.
-        std::thread::spawn(move || for _ in rx {});
+        // Drain the rest of the log in the background, keeping what went wrong.
+        let problems = Arc::new(Mutex::new(BTreeMap::new()));
+        let seen_problems = problems.clone();
+        std::thread::spawn(move || {
+            for line in rx {
+                let line = strip_ansi(&line);
+                // `TIME LEVEL TARGET: message`
+                let mut words = line.split_whitespace().skip(1);
+                if let (Some(level @ ("WARN" | "ERROR")), Some(target)) = (words.next(), words.next()) {
+                    let key = format!("{level} {}", target.trim_end_matches(':'));
+                    *seen_problems.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_insert(0) += 1;
+                }
+            }
+        });
         let after = |word: &str| {
             let mut words = banner.split_whitespace();
             words.find(|w| *w == word).and_then(|_| words.next()).map(str::to_owned)
@@ -156,11 +198,15 @@ impl ServerProcess {
         let http = after("dashboard")
             .map(|u| u.trim_start_matches("http://").trim_end_matches('/').to_owned())
             .with_context(|| format!("no dashboard address in {banner:?}"))?;
-        Ok(ServerProcess { child, mqtt, http, _dir: dir })
+        Ok(ServerProcess { child, mqtt, http, problems, _dir: dir })
     }
 
     fn rss(&self) -> Option<u64> {
         vm_rss(&self.child.id().to_string())
+    }
+
+    fn problems(&self) -> BTreeMap<String, usize> {
+        self.problems.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn devices_online(&self) -> Option<u64> {
@@ -194,13 +240,36 @@ impl Drop for ServerProcess {
     }
 }
 
+/// A log line without its terminal colours.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Resident memory of a process (`self` or a pid), from `/proc/PID/status`.
 fn vm_rss(pid: &str) -> Option<u64> {
     status_kb(pid, "VmRSS:")
 }
 
 fn status_kb(pid: &str, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status_kb_in(&format!("/proc/{pid}/status"), field)
+}
+
+/// A `Field:   N kB` line of a /proc file, in bytes.
+fn status_kb_in(path: &str, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(path).ok()?;
     let line = status.lines().find(|l| l.starts_with(field))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
@@ -247,11 +316,120 @@ fn load_average() -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
+// === peers: bare MQTT clients ===
+
+/// What a peer child process reports.
+#[derive(Debug, Clone, Copy)]
+struct PeerReport {
+    clients: usize,
+    connected: usize,
+    rss_before: u64,
+    rss_after: u64,
+}
+
+impl PeerReport {
+    fn per_client(&self) -> f64 {
+        self.rss_after.saturating_sub(self.rss_before) as f64 / self.connected.max(1) as f64
+    }
+}
+
+/// In a child process: `clients` bare connections, configured as the agent configures
+/// its client, with or without the in-flight limit. Prints `PEER {json}`.
+async fn peer_main(addr: SocketAddr, clients: usize, limit: Option<u16>) -> anyhow::Result<()> {
+    let rss_before = nanofleet_agent::resident_bytes().unwrap_or(0);
+    let connected = Arc::new(AtomicUsize::new(0));
+    let window = LinkOptions::default().window;
+    let mut handles = Vec::with_capacity(clients);
+    for i in 0..clients {
+        let id = format!("PEER-{}-{i:05}", limit.map_or("D".into(), |l| l.to_string()));
+        let mut opts = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+        opts.set_keep_alive(Duration::from_secs(30))
+            .set_clean_start(true)
+            .set_max_packet_size(Some(256 * 1024));
+        if let Some(l) = limit {
+            opts.set_outgoing_inflight_upper_limit(l);
+        }
+        let (client, mut eventloop) = AsyncClient::new(opts, window + 8);
+        let up = connected.clone();
+        tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        up.fetch_add(1, Relaxed);
+                    }
+                    Ok(_) => {}
+                    // rumqttc reconnects on the next poll.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        handles.push(client);
+        // The same ramp as the fleet's.
+        tokio::time::sleep(Duration::from_micros(500)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while connected.load(Relaxed) < clients && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let report = PeerReport {
+        clients,
+        connected: connected.load(Relaxed),
+        rss_before,
+        rss_after: nanofleet_agent::resident_bytes().unwrap_or(0),
+    };
+    let line = json!({
+        "clients": report.clients,
+        "connected": report.connected,
+        "rss_before": report.rss_before,
+        "rss_after": report.rss_after,
+    });
+    println!("PEER {line}");
+    for c in handles {
+        let _ = c.disconnect().await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    Ok(())
+}
+
+/// Runs a peer as a child process of this harness.
+fn run_peer(addr: SocketAddr, clients: usize, limit: Option<u16>) -> anyhow::Result<PeerReport> {
+    let exe = std::env::current_exe()?;
+    let mut cmd = Command::new(exe);
+    cmd.env("NF_BENCH_PEER_ADDR", addr.to_string()).env("NF_BENCH_PEER_CLIENTS", clients.to_string());
+    if let Some(l) = limit {
+        cmd.env("NF_BENCH_PEER_LIMIT", l.to_string());
+    }
+    let out = cmd.stderr(Stdio::inherit()).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find_map(|l| l.strip_prefix("PEER ")).context("the peer printed no report")?;
+    let v: serde_json::Value = serde_json::from_str(line)?;
+    let n = |k: &str| {
+        v.get(k).and_then(serde_json::Value::as_u64).with_context(|| format!("peer report without {k}"))
+    };
+    Ok(PeerReport {
+        clients: n("clients")? as usize,
+        connected: n("connected")? as usize,
+        rss_before: n("rss_before")?,
+        rss_after: n("rss_after")?,
+    })
+}
+
 // === the bench ===
 
 #[tokio::main]
 async fn main() {
-    if let Err(e) = run().await {
+    let peer = std::env::var("NF_BENCH_PEER_ADDR").ok().and_then(|a| a.parse::<SocketAddr>().ok());
+    let result = match peer {
+        Some(addr) => {
+            let clients =
+                std::env::var("NF_BENCH_PEER_CLIENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+            let limit = std::env::var("NF_BENCH_PEER_LIMIT").ok().and_then(|v| v.parse().ok());
+            peer_main(addr, clients, limit).await
+        }
+        None => run().await,
+    };
+    if let Err(e) = result {
         eprintln!("simulator: {e:#}");
         std::process::exit(1);
     }
@@ -271,6 +449,7 @@ async fn run() -> anyhow::Result<()> {
         if s.quick { " (quick)" } else { "" }
     );
     println!("  server binary      {} ({})", binary.display(), binary_age(&binary));
+    println!("  memory guard       stop ramping at {:.0} MiB simulator RSS", mib(s.max_rss));
 
     let server = ServerProcess::start(&binary)?;
     let server_idle = server.rss().unwrap_or(0);
@@ -292,13 +471,22 @@ async fn run() -> anyhow::Result<()> {
     });
     let devices = fleet.devices.len();
     let connect_deadline = started + Duration::from_secs(120);
+    let mut guard_hit = None;
     while fleet.connected() < devices && Instant::now() < connect_deadline {
+        let rss = nanofleet_agent::resident_bytes().unwrap_or(0);
+        if rss > s.max_rss {
+            guard_hit = Some((rss, fleet.connected()));
+            break;
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let connect_time = started.elapsed();
     let connected_at_start = fleet.connected();
 
-    tokio::time::sleep(s.run).await;
+    // Past the memory guard the devices still waiting to connect must not start: stop
+    // the fleet now and report what was reached.
+    let run_for = if guard_hit.is_some() { Duration::ZERO } else { s.run };
+    tokio::time::sleep(run_for).await;
     let connected = fleet.connected();
     let totals = fleet.totals();
     let self_after = nanofleet_agent::resident_bytes().unwrap_or(0);
@@ -311,25 +499,53 @@ async fn run() -> anyhow::Result<()> {
     fleet.stop().await;
     let fleet_stop = stop_started.elapsed();
     let online_after_stop = tokio::task::block_in_place(|| server.devices_online());
+    // Deaths still being stored settle within seconds; what is left after that stays.
+    let settle_started = Instant::now();
+    let mut online_settled = online_after_stop;
+    while online_settled != Some(0) && settle_started.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        online_settled = tokio::task::block_in_place(|| server.devices_online());
+    }
+    let settle = settle_started.elapsed();
+
+    let mqtt = server.mqtt;
+    // The agent's limit: its window plus a birth or death beside it.
+    let window = LinkOptions::default().window + 2;
+    let limited = tokio::task::block_in_place(|| run_peer(mqtt, devices, u16::try_from(window).ok()));
+    let unlimited = tokio::task::block_in_place(|| run_peer(mqtt, devices.min(UNLIMITED_PEER_CLIENTS), None));
+    // Read once the fleet has stopped: the log line of a problem may lag behind it.
+    let log_problems = server.problems();
     let (exit_code, server_stop) = tokio::task::block_in_place(|| server.interrupt())?;
 
-    let per_device = self_after.saturating_sub(self_before) as f64 / devices.max(1) as f64;
+    // Devices connected when memory was read: all of them, or those reached before the guard.
+    let measured = if guard_hit.is_some() { connected } else { devices };
+    let per_device = self_after.saturating_sub(self_before) as f64 / measured.max(1) as f64;
     let per_connection = server_loaded.saturating_sub(server_idle) as f64 / connected.max(1) as f64;
     let connect_rate = connected_at_start as f64 / connect_time.as_secs_f64();
 
     println!();
     println!("  machine            {cores} cores; load average {load_before} before, {load_after} after");
     println!("  devices            {devices}");
+    if let Some((rss, n)) = guard_hit {
+        println!(
+            "  STOPPED EARLY      simulator RSS {:.0} MiB passed the guard with {n} of {devices} connected; \
+             figures below are for the devices reached",
+            mib(rss)
+        );
+    }
     println!(
         "  connected          {connected_at_start} after {:.2} s ({connect_rate:.0} connections/s, \
          ramp limited to {:.0}/s); {connected} at the end",
         connect_time.as_secs_f64(),
         s.connect_rate
     );
+    let count = |n: Option<u64>| n.map_or("?".into(), |n| n.to_string());
     println!(
-        "  server sees        {} online while running, {} after the fleet stopped",
-        online_at_server.map_or("?".into(), |n| n.to_string()),
-        online_after_stop.map_or("?".into(), |n| n.to_string())
+        "  server sees        {} online while running, {} when the fleet had stopped, {} {:.1} s later",
+        count(online_at_server),
+        count(online_after_stop),
+        count(online_settled),
+        settle.as_secs_f64()
     );
     println!(
         "  simulator memory   {:.1} MiB before, {:.1} MiB after (peak {:.1} MiB): {:.1} KiB per device",
@@ -353,12 +569,40 @@ async fn run() -> anyhow::Result<()> {
         totals.disconnects
     );
     println!("  fleet stop         {:.2} s (each device says goodbye)", fleet_stop.as_secs_f64());
+    let peer_line = |name: &str, p: &anyhow::Result<PeerReport>| match p {
+        Ok(p) => println!(
+            "  {name:<18} {:.1} KiB per connection ({} of {} connected)",
+            p.per_client() / 1024.0,
+            p.connected,
+            p.clients
+        ),
+        Err(e) => println!("  {name:<18} not measured: {e:#}"),
+    };
+    println!("  peers: bare rumqttc v5 clients that only connect, in their own process");
+    peer_line(&format!("in-flight {window}"), &limited);
+    peer_line("rumqttc default", &unlimited);
+    if let (Ok(l), Ok(u)) = (&limited, &unlimited) {
+        println!(
+            "  ratio              simulated device / bare client (in-flight {window}) = {:.2}; \
+             the default table costs {:.0}x a limited one",
+            per_device / l.per_client().max(1.0),
+            u.per_client() / l.per_client().max(1.0)
+        );
+    }
+    let problem_total: usize = log_problems.values().sum();
+    println!("  server log         {problem_total} warnings or errors");
+    for (kind, n) in &log_problems {
+        println!("                     {n:>6} x {kind}");
+    }
     println!(
         "  server stop        exit code {} after SIGINT, {:.2} s",
         exit_code.map_or("none (signal)".into(), |c| c.to_string()),
         server_stop.as_secs_f64()
     );
 
+    let peer_json = |p: &anyhow::Result<PeerReport>| {
+        p.as_ref().ok().map(|p| json!({ "clients": p.clients, "connected": p.connected, "bytes_per_connection": p.per_client().round() }))
+    };
     let result = json!({
         "bench": "simulator",
         "quick": s.quick,
@@ -366,12 +610,14 @@ async fn run() -> anyhow::Result<()> {
         "load_before": load_before,
         "load_after": load_after,
         "devices": devices,
+        "stopped_early_by_memory_guard": guard_hit.is_some(),
+        "memory_guard_bytes": s.max_rss,
         "connected": connected,
         "connected_at_start": connected_at_start,
         "connect_s": (connect_time.as_secs_f64() * 1000.0).round() / 1000.0,
         "connections_per_s": connect_rate.round(),
         "connect_rate_limit": s.connect_rate,
-        "run_s": s.run.as_secs(),
+        "run_s": run_for.as_secs(),
         "simulator_rss_before_bytes": self_before,
         "simulator_rss_after_bytes": self_after,
         "simulator_rss_peak_bytes": self_peak,
@@ -381,12 +627,17 @@ async fn run() -> anyhow::Result<()> {
         "server_bytes_per_connection": per_connection.round(),
         "server_devices_online": online_at_server,
         "server_devices_online_after_stop": online_after_stop,
+        "server_devices_online_settled": online_settled,
+        "settle_s": (settle.as_secs_f64() * 10.0).round() / 10.0,
+        "server_log_problems": log_problems,
         "telemetry_batches": totals.telemetry_batches,
         "acked": totals.outbox.acked,
         "refused": totals.outbox.refused,
         "resent": totals.outbox.resent,
         "disconnects": totals.disconnects,
         "fleet_stop_s": (fleet_stop.as_secs_f64() * 1000.0).round() / 1000.0,
+        "peer_bare_client_limited": peer_json(&limited),
+        "peer_bare_client_default": peer_json(&unlimited),
         "server_exit_code": exit_code,
         "server_stop_s": (server_stop.as_secs_f64() * 1000.0).round() / 1000.0,
     });

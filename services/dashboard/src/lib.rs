@@ -184,8 +184,10 @@ async fn metrics(State(fleet): State<Fleet>) -> Result<Response, ApiError> {
     let _ = writeln!(out, "# HELP nanofleet_ingest_batches_total Storage transactions committed by ingest.");
     let _ = writeln!(out, "# TYPE nanofleet_ingest_batches_total counter");
     let _ = writeln!(out, "nanofleet_ingest_batches_total {}", s.batches_committed);
-    let _ =
-        writeln!(out, "# HELP nanofleet_ingest_storage_errors_total Ingest batches that failed to commit.");
+    let _ = writeln!(
+        out,
+        "# HELP nanofleet_ingest_storage_errors_total Device messages not stored because their transaction failed."
+    );
     let _ = writeln!(out, "# TYPE nanofleet_ingest_storage_errors_total counter");
     let _ = writeln!(out, "nanofleet_ingest_storage_errors_total {}", s.storage_errors);
     let _ = writeln!(out, "# HELP nanofleet_devices_online Devices connected, by site.");

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::Weak;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use nanofleet_proto::Message as _;
 use nanofleet_proto::device::v1::Sample;
@@ -30,13 +30,31 @@ pub(crate) struct Item {
     pub done: oneshot::Sender<Result<(), Error>>,
 }
 
+/// How often the devices' last values are written, and landed telemetry is moved to
+/// the main table. Last values are derived data (the newest sample of stored
+/// telemetry), so they are written once a second per device, not once per message: an
+/// update per device per commit touches as many pages as the telemetry itself.
+const LAST_VALUES_EVERY: Duration = Duration::from_secs(1);
+
 pub(crate) async fn run(store: Store, mut rx: mpsc::Receiver<Item>, max_batch: usize, inner: Weak<Inner>) {
     let mut items = Vec::with_capacity(max_batch);
-    while rx.recv_many(&mut items, max_batch).await > 0 {
+    // device → (highest seq, newest sample), not yet written
+    let mut last: HashMap<String, (i64, Newest)> = HashMap::new();
+    let mut last_written = Instant::now();
+    loop {
+        let received = if last.is_empty() {
+            rx.recv_many(&mut items, max_batch).await
+        } else {
+            let due = LAST_VALUES_EVERY.saturating_sub(last_written.elapsed());
+            match tokio::time::timeout(due, rx.recv_many(&mut items, max_batch)).await {
+                Ok(n) => n,
+                Err(_) => usize::MAX, // only the last values are due
+            }
+        };
+        let closed = received == 0;
         let mut batch = WriteBatch::default();
-        // device → (highest seq, newest)
-        let mut last: HashMap<String, (i64, Newest)> = HashMap::new();
         let mut messages = 0u64;
+        let mut barrier = closed;
         for item in items.iter_mut() {
             match std::mem::replace(&mut item.payload, Payload::Barrier) {
                 Payload::Telemetry(t, newest) => {
@@ -59,19 +77,23 @@ pub(crate) async fn run(store: Store, mut rx: mpsc::Receiver<Item>, max_batch: u
                     batch.events.push(e);
                     batch.alarms.extend(alarms);
                 }
-                Payload::Barrier => {}
+                Payload::Barrier => barrier = true,
             }
         }
-        batch.last_values = last
-            .into_iter()
-            .map(|(device_id, (seq, n))| LastValues {
-                device_id,
-                seen_ms: n.seen_ms,
-                telemetry_seq: seq,
-                sample_ms: n.sample.time_unix_ms,
-                sample: n.sample.encode_to_vec(),
-            })
-            .collect();
+        let periodic = barrier || last_written.elapsed() >= LAST_VALUES_EVERY;
+        if periodic {
+            last_written = Instant::now();
+            batch.last_values = last
+                .drain()
+                .map(|(device_id, (seq, n))| LastValues {
+                    device_id,
+                    seen_ms: n.seen_ms,
+                    telemetry_seq: seq,
+                    sample_ms: n.sample.time_unix_ms,
+                    sample: n.sample.encode_to_vec(),
+                })
+                .collect();
+        }
         let started = Instant::now();
         let result = if batch.is_empty() { Ok(Default::default()) } else { store.write_batch(&batch).await };
         match result {
@@ -102,6 +124,13 @@ pub(crate) async fn run(store: Store, mut rx: mpsc::Receiver<Item>, max_batch: u
                     let _ = item.done.send(Err(Error::Commit(msg.clone())));
                 }
             }
+        }
+        // Move landed telemetry into the main table in key order (see the store).
+        if periodic && let Err(e) = store.settle_telemetry().await {
+            tracing::warn!(error = %e, "telemetry not moved to the main table; will retry");
+        }
+        if closed {
+            break;
         }
     }
 }

@@ -68,8 +68,9 @@ pub struct Store {
     backend: Backend,
 }
 
-// Rows per multi-row INSERT: under SQLite's and PostgreSQL's bind-parameter limits.
-const ROWS_PER_INSERT: usize = 500;
+// Rows per multi-row statement, largest first: the largest stays under SQLite's and
+// PostgreSQL's bind-parameter limits (32,766 and 65,535) at six columns.
+const CHUNK_SIZES: [usize; 5] = [512, 128, 32, 8, 1];
 
 impl Store {
     /// Connects and brings the schema up to date.
@@ -94,6 +95,9 @@ impl Store {
                         conn.execute(format!("PRAGMA synchronous = {sync}").as_str()).await?;
                         conn.execute("PRAGMA busy_timeout = 10000").await?;
                         conn.execute("PRAGMA foreign_keys = ON").await?;
+                        // Checkpoints run in the background (below), not inside the
+                        // writer's commits.
+                        conn.execute("PRAGMA wal_autocheckpoint = 0").await?;
                     }
                     Ok(())
                 })
@@ -103,6 +107,9 @@ impl Store {
         match backend {
             Backend::Sqlite => sqlx::migrate!("./migrations/sqlite").run(&pool).await?,
             Backend::Postgres => sqlx::migrate!("./migrations/postgres").run(&pool).await?,
+        }
+        if backend == Backend::Sqlite {
+            tokio::spawn(checkpoint_wal(pool.clone()));
         }
         Ok(Store { pool, backend })
     }
@@ -271,12 +278,16 @@ impl Store {
     pub async fn write_batch(&self, batch: &WriteBatch) -> Result<WriteOutcome> {
         let mut out = WriteOutcome::default();
         let mut tx = self.pool.begin().await?;
-        for chunk in batch.telemetry.chunks(ROWS_PER_INSERT) {
-            let sql = multi_row_insert(
-                "INSERT INTO telemetry (device_id, seq, first_ms, last_ms, samples, payload)",
-                6,
-                chunk.len(),
-                "ON CONFLICT (device_id, seq) DO NOTHING",
+        for chunk in chunks(&batch.telemetry) {
+            // New rows only: not yet in `telemetry` (checked through its index, a read)
+            // nor in `telemetry_recent` (its primary key). SQLite needs the WHERE
+            // before ON CONFLICT in an INSERT … SELECT.
+            let sql = format!(
+                "INSERT INTO telemetry_recent (device_id, seq, first_ms, last_ms, samples, payload) \
+                 SELECT v.column1, v.column2, v.column3, v.column4, v.column5, v.column6 FROM ({}) AS v \
+                 WHERE NOT EXISTS (SELECT 1 FROM telemetry t WHERE t.device_id = v.column1 AND t.seq = v.column2) \
+                 ON CONFLICT (device_id, seq) DO NOTHING",
+                values_rows(self.backend, 6, chunk.len())
             );
             let mut q = sqlx::query(&sql);
             for t in chunk {
@@ -290,8 +301,9 @@ impl Store {
             }
             out.telemetry_inserted += q.execute(&mut *tx).await?.rows_affected();
         }
-        for chunk in batch.events.chunks(ROWS_PER_INSERT) {
+        for chunk in chunks(&batch.events) {
             let sql = multi_row_insert(
+                self.backend,
                 "INSERT INTO events (device_id, seq, time_ms, payload)",
                 4,
                 chunk.len(),
@@ -322,25 +334,49 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
-        for l in &batch.last_values {
-            sqlx::query(
+        // One statement per chunk of devices, not one per device: each statement is a
+        // round trip to the database (for SQLite, to its worker thread).
+        for chunk in chunks(&batch.last_values) {
+            let sql = format!(
                 "UPDATE devices SET \
-                    last_seen_ms = CASE WHEN last_seen_ms < $2 THEN $2 ELSE last_seen_ms END, \
-                    telemetry_seq = CASE WHEN telemetry_seq < $3 THEN $3 ELSE telemetry_seq END, \
-                    last_sample = CASE WHEN last_sample_ms <= $4 THEN $5 ELSE last_sample END, \
-                    last_sample_ms = CASE WHEN last_sample_ms <= $4 THEN $4 ELSE last_sample_ms END \
-                 WHERE id = $1",
-            )
-            .bind(&l.device_id)
-            .bind(l.seen_ms)
-            .bind(l.telemetry_seq)
-            .bind(l.sample_ms)
-            .bind(l.sample.clone())
-            .execute(&mut *tx)
-            .await?;
+                    last_seen_ms = CASE WHEN devices.last_seen_ms < v.column2 THEN v.column2 ELSE devices.last_seen_ms END, \
+                    telemetry_seq = CASE WHEN devices.telemetry_seq < v.column3 THEN v.column3 ELSE devices.telemetry_seq END, \
+                    last_sample = CASE WHEN devices.last_sample_ms <= v.column4 THEN v.column5 ELSE devices.last_sample END, \
+                    last_sample_ms = CASE WHEN devices.last_sample_ms <= v.column4 THEN v.column4 ELSE devices.last_sample_ms END \
+                 FROM ({}) AS v WHERE devices.id = v.column1",
+                values_rows(self.backend, 5, chunk.len())
+            );
+            let mut q = sqlx::query(&sql);
+            for l in chunk {
+                q = q
+                    .bind(&l.device_id)
+                    .bind(l.seen_ms)
+                    .bind(l.telemetry_seq)
+                    .bind(l.sample_ms)
+                    .bind(&l.sample);
+            }
+            q.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(out)
+    }
+
+    /// Moves telemetry from the landing table into the main one, in key order. Run by
+    /// the single writer, between its commits. Returns the rows moved.
+    pub async fn settle_telemetry(&self) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        let moved = sqlx::query(
+            "INSERT INTO telemetry (device_id, seq, first_ms, last_ms, samples, payload) \
+             SELECT device_id, seq, first_ms, last_ms, samples, payload FROM telemetry_recent \
+             WHERE true ORDER BY device_id, seq \
+             ON CONFLICT (device_id, seq) DO NOTHING",
+        )
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        sqlx::query("DELETE FROM telemetry_recent").execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(moved)
     }
 
     /// Telemetry batches of one device overlapping `[since_ms, until_ms)`, oldest first,
@@ -352,55 +388,142 @@ impl Store {
         until_ms: i64,
         limit: u32,
     ) -> Result<Vec<TelemetryRecord>> {
-        let rows = sqlx::query(
-            "SELECT device_id, seq, first_ms, last_ms, samples, payload FROM telemetry \
-             WHERE device_id = $1 AND last_ms >= $2 AND first_ms < $3 \
-             ORDER BY last_ms DESC, seq DESC LIMIT $4",
+        use futures::TryStreamExt as _;
+        // Newest first along the primary key (device_id, seq): a device numbers its
+        // batches in time order, so the walk stops once it is past the window. A few
+        // rows of slack allow for small clock steps on the device. A time index would
+        // cost a second scattered B-tree write per stored batch.
+        const SLACK: u32 = 64;
+        let recent = sqlx::query(
+            "SELECT device_id, seq, first_ms, last_ms, samples, payload FROM telemetry_recent \
+             WHERE device_id = $1 AND last_ms >= $2 AND first_ms < $3",
         )
         .bind(device_id)
         .bind(since_ms)
         .bind(until_ms)
-        .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        let mut out = rows.iter().map(TelemetryRecord::from_row).collect::<Result<Vec<_>>>()?;
-        out.reverse();
+        let mut out = recent.iter().map(TelemetryRecord::from_row).collect::<Result<Vec<_>>>()?;
+        out.sort_by_key(|r| std::cmp::Reverse(r.seq));
+        out.truncate(limit as usize);
+        let mut rows = sqlx::query(
+            "SELECT device_id, seq, first_ms, last_ms, samples, payload FROM telemetry \
+             WHERE device_id = $1 ORDER BY seq DESC",
+        )
+        .bind(device_id)
+        .fetch(&self.pool);
+        let mut older = 0u32;
+        while let Some(row) = rows.try_next().await? {
+            let rec = TelemetryRecord::from_row(&row)?;
+            if rec.last_ms < since_ms {
+                older += 1;
+                if older > SLACK {
+                    break;
+                }
+                continue;
+            }
+            older = 0;
+            if rec.first_ms < until_ms {
+                out.push(rec);
+                if out.len() >= limit as usize {
+                    break;
+                }
+            }
+        }
+        out.sort_by_key(|r| (r.last_ms, r.seq));
         Ok(out)
     }
 
     /// Telemetry sequence numbers stored for a device, ascending (for checks and tests).
     pub async fn telemetry_seqs(&self, device_id: &str) -> Result<Vec<i64>> {
-        let rows = sqlx::query("SELECT seq FROM telemetry WHERE device_id = $1 ORDER BY seq")
-            .bind(device_id)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT seq FROM telemetry WHERE device_id = $1 \
+             UNION ALL SELECT seq FROM telemetry_recent WHERE device_id = $1 ORDER BY 1",
+        )
+        .bind(device_id)
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
     }
 
     /// Number of telemetry rows stored.
     pub async fn telemetry_count(&self) -> Result<i64> {
-        Ok(sqlx::query("SELECT COUNT(*) FROM telemetry").fetch_one(&self.pool).await?.try_get(0)?)
+        let main: i64 =
+            sqlx::query("SELECT COUNT(*) FROM telemetry").fetch_one(&self.pool).await?.try_get(0)?;
+        let recent: i64 =
+            sqlx::query("SELECT COUNT(*) FROM telemetry_recent").fetch_one(&self.pool).await?.try_get(0)?;
+        Ok(main + recent)
     }
 }
 
-/// `head VALUES ($1, .., $cols), (..), .. tail` for `rows` rows. sqlx's `QueryBuilder`
-/// writes `?` placeholders under the `Any` driver, which PostgreSQL rejects; `$n`
-/// works on both backends.
-fn multi_row_insert(head: &str, cols: usize, rows: usize, tail: &str) -> String {
+/// Copies the SQLite write-ahead log back into the database every half second, beside
+/// the writer rather than inside its commits. Each commit rewrites the B-tree pages it
+/// touches into the log; a page that every commit touches (a device's newest index
+/// page) is copied back once per checkpoint instead of once per automatic checkpoint
+/// of 1,000 pages. A passive checkpoint never blocks the writer.
+async fn checkpoint_wal(pool: AnyPool) {
+    let mut every = tokio::time::interval(Duration::from_millis(500));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        if pool.is_closed() {
+            return;
+        }
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool).await {
+            if pool.is_closed() {
+                return;
+            }
+            tracing::warn!(error = %e, "sqlite checkpoint");
+        }
+    }
+}
+
+/// `head VALUES (..), (..) tail` for `rows` rows of `cols` placeholders.
+fn multi_row_insert(backend: Backend, head: &str, cols: usize, rows: usize, tail: &str) -> String {
+    format!("{head} {} {tail}", values_rows(backend, cols, rows))
+}
+
+/// `VALUES (..), (..)` for `rows` rows of `cols` placeholders: numbered (`$n`) for
+/// PostgreSQL, anonymous (`?`) for SQLite, which resolves a numbered parameter by
+/// scanning its parameter list (quadratic in a statement's parameter count, measured
+/// at 5 µs per row of six). sqlx's `QueryBuilder` cannot be used: under the `Any`
+/// driver it writes `?` for PostgreSQL too.
+fn values_rows(backend: Backend, cols: usize, rows: usize) -> String {
     use std::fmt::Write as _;
-    let mut sql = String::with_capacity(head.len() + tail.len() + rows * cols * 6);
-    sql.push_str(head);
-    sql.push_str(" VALUES ");
+    let mut sql = String::with_capacity(8 + rows * cols * 6);
+    sql.push_str("VALUES ");
     for r in 0..rows {
         sql.push_str(if r == 0 { "(" } else { ", (" });
         for c in 0..cols {
-            let _ = write!(sql, "{}${}", if c == 0 { "" } else { ", " }, r * cols + c + 1);
+            let sep = if c == 0 { "" } else { ", " };
+            match backend {
+                Backend::Sqlite => {
+                    let _ = write!(sql, "{sep}?");
+                }
+                Backend::Postgres => {
+                    let _ = write!(sql, "{sep}${}", r * cols + c + 1);
+                }
+            }
         }
         sql.push(')');
     }
-    sql.push(' ');
-    sql.push_str(tail);
     sql
+}
+
+/// Splits rows into chunks of a few fixed sizes, largest first, so that every
+/// multi-row statement has one of a handful of shapes and stays in the prepared
+/// statement cache.
+fn chunks<T>(rows: &[T]) -> impl Iterator<Item = &[T]> {
+    let mut rest = rows;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let size = CHUNK_SIZES.iter().copied().find(|s| *s <= rest.len()).unwrap_or(1);
+        let (chunk, tail) = rest.split_at(size);
+        rest = tail;
+        Some(chunk)
+    })
 }
 
 const DEVICE_COLUMNS: &str = "id, site_id, model, firmware_version, online, session_id, connected_ms, \
@@ -409,10 +532,20 @@ const DEVICE_COLUMNS: &str = "id, site_id, model, firmware_version, online, sess
 #[cfg(test)]
 mod tests {
     #[test]
+    fn rows_are_chunked_into_a_few_fixed_sizes() {
+        let rows: Vec<u32> = (0..700).collect();
+        let sizes: Vec<usize> = super::chunks(&rows).map(<[u32]>::len).collect();
+        assert_eq!(sizes, vec![512, 128, 32, 8, 8, 8, 1, 1, 1, 1]);
+        assert_eq!(super::chunks(&rows).flatten().count(), 700);
+    }
+
+    #[test]
     fn multi_row_insert_numbers_placeholders_across_rows() {
+        use super::Backend::{Postgres, Sqlite};
         assert_eq!(
-            super::multi_row_insert("INSERT INTO t (a, b)", 2, 2, "ON CONFLICT DO NOTHING"),
+            super::multi_row_insert(Postgres, "INSERT INTO t (a, b)", 2, 2, "ON CONFLICT DO NOTHING"),
             "INSERT INTO t (a, b) VALUES ($1, $2), ($3, $4) ON CONFLICT DO NOTHING"
         );
+        assert_eq!(super::values_rows(Sqlite, 2, 2), "VALUES (?, ?), (?, ?)");
     }
 }
