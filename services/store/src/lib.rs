@@ -68,9 +68,11 @@ pub struct Store {
     backend: Backend,
 }
 
-// Rows per multi-row statement, largest first: the largest stays under SQLite's and
-// PostgreSQL's bind-parameter limits (32,766 and 65,535) at six columns.
-const CHUNK_SIZES: [usize; 5] = [512, 128, 32, 8, 1];
+// Rows per multi-row statement, largest first: powers of two, so that n rows take at
+// most log2(n) statements (each a round trip to the database) of at most ten shapes
+// (all stay prepared); the largest stays under SQLite's and PostgreSQL's
+// bind-parameter limits (32,766 and 65,535) at six columns.
+const CHUNK_SIZES: [usize; 10] = [512, 256, 128, 64, 32, 16, 8, 4, 2, 1];
 
 impl Store {
     /// Connects and brings the schema up to date.
@@ -535,7 +537,7 @@ mod tests {
     fn rows_are_chunked_into_a_few_fixed_sizes() {
         let rows: Vec<u32> = (0..700).collect();
         let sizes: Vec<usize> = super::chunks(&rows).map(<[u32]>::len).collect();
-        assert_eq!(sizes, vec![512, 128, 32, 8, 8, 8, 1, 1, 1, 1]);
+        assert_eq!(sizes, vec![512, 128, 32, 16, 8, 4]);
         assert_eq!(super::chunks(&rows).flatten().count(), 700);
     }
 
