@@ -29,7 +29,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use nanofleet_proto::Message as _;
 use nanofleet_proto::device::v1::{self as pb, DeviceState, EventBatch, TelemetryBatch, event};
 use nanofleet_proto::topics::{self, Channel, TopicError};
-use nanofleet_store::{AlarmChange, Birth, EventRecord, Store, TelemetryRecord};
+use nanofleet_store::{AlarmChange, Birth, Death, EventRecord, PresenceChange, Store, TelemetryRecord};
 use tokio::sync::{mpsc, oneshot};
 
 pub use stats::{Stats, StatsSnapshot};
@@ -155,7 +155,6 @@ struct Presence {
 }
 
 struct Inner {
-    store: Store,
     stats: Stats,
     /// Devices that announced themselves (now or before a restart), with the session
     /// and connection of their latest birth.
@@ -190,12 +189,7 @@ impl Ingest {
             .map(|d| (d.id, Presence { session_id: d.session_id, connection: None }))
             .collect();
         let (tx, rx) = mpsc::channel(opts.queue.max(1));
-        let inner = Arc::new(Inner {
-            store: store.clone(),
-            stats: Stats::default(),
-            devices: RwLock::new(devices),
-            writer: tx,
-        });
+        let inner = Arc::new(Inner { stats: Stats::default(), devices: RwLock::new(devices), writer: tx });
         let task = tokio::spawn(writer::run(store, rx, opts.max_batch.max(1), Arc::downgrade(&inner)));
         Ok((Ingest { inner }, task))
     }
@@ -278,7 +272,7 @@ impl Ingest {
             session_id: s.session_id.clone(),
             time_ms: s.time_unix_ms,
         };
-        self.inner.store.apply_birth(&birth).await.map_err(Error::from)?;
+        self.write(writer::Payload::Presence(PresenceChange::Birth(birth))).await?;
         self.inner.devices.write().unwrap_or_else(|p| p.into_inner()).insert(
             s.device_id.clone(),
             Presence { session_id: s.session_id.clone(), connection: connection.map(str::to_owned) },
@@ -288,17 +282,13 @@ impl Ingest {
     }
 
     async fn death(&self, s: &DeviceState) -> Result<(), HandleError> {
-        let applied = self
-            .inner
-            .store
-            .apply_death(&s.device_id, &s.session_id, s.time_unix_ms)
-            .await
-            .map_err(Error::from)?;
-        if applied {
-            tracing::info!(device_id = %s.device_id, "device offline");
-        } else {
-            tracing::debug!(device_id = %s.device_id, session_id = %s.session_id, "stale death ignored");
-        }
+        let death = Death {
+            device_id: s.device_id.clone(),
+            session_id: s.session_id.clone(),
+            time_ms: s.time_unix_ms,
+        };
+        self.write(writer::Payload::Presence(PresenceChange::Death(death))).await?;
+        tracing::debug!(device_id = %s.device_id, session_id = %s.session_id, "death recorded");
         Ok(())
     }
 
@@ -313,10 +303,13 @@ impl Ingest {
                 _ => None,
             }
         };
-        if let Some(session) = session
-            && self.inner.store.apply_death(device_id, &session, now_ms()).await?
-        {
-            tracing::info!(device_id, "device offline (connection closed)");
+        if let Some(session_id) = session {
+            let death = Death { device_id: device_id.to_owned(), session_id, time_ms: now_ms() };
+            match self.write(writer::Payload::Presence(PresenceChange::Death(death))).await {
+                Ok(()) => tracing::debug!(device_id, "connection closed"),
+                Err(HandleError::Fatal(e)) => return Err(e),
+                Err(HandleError::Reject(_)) => {}
+            }
         }
         Ok(())
     }

@@ -6,12 +6,17 @@ use std::time::{Duration, Instant};
 
 use nanofleet_proto::Message as _;
 use nanofleet_proto::device::v1::Sample;
-use nanofleet_store::{AlarmChange, EventRecord, LastValues, Store, TelemetryRecord, WriteBatch};
+use nanofleet_store::{
+    AlarmChange, EventRecord, LastValues, PresenceChange, Store, TelemetryRecord, WriteBatch,
+};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{Error, Inner};
 
 pub(crate) enum Payload {
+    /// Births and deaths share the group commit: a reconnect storm of thousands of
+    /// devices costs a few transactions, not one each.
+    Presence(PresenceChange),
     Telemetry(TelemetryRecord, Newest),
     Events(EventRecord, Vec<AlarmChange>),
     /// Completes once everything queued before it is committed.
@@ -77,6 +82,7 @@ pub(crate) async fn run(store: Store, mut rx: mpsc::Receiver<Item>, max_batch: u
                     batch.events.push(e);
                     batch.alarms.extend(alarms);
                 }
+                Payload::Presence(change) => batch.presence.push(change),
                 Payload::Barrier => barrier = true,
             }
         }

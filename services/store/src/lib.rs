@@ -169,30 +169,7 @@ impl Store {
     /// its site, named after its id, if unknown).
     pub async fn apply_birth(&self, b: &Birth) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO sites (id, name, created_ms) VALUES ($1, $1, $2) ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(&b.site_id)
-        .bind(b.time_ms)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO devices (id, site_id, model, firmware_version, online, session_id, connected_ms, last_seen_ms) \
-             VALUES ($1, $2, $3, $4, 1, $5, $6, $6) \
-             ON CONFLICT (id) DO UPDATE SET site_id = excluded.site_id, model = excluded.model, \
-                firmware_version = excluded.firmware_version, online = 1, session_id = excluded.session_id, \
-                connected_ms = excluded.connected_ms, \
-                last_seen_ms = CASE WHEN devices.last_seen_ms < excluded.last_seen_ms \
-                               THEN excluded.last_seen_ms ELSE devices.last_seen_ms END",
-        )
-        .bind(&b.device_id)
-        .bind(&b.site_id)
-        .bind(&b.model)
-        .bind(&b.firmware_version)
-        .bind(&b.session_id)
-        .bind(b.time_ms)
-        .execute(&mut *tx)
-        .await?;
+        birth_in(&mut tx, b).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -201,17 +178,11 @@ impl Store {
     /// an old connection never marks a reconnected device offline. Returns whether it
     /// applied.
     pub async fn apply_death(&self, device_id: &str, session_id: &str, time_ms: i64) -> Result<bool> {
-        let done = sqlx::query(
-            "UPDATE devices SET online = 0, \
-                last_seen_ms = CASE WHEN last_seen_ms < $3 THEN $3 ELSE last_seen_ms END \
-             WHERE id = $1 AND session_id = $2 AND online = 1",
-        )
-        .bind(device_id)
-        .bind(session_id)
-        .bind(time_ms)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() > 0)
+        let death = Death { device_id: device_id.into(), session_id: session_id.into(), time_ms };
+        let mut tx = self.pool.begin().await?;
+        let applied = death_in(&mut tx, &death).await?;
+        tx.commit().await?;
+        Ok(applied)
     }
 
     /// Marks every device offline: the embedded broker starts with no connections.
@@ -280,6 +251,17 @@ impl Store {
     pub async fn write_batch(&self, batch: &WriteBatch) -> Result<WriteOutcome> {
         let mut out = WriteOutcome::default();
         let mut tx = self.pool.begin().await?;
+        // Presence first and in order: a birth and a death of one device may share a batch.
+        for change in &batch.presence {
+            match change {
+                PresenceChange::Birth(b) => birth_in(&mut tx, b).await?,
+                PresenceChange::Death(d) => {
+                    if death_in(&mut tx, d).await? {
+                        out.deaths_applied += 1;
+                    }
+                }
+            }
+        }
         for chunk in chunks(&batch.telemetry) {
             // New rows only: not yet in `telemetry` (checked through its index, a read)
             // nor in `telemetry_recent` (its primary key). SQLite needs the WHERE
@@ -456,6 +438,46 @@ impl Store {
             sqlx::query("SELECT COUNT(*) FROM telemetry_recent").fetch_one(&self.pool).await?.try_get(0)?;
         Ok(main + recent)
     }
+}
+
+async fn birth_in(conn: &mut sqlx::AnyConnection, b: &Birth) -> Result<()> {
+    sqlx::query("INSERT INTO sites (id, name, created_ms) VALUES ($1, $1, $2) ON CONFLICT (id) DO NOTHING")
+        .bind(&b.site_id)
+        .bind(b.time_ms)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(
+        "INSERT INTO devices (id, site_id, model, firmware_version, online, session_id, connected_ms, last_seen_ms) \
+         VALUES ($1, $2, $3, $4, 1, $5, $6, $6) \
+         ON CONFLICT (id) DO UPDATE SET site_id = excluded.site_id, model = excluded.model, \
+            firmware_version = excluded.firmware_version, online = 1, session_id = excluded.session_id, \
+            connected_ms = excluded.connected_ms, \
+            last_seen_ms = CASE WHEN devices.last_seen_ms < excluded.last_seen_ms \
+                           THEN excluded.last_seen_ms ELSE devices.last_seen_ms END",
+    )
+    .bind(&b.device_id)
+    .bind(&b.site_id)
+    .bind(&b.model)
+    .bind(&b.firmware_version)
+    .bind(&b.session_id)
+    .bind(b.time_ms)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+async fn death_in(conn: &mut sqlx::AnyConnection, d: &Death) -> Result<bool> {
+    let done = sqlx::query(
+        "UPDATE devices SET online = 0, \
+            last_seen_ms = CASE WHEN last_seen_ms < $3 THEN $3 ELSE last_seen_ms END \
+         WHERE id = $1 AND session_id = $2 AND online = 1",
+    )
+    .bind(&d.device_id)
+    .bind(&d.session_id)
+    .bind(d.time_ms)
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected() > 0)
 }
 
 /// Copies the SQLite write-ahead log back into the database every half second, beside

@@ -25,6 +25,22 @@ pub struct Birth {
     pub time_ms: i64,
 }
 
+/// A device's connection ended (MQTT death, or the connection closed).
+#[derive(Debug, Clone)]
+pub struct Death {
+    pub device_id: String,
+    /// The session the death belongs to; a death of an older session changes nothing.
+    pub session_id: String,
+    pub time_ms: i64,
+}
+
+/// A presence change, applied in order within a write batch.
+#[derive(Debug, Clone)]
+pub enum PresenceChange {
+    Birth(Birth),
+    Death(Death),
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeviceRecord {
     pub id: String,
@@ -131,6 +147,7 @@ pub struct LastValues {
 /// Everything one ingest transaction writes.
 #[derive(Debug, Clone, Default)]
 pub struct WriteBatch {
+    pub presence: Vec<PresenceChange>,
     pub telemetry: Vec<TelemetryRecord>,
     pub events: Vec<EventRecord>,
     pub alarms: Vec<AlarmChange>,
@@ -139,7 +156,8 @@ pub struct WriteBatch {
 
 impl WriteBatch {
     pub fn is_empty(&self) -> bool {
-        self.telemetry.is_empty()
+        self.presence.is_empty()
+            && self.telemetry.is_empty()
             && self.events.is_empty()
             && self.alarms.is_empty()
             && self.last_values.is_empty()
@@ -150,4 +168,6 @@ impl WriteBatch {
 pub struct WriteOutcome {
     pub telemetry_inserted: u64,
     pub events_inserted: u64,
+    /// Deaths that marked a device offline (the others named an older session).
+    pub deaths_applied: u64,
 }
