@@ -147,17 +147,7 @@ async fn stop_on_signal(cancel: CancellationToken) {
 fn main() {
     let cli: Cli = process::parse_args();
     process::init_tracing("nanofleet_agent=info");
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("nanofleet-agent: cannot start the async runtime: {e}");
-            std::process::exit(1);
-        }
-    };
-    if let Err(e) = runtime.block_on(run(cli)) {
-        eprintln!("nanofleet-agent: {}", process::report(e.as_ref()));
-        std::process::exit(1);
-    }
+    process::run_main("nanofleet-agent", run(cli));
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

@@ -35,6 +35,25 @@ pub fn usage_error(program: &str, msg: impl std::fmt::Display) -> ! {
     std::process::exit(EXIT_USAGE);
 }
 
+/// Runs `main` on a multi-threaded runtime; an error is reported on one line and
+/// exits 1.
+pub fn run_main<F>(program: &str, main: F)
+where
+    F: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{program}: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = runtime.block_on(main) {
+        eprintln!("{program}: {}", report(e.as_ref()));
+        std::process::exit(1);
+    }
+}
+
 /// Completes on Ctrl-C (SIGINT) or SIGTERM: both stop a Nanofleet process in order.
 pub async fn stop_signal() {
     #[cfg(unix)]

@@ -17,6 +17,7 @@
 //! This harness measures; it asserts nothing about speed. It exits non-zero only when
 //! the stored rows do not match what was published.
 
+use nanofleet_tests::bench::*;
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -296,12 +297,6 @@ fn cpu_secs(pid: &str, ticks: f64) -> f64 {
     let n = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     // utime and stime are fields 14 and 15; `rest` starts at field 3.
     (n(11) + n(12)) / ticks
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
 }
 
 fn thousands(v: f64) -> String {

@@ -24,9 +24,10 @@
 //! `NF_BENCH_MAX_RSS_MB` (default: 30 % of the memory available at start), so that a
 //! run never drives the machine out of memory.
 
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use nanofleet_tests::bench::*;
+use std::io::{BufRead as _, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant};
@@ -91,36 +92,6 @@ impl Settings {
 }
 
 // === the server process ===
-
-/// The `nanofleet` binary of this workspace: next to this bench's profile first, then
-/// release, then debug.
-fn nanofleet_binary() -> anyhow::Result<PathBuf> {
-    let mut candidates = Vec::new();
-    if let Ok(exe) = std::env::current_exe()
-        && let Some(profile_dir) = exe.parent().and_then(Path::parent)
-    {
-        candidates.push(profile_dir.join("nanofleet"));
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("target"));
-    candidates.push(target.join("release").join("nanofleet"));
-    candidates.push(target.join("debug").join("nanofleet"));
-    candidates.into_iter().find(|p| p.is_file()).with_context(|| {
-        format!(
-            "no nanofleet binary under {}: run `cargo build --release -p nanofleet` first",
-            target.display()
-        )
-    })
-}
-
-fn binary_age(path: &Path) -> String {
-    std::fs::metadata(path)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.elapsed().ok())
-        .map_or_else(|| "unknown age".into(), |d| format!("built {} s ago", d.as_secs()))
-}
 
 /// A `nanofleet server` child process; killed if dropped while running.
 struct ServerProcess {
@@ -275,45 +246,8 @@ fn status_kb_in(path: &str, field: &str) -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// A minimal HTTP/1.1 GET returning a JSON body.
-fn http_get_json(addr: &str, path: &str) -> anyhow::Result<serde_json::Value> {
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let text = String::from_utf8(raw)?;
-    let (head, body) = text.split_once("\r\n\r\n").context("no end of headers")?;
-    anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "GET {path}: {}", head.lines().next().unwrap_or(""));
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        dechunk(body)?
-    } else {
-        body.to_owned()
-    };
-    Ok(serde_json::from_str(&body)?)
-}
-
-fn dechunk(mut rest: &str) -> anyhow::Result<String> {
-    let mut out = String::new();
-    loop {
-        let (size, after) = rest.split_once("\r\n").context("bad chunk")?;
-        let n = usize::from_str_radix(size.trim(), 16)?;
-        if n == 0 {
-            return Ok(out);
-        }
-        out.push_str(after.get(..n).context("short chunk")?);
-        rest = after.get(n + 2..).context("short chunk")?;
-    }
-}
-
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
 }
 
 // === peers: bare MQTT clients ===

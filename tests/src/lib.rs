@@ -3,6 +3,8 @@
 //! clients to talk to them like a device would.
 #![forbid(unsafe_code)]
 
+pub mod bench;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};

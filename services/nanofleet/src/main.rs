@@ -163,17 +163,7 @@ fn server_options(l: ListenArgs, data_dir: PathBuf) -> server::Options {
 
 fn main() {
     let cli: Cli = process::parse_args();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("nanofleet: cannot start the async runtime: {e}");
-            std::process::exit(1);
-        }
-    };
-    if let Err(e) = runtime.block_on(run(cli)) {
-        eprintln!("nanofleet: {}", process::report(e.as_ref()));
-        std::process::exit(1);
-    }
+    process::run_main("nanofleet", run(cli));
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
