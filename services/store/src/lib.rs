@@ -348,19 +348,37 @@ impl Store {
     /// Moves telemetry from the landing table into the main one, in key order. Run by
     /// the single writer, between its commits. Returns the rows moved.
     pub async fn settle_telemetry(&self) -> Result<u64> {
-        let mut tx = self.pool.begin().await?;
-        let moved = sqlx::query(
-            "INSERT INTO telemetry (device_id, seq, first_ms, last_ms, samples, payload) \
-             SELECT device_id, seq, first_ms, last_ms, samples, payload FROM telemetry_recent \
-             WHERE true ORDER BY device_id, seq \
-             ON CONFLICT (device_id, seq) DO NOTHING",
-        )
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        sqlx::query("DELETE FROM telemetry_recent").execute(&mut *tx).await?;
-        tx.commit().await?;
-        Ok(moved)
+        match self.backend {
+            // One writer per SQLite file: between the copy and the delete nothing
+            // else can land.
+            Backend::Sqlite => {
+                let mut tx = self.pool.begin().await?;
+                let moved = sqlx::query(
+                    "INSERT INTO telemetry (device_id, seq, first_ms, last_ms, samples, payload) \
+                     SELECT device_id, seq, first_ms, last_ms, samples, payload FROM telemetry_recent \
+                     WHERE true ORDER BY device_id, seq \
+                     ON CONFLICT (device_id, seq) DO NOTHING",
+                )
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                sqlx::query("DELETE FROM telemetry_recent").execute(&mut *tx).await?;
+                tx.commit().await?;
+                Ok(moved)
+            }
+            // Several servers may share a PostgreSQL database: move exactly the rows
+            // this statement deletes, so a row landed meanwhile by another server
+            // stays for the next move.
+            Backend::Postgres => Ok(sqlx::query(
+                "WITH moved AS (DELETE FROM telemetry_recent RETURNING *) \
+                 INSERT INTO telemetry (device_id, seq, first_ms, last_ms, samples, payload) \
+                 SELECT device_id, seq, first_ms, last_ms, samples, payload FROM moved \
+                 ORDER BY device_id, seq ON CONFLICT (device_id, seq) DO NOTHING",
+            )
+            .execute(&self.pool)
+            .await?
+            .rows_affected()),
+        }
     }
 
     /// Telemetry batches of one device overlapping `[since_ms, until_ms)`, oldest first,
