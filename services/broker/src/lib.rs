@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use nanofleet_ingest::{Inbound, Ingest, Outcome, Reject};
-use nanofleet_proto::topics::TopicError;
+use nanofleet_proto::topics::{self, Channel, TopicError};
 use rmqtt::codec::v5::{PublishAckReason, SubscribeAckReason};
 use rmqtt::context::ServerContext;
 use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType, Type};
@@ -172,10 +172,13 @@ impl Handler for IngestHook {
     async fn hook(&self, param: &Parameter, acc: Option<HookResult>) -> ReturnType {
         match param {
             Parameter::MessagePublishCheckAcl(session, publish) => {
-                let connection = connection_token(&session.id);
+                // Only presence messages need to know their connection.
+                let presence =
+                    topics::parse_device_topic(&publish.topic).is_ok_and(|(_, c)| c == Channel::State);
+                let connection = presence.then(|| connection_token(&session.id));
                 let inbound = Inbound {
                     client_id: Some(&session.id.client_id),
-                    connection: Some(&connection),
+                    connection: connection.as_deref(),
                     topic: &publish.topic,
                     payload: &publish.payload,
                 };
@@ -217,7 +220,7 @@ impl Handler for IngestHook {
             }
             // A device subscribes only under its own prefix (commands to it).
             Parameter::ClientSubscribeCheckAcl(session, subscribe) => {
-                let prefix = nanofleet_proto::topics::device_prefix(&session.id.client_id);
+                let prefix = topics::device_prefix(&session.id.client_id);
                 let result = if subscribe.topic_filter.starts_with(&prefix) {
                     SubscribeAclResult::new_success(subscribe.opts.qos(), None)
                 } else {
