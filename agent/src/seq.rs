@@ -80,6 +80,11 @@ impl SeqCounter {
         std::fs::write(&tmp, bytes).map_err(err)?;
         std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(err)?;
         std::fs::rename(&tmp, path).map_err(err)?;
+        // The rename is durable only once its directory is: without this, a power loss
+        // could bring back the old reservation and numbers would be reused.
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
+        }
         Ok(())
     }
 

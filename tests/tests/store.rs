@@ -107,8 +107,32 @@ async fn exercise(url: &str) -> anyhow::Result<()> {
     assert_eq!((d.telemetry_seq, d.last_seen_ms, d.last_sample.clone()), (3, 2_000, Some(vec![9])));
     assert!(!store.apply_death("NF-PG-01", "an-old-session", 3_000).await?, "stale death ignored");
     assert!(store.apply_death("NF-PG-01", "s1", 3_000).await?);
+    // Active alarms reach their own device whatever order the database sorts ids in.
+    for id in ["NF-A2", "NF_A1", "nf-a3"] {
+        store.apply_birth(&Birth { device_id: id.into(), session_id: "s".into(), ..birth.clone() }).await?;
+    }
+    let alarm = |id: &str, code: i64| nanofleet_store::AlarmChange {
+        device_id: id.into(),
+        code,
+        line: 0,
+        priority: 2,
+        active: true,
+        detail: format!("alarm {code} on {id}"),
+        changed_ms: 5_000,
+    };
+    let alarms = vec![alarm("NF-A2", 1), alarm("NF_A1", 2), alarm("nf-a3", 3)];
+    store.write_batch(&WriteBatch { alarms, ..Default::default() }).await?;
+    for d in store.list_devices(Some("site-a")).await? {
+        let want: Vec<String> = match d.id.as_str() {
+            "NF-A2" => vec!["alarm 1 on NF-A2".into()],
+            "NF_A1" => vec!["alarm 2 on NF_A1".into()],
+            "nf-a3" => vec!["alarm 3 on nf-a3".into()],
+            _ => vec![],
+        };
+        assert_eq!(d.active_alarms.iter().map(|a| a.detail.clone()).collect::<Vec<_>>(), want, "{}", d.id);
+    }
     let sites = store.list_sites().await?;
-    assert_eq!((sites[0].devices_total, sites[0].devices_online), (1, 0));
+    assert_eq!((sites[0].devices_total, sites[0].devices_online), (4, 3));
     store.close().await;
     Ok(())
 }

@@ -52,6 +52,29 @@ fn time(field: &str, ms: i64, now_ms: i64) -> Result<(), Reject> {
     }
 }
 
+/// Longest free text a device may send (alarm details).
+pub const MAX_TEXT_LEN: usize = 512;
+
+/// Short printable text: no control characters (a NUL in a text column is refused by
+/// PostgreSQL and would fail the whole group commit it is in).
+fn text(field: &str, value: &str, max: usize) -> Result<(), Reject> {
+    if value.len() > max {
+        return Err(Reject::OutOfRange {
+            field: field.to_owned(),
+            value: format!("{} bytes", value.len()),
+            allowed: format!("0 to {max} bytes"),
+        });
+    }
+    if let Some(c) = value.chars().find(|c| c.is_control()) {
+        return Err(Reject::OutOfRange {
+            field: field.to_owned(),
+            value: format!("{c:?} in {value:?}"),
+            allowed: "printable text, no control characters".into(),
+        });
+    }
+    Ok(())
+}
+
 fn identity(topic_device: &str, payload_device: &str) -> Result<(), Reject> {
     if topic_device == payload_device {
         Ok(())
@@ -90,6 +113,7 @@ fn count(field: &str, n: usize, max: usize) -> Result<(), Reject> {
 pub fn telemetry(b: &TelemetryBatch, topic_device: &str, now_ms: i64) -> Result<i64, Reject> {
     identity(topic_device, &b.device_id)?;
     let s = seq(b.seq)?;
+    text("boot_id", &b.boot_id, 64)?;
     count("samples", b.samples.len(), MAX_SAMPLES_PER_BATCH)?;
     for (i, smp) in b.samples.iter().enumerate() {
         sample(smp, i, now_ms)?;
@@ -100,6 +124,7 @@ pub fn telemetry(b: &TelemetryBatch, topic_device: &str, now_ms: i64) -> Result<
 fn sample(s: &Sample, i: usize, now_ms: i64) -> Result<(), Reject> {
     let f = |name: &str| format!("samples[{i}].{name}");
     time(&f("time_unix_ms"), s.time_unix_ms, now_ms)?;
+    text(&f("run_id"), &s.run_id, 64)?;
     if RunPhase::try_from(s.phase).is_err() {
         return Err(Reject::OutOfRange {
             field: f("phase"),
@@ -138,6 +163,7 @@ fn sample(s: &Sample, i: usize, now_ms: i64) -> Result<(), Reject> {
 pub fn events(b: &EventBatch, topic_device: &str, now_ms: i64) -> Result<i64, Reject> {
     identity(topic_device, &b.device_id)?;
     let s = seq(b.seq)?;
+    text("boot_id", &b.boot_id, 64)?;
     count("events", b.events.len(), MAX_EVENTS_PER_BATCH)?;
     for (i, e) in b.events.iter().enumerate() {
         time(&format!("events[{i}].time_unix_ms"), e.time_unix_ms, now_ms)?;
@@ -150,6 +176,7 @@ pub fn events(b: &EventBatch, topic_device: &str, now_ms: i64) -> Result<i64, Re
                 });
             }
             Some(event::Kind::Alarm(a)) => {
+                text(&format!("events[{i}].alarm.detail"), &a.detail, MAX_TEXT_LEN)?;
                 if AlarmCode::try_from(a.code).unwrap_or_default() == AlarmCode::Unspecified {
                     return Err(Reject::OutOfRange {
                         field: format!("events[{i}].alarm.code"),
@@ -165,7 +192,9 @@ pub fn events(b: &EventBatch, topic_device: &str, now_ms: i64) -> Result<i64, Re
                     });
                 }
             }
-            Some(event::Kind::PhaseChange(_)) => {}
+            Some(event::Kind::PhaseChange(p)) => {
+                text(&format!("events[{i}].phase_change.run_id"), &p.run_id, 64)?
+            }
         }
     }
     Ok(s)
@@ -183,28 +212,23 @@ pub fn state(s: &DeviceState, topic_device: &str, now_ms: i64) -> Result<Presenc
             allowed: "ONLINE or OFFLINE".into(),
         });
     }
-    if s.session_id.is_empty() || s.session_id.len() > 64 {
+    if s.session_id.is_empty() {
         return Err(Reject::OutOfRange {
             field: "session_id".into(),
-            value: format!("{} characters", s.session_id.len()),
+            value: "empty".into(),
             allowed: "1 to 64 characters".into(),
         });
     }
+    text("session_id", &s.session_id, 64)?;
+    text("boot_id", &s.boot_id, 64)?;
     if presence == Presence::Online {
         nanofleet_proto::topics::validate_device_id(&s.site_id).map_err(|reason| Reject::OutOfRange {
             field: "site_id".into(),
             value: s.site_id.clone(),
             allowed: format!("a site id ({reason})"),
         })?;
-        for (name, v) in [("model", &s.model), ("firmware_version", &s.firmware_version)] {
-            if v.len() > 64 {
-                return Err(Reject::OutOfRange {
-                    field: name.into(),
-                    value: format!("{} characters", v.len()),
-                    allowed: "0 to 64 characters".into(),
-                });
-            }
-        }
+        text("model", &s.model, 64)?;
+        text("firmware_version", &s.firmware_version, 64)?;
     }
     Ok(presence)
 }
@@ -285,6 +309,14 @@ mod tests {
     }
 
     #[test]
+    fn control_characters_in_text_are_refused() {
+        let mut b = good_batch();
+        b.samples[0].run_id = "R-1\0".into();
+        let err = telemetry(&b, "NF-1", NOW).unwrap_err().to_string();
+        assert!(err.contains("samples[0].run_id") && err.contains("control"), "{err}");
+    }
+
+    #[test]
     fn births_need_a_session_and_a_valid_site() {
         let s = DeviceState {
             device_id: "NF-1".into(),
@@ -297,6 +329,8 @@ mod tests {
         assert_eq!(state(&s, "NF-1", NOW), Ok(Presence::Online));
         let bad_site = DeviceState { site_id: "a/b".into(), ..s.clone() };
         assert!(state(&bad_site, "NF-1", NOW).is_err());
+        let nul_firmware = DeviceState { firmware_version: "2.3.1\0".into(), ..s.clone() };
+        assert!(state(&nul_firmware, "NF-1", NOW).is_err());
         let no_session = DeviceState { session_id: String::new(), ..s };
         assert!(state(&no_session, "NF-1", NOW).is_err());
     }

@@ -89,12 +89,13 @@ pub(crate) async fn run(store: Store, mut rx: mpsc::Receiver<Item>, max_batch: u
         let periodic = barrier || last_written.elapsed() >= LAST_VALUES_EVERY;
         if periodic {
             last_written = Instant::now();
+            // Kept until the commit succeeds: a failed commit must not lose them.
             batch.last_values = last
-                .drain()
+                .iter()
                 .map(|(device_id, (seq, n))| LastValues {
-                    device_id,
+                    device_id: device_id.clone(),
                     seen_ms: n.seen_ms,
-                    telemetry_seq: seq,
+                    telemetry_seq: *seq,
                     sample_ms: n.sample.time_unix_ms,
                     sample: n.sample.encode_to_vec(),
                 })
@@ -104,6 +105,9 @@ pub(crate) async fn run(store: Store, mut rx: mpsc::Receiver<Item>, max_batch: u
         let result = if batch.is_empty() { Ok(Default::default()) } else { store.write_batch(&batch).await };
         match result {
             Ok(outcome) => {
+                if !batch.last_values.is_empty() {
+                    last.clear();
+                }
                 let inserted = outcome.telemetry_inserted + outcome.events_inserted;
                 let duplicates = messages.saturating_sub(inserted);
                 if let Some(inner) = inner.upgrade()

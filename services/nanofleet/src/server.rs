@@ -107,10 +107,14 @@ impl Server {
             None => nanofleet_store::Options::sqlite(&opts.data_dir.join("nanofleet.db")),
         };
         let store = Store::open(&store_opts).await?;
-        // The embedded broker starts with no connections: nobody is online yet.
-        let stale = store.mark_all_offline().await?;
-        if stale > 0 {
-            tracing::info!(devices = stale, "marked offline until they reconnect");
+        // The embedded broker starts with no connections: nobody is online yet. Not on
+        // PostgreSQL, which several servers may share: each would mark the others'
+        // devices offline. There a device's presence follows its own births and deaths.
+        if store.backend() == nanofleet_store::Backend::Sqlite {
+            let stale = store.mark_all_offline().await?;
+            if stale > 0 {
+                tracing::info!(devices = stale, "marked offline until they reconnect");
+            }
         }
         let (ingest, _writer) = Ingest::start(store.clone(), &opts.ingest).await?;
         let fleet = Fleet::new(store.clone(), ingest.clone());

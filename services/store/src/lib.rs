@@ -229,9 +229,12 @@ impl Store {
         )
         .fetch_all(&self.pool)
         .await?;
+        // By id, not by position: the database's collation need not be byte order.
+        let index: std::collections::HashMap<String, usize> =
+            devices.iter().enumerate().map(|(i, d)| (d.id.clone(), i)).collect();
         for r in rows {
             let device_id: String = r.try_get(0)?;
-            if let Ok(i) = devices.binary_search_by(|d| d.id.as_str().cmp(&device_id)) {
+            if let Some(&i) = index.get(&device_id) {
                 devices[i].active_alarms.push(AlarmRecord {
                     code: r.try_get(1)?,
                     line: r.try_get(2)?,
@@ -381,8 +384,8 @@ impl Store {
         }
     }
 
-    /// Telemetry batches of one device overlapping `[since_ms, until_ms)`, oldest first,
-    /// at most `limit` (the newest are kept).
+    /// Telemetry batches of one device overlapping `[since_ms, until_ms)`, oldest first:
+    /// the newest batches that hold at least `limit` samples (or all of them).
     pub async fn query_telemetry(
         &self,
         device_id: &str,
@@ -396,6 +399,10 @@ impl Store {
         // rows of slack allow for small clock steps on the device. A time index would
         // cost a second scattered B-tree write per stored batch.
         const SLACK: u32 = 64;
+        let want = i64::from(limit);
+        if want == 0 {
+            return Ok(Vec::new());
+        }
         let recent = sqlx::query(
             "SELECT device_id, seq, first_ms, last_ms, samples, payload FROM telemetry_recent \
              WHERE device_id = $1 AND last_ms >= $2 AND first_ms < $3",
@@ -405,9 +412,12 @@ impl Store {
         .bind(until_ms)
         .fetch_all(&self.pool)
         .await?;
-        let mut out = recent.iter().map(TelemetryRecord::from_row).collect::<Result<Vec<_>>>()?;
-        out.sort_by_key(|r| std::cmp::Reverse(r.seq));
-        out.truncate(limit as usize);
+        let mut found: std::collections::BTreeMap<i64, TelemetryRecord> = std::collections::BTreeMap::new();
+        for row in &recent {
+            let rec = TelemetryRecord::from_row(row)?;
+            found.insert(rec.seq, rec);
+        }
+        let mut samples: i64 = found.values().map(|r| r.samples).sum();
         let mut rows = sqlx::query(
             "SELECT device_id, seq, first_ms, last_ms, samples, payload FROM telemetry \
              WHERE device_id = $1 ORDER BY seq DESC",
@@ -415,7 +425,9 @@ impl Store {
         .bind(device_id)
         .fetch(&self.pool);
         let mut older = 0u32;
-        while let Some(row) = rows.try_next().await? {
+        // Enough samples: `limit` counts samples, and a row holds up to a thousand.
+        while samples < want {
+            let Some(row) = rows.try_next().await? else { break };
             let rec = TelemetryRecord::from_row(&row)?;
             if rec.last_ms < since_ms {
                 older += 1;
@@ -425,12 +437,21 @@ impl Store {
                 continue;
             }
             older = 0;
-            if rec.first_ms < until_ms {
-                out.push(rec);
-                if out.len() >= limit as usize {
-                    break;
-                }
+            // A row a settle moved between the two reads is met twice: keep one.
+            if rec.first_ms < until_ms && !found.contains_key(&rec.seq) {
+                samples += rec.samples;
+                found.insert(rec.seq, rec);
             }
+        }
+        // The newest rows holding `limit` samples, oldest first.
+        let mut out = Vec::new();
+        let mut kept = 0;
+        for (_, rec) in found.into_iter().rev() {
+            if kept >= want {
+                break;
+            }
+            kept += rec.samples;
+            out.push(rec);
         }
         out.sort_by_key(|r| (r.last_ms, r.seq));
         Ok(out)
