@@ -68,6 +68,13 @@ impl Default for LinkOptions {
     }
 }
 
+impl LinkOptions {
+    /// The defaults, talking to the broker at `addr`.
+    pub fn to_broker(addr: std::net::SocketAddr) -> LinkOptions {
+        LinkOptions { broker_host: addr.ip().to_string(), broker_port: addr.port(), ..LinkOptions::default() }
+    }
+}
+
 /// What a running device reports about itself.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct LinkStatus {

@@ -395,11 +395,9 @@ async fn run() -> anyhow::Result<()> {
         devices_per_site: s.devices_per_site,
         connect_rate: s.connect_rate,
         link: LinkOptions {
-            broker_host: server.mqtt.ip().to_string(),
-            broker_port: server.mqtt.port(),
             sample_interval: Duration::from_secs(1),
             batch_interval: Duration::from_secs(5),
-            ..LinkOptions::default()
+            ..LinkOptions::to_broker(server.mqtt)
         },
         ..FleetOptions::default()
     });

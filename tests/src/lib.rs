@@ -66,11 +66,7 @@ impl Sandbox {
 
     /// Link options for agents that talk to this sandbox.
     pub fn link(&self) -> LinkOptions {
-        LinkOptions {
-            broker_host: self.mqtt_addr().ip().to_string(),
-            broker_port: self.mqtt_addr().port(),
-            ..LinkOptions::default()
-        }
+        LinkOptions::to_broker(self.mqtt_addr())
     }
 
     pub async fn stop(self) -> tempfile::TempDir {

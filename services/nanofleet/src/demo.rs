@@ -37,11 +37,9 @@ impl Demo {
             devices_per_site: opts.devices_per_site,
             fault_rate: opts.fault_rate,
             link: LinkOptions {
-                broker_host: server.mqtt_addr.ip().to_string(),
-                broker_port: server.mqtt_addr.port(),
                 sample_interval: opts.sample_interval,
                 batch_interval: opts.batch_interval,
-                ..LinkOptions::default()
+                ..LinkOptions::to_broker(server.mqtt_addr)
             },
             // Sequence numbers survive a demo restart on the same data directory.
             state_dir: Some(opts.server.data_dir.join("simulator")),
