@@ -5,8 +5,12 @@ use std::path::PathBuf;
 
 use prost::Message as _;
 
-const PROTOS: &[&str] =
-    &["nanofleet/device/v1/device.proto", "nanofleet/v1/fleet.proto", "nanofleet/v1/telemetry.proto"];
+const PROTOS: &[&str] = &[
+    "nanofleet/device/v1/device.proto",
+    "nanofleet/v1/fleet.proto",
+    "nanofleet/v1/telemetry.proto",
+    "nanofleet/v1/enrollment.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);

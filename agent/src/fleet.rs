@@ -10,6 +10,7 @@ use rand::{Rng, SeedableRng};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::enroll::Credentials;
 use crate::hal::DeviceInfo;
 use crate::link::{LinkOptions, LinkStatus, SharedStatus, run_device};
 use crate::seq::SeqCounter;
@@ -22,28 +23,39 @@ pub struct SimSite {
     pub name: String,
     /// Short code used in device ids.
     pub code: String,
+    /// IANA time zone.
+    pub time_zone: String,
 }
 
-const HOSPITALS: &[(&str, &str, &str)] = &[
-    ("st-marys-london", "St Mary's Hospital Pharmacy, London", "SMH"),
-    ("karolinska-solna", "Karolinska University Hospital Pharmacy, Solna", "KUH"),
-    ("charite-berlin", "Charité Hospital Pharmacy, Berlin", "CHB"),
-    ("mgh-boston", "Massachusetts General Hospital Pharmacy, Boston", "MGH"),
-    ("hug-geneva", "Geneva University Hospitals Pharmacy", "HUG"),
-    ("rigshospitalet-cph", "Rigshospitalet Pharmacy, Copenhagen", "RHC"),
+const HOSPITALS: &[(&str, &str, &str, &str)] = &[
+    ("st-marys-london", "St Mary's Hospital Pharmacy, London", "SMH", "Europe/London"),
+    ("karolinska-solna", "Karolinska University Hospital Pharmacy, Solna", "KUH", "Europe/Stockholm"),
+    ("charite-berlin", "Charité Hospital Pharmacy, Berlin", "CHB", "Europe/Berlin"),
+    ("mgh-boston", "Massachusetts General Hospital Pharmacy, Boston", "MGH", "America/New_York"),
+    ("hug-geneva", "Geneva University Hospitals Pharmacy", "HUG", "Europe/Zurich"),
+    ("rigshospitalet-cph", "Rigshospitalet Pharmacy, Copenhagen", "RHC", "Europe/Copenhagen"),
 ];
+
+/// The id of the `n`th (from 1) simulated device of `site`.
+pub fn device_id(site: &SimSite, n: usize) -> String {
+    format!("NF-{}-{n:02}", site.code)
+}
 
 /// The first `n` sites of the simulated fleet: named hospitals, then numbered ones.
 pub fn sites(n: usize) -> Vec<SimSite> {
     (0..n)
         .map(|i| match HOSPITALS.get(i) {
-            Some((id, name, code)) => {
-                SimSite { id: (*id).into(), name: (*name).into(), code: (*code).into() }
-            }
+            Some((id, name, code, tz)) => SimSite {
+                id: (*id).into(),
+                name: (*name).into(),
+                code: (*code).into(),
+                time_zone: (*tz).into(),
+            },
             None => SimSite {
                 id: format!("site-{i:04}"),
                 name: format!("Hospital {i:04} Pharmacy"),
                 code: format!("S{i:04}"),
+                time_zone: "UTC".into(),
             },
         })
         .collect()
@@ -64,6 +76,35 @@ pub struct FleetOptions {
     pub seed: u64,
     pub model: String,
     pub firmware_version: String,
+    /// Devices enroll (or load the credentials they saved in `state_dir`) and connect
+    /// over mutual TLS; `None` connects in plaintext (development listener).
+    pub enrollment: Option<FleetEnrollment>,
+}
+
+/// How simulated devices get their certificates.
+#[derive(Debug, Clone)]
+pub struct FleetEnrollment {
+    /// The server's gRPC address, `https://host:port`.
+    pub server: String,
+    pub tokens: Tokens,
+}
+
+/// Enrollment tokens for a simulated fleet.
+#[derive(Clone)]
+pub enum Tokens {
+    /// One token per device, by the device id the simulator plans for it.
+    PerDevice(std::collections::HashMap<String, String>),
+    /// One multi-use token for every device; the server assigns the ids.
+    Shared(String),
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Tokens::PerDevice(m) => write!(f, "PerDevice({} tokens)", m.len()),
+            Tokens::Shared(_) => write!(f, "Shared"),
+        }
+    }
 }
 
 impl Default for FleetOptions {
@@ -78,8 +119,34 @@ impl Default for FleetOptions {
             seed: 42,
             model: "NF-200".into(),
             firmware_version: "2.3.1".into(),
+            enrollment: None,
         }
     }
+}
+
+/// The saved credentials of a simulated device, or new ones from enrollment (saved
+/// when there is a state directory).
+async fn credentials(
+    en: &FleetEnrollment,
+    planned: &DeviceInfo,
+    state_dir: Option<&std::path::Path>,
+) -> Result<Credentials, crate::enroll::Error> {
+    let dir = state_dir.map(|d| d.join(&planned.device_id).join("identity"));
+    if let Some(dir) = &dir
+        && let Some(c) = Credentials::load(dir)?
+    {
+        return Ok(c);
+    }
+    let token = match &en.tokens {
+        Tokens::PerDevice(m) => m.get(&planned.device_id).cloned().unwrap_or_default(),
+        Tokens::Shared(t) => t.clone(),
+    };
+    let serial = format!("SIM-{}", planned.device_id);
+    let c = crate::enroll::enroll(&en.server, &token, &planned.model, &serial).await?;
+    if let Some(dir) = &dir {
+        c.save(dir)?;
+    }
+    Ok(c)
 }
 
 /// One simulated device's identity and status.
@@ -109,7 +176,7 @@ impl Fleet {
         for site in sites(opts.sites) {
             for n in 1..=opts.devices_per_site {
                 let info = DeviceInfo {
-                    device_id: format!("NF-{}-{n:02}", site.code),
+                    device_id: device_id(&site, n),
                     site_id: site.id.clone(),
                     model: opts.model.clone(),
                     firmware_version: opts.firmware_version.clone(),
@@ -120,18 +187,38 @@ impl Fleet {
                 });
                 let status: SharedStatus = Arc::new(Mutex::new(LinkStatus::default()));
                 devices.push(SimDeviceHandle { info: info.clone(), fault, status: status.clone() });
-                let mut sim = SimDevice::new(info.clone(), rng.random());
-                if let Some(f) = fault {
-                    sim.inject(f);
-                }
+                let sim_seed: u64 = rng.random();
                 let delay = gap.mul_f64(devices.len() as f64 - 1.0);
-                let link = opts.link.clone();
+                let mut link = opts.link.clone();
                 let state_dir = opts.state_dir.clone();
+                let enrollment = opts.enrollment.clone();
                 let cancel = cancel.clone();
                 tasks.spawn(async move {
+                    let mut info = info;
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = cancel.cancelled() => return,
+                    }
+                    if let Some(en) = &enrollment {
+                        let creds = tokio::select! {
+                            c = credentials(en, &info, state_dir.as_deref()) => c,
+                            _ = cancel.cancelled() => return,
+                        };
+                        match creds.and_then(|c| Ok((c.client_config_arc()?, c))) {
+                            Ok((tls, c)) => {
+                                info.device_id = c.device_id;
+                                info.site_id = c.site_id;
+                                link.tls = Some(tls);
+                            }
+                            Err(e) => {
+                                tracing::error!(device_id = %info.device_id, error = %e, "device not enrolled");
+                                return;
+                            }
+                        }
+                    }
+                    let mut sim = SimDevice::new(info.clone(), sim_seed);
+                    if let Some(f) = fault {
+                        sim.inject(f);
                     }
                     let seqs = match &state_dir {
                         Some(dir) => match SeqCounter::load(dir, &info.device_id) {

@@ -6,11 +6,13 @@
 //! - [`sim`]: a simulated device with realistic physics, alarms and injectable faults.
 //! - [`outbox`]: unacknowledged messages and what to (re)send; pure state.
 //! - [`seq`]: per-stream sequence numbers that survive restarts.
+//! - [`enroll`]: the device's key and certificate: enrollment with a token, renewal.
 //! - [`link`]: the MQTT edge that runs one device.
 //! - [`fleet`]: many simulated devices, each with its own connection.
 //! - [`process`]: logging, signals, error reports and exit codes of the binaries.
 #![forbid(unsafe_code)]
 
+pub mod enroll;
 pub mod fleet;
 pub mod hal;
 pub mod link;

@@ -38,6 +38,9 @@ use crate::seq::SeqCounter;
 pub struct LinkOptions {
     pub broker_host: String,
     pub broker_port: u16,
+    /// Mutual TLS (the device certificate and the pinned fleet root); `None` connects
+    /// in plaintext, which only a development listener accepts.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Time between two sensor readings.
     pub sample_interval: Duration,
     /// Time covered by one telemetry batch.
@@ -56,7 +59,8 @@ impl Default for LinkOptions {
     fn default() -> Self {
         LinkOptions {
             broker_host: "127.0.0.1".into(),
-            broker_port: 7883,
+            broker_port: 8883,
+            tls: None,
             sample_interval: Duration::from_millis(100),
             batch_interval: Duration::from_secs(1),
             keep_alive: Duration::from_secs(30),
@@ -158,6 +162,11 @@ pub async fn run_device<D: Device>(
         // `window` plus a birth or death.
         .set_outgoing_inflight_upper_limit(u16::try_from(opts.window + 2).unwrap_or(u16::MAX))
         .set_last_will(last_will(&info, &first_session, &boot_id));
+    if let Some(tls) = &opts.tls {
+        mqtt.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
+            tls.clone(),
+        )));
+    }
     let (client, mut eventloop) = AsyncClient::new(mqtt, opts.window + 8);
     let (tx, mut rx) = mpsc::unbounded_channel();
 

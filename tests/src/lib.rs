@@ -10,7 +10,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nanofleet::server::{Options, Server};
+use nanofleet_agent::fleet::{FleetEnrollment, FleetOptions, Tokens};
 use nanofleet_agent::link::LinkOptions;
+use nanofleet_api::Actor;
 use nanofleet_proto::Message as _;
 use nanofleet_proto::device::v1::{
     DeviceState, FluidLine, LineReading, Presence, RunPhase, Sample, TelemetryBatch,
@@ -39,25 +41,69 @@ pub struct Sandbox {
     pub server: Server,
 }
 
+/// Test servers also open the loopback plaintext MQTT listener, for tests of ingest
+/// that speak raw MQTT without a certificate.
+fn sandbox_options(dir: &std::path::Path) -> Options {
+    let mut o = Options::ephemeral(dir.to_path_buf());
+    o.mqtt.plaintext_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    o
+}
+
 impl Sandbox {
     pub async fn start() -> anyhow::Result<Sandbox> {
+        nanofleet_pki::install_crypto_provider();
         let dir = tempfile::tempdir()?;
-        let server = Server::start(&Options::ephemeral(dir.path().to_path_buf())).await?;
+        let server = Server::start(&sandbox_options(dir.path())).await?;
         Ok(Sandbox { dir, server })
     }
 
     /// Starts a server on an existing data directory (a restart).
     pub async fn restart_in(dir: tempfile::TempDir) -> anyhow::Result<Sandbox> {
-        let server = Server::start(&Options::ephemeral(dir.path().to_path_buf())).await?;
+        let server = Server::start(&sandbox_options(dir.path())).await?;
         Ok(Sandbox { dir, server })
     }
 
+    /// The plaintext development listener (no client certificates).
     pub fn mqtt_addr(&self) -> SocketAddr {
+        self.server.mqtt_plaintext_addr.unwrap_or(self.server.mqtt_addr)
+    }
+
+    /// The mutual-TLS listener devices use.
+    pub fn mqtts_addr(&self) -> SocketAddr {
         self.server.mqtt_addr
     }
 
     pub fn grpc_url(&self) -> String {
-        format!("http://{}", self.server.grpc_addr)
+        format!("https://{}", self.server.grpc_addr)
+    }
+
+    /// A gRPC channel over TLS that trusts this server's fleet root.
+    pub async fn grpc_channel(&self) -> anyhow::Result<tonic::transport::Channel> {
+        let config = nanofleet_pki::tls::client_config(&[self.server.ca.root_cert().clone()], None)?;
+        nanofleet_pki::tls::connect_channel(&self.grpc_url(), config).await.map_err(anyhow::Error::msg)
+    }
+
+    /// `opts` with the sites created and one enrollment token per planned device: its
+    /// devices enroll and connect over mutual TLS.
+    pub async fn enrolled(&self, mut opts: FleetOptions) -> anyhow::Result<FleetOptions> {
+        let mut tokens = std::collections::HashMap::new();
+        for site in nanofleet_agent::fleet::sites(opts.sites) {
+            self.server.ensure_site(&site.id, &site.name, &site.time_zone).await?;
+            for n in 1..=opts.devices_per_site {
+                let id = nanofleet_agent::fleet::device_id(&site, n);
+                let (_, secret) = self
+                    .server
+                    .trust
+                    .create_token(&Actor::system(), &site.id, Duration::from_secs(600), 1, &id, "test fleet")
+                    .await?;
+                tokens.insert(id, secret);
+            }
+        }
+        opts.link.broker_host = self.mqtts_addr().ip().to_string();
+        opts.link.broker_port = self.mqtts_addr().port();
+        opts.enrollment =
+            Some(FleetEnrollment { server: self.grpc_url(), tokens: Tokens::PerDevice(tokens) });
+        Ok(opts)
     }
 
     pub fn http_url(&self) -> String {

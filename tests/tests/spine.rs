@@ -93,14 +93,17 @@ async fn telemetry_lands_exactly_once_across_agent_reconnects() -> anyhow::Resul
 async fn a_simulated_fleet_is_visible_over_grpc() -> anyhow::Result<()> {
     init_tracing();
     let sb = Sandbox::start().await?;
-    let fleet = Fleet::start(&FleetOptions {
-        sites: 2,
-        devices_per_site: 3,
-        link: fast(sb.link()),
-        fault_rate: 0.0,
-        ..FleetOptions::default()
-    });
-    let channel = tonic::transport::Endpoint::from_shared(sb.grpc_url())?.connect().await?;
+    let fleet = Fleet::start(
+        &sb.enrolled(FleetOptions {
+            sites: 2,
+            devices_per_site: 3,
+            link: fast(sb.link()),
+            fault_rate: 0.0,
+            ..FleetOptions::default()
+        })
+        .await?,
+    );
+    let channel = sb.grpc_channel().await?;
     let mut fleet_api = FleetServiceClient::new(channel.clone());
     let mut telemetry_api = TelemetryServiceClient::new(channel.clone());
 
@@ -170,8 +173,7 @@ async fn a_simulated_fleet_is_visible_over_grpc() -> anyhow::Result<()> {
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    let mut reflection =
-        ServerReflectionClient::new(tonic::transport::Endpoint::from_shared(sb.grpc_url())?.connect().await?);
+    let mut reflection = ServerReflectionClient::new(sb.grpc_channel().await?);
     let request = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),

@@ -8,6 +8,12 @@ pub enum Error {
     NotFound { what: &'static str, id: String },
     #[error("{field} = {value:?} is invalid, allowed: {allowed}")]
     InvalidArgument { field: &'static str, value: String, allowed: String },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    PermissionDenied(String),
     #[error("storage unavailable: {0}")]
     Unavailable(String),
 }
@@ -17,6 +23,9 @@ impl Error {
         match self {
             Error::NotFound { .. } => tonic::Code::NotFound,
             Error::InvalidArgument { .. } => tonic::Code::InvalidArgument,
+            Error::Conflict(_) => tonic::Code::FailedPrecondition,
+            Error::Unauthenticated(_) => tonic::Code::Unauthenticated,
+            Error::PermissionDenied(_) => tonic::Code::PermissionDenied,
             Error::Unavailable(_) => tonic::Code::Unavailable,
         }
     }
@@ -25,6 +34,9 @@ impl Error {
         match self {
             Error::NotFound { .. } => 404,
             Error::InvalidArgument { .. } => 400,
+            Error::Conflict(_) => 409,
+            Error::Unauthenticated(_) => 401,
+            Error::PermissionDenied(_) => 403,
             Error::Unavailable(_) => 503,
         }
     }

@@ -124,7 +124,7 @@ fn check_device_id(id: &str) -> Result<(), Error> {
     })
 }
 
-fn device(d: DeviceRecord) -> pb::Device {
+pub(crate) fn device(d: DeviceRecord) -> pb::Device {
     let DeviceRecord {
         id,
         site_id,
@@ -138,6 +138,10 @@ fn device(d: DeviceRecord) -> pb::Device {
         last_sample_ms: _,
         last_sample,
         active_alarms,
+        status,
+        enrolled_ms,
+        hardware_serial,
+        cert_not_after_ms,
     } = d;
     pb::Device {
         id,
@@ -159,5 +163,14 @@ fn device(d: DeviceRecord) -> pb::Device {
                 since_unix_ms: a.changed_ms,
             })
             .collect(),
+        status: match status.as_str() {
+            "active" => pb::DeviceStatus::Active,
+            "decommissioned" => pb::DeviceStatus::Decommissioned,
+            "replacing" => pb::DeviceStatus::Replacing,
+            _ => pb::DeviceStatus::Unspecified,
+        } as i32,
+        enrolled_unix_ms: enrolled_ms,
+        certificate_not_after_unix_ms: cert_not_after_ms,
+        hardware_serial,
     }
 }

@@ -31,6 +31,10 @@ pub fn device(d: &pb::Device) -> Value {
             "detail": a.detail,
             "changed_ms": a.since_unix_ms,
         })).collect::<Vec<_>>(),
+        "status": strip(pb::DeviceStatus::try_from(d.status).unwrap_or_default().as_str_name(), "DEVICE_STATUS_"),
+        "enrolled_ms": d.enrolled_unix_ms,
+        "certificate_not_after_ms": d.certificate_not_after_unix_ms,
+        "hardware_serial": d.hardware_serial,
     })
 }
 

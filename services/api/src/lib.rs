@@ -6,10 +6,14 @@
 //! gRPC codes and HTTP statuses in one place.
 #![forbid(unsafe_code)]
 
+mod api;
 mod error;
 mod fleet;
 mod grpc;
 pub mod json;
+mod trust;
 
+pub use api::{Api, Disconnect};
 pub use error::Error;
 pub use fleet::{DEFAULT_SAMPLE_LIMIT, Fleet, MAX_SAMPLE_LIMIT, TelemetryWindow};
+pub use trust::{Actor, Trust, TrustOptions, validate_site_id};

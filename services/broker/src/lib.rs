@@ -17,10 +17,18 @@
 //! they are taken from the publish hook instead. When a connection ends, ingest learns
 //! it too, so a device that disconnects without a death message is still offline.
 //! A client may subscribe only under its own prefix.
+//!
+//! Devices connect over mutual TLS: the client certificate must chain to the fleet's
+//! device CA (checked in the handshake), its common name is the device id, the MQTT
+//! client id must equal it, and [`Admission`] decides whether that device and that
+//! certificate may connect now (not decommissioned, not revoked). A plaintext listener
+//! exists only for development, and only on a loopback address.
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
 use std::num::NonZeroU16;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -31,14 +39,41 @@ use rmqtt::context::ServerContext;
 use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType, Type};
 use rmqtt::net::Builder;
 use rmqtt::server::MqttServer;
-use rmqtt::types::{FromType, PublishAclResult, PublishResult, SubscribeAclResult};
+use rmqtt::types::{AuthResult, FromType, PublishAclResult, PublishResult, SubscribeAclResult};
+
+/// Decides whether a device whose client certificate verified may connect now.
+#[async_trait]
+pub trait Admission: Send + Sync + 'static {
+    /// `cert_cn` and `serial` come from the verified client certificate. `Err` carries
+    /// the reason for refusing.
+    fn admit(&self, client_id: &str, cert_cn: &str, serial: &str) -> Result<(), String>;
+    /// Called for each refused connection (to audit it).
+    async fn refused(&self, client_id: &str, reason: &str);
+}
+
+/// The files of the mutual-TLS listener.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// Server certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Server private key (PEM).
+    pub key: PathBuf,
+    /// CA certificates client certificates must chain to (PEM).
+    pub client_ca: PathBuf,
+}
 
 /// Broker settings.
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(rename_all = "kebab-case", default)]
 pub struct Options {
-    /// Address of the plain-TCP MQTT listener (port 0 picks a free port).
+    /// Address of the mutual-TLS MQTT listener (port 0 picks a free port).
     pub listen: SocketAddr,
+    /// Its certificates. Without them the listener on `listen` is plaintext, which is
+    /// allowed on a loopback address only (development, tests).
+    #[serde(skip)]
+    pub tls: Option<TlsFiles>,
+    /// An additional plaintext listener, loopback only (development).
+    pub plaintext_listen: Option<SocketAddr>,
     /// QoS 1 messages a client may have unacknowledged towards the broker.
     pub max_inflight: u16,
     /// Largest MQTT packet accepted, bytes.
@@ -53,7 +88,9 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Options {
-            listen: SocketAddr::from(([127, 0, 0, 1], 7883)),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8883)),
+            tls: None,
+            plaintext_listen: None,
             max_inflight: 32,
             max_packet_size: 256 * 1024,
             max_mqueue_len: 100_000,
@@ -67,12 +104,18 @@ impl Default for Options {
 pub enum Error {
     #[error("mqtt listener on {addr}: {source}")]
     Bind { addr: SocketAddr, source: rmqtt::Error },
+    #[error(
+        "plaintext mqtt listener on {addr} refused: plaintext is allowed on a loopback address only \
+         (devices connect with mutual TLS)"
+    )]
+    PlaintextNotLoopback { addr: SocketAddr },
 }
 
 /// A running embedded broker; dropping it does not stop it, call [`Broker::shutdown`].
 pub struct Broker {
     scx: ServerContext,
     local_addr: SocketAddr,
+    plaintext_addr: Option<SocketAddr>,
     server: tokio::task::JoinHandle<()>,
 }
 
@@ -83,45 +126,55 @@ impl std::fmt::Debug for Broker {
 }
 
 impl Broker {
-    /// Binds the listener and starts accepting devices; their messages go to `ingest`.
-    pub async fn start(opts: &Options, ingest: Ingest) -> Result<Broker, Error> {
-        let bind_err = |source| Error::Bind { addr: opts.listen, source };
+    /// Binds the listeners and starts accepting devices; their messages go to `ingest`,
+    /// and `admission` decides who may connect over TLS.
+    pub async fn start(
+        opts: &Options,
+        ingest: Ingest,
+        admission: Option<Arc<dyn Admission>>,
+    ) -> Result<Broker, Error> {
+        if opts.tls.is_none() && !opts.listen.ip().is_loopback() {
+            return Err(Error::PlaintextNotLoopback { addr: opts.listen });
+        }
+        if let Some(addr) = opts.plaintext_listen.filter(|a| !a.ip().is_loopback()) {
+            return Err(Error::PlaintextNotLoopback { addr });
+        }
         let scx = ServerContext::new().busy_check_enable(false).build().await;
-        let hooks = IngestHook { ingest };
+        let hooks = IngestHook { ingest, admission };
         let register = scx.extends.hook_mgr().register();
+        register.add_priority(Type::ClientAuthenticate, 100, Box::new(hooks.clone())).await;
         register.add_priority(Type::MessagePublishCheckAcl, 100, Box::new(hooks.clone())).await;
         register.add_priority(Type::MessagePublish, 100, Box::new(hooks.clone())).await;
         register.add_priority(Type::ClientSubscribeCheckAcl, 100, Box::new(hooks.clone())).await;
         register.add_priority(Type::ClientDisconnected, 100, Box::new(hooks)).await;
         register.start().await;
 
-        let listener = Builder::new()
-            .name("mqtt")
-            .laddr(opts.listen)
-            .nodelay(true)
-            // Restart at once even while old connections linger in TIME_WAIT.
-            .reuseaddr(Some(true))
-            .max_inflight(NonZeroU16::new(opts.max_inflight.max(1)).unwrap_or(NonZeroU16::MIN))
-            .max_packet_size(opts.max_packet_size)
-            .max_mqueue_len(opts.max_mqueue_len)
-            .max_handshaking_limit(opts.max_handshaking)
-            .max_clientid_len(nanofleet_proto::topics::MAX_DEVICE_ID_LEN)
-            .bind()
-            .map_err(bind_err)?;
-        let local_addr = listener.local_addr().map_err(bind_err)?;
-        let listener = listener.tcp().map_err(bind_err)?;
-        let server = MqttServer::new(scx.clone()).listener_by_id(listener, 1).build();
+        let (main, local_addr) = bind(opts, opts.listen, opts.tls.as_ref())?;
+        let mut server = MqttServer::new(scx.clone()).listener_by_id(main, 1);
+        let mut plaintext_addr = None;
+        if let Some(addr) = opts.plaintext_listen {
+            let (l, a) = bind(opts, addr, None)?;
+            server = server.listener_by_id(l, 2);
+            plaintext_addr = Some(a);
+            tracing::warn!(local_addr = %a, "plaintext mqtt listener (development only): clients are not authenticated");
+        }
+        let server = server.build();
         let server = tokio::spawn(async move {
             if let Err(e) = server.run().await {
                 tracing::error!(error = %e, "mqtt server stopped");
             }
         });
-        tracing::info!(%local_addr, "mqtt listening");
-        Ok(Broker { scx, local_addr, server })
+        tracing::info!(%local_addr, tls = opts.tls.is_some(), "mqtt listening");
+        Ok(Broker { scx, local_addr, plaintext_addr, server })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The development plaintext listener, if any.
+    pub fn plaintext_addr(&self) -> Option<SocketAddr> {
+        self.plaintext_addr
     }
 
     /// Number of connected clients.
@@ -132,12 +185,12 @@ impl Broker {
     /// Closes one client's connection, as a server-side kick (its last will is
     /// published). Returns whether it was connected.
     pub async fn kick(&self, client_id: &str) -> bool {
-        let shared = self.scx.extends.shared().await;
-        let found = shared.iter().find(|e| e.session().is_some_and(|s| &*s.id.client_id == client_id));
-        match found {
-            Some(mut entry) => entry.kick(true, true, true).await.is_ok(),
-            None => false,
-        }
+        self.kicker().kick(client_id).await
+    }
+
+    /// A handle that closes connections, for whoever decommissions devices.
+    pub fn kicker(&self) -> Kicker {
+        Kicker { scx: self.scx.clone() }
     }
 
     /// Stops accepting, closes every connection and waits for their last wills to be
@@ -157,6 +210,73 @@ impl Broker {
     }
 }
 
+fn bind(
+    opts: &Options,
+    addr: SocketAddr,
+    tls: Option<&TlsFiles>,
+) -> Result<(rmqtt::net::Listener, SocketAddr), Error> {
+    let bind_err = |source| Error::Bind { addr, source };
+    let path = |p: &PathBuf| p.display().to_string();
+    let mut b = Builder::new()
+        .name(if tls.is_some() { "mqtts" } else { "mqtt" })
+        .laddr(addr)
+        .nodelay(true)
+        // Restart at once even while old connections linger in TIME_WAIT.
+        .reuseaddr(Some(true))
+        .max_inflight(NonZeroU16::new(opts.max_inflight.max(1)).unwrap_or(NonZeroU16::MIN))
+        .max_packet_size(opts.max_packet_size)
+        .max_mqueue_len(opts.max_mqueue_len)
+        .max_handshaking_limit(opts.max_handshaking)
+        .max_clientid_len(nanofleet_proto::topics::MAX_DEVICE_ID_LEN)
+        // Every connection passes the authenticate hook (below), with or without a
+        // user name.
+        .allow_anonymous(false);
+    if let Some(t) = tls {
+        b = b
+            .tls_cross_certificate(true)
+            .tls_cert(Some(path(&t.cert)))
+            .tls_key(Some(path(&t.key)))
+            .tls_client_ca_certs(Some(path(&t.client_ca)))
+            .collect_cert_info(true);
+    }
+    let listener = b.bind().map_err(bind_err)?;
+    let local = listener.local_addr().map_err(bind_err)?;
+    let listener = match tls {
+        Some(_) => listener.tls(),
+        None => listener.tcp(),
+    }
+    .map_err(|source| Error::Bind { addr: local, source })?;
+    Ok((listener, local))
+}
+
+/// Closes client connections of a running broker; cheap to clone.
+#[derive(Clone)]
+pub struct Kicker {
+    scx: ServerContext,
+}
+
+impl std::fmt::Debug for Kicker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kicker").finish_non_exhaustive()
+    }
+}
+
+impl Kicker {
+    /// Closes every connection of `client_id` (its last will is published). Returns
+    /// whether one was open.
+    pub async fn kick(&self, client_id: &str) -> bool {
+        let entries: Vec<_> = {
+            let shared = self.scx.extends.shared().await;
+            shared.iter().filter(|e| e.session().is_some_and(|s| &*s.id.client_id == client_id)).collect()
+        };
+        let mut any = false;
+        for mut entry in entries {
+            any |= entry.kick(true, true, true).await.is_ok();
+        }
+        any
+    }
+}
+
 /// Names one connection of a client: its start time and remote address.
 fn connection_token(id: &rmqtt::types::Id) -> String {
     format!("{}@{:?}", id.create_time, id.remote_addr)
@@ -165,12 +285,37 @@ fn connection_token(id: &rmqtt::types::Id) -> String {
 #[derive(Clone)]
 struct IngestHook {
     ingest: Ingest,
+    admission: Option<Arc<dyn Admission>>,
 }
 
 #[async_trait]
 impl Handler for IngestHook {
     async fn hook(&self, param: &Parameter, acc: Option<HookResult>) -> ReturnType {
         match param {
+            Parameter::ClientAuthenticate(connect) => {
+                let client_id = &connect.id().client_id;
+                let verdict = match (connect.cert(), &self.admission) {
+                    // Plaintext (loopback development listener): no identity to check.
+                    (None, _) => Ok(()),
+                    (Some(cert), Some(admission)) => {
+                        let cn = cert.common_name.as_deref().unwrap_or_default();
+                        let serial = cert.serial.as_deref().unwrap_or_default();
+                        admission.admit(client_id, cn, serial)
+                    }
+                    (Some(_), None) => Ok(()),
+                };
+                let result = match verdict {
+                    Ok(()) => AuthResult::Allow(false, None),
+                    Err(reason) => {
+                        tracing::warn!(%client_id, %reason, "connection refused");
+                        if let Some(a) = &self.admission {
+                            a.refused(client_id, &reason).await;
+                        }
+                        AuthResult::NotAuthorized
+                    }
+                };
+                (false, Some(HookResult::AuthResult(result)))
+            }
             Parameter::MessagePublishCheckAcl(session, publish) => {
                 // Only presence messages need to know their connection.
                 let presence =

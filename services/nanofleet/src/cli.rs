@@ -1,5 +1,6 @@
 //! Operator commands: talk gRPC to a server, print a table or JSON.
 
+use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
@@ -7,6 +8,7 @@ use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use nanofleet_api::json;
 use nanofleet_proto::device::v1::{FluidLine, RunPhase, Sample};
 use nanofleet_proto::v1 as pb;
+use nanofleet_proto::v1::enrollment_service_client::EnrollmentServiceClient;
 use nanofleet_proto::v1::fleet_service_client::FleetServiceClient;
 use nanofleet_proto::v1::telemetry_service_client::TelemetryServiceClient;
 use tonic::transport::Channel;
@@ -39,15 +41,167 @@ fn status_error(server: &str, s: tonic::Status) -> anyhow::Error {
 }
 
 impl Client {
-    pub async fn connect(server: &str, output: Output) -> anyhow::Result<Client> {
-        let endpoint = tonic::transport::Endpoint::from_shared(server.to_owned())
-            .with_context(|| format!("--server {server:?} is not a URL like http://127.0.0.1:7400"))?
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30));
-        let channel = endpoint.connect().await.with_context(|| {
-            format!("cannot reach the Nanofleet server at {server} (is `nanofleet server` or `nanofleet demo` running? set --server or NANOFLEET_SERVER)")
+    /// Connects over TLS, checking the server's certificate against the fleet root in
+    /// `ca_file`.
+    pub async fn connect(server: &str, ca_file: Option<&Path>, output: Output) -> anyhow::Result<Client> {
+        nanofleet_pki::install_crypto_provider();
+        if !server.starts_with("https://") {
+            anyhow::bail!("--server {server:?}: must be an https:// URL like https://127.0.0.1:7400");
+        }
+        let Some(ca_file) = ca_file else {
+            anyhow::bail!(
+                "the server's TLS certificate is checked against the fleet root: pass --ca-file \
+                 (or NANOFLEET_CA_FILE), the server's DATA_DIR/pki/root.pem"
+            );
+        };
+        let roots = nanofleet_pki::tls::certs_from_file(ca_file)?;
+        let config = nanofleet_pki::tls::client_config(&roots, None)?;
+        let channel = nanofleet_pki::tls::connect_channel(server, config).await.map_err(|e| {
+            anyhow::anyhow!(
+                "{e}\n(cannot reach the Nanofleet server at {server}: is `nanofleet server` or `nanofleet demo` \
+                 running? set --server or NANOFLEET_SERVER)"
+            )
         })?;
         Ok(Client { channel, output })
+    }
+
+    fn enrollment(&self) -> EnrollmentServiceClient<Channel> {
+        EnrollmentServiceClient::new(self.channel.clone())
+    }
+
+    pub async fn sites_create(&self, server: &str, req: pb::CreateSiteRequest) -> anyhow::Result<()> {
+        let site =
+            self.fleet().create_site(req).await.map_err(|s| status_error(server, s))?.into_inner().site;
+        let site = site.context("server answered without the site")?;
+        if self.output == Output::Json {
+            self.print_json(json::site(&site));
+        } else {
+            println!("site {} ({}) created", site.id, site.name);
+        }
+        Ok(())
+    }
+
+    pub async fn token_create(&self, server: &str, req: pb::CreateEnrollTokenRequest) -> anyhow::Result<()> {
+        let resp = self
+            .enrollment()
+            .create_enroll_token(req)
+            .await
+            .map_err(|s| status_error(server, s))?
+            .into_inner();
+        let token = resp.token.context("server answered without the token")?;
+        if self.output == Output::Json {
+            let mut v = token_json(&token);
+            v["secret_token"] = resp.secret_token.into();
+            self.print_json(v);
+            return Ok(());
+        }
+        println!("{}", resp.secret_token);
+        eprintln!(
+            "\nenrollment token {} for site {}: {} use(s), expires {} UTC{}\n\
+             On the device: nanofleet-agent enroll --server {server} --token <the line above>\n\
+             It is shown only now; whoever holds it can enroll a device into {} until then.",
+            token.id,
+            token.site_id,
+            token.uses_allowed,
+            utc(token.expires_unix_ms),
+            if token.device_id.is_empty() {
+                String::new()
+            } else {
+                format!(", device id {}", token.device_id)
+            },
+            token.site_id,
+        );
+        Ok(())
+    }
+
+    pub async fn token_list(&self, server: &str, site: Option<String>) -> anyhow::Result<()> {
+        let req = pb::ListEnrollTokensRequest { site_id: site.unwrap_or_default() };
+        let tokens = self
+            .enrollment()
+            .list_enroll_tokens(req)
+            .await
+            .map_err(|s| status_error(server, s))?
+            .into_inner()
+            .tokens;
+        if self.output == Output::Json {
+            self.print_json(
+                serde_json::json!({ "tokens": tokens.iter().map(token_json).collect::<Vec<_>>() }),
+            );
+            return Ok(());
+        }
+        let now = now_ms();
+        let mut t = table(["TOKEN", "SITE", "DEVICE", "USES LEFT", "EXPIRES (UTC)", "STATE", "CREATED BY"]);
+        for k in &tokens {
+            t.add_row([
+                k.id.clone(),
+                k.site_id.clone(),
+                if k.device_id.is_empty() { "(assigned)".into() } else { k.device_id.clone() },
+                format!("{}/{}", k.uses_left, k.uses_allowed),
+                utc(k.expires_unix_ms),
+                token_state(k, now).into(),
+                k.created_by.clone(),
+            ]);
+        }
+        println!("{t}");
+        Ok(())
+    }
+
+    pub async fn token_revoke(&self, server: &str, req: pb::RevokeEnrollTokenRequest) -> anyhow::Result<()> {
+        let token = self
+            .enrollment()
+            .revoke_enroll_token(req)
+            .await
+            .map_err(|s| status_error(server, s))?
+            .into_inner()
+            .token
+            .context("server answered without the token")?;
+        if self.output == Output::Json {
+            self.print_json(token_json(&token));
+        } else {
+            println!("enrollment token {} revoked", token.id);
+        }
+        Ok(())
+    }
+
+    pub async fn devices_decommission(
+        &self,
+        server: &str,
+        req: pb::DecommissionDeviceRequest,
+    ) -> anyhow::Result<()> {
+        let resp =
+            self.fleet().decommission_device(req).await.map_err(|s| status_error(server, s))?.into_inner();
+        let d = resp.device.context("server answered without the device")?;
+        if self.output == Output::Json {
+            let mut v = json::device(&d);
+            v["disconnected"] = resp.disconnected.into();
+            self.print_json(v);
+        } else {
+            println!(
+                "device {} decommissioned: certificates revoked{}",
+                d.id,
+                if resp.disconnected { ", connection closed" } else { " (it was not connected)" }
+            );
+        }
+        Ok(())
+    }
+
+    pub async fn devices_replace(&self, server: &str, req: pb::ReplaceDeviceRequest) -> anyhow::Result<()> {
+        let resp = self.fleet().replace_device(req).await.map_err(|s| status_error(server, s))?.into_inner();
+        let d = resp.device.context("server answered without the device")?;
+        if self.output == Output::Json {
+            let mut v = json::device(&d);
+            v["secret_token"] = resp.secret_token.into();
+            self.print_json(v);
+            return Ok(());
+        }
+        println!("{}", resp.secret_token);
+        eprintln!(
+            "\ndevice {} is being replaced: the old unit is cut off. Enroll the new unit with the token above:\n\
+             nanofleet-agent enroll --server {server} --token <the line above>\n\
+             It keeps the id {}, site {} and its history.",
+            d.id, d.id, d.site_id
+        );
+        Ok(())
     }
 
     fn fleet(&self) -> FleetServiceClient<Channel> {
@@ -228,6 +382,27 @@ impl Client {
     }
 }
 
+fn token_state(k: &pb::EnrollToken, now: i64) -> &'static str {
+    if k.revoked_unix_ms != 0 {
+        "revoked"
+    } else if k.uses_left == 0 {
+        "used"
+    } else if k.expires_unix_ms <= now {
+        "expired"
+    } else {
+        "usable"
+    }
+}
+
+fn token_json(k: &pb::EnrollToken) -> serde_json::Value {
+    serde_json::json!({
+        "id": k.id, "site_id": k.site_id, "device_id": k.device_id, "replacement": k.replacement,
+        "created_unix_ms": k.created_unix_ms, "expires_unix_ms": k.expires_unix_ms,
+        "uses_allowed": k.uses_allowed, "uses_left": k.uses_left, "created_by": k.created_by,
+        "revoked_unix_ms": k.revoked_unix_ms, "state": token_state(k, now_ms()),
+    })
+}
+
 fn table<const N: usize>(header: [&str; N]) -> Table {
     let mut t = Table::new();
     t.load_preset(UTF8_BORDERS_ONLY).set_header(header);
@@ -267,4 +442,48 @@ fn ago(now: i64, ms: i64) -> String {
         60..=3599 => format!("{}m ago", s / 60),
         _ => format!("{}h ago", s / 3600),
     }
+}
+
+/// `nanofleet ca show`: reads the CA files in the data directory.
+pub fn ca_show(data_dir: &Path, output: Output) -> anyhow::Result<()> {
+    nanofleet_pki::install_crypto_provider();
+    let dir = data_dir.join("pki");
+    if !dir.join("root.pem").exists() {
+        anyhow::bail!("{}: no fleet CA here (the server creates it at its first start)", dir.display());
+    }
+    let names = nanofleet_pki::ServerNames::default();
+    let ca = nanofleet_pki::FleetCa::load_or_create(&dir, &names)?;
+    let s = ca.summary(&names);
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    let mut t = table(["CERTIFICATE", "SUBJECT", "NOT AFTER", "SHA-256 FINGERPRINT"]);
+    t.add_row(["root (pinned by devices)", &s.root.subject, &s.root.not_after, &s.root.fingerprint_sha256]);
+    for (i, d) in s.devices.iter().enumerate() {
+        let role = if i == 0 { "device intermediate" } else { "earlier device intermediate" };
+        t.add_row([role, &d.subject, &d.not_after, &d.fingerprint_sha256]);
+    }
+    t.add_row(["server (TLS)", &s.server.subject, &s.server.not_after, &s.server.fingerprint_sha256]);
+    println!("{t}\nfiles in {}", s.dir.display());
+    Ok(())
+}
+
+/// `nanofleet ca rotate`: a new device intermediate and server certificate.
+pub fn ca_rotate(data_dir: &Path) -> anyhow::Result<()> {
+    nanofleet_pki::install_crypto_provider();
+    let dir = data_dir.join("pki");
+    if !dir.join("root.pem").exists() {
+        anyhow::bail!("{}: no fleet CA here (the server creates it at its first start)", dir.display());
+    }
+    let names = nanofleet_pki::ServerNames::default();
+    let mut ca = nanofleet_pki::FleetCa::load_or_create(&dir, &names)?;
+    ca.rotate(&names)?;
+    println!(
+        "new device intermediate and server certificate in {}; {} intermediates trusted for device certificates. \
+         Start the server again.",
+        dir.display(),
+        ca.device_client_roots().len()
+    );
+    Ok(())
 }

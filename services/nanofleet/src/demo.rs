@@ -2,8 +2,9 @@
 
 use std::time::Duration;
 
-use nanofleet_agent::fleet::{self, Fleet, FleetOptions};
+use nanofleet_agent::fleet::{self, Fleet, FleetEnrollment, FleetOptions, Tokens};
 use nanofleet_agent::link::LinkOptions;
+use nanofleet_api::Actor;
 
 use crate::server::{self, Server};
 
@@ -27,10 +28,36 @@ pub struct Demo {
 }
 
 impl Demo {
+    /// Starts the server, creates the hospitals and one enrollment token per simulated
+    /// device (as hospital IT would), and starts the fleet: each device enrolls with
+    /// its token and connects over mutual TLS. On a data directory of an earlier run,
+    /// devices reuse the certificates they saved.
     pub async fn start(opts: &Options) -> Result<Demo, server::Error> {
         let server = Server::start(&opts.server).await?;
+        let state_dir = opts.server.data_dir.join("simulator");
+        let mut tokens = std::collections::HashMap::new();
         for site in fleet::sites(opts.sites) {
-            server.upsert_site(&site.id, &site.name).await?;
+            server.ensure_site(&site.id, &site.name, &site.time_zone).await?;
+            for n in 1..=opts.devices_per_site {
+                let id = fleet::device_id(&site, n);
+                if state_dir.join(&id).join("identity").join("identity.json").exists()
+                    || server.store.get_device(&id).await?.is_some()
+                {
+                    continue;
+                }
+                let (_, secret) = server
+                    .trust
+                    .create_token(
+                        &Actor::system(),
+                        &site.id,
+                        Duration::from_secs(600),
+                        1,
+                        &id,
+                        "demo: hospital IT enrolls a simulated device",
+                    )
+                    .await?;
+                tokens.insert(id, secret);
+            }
         }
         let fleet = Fleet::start(&FleetOptions {
             sites: opts.sites,
@@ -41,8 +68,13 @@ impl Demo {
                 batch_interval: opts.batch_interval,
                 ..LinkOptions::to_broker(server.mqtt_addr)
             },
-            // Sequence numbers survive a demo restart on the same data directory.
-            state_dir: Some(opts.server.data_dir.join("simulator")),
+            // Sequence numbers and certificates survive a demo restart on the same data
+            // directory.
+            state_dir: Some(state_dir),
+            enrollment: Some(FleetEnrollment {
+                server: format!("https://{}", server.grpc_addr),
+                tokens: Tokens::PerDevice(tokens),
+            }),
             ..FleetOptions::default()
         });
         Ok(Demo { server, fleet })
@@ -51,13 +83,17 @@ impl Demo {
     /// What to tell the person who started the demo.
     pub fn banner(&self) -> String {
         let s = &self.server;
-        let grpc = format!("http://{}", s.grpc_addr);
+        let grpc = format!("https://{}", s.grpc_addr);
+        let first = self.fleet.devices.first().map(|d| d.info.device_id.as_str()).unwrap_or("NF-SMH-01");
+        let site = self.fleet.devices.first().map(|d| d.info.site_id.as_str()).unwrap_or("st-marys-london");
         format!(
-            "Nanofleet demo: {} hospitals, {} simulated devices\n\
-             \n  dashboard  http://{}/\n  grpc       {grpc}\n  mqtt       mqtt://{}\n\
-             \nTry:\n  nanofleet sites list --server {grpc}\n  nanofleet devices list --server {grpc}\n  \
-             nanofleet devices show {} --server {grpc}\n  nanofleet telemetry {} --since 1m --server {grpc}\n  \
-             nanofleet devices list --output json --server {grpc}\n\
+            "Nanofleet demo: {} hospitals, {} simulated devices, enrolled with tokens, on mutual TLS\n\
+             \n  dashboard  http://{}/\n  grpc       {grpc}\n  mqtt       mqtts://{} (client certificates)\n  \
+             fleet CA   {} (sha256 {})\n\
+             \nTry, in another terminal:\n  export NANOFLEET_SERVER={grpc} NANOFLEET_CA_FILE={}\n  \
+             nanofleet sites list\n  nanofleet devices list\n  nanofleet devices show {first}\n  \
+             nanofleet telemetry {first} --since 1m\n  nanofleet enroll-token create --site {site} --expires 1h\n  \
+             nanofleet devices list --output json\n\
              \nCtrl-C stops everything.",
             self.fleet
                 .devices
@@ -68,8 +104,9 @@ impl Demo {
             self.fleet.devices.len(),
             s.http_addr,
             s.mqtt_addr,
-            self.fleet.devices.first().map(|d| d.info.device_id.as_str()).unwrap_or("NF-SMH-01"),
-            self.fleet.devices.first().map(|d| d.info.device_id.as_str()).unwrap_or("NF-SMH-01"),
+            s.ca.root_path().display(),
+            s.ca.root_fingerprint(),
+            s.ca.root_path().display(),
         )
     }
 

@@ -9,6 +9,7 @@ use nanofleet::cli::{Client, Output};
 use nanofleet::demo::{self, Demo};
 use nanofleet::server::{self, DEFAULT_GRPC, DEFAULT_HTTP, DEFAULT_MQTT, Server};
 use nanofleet_agent::process;
+use nanofleet_proto::v1 as pb;
 
 /// Nanofleet: the fleet platform for point-of-care LNP formulation devices.
 ///
@@ -24,7 +25,11 @@ struct Cli {
 
 const EXAMPLES: &str = "Examples:
   nanofleet demo                                  # everything, with 3 hospitals x 8 devices
+  export NANOFLEET_CA_FILE=DATA_DIR/pki/root.pem  # the CLI checks the server against the fleet root
   nanofleet devices list                          # every device, its presence and last values
+  nanofleet sites create city-general --name 'City General Pharmacy' --time-zone Europe/London
+  nanofleet enroll-token create --site city-general --expires 24h --uses 1
+  nanofleet devices decommission NF-SMH-03 --reason 'pump housing cracked'
   nanofleet devices list --site st-marys-london --output json
   nanofleet devices show NF-SMH-01
   nanofleet telemetry NF-SMH-01 --since 5m";
@@ -49,6 +54,76 @@ enum Command {
     },
     /// Stored telemetry samples of one device.
     Telemetry(TelemetryArgs),
+    /// One-time, site-scoped, expiring tokens with which devices enroll (hospital IT).
+    #[command(name = "enroll-token")]
+    EnrollToken {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// The fleet CA on this machine (run where the server's data directory is).
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Creates a token and prints it (only now). Hand it to the device:
+    /// `nanofleet-agent enroll --server URL --token TOKEN`.
+    Create {
+        /// Site the enrolled devices belong to.
+        #[arg(long)]
+        site: String,
+        /// How long the token stays usable (60s to 30 days).
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        expires: Duration,
+        /// How many devices it may enroll.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// The id the device gets (with --uses 1); otherwise the server assigns one.
+        #[arg(long)]
+        device_id: Option<String>,
+        /// Why (kept in the audit trail).
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Tokens with their uses left and state (usable, used, expired, revoked).
+    List {
+        #[arg(long)]
+        site: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Revokes a token that was not used up.
+    Revoke {
+        /// Token id (the second part of the token, or from `enroll-token list`).
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CaCommand {
+    /// The root, device intermediates and server certificate, with fingerprints.
+    Show {
+        #[arg(long, env = "NANOFLEET_DATA_DIR")]
+        data_dir: PathBuf,
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// New device intermediate and server certificate. Stop the server first. Devices
+    /// keep working: the old intermediate stays trusted until it expires, and they
+    /// receive certificates from the new one when they renew.
+    Rotate {
+        #[arg(long, env = "NANOFLEET_DATA_DIR")]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -68,6 +143,20 @@ struct ListenArgs {
     /// Device MQTT address (plain TCP: keep it on loopback).
     #[arg(long, default_value = DEFAULT_MQTT, env = "NANOFLEET_MQTT_LISTEN")]
     mqtt_listen: SocketAddr,
+    /// Also accept plaintext MQTT here, without client certificates. Development only:
+    /// refused unless the address is loopback.
+    #[arg(long, env = "NANOFLEET_MQTT_PLAINTEXT_DEV")]
+    mqtt_plaintext_dev: Option<SocketAddr>,
+    /// What devices are told to connect to, HOST:PORT (default: the MQTT listener).
+    #[arg(long, env = "NANOFLEET_MQTT_ADVERTISE")]
+    mqtt_advertise: Option<String>,
+    /// Host names and addresses for the server's TLS certificate (repeat; default
+    /// localhost, 127.0.0.1, ::1).
+    #[arg(long = "server-name", env = "NANOFLEET_SERVER_NAMES", value_delimiter = ',')]
+    server_names: Vec<String>,
+    /// Life of a device certificate; devices renew after two thirds of it.
+    #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+    device_cert_validity: Duration,
 }
 
 #[derive(clap::Args, Debug)]
@@ -93,9 +182,13 @@ struct DemoArgs {
 
 #[derive(clap::Args, Debug, Clone)]
 struct ClientArgs {
-    /// Server gRPC address.
-    #[arg(long, global = true, default_value = "http://127.0.0.1:7400", env = "NANOFLEET_SERVER")]
+    /// Server gRPC address (TLS).
+    #[arg(long, global = true, default_value = "https://127.0.0.1:7400", env = "NANOFLEET_SERVER")]
     server: String,
+    /// The fleet root certificate the server's must chain to (the server's
+    /// DATA_DIR/pki/root.pem; `nanofleet demo` prints it).
+    #[arg(long, global = true, env = "NANOFLEET_CA_FILE")]
+    ca_file: Option<PathBuf>,
     /// `table` for people, `json` for scripts.
     #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -105,6 +198,20 @@ struct ClientArgs {
 enum SitesCommand {
     /// Every site with its online and total device counts.
     List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Creates a site (a hospital pharmacy).
+    Create {
+        /// Site id: 2 to 32 of a-z, 0-9 and -, e.g. city-general.
+        id: String,
+        #[arg(long)]
+        name: String,
+        /// IANA time zone (maintenance windows use it).
+        #[arg(long, default_value = "UTC")]
+        time_zone: String,
+        #[arg(long, default_value = "")]
+        reason: String,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -127,6 +234,27 @@ enum DevicesCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Cuts a device off at once: its certificates are revoked, its connection is
+    /// closed, renewal is refused. Its history stays.
+    Decommission {
+        id: String,
+        /// Why (required; kept in the audit trail).
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Replaces broken hardware: the old unit is cut off and a one-time token is printed
+    /// for the new unit, which keeps the device id, site and history.
+    Replace {
+        id: String,
+        #[arg(long)]
+        reason: String,
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        expires: Duration,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -141,6 +269,17 @@ struct TelemetryArgs {
     limit: u32,
     #[command(flatten)]
     client: ClientArgs,
+}
+
+impl ClientArgs {
+    async fn connect(&self) -> anyhow::Result<Client> {
+        Client::connect(&self.server, self.ca_file.as_deref(), self.output).await
+    }
+}
+
+/// A duration as whole seconds for the API (which checks the range).
+fn secs(d: Duration, flag: &str) -> u32 {
+    u32::try_from(d.as_secs()).unwrap_or_else(|_| config_error(format!("{flag}: too long")))
 }
 
 fn config_error(msg: impl std::fmt::Display) -> ! {
@@ -158,6 +297,27 @@ fn server_options(l: ListenArgs, data_dir: PathBuf) -> server::Options {
     o.grpc_listen = l.grpc_listen;
     o.http_listen = l.http_listen;
     o.mqtt.listen = l.mqtt_listen;
+    if let Some(addr) = l.mqtt_plaintext_dev {
+        if !addr.ip().is_loopback() {
+            config_error(format!(
+                "--mqtt-plaintext-dev {addr}: allowed only on a loopback address (127.0.0.1, ::1)"
+            ));
+        }
+        o.mqtt.plaintext_listen = Some(addr);
+    }
+    o.mqtt_advertise = l.mqtt_advertise;
+    if !l.server_names.is_empty() {
+        o.server_names = nanofleet_pki::ServerNames(l.server_names);
+    }
+    if l.device_cert_validity < Duration::from_secs(600)
+        || l.device_cert_validity > Duration::from_secs(397 * 86_400)
+    {
+        config_error(format!(
+            "--device-cert-validity {}: allowed 10m to 397d",
+            humantime::format_duration(l.device_cert_validity)
+        ));
+    }
+    o.device_cert_validity = l.device_cert_validity;
     o
 }
 
@@ -175,8 +335,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let server = Server::start(&server_options(a.listen, dir)).await?;
             eprintln!(
-                "nanofleet server: dashboard http://{}/  grpc http://{}  mqtt {}",
-                server.http_addr, server.grpc_addr, server.mqtt_addr
+                "nanofleet server: dashboard http://{}/  grpc https://{}  mqtt (mutual TLS) {}\n  fleet root {} (sha256 {})",
+                server.http_addr,
+                server.grpc_addr,
+                server.mqtt_addr,
+                server.ca.root_path().display(),
+                server.ca.root_fingerprint()
             );
             process::stop_signal().await;
             server.shutdown().await;
@@ -213,17 +377,58 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             demo.stop().await;
         }
         Command::Sites { command: SitesCommand::List { client } } => {
-            Client::connect(&client.server, client.output).await?.sites_list(&client.server).await?;
+            client.connect().await?.sites_list(&client.server).await?;
+        }
+        Command::Sites { command: SitesCommand::Create { id, name, time_zone, reason, client } } => {
+            let req = pb::CreateSiteRequest { site_id: id, name, time_zone, reason };
+            client.connect().await?.sites_create(&client.server, req).await?;
         }
         Command::Devices { command: DevicesCommand::List { site, client } } => {
-            Client::connect(&client.server, client.output).await?.devices_list(&client.server, site).await?;
+            client.connect().await?.devices_list(&client.server, site).await?;
         }
         Command::Devices { command: DevicesCommand::Show { id, client } } => {
-            Client::connect(&client.server, client.output).await?.devices_show(&client.server, &id).await?;
+            client.connect().await?.devices_show(&client.server, &id).await?;
+        }
+        Command::Devices { command: DevicesCommand::Decommission { id, reason, client } } => {
+            let req = pb::DecommissionDeviceRequest { device_id: id, reason };
+            client.connect().await?.devices_decommission(&client.server, req).await?;
+        }
+        Command::Devices { command: DevicesCommand::Replace { id, reason, expires, client } } => {
+            let req = pb::ReplaceDeviceRequest {
+                device_id: id,
+                reason,
+                expires_in_seconds: secs(expires, "--expires"),
+            };
+            client.connect().await?.devices_replace(&client.server, req).await?;
         }
         Command::Telemetry(a) => {
-            let c = Client::connect(&a.client.server, a.client.output).await?;
+            let c = a.client.connect().await?;
             c.telemetry(&a.client.server, &a.id, a.since, a.limit).await?;
+        }
+        Command::EnrollToken {
+            command: TokenCommand::Create { site, expires, uses, device_id, reason, client },
+        } => {
+            let req = pb::CreateEnrollTokenRequest {
+                site_id: site,
+                expires_in_seconds: secs(expires, "--expires"),
+                uses,
+                device_id: device_id.unwrap_or_default(),
+                reason,
+            };
+            client.connect().await?.token_create(&client.server, req).await?;
+        }
+        Command::EnrollToken { command: TokenCommand::List { site, client } } => {
+            client.connect().await?.token_list(&client.server, site).await?;
+        }
+        Command::EnrollToken { command: TokenCommand::Revoke { id, reason, client } } => {
+            let req = pb::RevokeEnrollTokenRequest { token_id: id, reason };
+            client.connect().await?.token_revoke(&client.server, req).await?;
+        }
+        Command::Ca { command: CaCommand::Show { data_dir, output } } => {
+            nanofleet::cli::ca_show(&data_dir, output)?;
+        }
+        Command::Ca { command: CaCommand::Rotate { data_dir } } => {
+            nanofleet::cli::ca_rotate(&data_dir)?;
         }
     }
     Ok(())

@@ -2,11 +2,14 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use nanofleet_api::Fleet;
-use nanofleet_broker::Broker;
+use nanofleet_api::{Actor, Api, Fleet, Trust, TrustOptions};
+use nanofleet_broker::{Broker, Kicker};
 use nanofleet_ingest::Ingest;
+use nanofleet_pki::{FleetCa, ServerNames};
+use nanofleet_proto::v1::enrollment_service_server::EnrollmentServiceServer;
 use nanofleet_proto::v1::fleet_service_server::FleetServiceServer;
 use nanofleet_proto::v1::telemetry_service_server::TelemetryServiceServer;
 use nanofleet_store::Store;
@@ -18,8 +21,8 @@ use tokio_util::sync::CancellationToken;
 pub const DEFAULT_GRPC: &str = "127.0.0.1:7400";
 /// Default dashboard address.
 pub const DEFAULT_HTTP: &str = "127.0.0.1:7480";
-/// Default device (MQTT) address.
-pub const DEFAULT_MQTT: &str = "127.0.0.1:7883";
+/// Default device (MQTT over mutual TLS) address.
+pub const DEFAULT_MQTT: &str = "127.0.0.1:8883";
 
 /// Everything a server needs to start.
 #[derive(Debug, Clone)]
@@ -31,7 +34,14 @@ pub struct Options {
     pub grpc_listen: SocketAddr,
     pub http_listen: SocketAddr,
     pub mqtt: nanofleet_broker::Options,
+    /// What devices are told to connect to (host:port); default: the MQTT listener's
+    /// address.
+    pub mqtt_advertise: Option<String>,
     pub ingest: nanofleet_ingest::Options,
+    /// Host names and addresses in the server's TLS certificate.
+    pub server_names: ServerNames,
+    /// Life of a device certificate.
+    pub device_cert_validity: Duration,
 }
 
 impl Options {
@@ -42,7 +52,10 @@ impl Options {
             grpc_listen: DEFAULT_GRPC.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 7400))),
             http_listen: DEFAULT_HTTP.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 7480))),
             mqtt: nanofleet_broker::Options::default(),
+            mqtt_advertise: None,
             ingest: nanofleet_ingest::Options::default(),
+            server_names: ServerNames::default(),
+            device_cert_validity: TrustOptions::default().device_cert_validity,
         }
     }
 
@@ -72,6 +85,12 @@ pub enum Error {
     Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error("grpc reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("fleet CA: {0}")]
+    Pki(#[from] nanofleet_pki::Error),
+    #[error("grpc TLS: {0}")]
+    GrpcTls(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Api(#[from] nanofleet_api::Error),
 }
 
 /// A running server.
@@ -83,6 +102,10 @@ pub struct Server {
     pub store: Store,
     pub ingest: Ingest,
     pub fleet: Fleet,
+    pub trust: Trust,
+    pub ca: Arc<FleetCa>,
+    /// Development plaintext MQTT listener, if enabled.
+    pub mqtt_plaintext_addr: Option<SocketAddr>,
     broker: Broker,
     cancel: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
@@ -98,8 +121,10 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Error
 
 impl Server {
     pub async fn start(opts: &Options) -> Result<Server, Error> {
+        nanofleet_pki::install_crypto_provider();
         std::fs::create_dir_all(&opts.data_dir)
             .map_err(|source| Error::DataDir { path: opts.data_dir.clone(), source })?;
+        let ca = Arc::new(FleetCa::load_or_create(&opts.data_dir.join("pki"), &opts.server_names)?);
         let store_opts = match &opts.database_url {
             Some(url) => {
                 nanofleet_store::Options { url: url.clone(), max_connections: 8, sqlite_sync_full: true }
@@ -131,15 +156,34 @@ impl Server {
             addr: opts.http_listen,
             source,
         })?;
-        let broker = Broker::start(&opts.mqtt, ingest.clone()).await?;
+        let mut mqtt_opts = opts.mqtt.clone();
+        mqtt_opts.tls = Some(nanofleet_broker::TlsFiles {
+            cert: ca.server_cert_path(),
+            key: ca.server_key_path(),
+            client_ca: ca.device_bundle_path(),
+        });
+        // Who may connect is decided before the broker accepts anyone.
+        let mut trust_opts =
+            TrustOptions { device_cert_validity: opts.device_cert_validity, ..Default::default() };
+        let trust = Trust::new(store.clone(), ca.clone(), trust_opts.clone()).await?;
+        let broker = Broker::start(
+            &mqtt_opts,
+            ingest.clone(),
+            Some(Arc::new(TrustAdmission(trust.clone(), Default::default()))),
+        )
+        .await?;
         let mqtt_addr = broker.local_addr();
+        trust_opts.mqtt_address = opts.mqtt_advertise.clone().unwrap_or_else(|| advertised(mqtt_addr));
+        let trust = trust.with_options(trust_opts);
+        let api = Api::new(fleet.clone(), trust.clone(), Some(Arc::new(BrokerDisconnect(broker.kicker()))));
 
         let cancel = CancellationToken::new();
         let mut tasks = Vec::new();
 
         let (health, health_service) = tonic_health::server::health_reporter();
-        health.set_serving::<FleetServiceServer<Fleet>>().await;
-        health.set_serving::<TelemetryServiceServer<Fleet>>().await;
+        health.set_serving::<FleetServiceServer<Api>>().await;
+        health.set_serving::<TelemetryServiceServer<Api>>().await;
+        health.set_serving::<EnrollmentServiceServer<Api>>().await;
         // Both reflection versions: older tools (grpcurl before 1.8.8) ask for v1alpha.
         let reflection = || {
             tonic_reflection::server::Builder::configure()
@@ -148,12 +192,22 @@ impl Server {
         };
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;
+        // TLS with the server certificate; a client certificate is optional (devices
+        // present theirs to renew).
+        let tls = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(ca.server_chain_pem(), ca.server_key_pem()))
+            .client_ca_root(tonic::transport::Certificate::from_pem(
+                ca.device_client_roots().iter().map(|c| nanofleet_pki::cert_pem(c)).collect::<String>(),
+            ))
+            .client_auth_optional(true);
         let router = tonic::transport::Server::builder()
+            .tls_config(tls)?
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(FleetServiceServer::new(fleet.clone()))
-            .add_service(TelemetryServiceServer::new(fleet.clone()));
+            .add_service(FleetServiceServer::new(api.clone()))
+            .add_service(TelemetryServiceServer::new(api.clone()))
+            .add_service(EnrollmentServiceServer::new(api.clone()));
         let stop = cancel.clone();
         tasks.push(tokio::spawn(async move {
             let incoming = tonic::transport::server::TcpIncoming::from(grpc);
@@ -170,8 +224,48 @@ impl Server {
             }
         }));
 
-        tracing::info!(%grpc_addr, %http_addr, %mqtt_addr, "nanofleet server ready");
-        Ok(Server { grpc_addr, http_addr, mqtt_addr, store, ingest, fleet, broker, cancel, tasks })
+        // Other servers sharing the database may decommission devices: re-read who is
+        // blocked now and then.
+        let stop = cancel.clone();
+        let reload = trust.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        if let Err(e) = reload.reload().await {
+                            tracing::warn!(error = %e, "blocklist reload");
+                        }
+                    }
+                    _ = stop.cancelled() => break,
+                }
+            }
+        }));
+
+        let mqtt_plaintext_addr = broker.plaintext_addr();
+        tracing::info!(%grpc_addr, %http_addr, %mqtt_addr, root = %ca.root_fingerprint(), "nanofleet server ready");
+        Ok(Server {
+            grpc_addr,
+            http_addr,
+            mqtt_addr,
+            store,
+            ingest,
+            fleet,
+            trust,
+            ca,
+            mqtt_plaintext_addr,
+            broker,
+            cancel,
+            tasks,
+        })
+    }
+
+    /// A site created by the system (the demo's hospitals); an existing one is kept.
+    pub async fn ensure_site(&self, id: &str, name: &str, time_zone: &str) -> Result<(), Error> {
+        match self.trust.create_site(&Actor::system(), id, name, time_zone, "demo fleet").await {
+            Ok(_) | Err(nanofleet_api::Error::Conflict(_)) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Creates or renames a site.
@@ -201,5 +295,49 @@ impl Server {
         }
         self.store.close().await;
         tracing::info!("nanofleet server stopped");
+    }
+}
+
+/// The MQTT address to tell devices: the listener's, or loopback for a wildcard bind.
+fn advertised(addr: SocketAddr) -> String {
+    if addr.ip().is_unspecified() { format!("127.0.0.1:{}", addr.port()) } else { addr.to_string() }
+}
+
+/// The broker asks [`Trust`] who may connect. A refused device retries; its refusals
+/// are audited once per [`REFUSAL_AUDIT_EVERY`] so the trail records the attempt
+/// without filling up.
+struct TrustAdmission(Trust, std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>);
+
+const REFUSAL_AUDIT_EVERY: Duration = Duration::from_secs(600);
+
+#[async_trait::async_trait]
+impl nanofleet_broker::Admission for TrustAdmission {
+    fn admit(&self, client_id: &str, cert_cn: &str, serial: &str) -> Result<(), String> {
+        self.0.admit(client_id, cert_cn, serial)
+    }
+
+    async fn refused(&self, client_id: &str, reason: &str) {
+        let now = std::time::Instant::now();
+        {
+            let mut last = self.1.lock().unwrap_or_else(|e| e.into_inner());
+            if last.get(client_id).is_some_and(|t| now.duration_since(*t) < REFUSAL_AUDIT_EVERY) {
+                return;
+            }
+            if last.len() > 100_000 {
+                last.retain(|_, t| now.duration_since(*t) < REFUSAL_AUDIT_EVERY);
+            }
+            last.insert(client_id.to_owned(), now);
+        }
+        self.0.audit_refusal(&Actor::device(client_id), "device.connect.refused", client_id, reason).await;
+    }
+}
+
+/// Decommissioning closes the device's connection at once.
+struct BrokerDisconnect(Kicker);
+
+#[tonic::async_trait]
+impl nanofleet_api::Disconnect for BrokerDisconnect {
+    async fn disconnect(&self, device_id: &str) -> bool {
+        self.0.kick(device_id).await
     }
 }

@@ -7,12 +7,13 @@ use std::time::{Duration, Instant};
 const BIN: &str = env!("CARGO_BIN_EXE_nanofleet");
 
 fn nanofleet(args: &[&str]) -> std::process::Output {
-    Command::new(BIN).args(args).output().expect("run nanofleet")
+    Command::new(BIN).args(args).env_remove("NANOFLEET_CA_FILE").output().expect("run nanofleet")
 }
 
 struct Demo {
     child: Child,
     grpc: String,
+    ca_file: String,
     _dir: tempfile::TempDir,
 }
 
@@ -36,16 +37,35 @@ impl Demo {
             .expect("spawn demo");
         let stdout = child.stdout.take().expect("stdout");
         let mut grpc = None;
+        let mut ca_file = None;
         for line in BufReader::new(stdout).lines() {
             let line = line.expect("read banner");
             if let Some(url) = line.trim().strip_prefix("grpc") {
                 grpc = Some(url.trim().to_owned());
             }
+            if let Some(rest) = line.trim().strip_prefix("fleet CA") {
+                ca_file = rest.split_whitespace().next().map(str::to_owned);
+            }
             if line.contains("ready in") {
                 break;
             }
         }
-        Demo { child, grpc: grpc.expect("banner names the gRPC address"), _dir: dir }
+        Demo {
+            child,
+            grpc: grpc.expect("banner names the gRPC address"),
+            ca_file: ca_file.expect("banner names the fleet CA"),
+            _dir: dir,
+        }
+    }
+
+    /// Runs the CLI against this demo, trusting its fleet root.
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(BIN)
+            .args(args)
+            .env("NANOFLEET_SERVER", &self.grpc)
+            .env("NANOFLEET_CA_FILE", &self.ca_file)
+            .output()
+            .expect("run nanofleet")
     }
 
     fn interrupt(mut self) -> std::process::ExitStatus {
@@ -69,12 +89,11 @@ fn json(out: &std::process::Output) -> serde_json::Value {
 #[test]
 fn the_demo_runs_three_hospitals_of_eight_devices_and_the_cli_sees_them() {
     let demo = Demo::start();
-    let g = demo.grpc.clone();
 
     // All 24 devices come online with telemetry.
     let deadline = Instant::now() + Duration::from_secs(30);
     let devices = loop {
-        let v = json(&nanofleet(&["devices", "list", "--output", "json", "--server", &g]));
+        let v = json(&demo.cli(&["devices", "list", "--output", "json"]));
         let devices = v["devices"].as_array().cloned().unwrap_or_default();
         let ready = devices.iter().filter(|d| d["online"] == true && !d["last_sample"].is_null()).count();
         if ready == 24 {
@@ -83,26 +102,26 @@ fn the_demo_runs_three_hospitals_of_eight_devices_and_the_cli_sees_them() {
         assert!(Instant::now() < deadline, "only {ready} of 24 devices online with telemetry");
         std::thread::sleep(Duration::from_millis(250));
     };
-    let sites = json(&nanofleet(&["sites", "list", "--output", "json", "--server", &g]));
+    let sites = json(&demo.cli(&["sites", "list", "--output", "json"]));
     let sites = sites["sites"].as_array().cloned().unwrap_or_default();
     assert_eq!(sites.len(), 3);
     assert!(sites.iter().all(|s| s["devices_total"] == 8), "{sites:?}");
     assert!(sites[0]["name"].as_str().is_some_and(|n| n.contains("Pharmacy")));
 
     let id = devices[0]["id"].as_str().expect("id").to_owned();
-    let one = json(&nanofleet(&["devices", "show", &id, "--output", "json", "--server", &g]));
+    let one = json(&demo.cli(&["devices", "show", &id, "--output", "json"]));
     assert_eq!(one["id"], id.as_str());
-    let t = json(&nanofleet(&["telemetry", &id, "--since", "1m", "--output", "json", "--server", &g]));
+    let t = json(&demo.cli(&["telemetry", &id, "--since", "1m", "--output", "json"]));
     assert!(t["samples"].as_array().is_some_and(|s| !s.is_empty()));
 
     // Tables for people.
-    let table = nanofleet(&["devices", "list", "--server", &g]);
+    let table = demo.cli(&["devices", "list"]);
     assert!(table.status.success());
     let text = String::from_utf8_lossy(&table.stdout);
     assert!(text.contains(&id) && text.contains("24 devices"), "{text}");
 
     // A device that does not exist: a clear error, exit 1.
-    let missing = nanofleet(&["devices", "show", "NF-NOPE-99", "--server", &g]);
+    let missing = demo.cli(&["devices", "show", "NF-NOPE-99"]);
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("\"NF-NOPE-99\" not found"));
 
@@ -113,10 +132,22 @@ fn the_demo_runs_three_hospitals_of_eight_devices_and_the_cli_sees_them() {
 
 #[test]
 fn an_unreachable_server_is_named_in_the_error() {
-    let out = nanofleet(&["devices", "list", "--server", "http://127.0.0.1:9"]);
+    nanofleet_pki::install_crypto_provider();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = nanofleet_pki::FleetCa::load_or_create(dir.path(), &Default::default()).expect("ca");
+    let root = ca.root_path();
+    let root = root.to_str().expect("path");
+    let out = nanofleet(&["devices", "list", "--server", "https://127.0.0.1:9", "--ca-file", root]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("cannot reach the Nanofleet server at http://127.0.0.1:9"), "{err}");
+    assert!(err.contains("cannot reach the Nanofleet server at https://127.0.0.1:9"), "{err}");
+
+    // Plain http is refused: the API is served over TLS only.
+    let out = nanofleet(&["devices", "list", "--server", "http://127.0.0.1:9", "--ca-file", root]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must be an https:// URL"));
+    // Without the fleet root the CLI says where to find it.
+    let out = nanofleet(&["devices", "list", "--server", "https://127.0.0.1:9"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--ca-file"));
 }
 
 #[test]

@@ -7,16 +7,23 @@
 //!
 //! Telemetry is stored one row per batch as the device sent it, keyed by
 //! `(device_id, seq)`: a batch that arrives twice is stored once.
+//!
+//! Every change of state is recorded in the audit trail (`audit`): append-only,
+//! hash-chained, with signed checkpoints.
 #![forbid(unsafe_code)]
 
+mod audit;
 mod records;
+mod trust;
 
 use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor, Row};
 
+pub use audit::*;
 pub use records::*;
+pub use trust::*;
 
 /// How to reach the database.
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -57,6 +64,11 @@ pub enum Error {
     Database(#[from] sqlx::Error),
     #[error("database migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The change contradicts the stored state (it exists already, was used up, …).
+    #[error("{0}")]
+    Conflict(String),
+    #[error("audit record {seq} is malformed: {detail}")]
+    AuditMalformed { seq: i64, detail: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -118,6 +130,12 @@ impl Store {
 
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// Starts a transaction, for a change of state and its audit record
+    /// ([`append_audit_in`]) to commit together.
+    pub async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>> {
+        Ok(self.pool.begin().await?)
     }
 
     /// Waits for open connections to finish and closes the pool.
@@ -488,7 +506,7 @@ async fn birth_in(conn: &mut sqlx::AnyConnection, b: &Birth) -> Result<()> {
     sqlx::query(
         "INSERT INTO devices (id, site_id, model, firmware_version, online, session_id, connected_ms, last_seen_ms) \
          VALUES ($1, $2, $3, $4, 1, $5, $6, $6) \
-         ON CONFLICT (id) DO UPDATE SET site_id = excluded.site_id, model = excluded.model, \
+         ON CONFLICT (id) DO UPDATE SET model = excluded.model, \
             firmware_version = excluded.firmware_version, online = 1, session_id = excluded.session_id, \
             connected_ms = excluded.connected_ms, \
             last_seen_ms = CASE WHEN devices.last_seen_ms < excluded.last_seen_ms \
@@ -590,7 +608,8 @@ fn chunks<T>(rows: &[T]) -> impl Iterator<Item = &[T]> {
 }
 
 const DEVICE_COLUMNS: &str = "id, site_id, model, firmware_version, online, session_id, connected_ms, \
-     last_seen_ms, telemetry_seq, last_sample_ms, last_sample";
+     last_seen_ms, telemetry_seq, last_sample_ms, last_sample, status, enrolled_ms, hardware_serial, \
+     cert_not_after_ms";
 
 #[cfg(test)]
 mod tests {

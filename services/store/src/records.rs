@@ -56,6 +56,11 @@ pub struct DeviceRecord {
     /// Encoded `nanofleet.device.v1.Sample`.
     pub last_sample: Option<Vec<u8>>,
     pub active_alarms: Vec<AlarmRecord>,
+    /// `active`, `decommissioned` or `replacing`.
+    pub status: String,
+    pub enrolled_ms: i64,
+    pub hardware_serial: String,
+    pub cert_not_after_ms: i64,
 }
 
 impl DeviceRecord {
@@ -73,6 +78,10 @@ impl DeviceRecord {
             last_sample_ms: r.try_get(9)?,
             last_sample: r.try_get(10)?,
             active_alarms: Vec::new(),
+            status: r.try_get(11)?,
+            enrolled_ms: r.try_get(12)?,
+            hardware_serial: r.try_get(13)?,
+            cert_not_after_ms: r.try_get(14)?,
         })
     }
 }

@@ -1,0 +1,38 @@
+//! The gRPC services' shared state.
+
+use std::sync::Arc;
+
+use crate::{Fleet, Trust};
+
+/// Closes a device's live connection (the embedded broker); returns whether one was open.
+#[tonic::async_trait]
+pub trait Disconnect: Send + Sync + 'static {
+    async fn disconnect(&self, device_id: &str) -> bool;
+}
+
+/// What the `nanofleet.v1` services act on; cheap to clone.
+#[derive(Clone)]
+pub struct Api {
+    pub fleet: Fleet,
+    pub trust: Trust,
+    disconnect: Option<Arc<dyn Disconnect>>,
+}
+
+impl std::fmt::Debug for Api {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Api").field("trust", &self.trust).finish_non_exhaustive()
+    }
+}
+
+impl Api {
+    pub fn new(fleet: Fleet, trust: Trust, disconnect: Option<Arc<dyn Disconnect>>) -> Api {
+        Api { fleet, trust, disconnect }
+    }
+
+    pub(crate) async fn disconnect(&self, device_id: &str) -> bool {
+        match &self.disconnect {
+            Some(d) => d.disconnect(device_id).await,
+            None => false,
+        }
+    }
+}
