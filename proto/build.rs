@@ -10,6 +10,8 @@ const PROTOS: &[&str] = &[
     "nanofleet/v1/fleet.proto",
     "nanofleet/v1/telemetry.proto",
     "nanofleet/v1/enrollment.proto",
+    "nanofleet/v1/people.proto",
+    "nanofleet/v1/audit.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

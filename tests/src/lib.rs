@@ -83,6 +83,16 @@ impl Sandbox {
         nanofleet_pki::tls::connect_channel(&self.grpc_url(), config).await.map_err(anyhow::Error::msg)
     }
 
+    /// The initial administrator's API token (ops).
+    pub fn admin_token(&self) -> String {
+        self.server.bootstrap.as_ref().map(|b| b.api_token.clone()).unwrap_or_default()
+    }
+
+    /// Adds the administrator's token to calls.
+    pub fn admin(&self) -> nanofleet::cli::Bearer {
+        nanofleet::cli::Bearer::new(&self.admin_token()).expect("printable token")
+    }
+
     /// `opts` with the sites created and one enrollment token per planned device: its
     /// devices enroll and connect over mutual TLS.
     pub async fn enrolled(&self, mut opts: FleetOptions) -> anyhow::Result<FleetOptions> {

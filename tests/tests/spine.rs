@@ -104,8 +104,8 @@ async fn a_simulated_fleet_is_visible_over_grpc() -> anyhow::Result<()> {
         .await?,
     );
     let channel = sb.grpc_channel().await?;
-    let mut fleet_api = FleetServiceClient::new(channel.clone());
-    let mut telemetry_api = TelemetryServiceClient::new(channel.clone());
+    let mut fleet_api = FleetServiceClient::with_interceptor(channel.clone(), sb.admin());
+    let mut telemetry_api = TelemetryServiceClient::with_interceptor(channel.clone(), sb.admin());
 
     let devices = eventually("6 devices online with telemetry", Duration::from_secs(20), || {
         let mut api = fleet_api.clone();

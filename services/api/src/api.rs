@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::{Fleet, Trust};
+use crate::{AuditLog, Fleet, People, Trust};
 
 /// Closes a device's live connection (the embedded broker); returns whether one was open.
 #[tonic::async_trait]
@@ -15,6 +15,8 @@ pub trait Disconnect: Send + Sync + 'static {
 pub struct Api {
     pub fleet: Fleet,
     pub trust: Trust,
+    pub people: People,
+    pub audit: AuditLog,
     disconnect: Option<Arc<dyn Disconnect>>,
 }
 
@@ -25,8 +27,14 @@ impl std::fmt::Debug for Api {
 }
 
 impl Api {
-    pub fn new(fleet: Fleet, trust: Trust, disconnect: Option<Arc<dyn Disconnect>>) -> Api {
-        Api { fleet, trust, disconnect }
+    pub fn new(
+        fleet: Fleet,
+        trust: Trust,
+        people: People,
+        audit: AuditLog,
+        disconnect: Option<Arc<dyn Disconnect>>,
+    ) -> Api {
+        Api { fleet, trust, people, audit, disconnect }
     }
 
     pub(crate) async fn disconnect(&self, device_id: &str) -> bool {

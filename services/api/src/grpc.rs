@@ -1,21 +1,35 @@
-//! gRPC adapters: decode the request, call [`Fleet`], map the error.
+//! gRPC adapters: decode the request, check the caller's site, call the domain
+//! object, map the error. The role check ran before, in [`crate::auth_layer`].
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nanofleet_proto::v1 as pb;
+use nanofleet_proto::v1::audit_service_server::AuditService;
 use nanofleet_proto::v1::enrollment_service_server::EnrollmentService;
 use nanofleet_proto::v1::fleet_service_server::FleetService;
+use nanofleet_proto::v1::people_service_server::PeopleService;
 use nanofleet_proto::v1::telemetry_service_server::TelemetryService;
 use tonic::{Request, Response, Status};
 
-use crate::{Actor, Api};
+use crate::{Api, Caller};
 
-/// Who is calling: the authentication layer puts an [`Actor`] into the request's
-/// extensions.
-fn caller<T>(req: &Request<T>) -> Actor {
-    req.extensions().get::<Actor>().cloned().unwrap_or_else(|| Actor("anonymous".into()))
+/// Who is calling: the authentication layer put the [`Caller`] into the request.
+fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
+    req.extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("no credential: send `authorization: Bearer <API token>`"))
+}
+
+impl Api {
+    /// Refuses a site-scoped caller a device of another site.
+    async fn check_device_site(&self, caller: &Caller, device_id: &str) -> Result<(), Status> {
+        if caller.site_limit().is_some() {
+            let d = self.fleet.device(device_id).await?;
+            caller.check_site(&d.site_id)?;
+        }
+        Ok(())
+    }
 }
 
 fn now_ms() -> i64 {
@@ -26,16 +40,28 @@ fn now_ms() -> i64 {
 impl FleetService for Api {
     async fn list_sites(
         &self,
-        _: Request<pb::ListSitesRequest>,
+        req: Request<pb::ListSitesRequest>,
     ) -> Result<Response<pb::ListSitesResponse>, Status> {
-        Ok(Response::new(pb::ListSitesResponse { sites: self.fleet.sites().await? }))
+        let caller = caller(&req)?;
+        let mut sites = self.fleet.sites().await?;
+        if let Some(own) = caller.site_limit() {
+            sites.retain(|s| s.id == own);
+        }
+        Ok(Response::new(pb::ListSitesResponse { sites }))
     }
 
     async fn list_devices(
         &self,
         req: Request<pb::ListDevicesRequest>,
     ) -> Result<Response<pb::ListDevicesResponse>, Status> {
-        let pb::ListDevicesRequest { site_id } = req.into_inner();
+        let caller = caller(&req)?;
+        let pb::ListDevicesRequest { mut site_id } = req.into_inner();
+        if let Some(own) = caller.site_limit() {
+            if site_id.is_empty() {
+                site_id = own.to_owned();
+            }
+            caller.check_site(&site_id)?;
+        }
         Ok(Response::new(pb::ListDevicesResponse { devices: self.fleet.devices(Some(&site_id)).await? }))
     }
 
@@ -43,15 +69,18 @@ impl FleetService for Api {
         &self,
         req: Request<pb::GetDeviceRequest>,
     ) -> Result<Response<pb::GetDeviceResponse>, Status> {
+        let caller = caller(&req)?;
         let pb::GetDeviceRequest { device_id } = req.into_inner();
-        Ok(Response::new(pb::GetDeviceResponse { device: Some(self.fleet.device(&device_id).await?) }))
+        let device = self.fleet.device(&device_id).await?;
+        caller.check_site(&device.site_id)?;
+        Ok(Response::new(pb::GetDeviceResponse { device: Some(device) }))
     }
 
     async fn create_site(
         &self,
         req: Request<pb::CreateSiteRequest>,
     ) -> Result<Response<pb::CreateSiteResponse>, Status> {
-        let actor = caller(&req);
+        let actor = caller(&req)?.actor();
         let pb::CreateSiteRequest { site_id, name, time_zone, reason } = req.into_inner();
         self.trust.create_site(&actor, &site_id, &name, &time_zone, &reason).await?;
         let site = self.fleet.sites().await?.into_iter().find(|s| s.id == site_id);
@@ -62,8 +91,10 @@ impl FleetService for Api {
         &self,
         req: Request<pb::DecommissionDeviceRequest>,
     ) -> Result<Response<pb::DecommissionDeviceResponse>, Status> {
-        let actor = caller(&req);
+        let caller = caller(&req)?;
+        let actor = caller.actor();
         let pb::DecommissionDeviceRequest { device_id, reason } = req.into_inner();
+        self.check_device_site(&caller, &device_id).await?;
         self.trust.decommission(&actor, &device_id, &reason).await?;
         let disconnected = self.disconnect(&device_id).await;
         Ok(Response::new(pb::DecommissionDeviceResponse {
@@ -76,8 +107,10 @@ impl FleetService for Api {
         &self,
         req: Request<pb::ReplaceDeviceRequest>,
     ) -> Result<Response<pb::ReplaceDeviceResponse>, Status> {
-        let actor = caller(&req);
+        let caller = caller(&req)?;
+        let actor = caller.actor();
         let pb::ReplaceDeviceRequest { device_id, reason, expires_in_seconds } = req.into_inner();
+        self.check_device_site(&caller, &device_id).await?;
         let life =
             Duration::from_secs(if expires_in_seconds == 0 { 86_400 } else { expires_in_seconds.into() });
         let secret_token = self.trust.replace(&actor, &device_id, life, &reason).await?;
@@ -95,9 +128,11 @@ impl EnrollmentService for Api {
         &self,
         req: Request<pb::CreateEnrollTokenRequest>,
     ) -> Result<Response<pb::CreateEnrollTokenResponse>, Status> {
-        let actor = caller(&req);
+        let caller = caller(&req)?;
+        let actor = caller.actor();
         let pb::CreateEnrollTokenRequest { site_id, expires_in_seconds, uses, device_id, reason } =
             req.into_inner();
+        caller.check_site(&site_id)?;
         let life =
             Duration::from_secs(if expires_in_seconds == 0 { 86_400 } else { expires_in_seconds.into() });
         let uses = if uses == 0 { 1 } else { uses };
@@ -110,7 +145,14 @@ impl EnrollmentService for Api {
         &self,
         req: Request<pb::ListEnrollTokensRequest>,
     ) -> Result<Response<pb::ListEnrollTokensResponse>, Status> {
-        let pb::ListEnrollTokensRequest { site_id } = req.into_inner();
+        let caller = caller(&req)?;
+        let pb::ListEnrollTokensRequest { mut site_id } = req.into_inner();
+        if let Some(own) = caller.site_limit() {
+            if site_id.is_empty() {
+                site_id = own.to_owned();
+            }
+            caller.check_site(&site_id)?;
+        }
         Ok(Response::new(pb::ListEnrollTokensResponse {
             tokens: self.trust.list_tokens(Some(&site_id)).await?,
         }))
@@ -120,8 +162,10 @@ impl EnrollmentService for Api {
         &self,
         req: Request<pb::RevokeEnrollTokenRequest>,
     ) -> Result<Response<pb::RevokeEnrollTokenResponse>, Status> {
-        let actor = caller(&req);
+        let caller = caller(&req)?;
+        let actor = caller.actor();
         let pb::RevokeEnrollTokenRequest { token_id, reason } = req.into_inner();
+        caller.check_site(&self.trust.token_site(&token_id).await?)?;
         let token = self.trust.revoke_token(&actor, &token_id, &reason).await?;
         Ok(Response::new(pb::RevokeEnrollTokenResponse { token: Some(token) }))
     }
@@ -151,7 +195,9 @@ impl TelemetryService for Api {
         &self,
         req: Request<pb::QueryTelemetryRequest>,
     ) -> Result<Response<pb::QueryTelemetryResponse>, Status> {
+        let caller = caller(&req)?;
         let pb::QueryTelemetryRequest { device_id, since_unix_ms, until_unix_ms, limit } = req.into_inner();
+        self.check_device_site(&caller, &device_id).await?;
         let until = if until_unix_ms == 0 { now_ms() + 1 } else { until_unix_ms };
         let window = self.fleet.telemetry(&device_id, since_unix_ms, until, limit).await?;
         Ok(Response::new(pb::QueryTelemetryResponse {
@@ -173,5 +219,93 @@ impl TelemetryService for Api {
             batches_committed: s.batches_committed,
             storage_errors: s.storage_errors,
         }))
+    }
+}
+
+#[tonic::async_trait]
+impl PeopleService for Api {
+    async fn who_am_i(
+        &self,
+        req: Request<pb::WhoAmIRequest>,
+    ) -> Result<Response<pb::WhoAmIResponse>, Status> {
+        let caller = caller(&req)?;
+        Ok(Response::new(pb::WhoAmIResponse {
+            person: Some(self.people.person(&caller.person_id).await?),
+            credential_id: caller.credential_id,
+        }))
+    }
+
+    async fn create_person(
+        &self,
+        req: Request<pb::CreatePersonRequest>,
+    ) -> Result<Response<pb::CreatePersonResponse>, Status> {
+        let caller = caller(&req)?;
+        let (person, initial_password) = self.people.create_person(&caller, req.get_ref()).await?;
+        Ok(Response::new(pb::CreatePersonResponse { person: Some(person), initial_password }))
+    }
+
+    async fn list_people(
+        &self,
+        _: Request<pb::ListPeopleRequest>,
+    ) -> Result<Response<pb::ListPeopleResponse>, Status> {
+        Ok(Response::new(pb::ListPeopleResponse { people: self.people.list_people().await? }))
+    }
+
+    async fn grant_role(
+        &self,
+        req: Request<pb::GrantRoleRequest>,
+    ) -> Result<Response<pb::GrantRoleResponse>, Status> {
+        let caller = caller(&req)?;
+        let person = self.people.grant_role(&caller, req.get_ref()).await?;
+        Ok(Response::new(pb::GrantRoleResponse { person: Some(person) }))
+    }
+
+    async fn disable_person(
+        &self,
+        req: Request<pb::DisablePersonRequest>,
+    ) -> Result<Response<pb::DisablePersonResponse>, Status> {
+        let caller = caller(&req)?;
+        let pb::DisablePersonRequest { person_id, reason } = req.into_inner();
+        let person = self.people.disable_person(&caller, &person_id, &reason).await?;
+        Ok(Response::new(pb::DisablePersonResponse { person: Some(person) }))
+    }
+
+    async fn create_api_token(
+        &self,
+        req: Request<pb::CreateApiTokenRequest>,
+    ) -> Result<Response<pb::CreateApiTokenResponse>, Status> {
+        let caller = caller(&req)?;
+        let pb::CreateApiTokenRequest { person_id, expires_in_seconds, description } = req.into_inner();
+        let life = Duration::from_secs(expires_in_seconds.into());
+        let (token_id, secret_token, expires_unix_ms) =
+            self.people.create_api_token(&caller, &person_id, life, &description).await?;
+        Ok(Response::new(pb::CreateApiTokenResponse { token_id, secret_token, expires_unix_ms }))
+    }
+
+    async fn revoke_api_token(
+        &self,
+        req: Request<pb::RevokeApiTokenRequest>,
+    ) -> Result<Response<pb::RevokeApiTokenResponse>, Status> {
+        let caller = caller(&req)?;
+        let pb::RevokeApiTokenRequest { token_id, reason } = req.into_inner();
+        self.people.revoke_api_token(&caller, &token_id, &reason).await?;
+        Ok(Response::new(pb::RevokeApiTokenResponse {}))
+    }
+}
+
+#[tonic::async_trait]
+impl AuditService for Api {
+    async fn list_audit(
+        &self,
+        req: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<pb::ListAuditResponse>, Status> {
+        Ok(Response::new(pb::ListAuditResponse { records: self.audit.list(req.get_ref()).await? }))
+    }
+
+    async fn verify_audit(
+        &self,
+        req: Request<pb::VerifyAuditRequest>,
+    ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
+        Ok(Response::new(self.audit.verify(&req.get_ref().external_checkpoint_json).await?))
     }
 }

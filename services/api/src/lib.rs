@@ -7,13 +7,18 @@
 #![forbid(unsafe_code)]
 
 mod api;
+mod audit;
+pub mod auth_layer;
 mod error;
 mod fleet;
 mod grpc;
 pub mod json;
+pub mod people;
 mod trust;
 
 pub use api::{Api, Disconnect};
+pub use audit::AuditLog;
 pub use error::Error;
 pub use fleet::{DEFAULT_SAMPLE_LIMIT, Fleet, MAX_SAMPLE_LIMIT, TelemetryWindow};
+pub use people::{Bootstrap, Caller, People, Role};
 pub use trust::{Actor, Trust, TrustOptions, validate_site_id};

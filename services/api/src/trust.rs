@@ -539,7 +539,7 @@ impl Trust {
     }
 }
 
-fn conflict_or(e: nanofleet_store::Error) -> Error {
+pub(crate) fn conflict_or(e: nanofleet_store::Error) -> Error {
     match e {
         nanofleet_store::Error::Conflict(m) => Error::Conflict(m),
         other => other.into(),

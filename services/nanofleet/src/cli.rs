@@ -8,8 +8,10 @@ use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use nanofleet_api::json;
 use nanofleet_proto::device::v1::{FluidLine, RunPhase, Sample};
 use nanofleet_proto::v1 as pb;
+use nanofleet_proto::v1::audit_service_client::AuditServiceClient;
 use nanofleet_proto::v1::enrollment_service_client::EnrollmentServiceClient;
 use nanofleet_proto::v1::fleet_service_client::FleetServiceClient;
+use nanofleet_proto::v1::people_service_client::PeopleServiceClient;
 use nanofleet_proto::v1::telemetry_service_client::TelemetryServiceClient;
 use tonic::transport::Channel;
 
@@ -26,8 +28,34 @@ pub enum Output {
 #[derive(Debug, Clone)]
 pub struct Client {
     channel: Channel,
+    bearer: Bearer,
     pub output: Output,
 }
+
+/// Adds the API token to every call.
+#[derive(Debug, Clone)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Bearer {
+    /// Sends `token` with every call.
+    pub fn new(token: &str) -> anyhow::Result<Bearer> {
+        let v = format!("Bearer {}", token.trim())
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--token: not a printable API token (nfo1.ID.SECRET)"))?;
+        Ok(Bearer(Some(v)))
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+type Authed = tonic::service::interceptor::InterceptedService<Channel, Bearer>;
 
 fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
@@ -36,6 +64,11 @@ fn now_ms() -> i64 {
 fn status_error(server: &str, s: tonic::Status) -> anyhow::Error {
     match s.code() {
         tonic::Code::Unavailable => anyhow::anyhow!("server {server} unavailable: {}", s.message()),
+        tonic::Code::Unauthenticated => anyhow::anyhow!(
+            "{}\n(pass an API token with --token or NANOFLEET_TOKEN; the server's first start wrote one to \
+             DATA_DIR/admin.token)",
+            s.message()
+        ),
         _ => anyhow::anyhow!("{}", s.message()),
     }
 }
@@ -43,7 +76,12 @@ fn status_error(server: &str, s: tonic::Status) -> anyhow::Error {
 impl Client {
     /// Connects over TLS, checking the server's certificate against the fleet root in
     /// `ca_file`.
-    pub async fn connect(server: &str, ca_file: Option<&Path>, output: Output) -> anyhow::Result<Client> {
+    pub async fn connect(
+        server: &str,
+        ca_file: Option<&Path>,
+        token: Option<&str>,
+        output: Output,
+    ) -> anyhow::Result<Client> {
         nanofleet_pki::install_crypto_provider();
         if !server.starts_with("https://") {
             anyhow::bail!("--server {server:?}: must be an https:// URL like https://127.0.0.1:7400");
@@ -62,11 +100,233 @@ impl Client {
                  running? set --server or NANOFLEET_SERVER)"
             )
         })?;
-        Ok(Client { channel, output })
+        let bearer = match token {
+            Some(t) => Bearer::new(t)?,
+            None => Bearer(None),
+        };
+        Ok(Client { channel, bearer, output })
     }
 
-    fn enrollment(&self) -> EnrollmentServiceClient<Channel> {
-        EnrollmentServiceClient::new(self.channel.clone())
+    fn enrollment(&self) -> EnrollmentServiceClient<Authed> {
+        EnrollmentServiceClient::with_interceptor(self.channel.clone(), self.bearer.clone())
+    }
+
+    fn people(&self) -> PeopleServiceClient<Authed> {
+        PeopleServiceClient::with_interceptor(self.channel.clone(), self.bearer.clone())
+    }
+
+    fn audit(&self) -> AuditServiceClient<Authed> {
+        AuditServiceClient::with_interceptor(self.channel.clone(), self.bearer.clone())
+    }
+
+    pub async fn whoami(&self, server: &str) -> anyhow::Result<()> {
+        let r = self
+            .people()
+            .who_am_i(pb::WhoAmIRequest {})
+            .await
+            .map_err(|s| status_error(server, s))?
+            .into_inner();
+        let p = r.person.context("server answered without the person")?;
+        if self.output == Output::Json {
+            let mut v = person_json(&p);
+            v["credential_id"] = r.credential_id.into();
+            self.print_json(v);
+        } else {
+            println!(
+                "{} ({}), role {}{}, credential {}",
+                p.id,
+                p.display_name,
+                role_name(p.role),
+                if p.site_id.is_empty() { String::new() } else { format!(" at {}", p.site_id) },
+                r.credential_id
+            );
+        }
+        Ok(())
+    }
+
+    pub async fn people_add(&self, server: &str, req: pb::CreatePersonRequest) -> anyhow::Result<()> {
+        let r = self.people().create_person(req).await.map_err(|s| status_error(server, s))?.into_inner();
+        let p = r.person.context("server answered without the person")?;
+        if self.output == Output::Json {
+            let mut v = person_json(&p);
+            v["initial_password"] = r.initial_password.into();
+            self.print_json(v);
+        } else {
+            println!("{}", r.initial_password);
+            eprintln!(
+                "\n{} ({}) created with role {}. The line above is their initial password, shown only now.",
+                p.id,
+                p.display_name,
+                role_name(p.role)
+            );
+        }
+        Ok(())
+    }
+
+    pub async fn people_list(&self, server: &str) -> anyhow::Result<()> {
+        let people = self
+            .people()
+            .list_people(pb::ListPeopleRequest {})
+            .await
+            .map_err(|s| status_error(server, s))?
+            .into_inner()
+            .people;
+        if self.output == Output::Json {
+            self.print_json(
+                serde_json::json!({ "people": people.iter().map(person_json).collect::<Vec<_>>() }),
+            );
+            return Ok(());
+        }
+        let mut t = table(["PERSON", "NAME", "ROLE", "SITE", "STATE"]);
+        for p in &people {
+            t.add_row([
+                p.id.clone(),
+                p.display_name.clone(),
+                role_name(p.role).into(),
+                p.site_id.clone(),
+                if p.disabled_unix_ms != 0 { "disabled".into() } else { "active".to_owned() },
+            ]);
+        }
+        println!("{t}");
+        Ok(())
+    }
+
+    pub async fn people_grant(&self, server: &str, req: pb::GrantRoleRequest) -> anyhow::Result<()> {
+        let p = self
+            .people()
+            .grant_role(req)
+            .await
+            .map_err(|s| status_error(server, s))?
+            .into_inner()
+            .person
+            .context("server answered without the person")?;
+        if self.output == Output::Json {
+            self.print_json(person_json(&p));
+        } else {
+            println!("{} now has role {}", p.id, role_name(p.role));
+        }
+        Ok(())
+    }
+
+    pub async fn people_disable(&self, server: &str, req: pb::DisablePersonRequest) -> anyhow::Result<()> {
+        let p = self
+            .people()
+            .disable_person(req)
+            .await
+            .map_err(|s| status_error(server, s))?
+            .into_inner()
+            .person
+            .context("server answered without the person")?;
+        if self.output == Output::Json {
+            self.print_json(person_json(&p));
+        } else {
+            println!("{} disabled: their API tokens and sessions no longer work", p.id);
+        }
+        Ok(())
+    }
+
+    pub async fn api_token_create(&self, server: &str, req: pb::CreateApiTokenRequest) -> anyhow::Result<()> {
+        let r = self.people().create_api_token(req).await.map_err(|s| status_error(server, s))?.into_inner();
+        if self.output == Output::Json {
+            self.print_json(serde_json::json!({
+                "token_id": r.token_id, "secret_token": r.secret_token, "expires_unix_ms": r.expires_unix_ms,
+            }));
+        } else {
+            println!("{}", r.secret_token);
+            eprintln!(
+                "\nAPI token {} until {} UTC, shown only now: export NANOFLEET_TOKEN=<the line above>",
+                r.token_id,
+                utc(r.expires_unix_ms)
+            );
+        }
+        Ok(())
+    }
+
+    pub async fn api_token_revoke(&self, server: &str, req: pb::RevokeApiTokenRequest) -> anyhow::Result<()> {
+        let id = req.token_id.clone();
+        self.people().revoke_api_token(req).await.map_err(|s| status_error(server, s))?;
+        if self.output == Output::Json {
+            self.print_json(serde_json::json!({ "token_id": id, "revoked": true }));
+        } else {
+            println!("API token {id} revoked");
+        }
+        Ok(())
+    }
+
+    pub async fn audit_list(&self, server: &str, req: pb::ListAuditRequest) -> anyhow::Result<()> {
+        let records =
+            self.audit().list_audit(req).await.map_err(|s| status_error(server, s))?.into_inner().records;
+        if self.output == Output::Json {
+            self.print_json(
+                serde_json::json!({ "records": records.iter().map(audit_json).collect::<Vec<_>>() }),
+            );
+            return Ok(());
+        }
+        let mut t = table(["SEQ", "TIME (UTC)", "ACTOR", "ACTION", "SUBJECT", "SITE", "REASON", "CHANGE"]);
+        for r in &records {
+            let change = match (r.old_value.as_str(), r.new_value.as_str()) {
+                ("", "") => String::new(),
+                ("", new) => new.to_owned(),
+                (old, new) => format!("{old} -> {new}"),
+            };
+            t.add_row([
+                r.seq.to_string(),
+                utc(r.at_unix_ms),
+                r.actor.clone(),
+                r.action.clone(),
+                r.subject.clone(),
+                r.site_id.clone(),
+                r.reason.chars().take(60).collect(),
+                change.chars().take(80).collect(),
+            ]);
+        }
+        println!("{t}\n{} records", records.len());
+        Ok(())
+    }
+
+    /// Verifies the chain; fails (exit 1) when it is broken.
+    pub async fn audit_verify(
+        &self,
+        server: &str,
+        checkpoint: Option<&Path>,
+        save: Option<&Path>,
+    ) -> anyhow::Result<()> {
+        let external_checkpoint_json = match checkpoint {
+            Some(p) => std::fs::read_to_string(p).with_context(|| format!("--checkpoint {}", p.display()))?,
+            None => String::new(),
+        };
+        let r = self
+            .audit()
+            .verify_audit(pb::VerifyAuditRequest { external_checkpoint_json })
+            .await
+            .map_err(|s| status_error(server, s))?
+            .into_inner();
+        if let Some(path) = save
+            && !r.checkpoint_json.is_empty()
+        {
+            std::fs::write(path, &r.checkpoint_json)
+                .with_context(|| format!("--save-checkpoint {}", path.display()))?;
+        }
+        if self.output == Output::Json {
+            self.print_json(serde_json::json!({
+                "intact": r.intact, "records": r.records, "head_seq": r.head_seq, "head_hash": r.head_hash,
+                "checkpoints_checked": r.checkpoints_checked, "broken_seq": r.broken_seq,
+                "broken_reason": r.broken_reason,
+                "checkpoint": serde_json::from_str::<serde_json::Value>(&r.checkpoint_json).unwrap_or_default(),
+            }));
+        } else if r.intact {
+            println!(
+                "audit chain intact: {} records, head {} ({}), {} signed checkpoints checked",
+                r.records,
+                r.head_seq,
+                &r.head_hash[..r.head_hash.len().min(16)],
+                r.checkpoints_checked
+            );
+        }
+        if !r.intact {
+            anyhow::bail!("audit chain BROKEN at record {}: {}", r.broken_seq, r.broken_reason);
+        }
+        Ok(())
     }
 
     pub async fn sites_create(&self, server: &str, req: pb::CreateSiteRequest) -> anyhow::Result<()> {
@@ -204,12 +464,12 @@ impl Client {
         Ok(())
     }
 
-    fn fleet(&self) -> FleetServiceClient<Channel> {
-        FleetServiceClient::new(self.channel.clone())
+    fn fleet(&self) -> FleetServiceClient<Authed> {
+        FleetServiceClient::with_interceptor(self.channel.clone(), self.bearer.clone())
     }
 
-    fn telemetry_client(&self) -> TelemetryServiceClient<Channel> {
-        TelemetryServiceClient::new(self.channel.clone())
+    fn telemetry_client(&self) -> TelemetryServiceClient<Authed> {
+        TelemetryServiceClient::with_interceptor(self.channel.clone(), self.bearer.clone())
     }
 
     fn print_json(&self, v: serde_json::Value) {
@@ -380,6 +640,35 @@ impl Client {
         );
         Ok(())
     }
+}
+
+fn role_name(r: i32) -> &'static str {
+    let name = pb::Role::try_from(r).unwrap_or_default().as_str_name();
+    match name.strip_prefix("ROLE_").unwrap_or(name) {
+        "OPS" => "ops",
+        "SITE_IT" => "site-it",
+        "PHARMACIST" => "pharmacist",
+        "QA" => "qa",
+        "AUDITOR" => "auditor",
+        _ => "unspecified",
+    }
+}
+
+fn person_json(p: &pb::Person) -> serde_json::Value {
+    serde_json::json!({
+        "id": p.id, "display_name": p.display_name, "role": role_name(p.role), "site_id": p.site_id,
+        "created_unix_ms": p.created_unix_ms, "disabled_unix_ms": p.disabled_unix_ms,
+    })
+}
+
+fn audit_json(r: &pb::AuditRecord) -> serde_json::Value {
+    serde_json::json!({
+        "seq": r.seq, "at_unix_ms": r.at_unix_ms, "actor": r.actor, "action": r.action,
+        "subject": r.subject, "site_id": r.site_id, "reason": r.reason,
+        "old_value": serde_json::from_str::<serde_json::Value>(&r.old_value).unwrap_or_default(),
+        "new_value": serde_json::from_str::<serde_json::Value>(&r.new_value).unwrap_or_default(),
+        "prev_hash": r.prev_hash, "hash": r.hash,
+    })
 }
 
 fn token_state(k: &pb::EnrollToken, now: i64) -> &'static str {

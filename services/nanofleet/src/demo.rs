@@ -25,6 +25,13 @@ pub struct Options {
 pub struct Demo {
     pub server: Server,
     pub fleet: Fleet,
+    data_dir: std::path::PathBuf,
+}
+
+fn read_secret(path: &std::path::Path) -> String {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| format!("(see {})", path.display()))
 }
 
 impl Demo {
@@ -77,7 +84,7 @@ impl Demo {
             }),
             ..FleetOptions::default()
         });
-        Ok(Demo { server, fleet })
+        Ok(Demo { server, fleet, data_dir: opts.server.data_dir.clone() })
     }
 
     /// What to tell the person who started the demo.
@@ -90,7 +97,9 @@ impl Demo {
             "Nanofleet demo: {} hospitals, {} simulated devices, enrolled with tokens, on mutual TLS\n\
              \n  dashboard  http://{}/\n  grpc       {grpc}\n  mqtt       mqtts://{} (client certificates)\n  \
              fleet CA   {} (sha256 {})\n\
+             \n  login      admin / {}   (dashboard)\n\
              \nTry, in another terminal:\n  export NANOFLEET_SERVER={grpc} NANOFLEET_CA_FILE={}\n  \
+             export NANOFLEET_TOKEN={}\n  nanofleet whoami\n  \
              nanofleet sites list\n  nanofleet devices list\n  nanofleet devices show {first}\n  \
              nanofleet telemetry {first} --since 1m\n  nanofleet enroll-token create --site {site} --expires 1h\n  \
              nanofleet devices list --output json\n\
@@ -106,8 +115,27 @@ impl Demo {
             s.mqtt_addr,
             s.ca.root_path().display(),
             s.ca.root_fingerprint(),
+            self.admin_password(),
             s.ca.root_path().display(),
+            self.admin_token(),
         )
+    }
+
+    /// The initial administrator's password (this run's, or the one an earlier run on
+    /// the same data directory wrote).
+    pub fn admin_password(&self) -> String {
+        match &self.server.bootstrap {
+            Some(b) => b.password.clone(),
+            None => read_secret(&self.data_dir.join("admin-password")),
+        }
+    }
+
+    /// The initial administrator's API token.
+    pub fn admin_token(&self) -> String {
+        match &self.server.bootstrap {
+            Some(b) => b.api_token.clone(),
+            None => read_secret(&self.data_dir.join("admin.token")),
+        }
     }
 
     /// Stops the devices (each says goodbye), then the server.

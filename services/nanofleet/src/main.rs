@@ -65,6 +65,134 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// People and their roles: ops, site-it, pharmacist, qa, auditor.
+    People {
+        #[command(subcommand)]
+        command: PeopleCommand,
+    },
+    /// API tokens for scripts and this CLI.
+    #[command(name = "api-token")]
+    ApiToken {
+        #[command(subcommand)]
+        command: ApiTokenCommand,
+    },
+    /// Who the API token in use belongs to.
+    Whoami {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// The audit trail: every change of state, hash-chained, with signed checkpoints.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PeopleCommand {
+    /// Adds a person; prints their initial password (only now).
+    Add {
+        /// Login id, e.g. j.smith.
+        id: String,
+        /// Printed name, shown on electronic signatures.
+        #[arg(long)]
+        name: String,
+        /// ops, site-it, pharmacist, qa or auditor.
+        #[arg(long)]
+        role: String,
+        /// The site of a site-it or pharmacist.
+        #[arg(long, default_value = "")]
+        site: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Everyone with role, site and state.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Gives a person another role (and site).
+    Grant {
+        id: String,
+        #[arg(long)]
+        role: String,
+        #[arg(long, default_value = "")]
+        site: String,
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Disables a person: their tokens and sessions stop working at once.
+    Disable {
+        id: String,
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ApiTokenCommand {
+    /// Creates an API token (for yourself, or with --person for someone else as ops).
+    Create {
+        #[arg(long, default_value = "")]
+        person: String,
+        #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+        expires: Duration,
+        #[arg(long, default_value = "")]
+        description: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Revokes an API token.
+    Revoke {
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditCommand {
+    /// Records, oldest first, filtered.
+    List {
+        #[arg(long)]
+        actor: Option<String>,
+        /// One action, or a prefix ending in a dot: device.
+        #[arg(long)]
+        action: Option<String>,
+        #[arg(long)]
+        subject: Option<String>,
+        #[arg(long)]
+        site: Option<String>,
+        /// How far back, e.g. 1h, 7d.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<Duration>,
+        /// Records after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Proves the chain intact (exit 0) or names the first broken record (exit 1).
+    Verify {
+        /// A checkpoint saved earlier with --save-checkpoint, kept off the server.
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        /// Saves the newest signed checkpoint here, to check against later.
+        #[arg(long)]
+        save_checkpoint: Option<PathBuf>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -189,6 +317,10 @@ struct ClientArgs {
     /// DATA_DIR/pki/root.pem; `nanofleet demo` prints it).
     #[arg(long, global = true, env = "NANOFLEET_CA_FILE")]
     ca_file: Option<PathBuf>,
+    /// API token (`nanofleet api-token create`; the first start writes one to
+    /// DATA_DIR/admin.token).
+    #[arg(long, global = true, env = "NANOFLEET_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// `table` for people, `json` for scripts.
     #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -273,8 +405,28 @@ struct TelemetryArgs {
 
 impl ClientArgs {
     async fn connect(&self) -> anyhow::Result<Client> {
-        Client::connect(&self.server, self.ca_file.as_deref(), self.output).await
+        Client::connect(&self.server, self.ca_file.as_deref(), self.token.as_deref(), self.output).await
     }
+}
+
+/// A role name as the API's enum.
+fn role_arg(role: &str) -> i32 {
+    let r = match role {
+        "ops" => pb::Role::Ops,
+        "site-it" => pb::Role::SiteIt,
+        "pharmacist" => pb::Role::Pharmacist,
+        "qa" => pb::Role::Qa,
+        "auditor" => pb::Role::Auditor,
+        other => config_error(format!("--role {other:?}: allowed ops, site-it, pharmacist, qa, auditor")),
+    };
+    r as i32
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// A duration as whole seconds for the API (which checks the range).
@@ -429,6 +581,63 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Ca { command: CaCommand::Rotate { data_dir } } => {
             nanofleet::cli::ca_rotate(&data_dir)?;
+        }
+        Command::Whoami { client } => client.connect().await?.whoami(&client.server).await?,
+        Command::People { command: PeopleCommand::Add { id, name, role, site, reason, client } } => {
+            let req = pb::CreatePersonRequest {
+                id,
+                display_name: name,
+                role: role_arg(&role),
+                site_id: site,
+                reason,
+            };
+            client.connect().await?.people_add(&client.server, req).await?;
+        }
+        Command::People { command: PeopleCommand::List { client } } => {
+            client.connect().await?.people_list(&client.server).await?;
+        }
+        Command::People { command: PeopleCommand::Grant { id, role, site, reason, client } } => {
+            let req = pb::GrantRoleRequest { person_id: id, role: role_arg(&role), site_id: site, reason };
+            client.connect().await?.people_grant(&client.server, req).await?;
+        }
+        Command::People { command: PeopleCommand::Disable { id, reason, client } } => {
+            let req = pb::DisablePersonRequest { person_id: id, reason };
+            client.connect().await?.people_disable(&client.server, req).await?;
+        }
+        Command::ApiToken { command: ApiTokenCommand::Create { person, expires, description, client } } => {
+            let req = pb::CreateApiTokenRequest {
+                person_id: person,
+                expires_in_seconds: secs(expires, "--expires"),
+                description,
+            };
+            client.connect().await?.api_token_create(&client.server, req).await?;
+        }
+        Command::ApiToken { command: ApiTokenCommand::Revoke { id, reason, client } } => {
+            let req = pb::RevokeApiTokenRequest { token_id: id, reason };
+            client.connect().await?.api_token_revoke(&client.server, req).await?;
+        }
+        Command::Audit {
+            command: AuditCommand::List { actor, action, subject, site, since, after, limit, client },
+        } => {
+            let since_unix_ms = since.map(|d| now_ms() - d.as_millis() as i64).unwrap_or(0);
+            let req = pb::ListAuditRequest {
+                actor: actor.unwrap_or_default(),
+                action: action.unwrap_or_default(),
+                subject: subject.unwrap_or_default(),
+                site_id: site.unwrap_or_default(),
+                since_unix_ms,
+                until_unix_ms: 0,
+                after_seq: after,
+                limit,
+            };
+            client.connect().await?.audit_list(&client.server, req).await?;
+        }
+        Command::Audit { command: AuditCommand::Verify { checkpoint, save_checkpoint, client } } => {
+            client
+                .connect()
+                .await?
+                .audit_verify(&client.server, checkpoint.as_deref(), save_checkpoint.as_deref())
+                .await?;
         }
     }
     Ok(())

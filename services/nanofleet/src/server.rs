@@ -5,12 +5,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use nanofleet_api::{Actor, Api, Fleet, Trust, TrustOptions};
+use nanofleet_api::{Actor, Api, AuditLog, Bootstrap, Fleet, People, Trust, TrustOptions};
 use nanofleet_broker::{Broker, Kicker};
 use nanofleet_ingest::Ingest;
 use nanofleet_pki::{FleetCa, ServerNames};
+use nanofleet_proto::v1::audit_service_server::AuditServiceServer;
 use nanofleet_proto::v1::enrollment_service_server::EnrollmentServiceServer;
 use nanofleet_proto::v1::fleet_service_server::FleetServiceServer;
+use nanofleet_proto::v1::people_service_server::PeopleServiceServer;
 use nanofleet_proto::v1::telemetry_service_server::TelemetryServiceServer;
 use nanofleet_store::Store;
 use tokio::net::TcpListener;
@@ -103,7 +105,12 @@ pub struct Server {
     pub ingest: Ingest,
     pub fleet: Fleet,
     pub trust: Trust,
+    pub people: People,
+    pub audit: AuditLog,
     pub ca: Arc<FleetCa>,
+    /// The administrator created at the first start (its password and API token are
+    /// also in `admin-password` and `admin.token` in the data directory).
+    pub bootstrap: Option<Bootstrap>,
     /// Development plaintext MQTT listener, if enabled.
     pub mqtt_plaintext_addr: Option<SocketAddr>,
     broker: Broker,
@@ -175,7 +182,23 @@ impl Server {
         let mqtt_addr = broker.local_addr();
         trust_opts.mqtt_address = opts.mqtt_advertise.clone().unwrap_or_else(|| advertised(mqtt_addr));
         let trust = trust.with_options(trust_opts);
-        let api = Api::new(fleet.clone(), trust.clone(), Some(Arc::new(BrokerDisconnect(broker.kicker()))));
+        let people = People::new(store.clone());
+        let bootstrap = people.bootstrap(&opts.data_dir).await?;
+        if let Some(b) = &bootstrap {
+            tracing::info!(person = %b.person_id, dir = %opts.data_dir.display(), "first start: administrator created (admin-password, admin.token)");
+        }
+        let audit = AuditLog::open(
+            store.clone(),
+            &opts.data_dir.join("pki"),
+            opts.data_dir.join("audit-checkpoint.json"),
+        )?;
+        let api = Api::new(
+            fleet.clone(),
+            trust.clone(),
+            people.clone(),
+            audit.clone(),
+            Some(Arc::new(BrokerDisconnect(broker.kicker()))),
+        );
 
         let cancel = CancellationToken::new();
         let mut tasks = Vec::new();
@@ -184,6 +207,8 @@ impl Server {
         health.set_serving::<FleetServiceServer<Api>>().await;
         health.set_serving::<TelemetryServiceServer<Api>>().await;
         health.set_serving::<EnrollmentServiceServer<Api>>().await;
+        health.set_serving::<PeopleServiceServer<Api>>().await;
+        health.set_serving::<AuditServiceServer<Api>>().await;
         // Both reflection versions: older tools (grpcurl before 1.8.8) ask for v1alpha.
         let reflection = || {
             tonic_reflection::server::Builder::configure()
@@ -202,12 +227,16 @@ impl Server {
             .client_auth_optional(true);
         let router = tonic::transport::Server::builder()
             .tls_config(tls)?
+            // Every call is authenticated and its role checked before its method runs.
+            .layer(nanofleet_api::auth_layer::AuthLayer::new(people.clone()))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(FleetServiceServer::new(api.clone()))
             .add_service(TelemetryServiceServer::new(api.clone()))
-            .add_service(EnrollmentServiceServer::new(api.clone()));
+            .add_service(EnrollmentServiceServer::new(api.clone()))
+            .add_service(PeopleServiceServer::new(api.clone()))
+            .add_service(AuditServiceServer::new(api.clone()));
         let stop = cancel.clone();
         tasks.push(tokio::spawn(async move {
             let incoming = tonic::transport::server::TcpIncoming::from(grpc);
@@ -226,8 +255,10 @@ impl Server {
 
         // Other servers sharing the database may decommission devices: re-read who is
         // blocked now and then.
+        // The audit chain's head is signed whenever it moved.
         let stop = cancel.clone();
         let reload = trust.clone();
+        let signer = audit.clone();
         tasks.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(5));
             loop {
@@ -235,6 +266,9 @@ impl Server {
                     _ = tick.tick() => {
                         if let Err(e) = reload.reload().await {
                             tracing::warn!(error = %e, "blocklist reload");
+                        }
+                        if let Err(e) = signer.checkpoint().await {
+                            tracing::warn!(error = %e, "audit checkpoint");
                         }
                     }
                     _ = stop.cancelled() => break,
@@ -252,7 +286,10 @@ impl Server {
             ingest,
             fleet,
             trust,
+            people,
+            audit,
             ca,
+            bootstrap,
             mqtt_plaintext_addr,
             broker,
             cancel,
@@ -292,6 +329,9 @@ impl Server {
         }
         if let Err(e) = self.ingest.flush().await {
             tracing::warn!(error = %e, "ingest flush at shutdown");
+        }
+        if let Err(e) = self.audit.checkpoint().await {
+            tracing::warn!(error = %e, "audit checkpoint at shutdown");
         }
         self.store.close().await;
         tracing::info!("nanofleet server stopped");

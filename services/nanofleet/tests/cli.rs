@@ -14,6 +14,7 @@ struct Demo {
     child: Child,
     grpc: String,
     ca_file: String,
+    token: String,
     _dir: tempfile::TempDir,
 }
 
@@ -38,6 +39,7 @@ impl Demo {
         let stdout = child.stdout.take().expect("stdout");
         let mut grpc = None;
         let mut ca_file = None;
+        let mut token = None;
         for line in BufReader::new(stdout).lines() {
             let line = line.expect("read banner");
             if let Some(url) = line.trim().strip_prefix("grpc") {
@@ -45,6 +47,9 @@ impl Demo {
             }
             if let Some(rest) = line.trim().strip_prefix("fleet CA") {
                 ca_file = rest.split_whitespace().next().map(str::to_owned);
+            }
+            if let Some(rest) = line.trim().strip_prefix("export NANOFLEET_TOKEN=") {
+                token = Some(rest.trim().to_owned());
             }
             if line.contains("ready in") {
                 break;
@@ -54,6 +59,7 @@ impl Demo {
             child,
             grpc: grpc.expect("banner names the gRPC address"),
             ca_file: ca_file.expect("banner names the fleet CA"),
+            token: token.expect("banner gives an API token"),
             _dir: dir,
         }
     }
@@ -64,6 +70,7 @@ impl Demo {
             .args(args)
             .env("NANOFLEET_SERVER", &self.grpc)
             .env("NANOFLEET_CA_FILE", &self.ca_file)
+            .env("NANOFLEET_TOKEN", &self.token)
             .output()
             .expect("run nanofleet")
     }
@@ -124,6 +131,17 @@ fn the_demo_runs_three_hospitals_of_eight_devices_and_the_cli_sees_them() {
     let missing = demo.cli(&["devices", "show", "NF-NOPE-99"]);
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("\"NF-NOPE-99\" not found"));
+
+    // Without a token: refused, and told where to find one.
+    let anonymous = Command::new(BIN)
+        .args(["devices", "list", "--server", &demo.grpc, "--ca-file", &demo.ca_file])
+        .env_remove("NANOFLEET_TOKEN")
+        .output()
+        .expect("run");
+    assert_eq!(anonymous.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&anonymous.stderr).contains("--token"));
+    let me = json(&demo.cli(&["whoami", "--output", "json"]));
+    assert_eq!(me["role"], "ops");
 
     // Ctrl-C stops everything cleanly.
     let status = demo.interrupt();

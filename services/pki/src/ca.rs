@@ -547,7 +547,7 @@ fn check_private(path: &Path) -> Result<()> {
 }
 
 /// Writes a file readable by its owner only, atomically (temporary file, fsync, rename).
-pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic(path, bytes, 0o600)
 }
 

@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 mod audit;
+mod people;
 mod records;
 mod trust;
 
@@ -22,6 +23,7 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor, Row};
 
 pub use audit::*;
+pub use people::*;
 pub use records::*;
 pub use trust::*;
 
