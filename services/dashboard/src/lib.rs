@@ -1,34 +1,45 @@
-//! The Nanofleet web dashboard, served by the server over HTTP.
+//! The Nanofleet web dashboard, served by the server over HTTPS.
 //!
 //! The page itself (`assets/`) is plain HTML, CSS and JavaScript compiled into the
 //! binary, so the Rust build is the only build. It polls the JSON API below once a
-//! second:
+//! second. People sign in with their user id and password; the session cookie is
+//! HttpOnly, Secure and SameSite=Strict. Each endpoint is allowed to the roles of the
+//! gRPC method it mirrors, from the same access table
+//! ([`nanofleet_api::people::GRPC_ACCESS`]); site-scoped roles see their site only.
 //!
-//! | path | what |
-//! |---|---|
-//! | `GET /api/fleet` | sites with device counts, fleet totals, ingest counters |
-//! | `GET /api/devices[?site=ID]` | devices with presence, last values, active alarms |
-//! | `GET /api/devices/{id}` | one device |
-//! | `GET /api/devices/{id}/telemetry?since_ms=&until_ms=&limit=` | samples, oldest first |
-//! | `GET /metrics` | Prometheus text format |
-//! | `GET /healthz` | liveness |
+//! | path | mirrors | what |
+//! |---|---|---|
+//! | `POST /api/login`, `POST /api/logout`, `GET /api/me` | | session |
+//! | `GET /api/fleet` | ListSites | sites with device counts, fleet totals, ingest counters |
+//! | `GET /api/devices[?site=ID]` | ListDevices | devices with presence, last values, active alarms |
+//! | `GET /api/devices/{id}` | GetDevice | one device |
+//! | `GET /api/devices/{id}/telemetry?since_ms=&until_ms=&limit=` | QueryTelemetry | samples, oldest first |
+//! | `GET /api/enroll-tokens[?site=ID]` | ListEnrollTokens | enrollment tokens |
+//! | `POST /api/enroll-tokens` | CreateEnrollToken | a new token, its secret shown once |
+//! | `GET /metrics` | GetIngestStats | Prometheus text format; `Authorization: Bearer <API token>` |
+//! | `GET /healthz` | | liveness, open |
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
-use axum::http::{StatusCode, header};
+use axum::extract::{Extension, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
-use nanofleet_api::{Fleet, json};
+use nanofleet_api::people::{Access, grpc_access};
+use nanofleet_api::{Api, Caller, json};
 use tokio::net::TcpListener;
 
 const INDEX_HTML: &str = include_str!("../assets/index.html");
 const APP_JS: &str = include_str!("../assets/app.js");
 const STYLE_CSS: &str = include_str!("../assets/style.css");
+
+const SESSION_COOKIE: &str = "nf_session";
 
 /// Dashboard errors.
 #[derive(Debug, thiserror::Error)]
@@ -38,30 +49,239 @@ pub enum Error {
 }
 
 /// The dashboard's routes, for embedding in another router or serving alone.
-pub fn router(fleet: Fleet) -> Router {
+pub fn router(api: Api) -> Router {
+    let guarded = Router::new()
+        .route("/api/me", get(me))
+        .route("/api/logout", post(logout))
+        .route("/api/fleet", get(fleet_summary))
+        .route("/api/devices", get(devices))
+        .route("/api/devices/{id}", get(device))
+        .route("/api/devices/{id}/telemetry", get(telemetry))
+        .route("/api/enroll-tokens", get(list_tokens).post(create_token))
+        .route_layer(middleware::from_fn_with_state(api.clone(), require_session));
     Router::new()
         .route("/", get(|| async { static_file(INDEX_HTML, "text/html; charset=utf-8") }))
         .route("/assets/app.js", get(|| async { static_file(APP_JS, "text/javascript; charset=utf-8") }))
         .route("/assets/style.css", get(|| async { static_file(STYLE_CSS, "text/css; charset=utf-8") }))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
-        .route("/api/fleet", get(fleet_summary))
-        .route("/api/devices", get(devices))
-        .route("/api/devices/{id}", get(device))
-        .route("/api/devices/{id}/telemetry", get(telemetry))
-        .with_state(fleet)
+        .route("/api/login", post(login))
+        .merge(guarded)
+        .fallback(|| async { ApiError(nanofleet_api::Error::NotFound { what: "page", id: String::new() }) })
+        .with_state(api)
 }
 
-/// Serves the dashboard on `listener` until `shutdown` completes.
+/// Serves the dashboard over TLS on `listener` until `shutdown` completes, then lets
+/// open requests finish (up to 5 s).
 pub async fn run(
     listener: TcpListener,
-    fleet: Fleet,
+    api: Api,
+    tls: Arc<rustls::ServerConfig>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::debug!(?addr, "dashboard serving");
-    axum::serve(listener, router(fleet)).with_graceful_shutdown(shutdown).await?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let app = router(api);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "dashboard accept");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let acceptor = acceptor.clone();
+        let service = TowerToHyperService::new(app.clone());
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            // A client that never finishes its handshake must not hold a task forever.
+            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "dashboard TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let builder = Builder::new(TokioExecutor::new());
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+            if let Err(e) = watcher.watch(conn.into_owned()).await {
+                tracing::debug!(%peer, error = %e, "dashboard connection");
+            }
+        });
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
     Ok(())
+}
+
+fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_owned())
+}
+
+/// Authenticates the session cookie and puts the [`Caller`] into the request.
+async fn require_session(State(api): State<Api>, mut req: Request, next: Next) -> Response {
+    let Some(cookie) = cookie_value(req.headers(), SESSION_COOKIE) else {
+        return ApiError(nanofleet_api::Error::Unauthenticated("login required".into())).into_response();
+    };
+    match api.people.authenticate_session(&cookie).await {
+        Ok(caller) => {
+            req.extensions_mut().insert(caller);
+            next.run(req).await
+        }
+        Err(_) => ApiError(nanofleet_api::Error::Unauthenticated("login required".into())).into_response(),
+    }
+}
+
+/// The access table's rule for the gRPC method an endpoint mirrors.
+fn allow(caller: &Caller, method: &str) -> Result<(), ApiError> {
+    let path = format!("/nanofleet.v1.{method}");
+    match grpc_access(&path) {
+        Some(Access::Roles(roles)) if roles.contains(&caller.role) => Ok(()),
+        _ => Err(ApiError(nanofleet_api::Error::PermissionDenied(format!(
+            "role {} may not use this ({method})",
+            caller.role.as_str()
+        )))),
+    }
+}
+
+fn person_json(c: &Caller) -> serde_json::Value {
+    serde_json::json!({
+        "id": c.person_id, "display_name": c.display_name, "role": c.role.as_str(),
+        "site_id": c.site_id.clone().unwrap_or_default(),
+    })
+}
+
+#[derive(serde::Deserialize)]
+struct LoginForm {
+    user: String,
+    password: String,
+}
+
+async fn login(
+    State(api): State<Api>,
+    form: Result<Json<LoginForm>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(form) = form.map_err(|e| {
+        ApiError(nanofleet_api::Error::InvalidArgument {
+            field: "body",
+            value: e.body_text(),
+            allowed: "JSON {\"user\": ..., \"password\": ...}".into(),
+        })
+    })?;
+    let (caller, session) = api.people.login(form.user.trim(), &form.password).await?;
+    let cookie = format!(
+        "{SESSION_COOKIE}={session}; HttpOnly; Secure; SameSite=Strict; Path=/; Max-Age={}",
+        nanofleet_api::people::SESSION_LIFE.as_secs()
+    );
+    Ok(([(header::SET_COOKIE, cookie)], Json(serde_json::json!({ "person": person_json(&caller) })))
+        .into_response())
+}
+
+async fn logout(State(api): State<Api>, headers: HeaderMap) -> Response {
+    if let Some(c) = cookie_value(&headers, SESSION_COOKIE) {
+        api.people.logout(&c).await;
+    }
+    let clear = format!("{SESSION_COOKIE}=; HttpOnly; Secure; SameSite=Strict; Path=/; Max-Age=0");
+    (StatusCode::NO_CONTENT, [(header::SET_COOKIE, clear)]).into_response()
+}
+
+async fn me(Extension(caller): Extension<Caller>) -> Json<serde_json::Value> {
+    Json(person_json(&caller))
+}
+
+#[derive(serde::Deserialize)]
+struct TokensQuery {
+    site: Option<String>,
+}
+
+async fn list_tokens(
+    State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
+    q: Result<Query<TokensQuery>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    allow(&caller, "EnrollmentService/ListEnrollTokens")?;
+    let mut site = query(q)?.site.unwrap_or_default();
+    if let Some(own) = caller.site_limit() {
+        if site.is_empty() {
+            site = own.to_owned();
+        }
+        caller.check_site(&site)?;
+    }
+    let now = now_ms();
+    let tokens = api.trust.list_tokens(Some(&site)).await?;
+    Ok(Json(serde_json::json!({ "tokens": tokens.iter().map(|t| token_json(t, now)).collect::<Vec<_>>() })))
+}
+
+#[derive(serde::Deserialize)]
+struct NewToken {
+    site_id: String,
+    #[serde(default)]
+    expires_in_seconds: u64,
+    #[serde(default)]
+    uses: u32,
+    #[serde(default)]
+    device_id: String,
+    #[serde(default)]
+    reason: String,
+}
+
+async fn create_token(
+    State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Json<NewToken>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    allow(&caller, "EnrollmentService/CreateEnrollToken")?;
+    let Json(t) = body.map_err(|e| {
+        ApiError(nanofleet_api::Error::InvalidArgument {
+            field: "body",
+            value: e.body_text(),
+            allowed: "JSON {site_id, expires_in_seconds, uses, device_id, reason}".into(),
+        })
+    })?;
+    caller.check_site(&t.site_id)?;
+    let life = Duration::from_secs(if t.expires_in_seconds == 0 { 86_400 } else { t.expires_in_seconds });
+    let uses = if t.uses == 0 { 1 } else { t.uses };
+    let (token, secret) = api
+        .trust
+        .create_token(&caller.actor(), &t.site_id, life, uses, t.device_id.trim(), &t.reason)
+        .await?;
+    Ok(Json(serde_json::json!({ "token": token_json(&token, now_ms()), "secret_token": secret })))
+}
+
+fn token_json(k: &nanofleet_proto::v1::EnrollToken, now: i64) -> serde_json::Value {
+    let state = if k.revoked_unix_ms != 0 {
+        "revoked"
+    } else if k.uses_left == 0 {
+        "used"
+    } else if k.expires_unix_ms <= now {
+        "expired"
+    } else {
+        "usable"
+    };
+    serde_json::json!({
+        "id": k.id, "site_id": k.site_id, "device_id": k.device_id, "replacement": k.replacement,
+        "created_unix_ms": k.created_unix_ms, "expires_unix_ms": k.expires_unix_ms,
+        "uses_allowed": k.uses_allowed, "uses_left": k.uses_left, "created_by": k.created_by,
+        "revoked_unix_ms": k.revoked_unix_ms, "state": state,
+    })
 }
 
 fn static_file(body: &'static str, content_type: &'static str) -> Response {
@@ -87,8 +307,16 @@ impl IntoResponse for ApiError {
     }
 }
 
-async fn fleet_summary(State(fleet): State<Fleet>) -> Result<Json<serde_json::Value>, ApiError> {
-    let sites = fleet.sites().await?;
+async fn fleet_summary(
+    State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    allow(&caller, "FleetService/ListSites")?;
+    let fleet = &api.fleet;
+    let mut sites = fleet.sites().await?;
+    if let Some(own) = caller.site_limit() {
+        sites.retain(|s| s.id == own);
+    }
     let total: u32 = sites.iter().map(|s| s.devices_total).sum();
     let online: u32 = sites.iter().map(|s| s.devices_online).sum();
     Ok(Json(serde_json::json!({
@@ -116,8 +344,8 @@ fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
 }
 
 /// Live and able to read the store.
-async fn healthz(State(fleet): State<Fleet>) -> Response {
-    match tokio::time::timeout(std::time::Duration::from_secs(2), fleet.sites()).await {
+async fn healthz(State(api): State<Api>) -> Response {
+    match tokio::time::timeout(std::time::Duration::from_secs(2), api.fleet.sites()).await {
         Ok(Ok(_)) => "ok\n".into_response(),
         Ok(Err(e)) => ApiError(e).into_response(),
         Err(_) => ApiError(nanofleet_api::Error::Unavailable("storage did not answer within 2 s".into()))
@@ -126,19 +354,31 @@ async fn healthz(State(fleet): State<Fleet>) -> Response {
 }
 
 async fn devices(
-    State(fleet): State<Fleet>,
+    State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
     q: Result<Query<DevicesQuery>, QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let q = query(q)?;
-    let devices = fleet.devices(q.site.as_deref()).await?;
+    allow(&caller, "FleetService/ListDevices")?;
+    let mut site = query(q)?.site.unwrap_or_default();
+    if let Some(own) = caller.site_limit() {
+        if site.is_empty() {
+            site = own.to_owned();
+        }
+        caller.check_site(&site)?;
+    }
+    let devices = api.fleet.devices(Some(&site)).await?;
     Ok(Json(serde_json::json!({ "devices": devices.iter().map(json::device).collect::<Vec<_>>() })))
 }
 
 async fn device(
-    State(fleet): State<Fleet>,
+    State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    Ok(Json(json::device(&fleet.device(&id).await?)))
+    allow(&caller, "FleetService/GetDevice")?;
+    let d = api.fleet.device(&id).await?;
+    caller.check_site(&d.site_id)?;
+    Ok(Json(json::device(&d)))
 }
 
 #[derive(serde::Deserialize)]
@@ -149,10 +389,16 @@ struct TelemetryQuery {
 }
 
 async fn telemetry(
-    State(fleet): State<Fleet>,
+    State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     q: Result<Query<TelemetryQuery>, QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    allow(&caller, "TelemetryService/QueryTelemetry")?;
+    if caller.site_limit().is_some() {
+        caller.check_site(&api.fleet.device(&id).await?.site_id)?;
+    }
+    let fleet = &api.fleet;
     let q = query(q)?;
     let now = now_ms();
     let since = q.since_ms.unwrap_or(now - 2 * 60 * 1000);
@@ -165,8 +411,21 @@ async fn telemetry(
     })))
 }
 
-async fn metrics(State(fleet): State<Fleet>) -> Result<Response, ApiError> {
+/// For Prometheus: an API token of a role that may read ingest statistics.
+async fn metrics(State(api): State<Api>, headers: HeaderMap) -> Result<Response, ApiError> {
     use std::fmt::Write as _;
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            ApiError(nanofleet_api::Error::Unauthenticated(
+                "send `Authorization: Bearer <API token>` (ops or auditor)".into(),
+            ))
+        })?;
+    let caller = api.people.authenticate_token(bearer).await?;
+    allow(&caller, "TelemetryService/GetIngestStats")?;
+    let fleet = &api.fleet;
     let s = fleet.ingest_stats();
     let sites = fleet.sites().await?;
     let mut out = String::new();

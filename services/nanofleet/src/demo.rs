@@ -95,7 +95,7 @@ impl Demo {
         let site = self.fleet.devices.first().map(|d| d.info.site_id.as_str()).unwrap_or("st-marys-london");
         format!(
             "Nanofleet demo: {} hospitals, {} simulated devices, enrolled with tokens, on mutual TLS\n\
-             \n  dashboard  http://{}/\n  grpc       {grpc}\n  mqtt       mqtts://{} (client certificates)\n  \
+             \n  dashboard  https://{}/\n  grpc       {grpc}\n  mqtt       mqtts://{} (client certificates)\n  \
              fleet CA   {} (sha256 {})\n\
              \n  login      admin / {}   (dashboard)\n\
              \nTry, in another terminal:\n  export NANOFLEET_SERVER={grpc} NANOFLEET_CA_FILE={}\n  \

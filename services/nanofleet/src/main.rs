@@ -487,7 +487,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let server = Server::start(&server_options(a.listen, dir)).await?;
             eprintln!(
-                "nanofleet server: dashboard http://{}/  grpc https://{}  mqtt (mutual TLS) {}\n  fleet root {} (sha256 {})",
+                "nanofleet server: dashboard https://{}/  grpc https://{}  mqtt (mutual TLS) {}\n  fleet root {} (sha256 {})",
                 server.http_addr,
                 server.grpc_addr,
                 server.mqtt_addr,

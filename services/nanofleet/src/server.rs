@@ -246,9 +246,11 @@ impl Server {
         }));
 
         let stop = cancel.clone();
-        let dash_fleet = fleet.clone();
+        let dash_api = api.clone();
+        let dash_tls =
+            Arc::new(nanofleet_pki::tls::server_config(ca.server_chain().to_vec(), ca.server_key()?)?);
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = nanofleet_dashboard::run(http, dash_fleet, stop.cancelled_owned()).await {
+            if let Err(e) = nanofleet_dashboard::run(http, dash_api, dash_tls, stop.cancelled_owned()).await {
                 tracing::error!(error = %e, "dashboard stopped");
             }
         }));
