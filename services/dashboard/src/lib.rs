@@ -3,7 +3,8 @@
 //! The page itself (`assets/`) is plain HTML, CSS and JavaScript compiled into the
 //! binary, so the Rust build is the only build. It polls the JSON API below once a
 //! second. People sign in with their user id and password; the session cookie is
-//! HttpOnly, Secure and SameSite=Strict. Each endpoint is allowed to the roles of the
+//! HttpOnly, Secure and SameSite=Strict; scripts may send an API token instead
+//! (`Authorization: Bearer`). Each endpoint is allowed to the roles of the
 //! gRPC method it mirrors, from the same access table
 //! ([`nanofleet_api::people::GRPC_ACCESS`]); site-scoped roles see their site only.
 //!
@@ -136,12 +137,23 @@ fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
         .map(|(_, v)| v.to_owned())
 }
 
-/// Authenticates the session cookie and puts the [`Caller`] into the request.
+/// Authenticates the session cookie (people in a browser) or an API token
+/// (`Authorization: Bearer`, scripts) and puts the [`Caller`] into the request.
 async fn require_session(State(api): State<Api>, mut req: Request, next: Next) -> Response {
-    let Some(cookie) = cookie_value(req.headers(), SESSION_COOKIE) else {
-        return ApiError(nanofleet_api::Error::Unauthenticated("login required".into())).into_response();
+    let bearer = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned);
+    let caller = match (cookie_value(req.headers(), SESSION_COOKIE), bearer) {
+        (Some(cookie), _) => api.people.authenticate_session(&cookie).await,
+        (None, Some(token)) => api.people.authenticate_token(&token).await,
+        (None, None) => {
+            return ApiError(nanofleet_api::Error::Unauthenticated("login required".into())).into_response();
+        }
     };
-    match api.people.authenticate_session(&cookie).await {
+    match caller {
         Ok(caller) => {
             req.extensions_mut().insert(caller);
             next.run(req).await

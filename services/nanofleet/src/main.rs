@@ -494,6 +494,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 server.ca.root_path().display(),
                 server.ca.root_fingerprint()
             );
+            if let Some(addr) = server.mqtt_plaintext_addr {
+                eprintln!("  mqtt-plaintext-dev {addr} (development only: no client certificates)");
+            }
             process::stop_signal().await;
             server.shutdown().await;
         }
