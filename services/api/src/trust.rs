@@ -36,11 +36,17 @@ pub struct TrustOptions {
     pub device_cert_validity: Duration,
     /// The MQTT address devices are told to connect to (host:port).
     pub mqtt_address: String,
+    /// The fleet's signed trust root, handed to devices at enrollment.
+    pub trust_root_json: String,
 }
 
 impl Default for TrustOptions {
     fn default() -> Self {
-        TrustOptions { device_cert_validity: Duration::from_secs(7 * 86_400), mqtt_address: String::new() }
+        TrustOptions {
+            device_cert_validity: Duration::from_secs(7 * 86_400),
+            mqtt_address: String::new(),
+            trust_root_json: String::new(),
+        }
     }
 }
 
@@ -396,6 +402,7 @@ impl Trust {
             root_ca_pem: self.ca.root_pem(),
             not_after_unix_ms: cert_rec.not_after_ms,
             mqtt_address: self.opts.mqtt_address.clone(),
+            trust_root_json: self.opts.trust_root_json.clone(),
         })
     }
 

@@ -10,6 +10,8 @@
 //! - [`EnrollToken`]: the one-time secret hospital IT hands a device, carrying the
 //!   fingerprint of the fleet root so the device can check it talks to the right server
 //!   before it has any certificate.
+//! - [`trust_root`]: the signed, versioned list of signing keys per role that devices
+//!   pin at enrollment.
 //! - [`tls`]: rustls configurations for the broker, gRPC, HTTPS and the agent, all on one
 //!   crypto provider ([`install_crypto_provider`]).
 #![forbid(unsafe_code)]
@@ -17,6 +19,7 @@
 mod ca;
 pub mod tls;
 mod token;
+pub mod trust_root;
 
 use std::path::PathBuf;
 
