@@ -15,6 +15,15 @@ use nanofleet_proto::v1::people_service_client::PeopleServiceClient;
 use nanofleet_proto::v1::telemetry_service_client::TelemetryServiceClient;
 use tonic::transport::Channel;
 
+/// Prints a line on stdout; a closed pipe (`nanofleet ... | head`) is not an error.
+#[macro_export]
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// How results are printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Output {
@@ -132,7 +141,7 @@ impl Client {
             v["credential_id"] = r.credential_id.into();
             self.print_json(v);
         } else {
-            println!(
+            outln!(
                 "{} ({}), role {}{}, credential {}",
                 p.id,
                 p.display_name,
@@ -152,7 +161,7 @@ impl Client {
             v["initial_password"] = r.initial_password.into();
             self.print_json(v);
         } else {
-            println!("{}", r.initial_password);
+            outln!("{}", r.initial_password);
             eprintln!(
                 "\n{} ({}) created with role {}. The line above is their initial password, shown only now.",
                 p.id,
@@ -187,7 +196,7 @@ impl Client {
                 if p.disabled_unix_ms != 0 { "disabled".into() } else { "active".to_owned() },
             ]);
         }
-        println!("{t}");
+        outln!("{t}");
         Ok(())
     }
 
@@ -203,7 +212,7 @@ impl Client {
         if self.output == Output::Json {
             self.print_json(person_json(&p));
         } else {
-            println!("{} now has role {}", p.id, role_name(p.role));
+            outln!("{} now has role {}", p.id, role_name(p.role));
         }
         Ok(())
     }
@@ -220,7 +229,7 @@ impl Client {
         if self.output == Output::Json {
             self.print_json(person_json(&p));
         } else {
-            println!("{} disabled: their API tokens and sessions no longer work", p.id);
+            outln!("{} disabled: their API tokens and sessions no longer work", p.id);
         }
         Ok(())
     }
@@ -232,7 +241,7 @@ impl Client {
                 "token_id": r.token_id, "secret_token": r.secret_token, "expires_unix_ms": r.expires_unix_ms,
             }));
         } else {
-            println!("{}", r.secret_token);
+            outln!("{}", r.secret_token);
             eprintln!(
                 "\nAPI token {} until {} UTC, shown only now: export NANOFLEET_TOKEN=<the line above>",
                 r.token_id,
@@ -248,7 +257,7 @@ impl Client {
         if self.output == Output::Json {
             self.print_json(serde_json::json!({ "token_id": id, "revoked": true }));
         } else {
-            println!("API token {id} revoked");
+            outln!("API token {id} revoked");
         }
         Ok(())
     }
@@ -280,7 +289,7 @@ impl Client {
                 change.chars().take(80).collect(),
             ]);
         }
-        println!("{t}\n{} records", records.len());
+        outln!("{t}\n{} records", records.len());
         Ok(())
     }
 
@@ -315,7 +324,7 @@ impl Client {
                 "checkpoint": serde_json::from_str::<serde_json::Value>(&r.checkpoint_json).unwrap_or_default(),
             }));
         } else if r.intact {
-            println!(
+            outln!(
                 "audit chain intact: {} records, head {} ({}), {} signed checkpoints checked",
                 r.records,
                 r.head_seq,
@@ -336,7 +345,7 @@ impl Client {
         if self.output == Output::Json {
             self.print_json(json::site(&site));
         } else {
-            println!("site {} ({}) created", site.id, site.name);
+            outln!("site {} ({}) created", site.id, site.name);
         }
         Ok(())
     }
@@ -355,7 +364,7 @@ impl Client {
             self.print_json(v);
             return Ok(());
         }
-        println!("{}", resp.secret_token);
+        outln!("{}", resp.secret_token);
         eprintln!(
             "\nenrollment token {} for site {}: {} use(s), expires {} UTC{}\n\
              On the device: nanofleet-agent enroll --server {server} --token <the line above>\n\
@@ -402,7 +411,7 @@ impl Client {
                 k.created_by.clone(),
             ]);
         }
-        println!("{t}");
+        outln!("{t}");
         Ok(())
     }
 
@@ -418,7 +427,7 @@ impl Client {
         if self.output == Output::Json {
             self.print_json(token_json(&token));
         } else {
-            println!("enrollment token {} revoked", token.id);
+            outln!("enrollment token {} revoked", token.id);
         }
         Ok(())
     }
@@ -436,7 +445,7 @@ impl Client {
             v["disconnected"] = resp.disconnected.into();
             self.print_json(v);
         } else {
-            println!(
+            outln!(
                 "device {} decommissioned: certificates revoked{}",
                 d.id,
                 if resp.disconnected { ", connection closed" } else { " (it was not connected)" }
@@ -454,7 +463,7 @@ impl Client {
             self.print_json(v);
             return Ok(());
         }
-        println!("{}", resp.secret_token);
+        outln!("{}", resp.secret_token);
         eprintln!(
             "\ndevice {} is being replaced: the old unit is cut off. Enroll the new unit with the token above:\n\
              nanofleet-agent enroll --server {server} --token <the line above>\n\
@@ -473,7 +482,7 @@ impl Client {
     }
 
     fn print_json(&self, v: serde_json::Value) {
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        outln!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     }
 
     pub async fn sites_list(&self, server: &str) -> anyhow::Result<()> {
@@ -493,7 +502,7 @@ impl Client {
                 s.devices_total.to_string(),
             ]);
         }
-        println!("{t}");
+        outln!("{t}");
         Ok(())
     }
 
@@ -535,9 +544,9 @@ impl Client {
                 d.active_alarms.len().to_string(),
             ]);
         }
-        println!("{t}");
+        outln!("{t}");
         let online = devices.iter().filter(|d| d.online).count();
-        println!("{} devices, {online} online", devices.len());
+        outln!("{} devices, {online} online", devices.len());
         Ok(())
     }
 
@@ -576,7 +585,7 @@ impl Client {
         for a in &d.active_alarms {
             t.add_row(["alarm".to_owned(), a.detail.clone()]);
         }
-        println!("{t}");
+        outln!("{t}");
         Ok(())
     }
 
@@ -630,8 +639,8 @@ impl Client {
                 format!("{:.2}", s.chamber_temperature_c),
             ]);
         }
-        println!("{t}");
-        println!(
+        outln!("{t}");
+        outln!(
             "{} samples from {} over the last {}{}",
             resp.samples.len(),
             resp.device_id,
@@ -744,7 +753,7 @@ pub fn ca_show(data_dir: &Path, output: Output) -> anyhow::Result<()> {
     let ca = nanofleet_pki::FleetCa::load_or_create(&dir, &names)?;
     let s = ca.summary(&names);
     if output == Output::Json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        outln!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(());
     }
     let mut t = table(["CERTIFICATE", "SUBJECT", "NOT AFTER", "SHA-256 FINGERPRINT"]);
@@ -754,7 +763,22 @@ pub fn ca_show(data_dir: &Path, output: Output) -> anyhow::Result<()> {
         t.add_row([role, &d.subject, &d.not_after, &d.fingerprint_sha256]);
     }
     t.add_row(["server (TLS)", &s.server.subject, &s.server.not_after, &s.server.fingerprint_sha256]);
-    println!("{t}\nfiles in {}", s.dir.display());
+    outln!("{t}\nfiles in {}", s.dir.display());
+    Ok(())
+}
+
+/// `nanofleet ca import`: an existing root into a data directory without a CA.
+pub fn ca_import(data_dir: &Path, cert: &Path, key: &Path) -> anyhow::Result<()> {
+    nanofleet_pki::install_crypto_provider();
+    let read = |p: &Path| std::fs::read_to_string(p).with_context(|| format!("{}", p.display()));
+    let dir = data_dir.join("pki");
+    nanofleet_pki::FleetCa::import_root(&dir, &read(cert)?, &read(key)?)?;
+    let ca = nanofleet_pki::FleetCa::load_or_create(&dir, &nanofleet_pki::ServerNames::default())?;
+    outln!(
+        "root imported into {} (sha256 {}); device intermediate and server certificate created under it",
+        dir.display(),
+        ca.root_fingerprint()
+    );
     Ok(())
 }
 
@@ -768,7 +792,7 @@ pub fn ca_rotate(data_dir: &Path) -> anyhow::Result<()> {
     let names = nanofleet_pki::ServerNames::default();
     let mut ca = nanofleet_pki::FleetCa::load_or_create(&dir, &names)?;
     ca.rotate(&names)?;
-    println!(
+    outln!(
         "new device intermediate and server certificate in {}; {} intermediates trusted for device certificates. \
          Start the server again.",
         dir.display(),

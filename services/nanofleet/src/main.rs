@@ -245,6 +245,19 @@ enum CaCommand {
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// Installs an existing root CA (your organisation's, PEM certificate and key) into
+    /// a data directory before the server's first start; the server then creates the
+    /// device intermediate and its certificate under it.
+    Import {
+        #[arg(long, env = "NANOFLEET_DATA_DIR")]
+        data_dir: PathBuf,
+        /// The root certificate (PEM).
+        #[arg(long)]
+        cert: PathBuf,
+        /// Its private key (PEM, PKCS#8).
+        #[arg(long)]
+        key: PathBuf,
+    },
     /// New device intermediate and server certificate. Stop the server first. Devices
     /// keep working: the old intermediate stays trusted until it expires, and they
     /// receive certificates from the new one when they renew.
@@ -525,8 +538,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 batch_interval: Duration::from_secs(1),
             };
             let demo = Demo::start(&opts).await?;
-            println!("{}", demo.banner());
-            println!("\n  data       {}\n  ready in   {} ms", dir.display(), started.elapsed().as_millis());
+            nanofleet::outln!("{}", demo.banner());
+            nanofleet::outln!(
+                "\n  data       {}\n  ready in   {} ms",
+                dir.display(),
+                started.elapsed().as_millis()
+            );
             process::stop_signal().await;
             eprintln!("stopping: devices say goodbye, then the server");
             demo.stop().await;
@@ -581,6 +598,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Ca { command: CaCommand::Show { data_dir, output } } => {
             nanofleet::cli::ca_show(&data_dir, output)?;
+        }
+        Command::Ca { command: CaCommand::Import { data_dir, cert, key } } => {
+            nanofleet::cli::ca_import(&data_dir, &cert, &key)?;
         }
         Command::Ca { command: CaCommand::Rotate { data_dir } } => {
             nanofleet::cli::ca_rotate(&data_dir)?;

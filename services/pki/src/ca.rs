@@ -651,6 +651,25 @@ mod tests {
     }
 
     #[test]
+    fn an_imported_root_signs_the_new_intermediate_and_a_bad_pair_is_refused() {
+        crate::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = ca_params("Hospital Group Root", ROOT_VALIDITY, None);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let cert = params.self_signed(&key).unwrap();
+        // A key that does not belong to the certificate.
+        let other = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let err = FleetCa::import_root(dir.path(), &cert.pem(), &other.serialize_pem()).unwrap_err();
+        assert!(err.to_string().contains("does not belong"), "{err}");
+        FleetCa::import_root(dir.path(), &cert.pem(), &key.serialize_pem()).unwrap();
+        let ca = FleetCa::load_or_create(dir.path(), &ServerNames::default()).unwrap();
+        assert_eq!(ca.root_fingerprint(), fingerprint(cert.der()));
+        // Importing over an existing root is refused.
+        assert!(FleetCa::import_root(dir.path(), &cert.pem(), &key.serialize_pem()).is_err());
+    }
+
+    #[test]
     fn serials_print_like_tls_stacks() {
         assert_eq!(serial_hex(&[0x00, 0x0a, 0xff]), "aff");
         assert_eq!(serial_hex(&[0, 0]), "0");
