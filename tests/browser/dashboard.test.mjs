@@ -1,5 +1,7 @@
 // End-to-end check of the Nanofleet dashboard: a real `nanofleet demo` fleet (3 hospital
 // sites, 24 simulated devices) and a headless Chromium driving the page like an operator.
+// The dashboard is served over HTTPS with the fleet's own CA, so the browser is told to
+// accept that certificate; the operator's password is read from the demo's banner.
 //
 //   NANOFLEET_BIN  server binary (default: <repo>/target/debug/nanofleet)
 //   CHROMIUM       browser binary (default: /usr/bin/chromium)
@@ -30,7 +32,11 @@ const DEVICES = 24;
 const DEVICES_PER_SITE = 8;
 const STARTUP_TIMEOUT_MS = 30_000;
 const SHUTDOWN_TIMEOUT_MS = 10_000;
-const DASHBOARD_LINE = /dashboard\s+(http:\/\/\S+)/;
+const DASHBOARD_LINE = /dashboard\s+(https:\/\/\S+)/;
+const LOGIN_LINE = /login\s+(\S+)\s+\/\s+(\S+)\s+\(dashboard\)/;
+const WRONG_PASSWORD = 'user id or password is wrong';
+// Printed with `--server` in place of the address, which the page cannot know.
+const GRPC_PLACEHOLDER = "<the server's gRPC address>";
 // eslint-disable-next-line no-control-regex
 const ANSI = /\x1b\[[0-9;]*[A-Za-z]/g;
 
@@ -83,10 +89,12 @@ class DemoServer {
     };
     this.child.stderr.on('data', keep);
 
+    // Resolves to { url, user, password } once the banner has shown both lines.
     return new Promise((resolve, reject) => {
       let pending = '';
+      const found = {};
       const timer = setTimeout(() => {
-        reject(new Error(`the demo printed no "dashboard http://…" line within ${STARTUP_TIMEOUT_MS / 1000} s\n${this.tail()}`));
+        reject(new Error(`the demo printed no "dashboard https://…" and "login USER / PASSWORD" lines within ${STARTUP_TIMEOUT_MS / 1000} s\n${this.tail()}`));
       }, STARTUP_TIMEOUT_MS);
       this.child.once('error', (err) => {
         clearTimeout(timer);
@@ -102,11 +110,14 @@ class DemoServer {
         const lines = pending.split('\n');
         pending = lines.pop();
         for (const line of lines) {
-          const m = line.match(DASHBOARD_LINE);
-          if (m) {
-            clearTimeout(timer);
-            resolve(m[1]);
-          }
+          const dash = line.match(DASHBOARD_LINE);
+          if (dash) found.url = dash[1];
+          const login = line.match(LOGIN_LINE);
+          if (login) [, found.user, found.password] = login;
+        }
+        if (found.url && found.password) {
+          clearTimeout(timer);
+          resolve(found);
         }
       });
     });
@@ -140,6 +151,7 @@ describe('dashboard against a demo fleet', () => {
   let context;
   let page;
   let dashboard;
+  let login;
   let dataDir;
   let profileDir;
   const pageErrors = [];
@@ -151,6 +163,12 @@ describe('dashboard against a demo fleet', () => {
   };
   const count = (selector) => page.locator(selector).count();
   const shoot = (name) => page.screenshot({ path: path.join(outDir, name), fullPage: true });
+  const signIn = async (user, password) => {
+    await page.getByTestId('login-user').fill(user);
+    await page.getByTestId('login-password').fill(password);
+    await page.getByTestId('login-submit').click();
+  };
+  const apiStatus = (p) => page.evaluate(async (u) => (await fetch(u, { cache: 'no-store' })).status, p);
 
   before(async () => {
     assert.ok(existsSync(chromiumBin),
@@ -165,11 +183,13 @@ describe('dashboard against a demo fleet', () => {
     process.once('exit', () => {
       if (server.running) server.signal('SIGKILL');
     });
-    dashboard = await server.start();
+    ({ url: dashboard, ...login } = await server.start());
 
     context = await chromium.launchPersistentContext(profileDir, {
       executablePath: chromiumBin,
       headless: true,
+      // The fleet CA is self-signed and not in the browser's trust store.
+      ignoreHTTPSErrors: true,
       viewport: { width: 1440, height: 900 },
       args: [
         '--no-sandbox',
@@ -200,11 +220,35 @@ describe('dashboard against a demo fleet', () => {
     }
   });
 
-  it('overview shows every site and all devices online', { timeout: 60_000 }, async () => {
+  it('asks to sign in, shows the server\'s refusal of a wrong password, then signs in', { timeout: 60_000 }, async () => {
     await page.goto(at('#/'));
     // Marks this document: if the dashboard ever reloaded itself the mark would be gone.
     await page.evaluate(() => { window.nanofleetTestMark = true; });
 
+    await page.getByTestId('login-form').waitFor({ state: 'visible' });
+    assert.equal(await apiStatus('api/fleet'), 401, 'the API needs a session');
+    assert.equal(await page.getByTestId('whoami').isVisible(), false, 'nobody is shown as signed in');
+    assert.equal(await page.getByTestId('error-banner').isVisible(), false, 'a 401 is not "server unreachable"');
+    await shoot('login.png');
+
+    await signIn(login.user, `${login.password}-wrong`);
+    const error = page.getByTestId('login-error');
+    await error.waitFor({ state: 'visible' });
+    assert.match(await error.textContent(), new RegExp(WRONG_PASSWORD));
+    assert.equal(await page.getByTestId('error-banner').isVisible(), false, 'a refused sign-in is not "server unreachable"');
+
+    await signIn(login.user, login.password);
+    await page.getByTestId('login-form').waitFor({ state: 'hidden' });
+    const whoami = page.getByTestId('whoami');
+    await whoami.waitFor({ state: 'visible' });
+    assert.equal(await whoami.getAttribute('data-person-id'), login.user);
+    assert.equal(await whoami.getAttribute('data-role'), 'ops');
+    assert.equal(await page.getByTestId('logout').isVisible(), true);
+    // The 401s above were provoked on purpose; from here on the page must stay clean.
+    pageErrors.length = 0;
+  });
+
+  it('overview shows every site and all devices online', { timeout: 60_000 }, async () => {
     await until('site cards', () => count('[data-testid="site-card"]'), (n) => n === SITES, 10_000);
     const state = await until(
       'device tiles / online tiles / fleet-online',
@@ -269,6 +313,80 @@ describe('dashboard against a demo fleet', () => {
     assert.equal(await page.evaluate(() => window.nanofleetTestMark), true, 'the page was never reloaded');
     assert.deepEqual(pageErrors, [], 'no script or network errors in the page');
     await shoot('device.png');
+  });
+
+  it('enroll page creates a token, shows its secret once and lists it as usable', { timeout: 60_000 }, async () => {
+    await page.getByRole('link', { name: 'Enroll a device', exact: true }).click();
+    await page.waitForURL((u) => new URL(u).hash === '#/enroll');
+    await page.getByTestId('enroll-form').waitFor({ state: 'visible' });
+
+    const siteSelect = page.getByTestId('enroll-site');
+    const sites = await until(
+      'enroll site choices',
+      () => siteSelect.locator('option').evaluateAll((opts) => opts.map((o) => o.value).filter(Boolean)),
+      (list) => list.length === SITES,
+      10_000,
+    );
+    const site = sites[1];
+    await siteSelect.selectOption(site);
+
+    // A refusal from the server is shown next to the form, in the server's words.
+    await page.getByTestId('enroll-uses').fill('2');
+    await page.getByTestId('enroll-device').fill('NF-BROWSER-01');
+    await page.getByTestId('enroll-submit').click();
+    const error = page.getByTestId('enroll-error');
+    await error.waitFor({ state: 'visible' });
+    assert.match(await error.textContent(), /uses = "?2"? is invalid/);
+    assert.equal(await page.getByTestId('enroll-secret').count(), 0, 'no secret for a refused request');
+    // That 400 was provoked on purpose.
+    pageErrors.length = 0;
+
+    await page.getByTestId('enroll-uses').fill('1');
+    await page.getByTestId('enroll-device').fill('');
+    await page.getByTestId('enroll-reason').fill('browser test');
+    await page.getByTestId('enroll-submit').click();
+    const secretEl = page.getByTestId('enroll-secret');
+    await secretEl.waitFor({ state: 'visible' });
+    const secret = (await secretEl.textContent()).trim();
+    assert.ok(secret.startsWith('nfe1.'), `secret token ${JSON.stringify(secret)} starts with nfe1.`);
+    assert.equal(await error.isVisible(), false, 'the earlier error is gone');
+    const command = (await page.getByTestId('enroll-command').textContent()).trim();
+    assert.equal(command, `nanofleet-agent enroll --server ${GRPC_PLACEHOLDER} --token ${secret}`);
+
+    const tokenId = await page.getByTestId('enroll-created').getAttribute('data-token-id');
+    assert.ok(tokenId, 'the created token is named');
+    const row = page.locator(`[data-testid="enroll-tokens"] [data-testid="token-row"][data-token-id="${tokenId}"]`);
+    const rowState = await until(
+      `token row ${tokenId}`,
+      async () => ((await row.count()) === 1
+        ? { state: await row.getAttribute('data-state'), site: await row.getAttribute('data-site-id') }
+        : null),
+      (v) => v != null && v.state === 'usable',
+      10_000,
+    );
+    assert.equal(rowState.site, site);
+    assert.equal(await row.getByText(secret).count(), 0, 'the list never shows a secret');
+    await shoot('enroll.png');
+
+    // Shown once: leaving the page and coming back does not bring it back.
+    await page.getByRole('link', { name: 'Devices', exact: true }).click();
+    await page.getByRole('link', { name: 'Enroll a device', exact: true }).click();
+    await row.waitFor({ state: 'visible' });
+    assert.equal(await page.getByTestId('enroll-secret').count(), 0, 'the secret is not shown again');
+    assert.deepEqual(pageErrors, [], 'no script or network errors in the page');
+  });
+
+  it('signing out returns to the sign-in form, signing in again to the same page', { timeout: 60_000 }, async () => {
+    await page.getByTestId('logout').click();
+    await page.getByTestId('login-form').waitFor({ state: 'visible' });
+    assert.equal(await page.getByTestId('whoami').isVisible(), false);
+    assert.equal(await page.getByTestId('enroll-form').count(), 0, 'the signed-out page keeps no fleet data');
+    assert.equal(await apiStatus('api/me'), 401, 'the session cookie is gone');
+
+    await signIn(login.user, login.password);
+    await page.getByTestId('enroll-form').waitFor({ state: 'visible' });
+    assert.equal(new URL(page.url()).hash, '#/enroll');
+    assert.equal(await page.evaluate(() => window.nanofleetTestMark), true, 'the page was never reloaded');
   });
 
   it('Ctrl-C stops the server cleanly and the dashboard says it is unreachable', { timeout: 60_000 }, async () => {

@@ -4,9 +4,14 @@
 //   #/                 fleet overview: totals, one card per hospital site, active alarms
 //   #/devices?site=ID  device table with a site filter
 //   #/devices/ID       one device: presence, last values, alarms, live telemetry chart
+//   #/enroll           enrollment tokens: create one for a site, list them with their state
 //
 // Every view polls once a second and updates its DOM in place instead of rebuilding it,
 // so a click, a hover or an open <select> is not lost to a refresh.
+//
+// The API needs a session cookie (HttpOnly, so this script never sees it). Any answer 401
+// puts the sign-in form in place of the view and stops polling; signing in as the same
+// person brings the view back as it was, a different person gets the page rebuilt.
 'use strict';
 
 (() => {
@@ -18,8 +23,14 @@
   const GAP_MS = 2000;
   // Follow-up requests in one tick while the server says it left samples out of an answer.
   const MAX_TELEMETRY_PAGES = 20;
+  // Checking a password is deliberately slow on the server.
+  const LOGIN_TIMEOUT_MS = 15_000;
   const PRIORITY_RANK = { HIGH: 3, MEDIUM: 2, LOW: 1 };
   const LOCALE = 'en-GB';
+  const ROLE_LABEL = { ops: 'Operations', 'site-it': 'Site IT', pharmacist: 'Pharmacist', qa: 'QA', auditor: 'Auditor' };
+  // Who may do what on the enrollment page; the server enforces the same table.
+  const ENROLL_CREATE_ROLES = new Set(['ops', 'site-it']);
+  const ENROLL_LIST_ROLES = new Set(['ops', 'site-it', 'auditor']);
 
   // === DOM helpers ===
 
@@ -226,6 +237,10 @@
 
   class UnreachableError extends Error {}
 
+  function isSignedOutError(err) {
+    return err instanceof HttpError && err.status === 401;
+  }
+
   // Offset between the server's clock and this browser's, so "last seen N s ago" stays
   // right on a workstation whose clock is off. The Date header has one-second resolution,
   // so offsets below a few seconds are treated as noise.
@@ -244,26 +259,33 @@
     clockOffset = Math.abs(offset) > 3000 ? offset : 0;
   }
 
-  async function api(path) {
+  /** JSON request to the server; `body`, when given, is sent as JSON. 204 resolves to null. */
+  async function api(path, { method = 'GET', body, timeoutMs = REQUEST_TIMEOUT_MS } = {}) {
     const ctl = new AbortController();
-    const timer = setTimeout(() => ctl.abort(), REQUEST_TIMEOUT_MS);
+    const timer = setTimeout(() => ctl.abort(), timeoutMs);
+    const init = { method, signal: ctl.signal, cache: 'no-store', credentials: 'same-origin', headers: { Accept: 'application/json' } };
+    if (body !== undefined) {
+      init.headers['Content-Type'] = 'application/json';
+      init.body = JSON.stringify(body);
+    }
     try {
       let res;
       try {
-        res = await fetch(path, { signal: ctl.signal, cache: 'no-store', headers: { Accept: 'application/json' } });
+        res = await fetch(path, init);
       } catch (e) {
         throw new UnreachableError(ctl.signal.aborted ? 'request timed out' : 'connection failed');
       }
       noteServerClock(res);
-      let body = null;
+      if (res.status === 204) return null;
+      let answer = null;
       try {
-        body = await res.json();
+        answer = await res.json();
       } catch (e) {
         if (ctl.signal.aborted) throw new UnreachableError('request timed out');
       }
-      if (!res.ok) throw new HttpError(res.status, (body && body.error) || `HTTP ${res.status}`);
-      if (body == null) throw new HttpError(res.status, 'the server sent a response that is not JSON');
-      return body;
+      if (!res.ok) throw new HttpError(res.status, (answer && answer.error) || `HTTP ${res.status}`);
+      if (answer == null) throw new HttpError(res.status, 'the server sent a response that is not JSON');
+      return answer;
     } finally {
       clearTimeout(timer);
     }
@@ -279,11 +301,20 @@
     sites: new Map(),
     lastOk: 0,
     timer: null,
+    // The signed-in person ({id, display_name, role, site_id}); null until /api/me answers.
+    me: null,
+    // True while the sign-in form is up; nothing polls then.
+    signedOut: false,
+    // Whose data the mounted view shows: signing in as someone else rebuilds it.
+    shownFor: null,
   };
+
+  const SESSION_ENDED = 'Your session has ended. Sign in again to continue where you were.';
 
   function rememberSites(fleet) {
     if (!fleet || !Array.isArray(fleet.sites)) return;
     state.sites = new Map(fleet.sites.map((s) => [s.id, s]));
+    renderSession();
   }
 
   const el = {
@@ -293,7 +324,27 @@
     bannerDetail: null,
     live: null,
     liveText: null,
+    nav: null,
+    enrollNav: null,
+    session: null,
+    whoami: null,
+    whoamiName: null,
+    whoamiRole: null,
+    logout: null,
+    login: null,
+    loginNote: null,
+    loginForm: null,
+    loginUser: null,
+    loginPassword: null,
+    loginError: null,
+    loginSubmit: null,
   };
+
+  /** "Text." from a server message that may or may not end in a full stop. */
+  function sentence(text) {
+    const s = String(text || '').trim();
+    return /[.!?…]$/.test(s) ? s : `${s}.`;
+  }
 
   function markOk() {
     state.lastOk = Date.now();
@@ -312,12 +363,16 @@
     } else if (err instanceof HttpError && err.status >= 500) {
       title = 'Server error, retrying…';
       why = `The server answered ${err.status}: ${err.message}.`;
+    } else if (err instanceof HttpError && err.status === 403) {
+      title = 'Not permitted for your role';
+      why = sentence(err.message);
     } else {
       // A 4xx or a payload this page cannot read: the server is up but something is off.
       console.error(err);
       title = 'Unexpected answer from the server, retrying…';
       why = err instanceof HttpError ? `HTTP ${err.status}: ${err.message}.` : String(err && err.message ? err.message : err);
     }
+    el.view.hidden = false;
     el.banner.hidden = false;
     setText(el.bannerTitle, title);
     el.view.classList.toggle('stale', state.lastOk > 0);
@@ -330,15 +385,27 @@
 
   async function tick() {
     clearTimeout(state.timer);
+    if (state.signedOut) return;
     const gen = state.gen;
     const view = state.view;
     const started = Date.now();
-    const isCurrent = () => gen === state.gen && view === state.view;
+    const isCurrent = () => gen === state.gen && view === state.view && !state.signedOut;
     try {
+      if (!state.me) {
+        const me = await api('api/me');
+        if (!isCurrent()) return;
+        setMe(me);
+        el.view.hidden = false;
+      }
       await view.refresh(isCurrent);
-      if (isCurrent()) markOk();
+      if (isCurrent()) {
+        markOk();
+        state.shownFor = state.me.id;
+      }
     } catch (err) {
-      if (isCurrent()) markFailure(err);
+      if (!isCurrent()) return;
+      if (isSignedOutError(err)) showLogin(state.shownFor ? SESSION_ENDED : null);
+      else markFailure(err);
     } finally {
       if (isCurrent()) {
         const wait = Math.max(200, POLL_MS - (Date.now() - started));
@@ -366,6 +433,7 @@
     if (parts.length === 0) return { name: 'overview' };
     if (parts[0] === 'devices' && parts.length === 1) return { name: 'devices', site: params.get('site') || '' };
     if (parts[0] === 'devices' && parts.length === 2) return { name: 'device', id: parts[1] };
+    if (parts[0] === 'enroll' && parts.length === 1) return { name: 'enroll' };
     return { name: 'unknown', path };
   }
 
@@ -383,12 +451,18 @@
       return;
     }
     if (state.view && state.view.unmount) state.view.unmount();
-    const make = { overview: overviewView, devices: devicesView, device: deviceView }[route.name] || unknownView;
+    const make = { overview: overviewView, devices: devicesView, device: deviceView, enroll: enrollView }[route.name] || unknownView;
     state.view = make(route);
     el.view.replaceChildren(state.view.root);
     window.scrollTo(0, 0);
-    document.title = state.view.title || 'Nanofleet';
+    if (!state.signedOut) document.title = state.view.title || 'Nanofleet';
     refreshNow();
+  }
+
+  /** Builds the view of the current address afresh, whatever was mounted before. */
+  function remount() {
+    state.route = null;
+    onRoute();
   }
 
   function navigate(hash) {
@@ -398,6 +472,128 @@
 
   function deviceHash(id) {
     return `#/devices/${encodeURIComponent(id)}`;
+  }
+
+  // === Session ===
+
+  function can(roles) {
+    return state.me != null && roles.has(state.me.role);
+  }
+
+  function setMe(person) {
+    state.me = person || null;
+    renderSession();
+  }
+
+  function renderSession() {
+    const me = state.me;
+    el.session.hidden = me == null;
+    el.nav.hidden = state.signedOut;
+    el.enrollNav.hidden = !can(ENROLL_CREATE_ROLES);
+    if (!me) return;
+    setAttr(el.whoami, 'data-person-id', me.id);
+    setAttr(el.whoami, 'data-role', me.role);
+    setAttr(el.whoami, 'data-site-id', me.site_id || null);
+    setText(el.whoamiName, me.display_name || me.id);
+    setText(el.whoamiRole, `${ROLE_LABEL[me.role] || me.role} · ${me.site_id ? siteName(me.site_id) : 'all sites'}`);
+    setAttr(el.whoami, 'title', `Signed in as ${me.id}, role ${me.role}${me.site_id ? `, site ${me.site_id}` : ''}`);
+  }
+
+  /** Puts the sign-in form in place of the view and stops polling until someone signs in. */
+  function showLogin(note) {
+    clearTimeout(state.timer);
+    state.gen += 1;
+    setText(el.loginNote, note || 'Use your Nanofleet user id and password.');
+    if (state.signedOut) return;
+    state.signedOut = true;
+    setMe(null);
+    el.view.hidden = true;
+    el.banner.hidden = true;
+    el.login.hidden = false;
+    showLoginError(null);
+    setAttr(el.live, 'data-state', 'signed-out');
+    setText(el.liveText, 'Signed out');
+    document.title = 'Sign in · Nanofleet';
+    (el.loginUser.value ? el.loginPassword : el.loginUser).focus();
+  }
+
+  function showLoginError(message) {
+    el.loginError.hidden = !message;
+    setText(el.loginError, message || '');
+    setAttr(el.loginPassword, 'aria-invalid', message ? 'true' : null);
+  }
+
+  async function submitLogin(ev) {
+    ev.preventDefault();
+    const user = el.loginUser.value.trim();
+    const password = el.loginPassword.value;
+    if (!user || !password) {
+      showLoginError('Enter your user id and password.');
+      return;
+    }
+    el.loginSubmit.disabled = true;
+    setText(el.loginSubmit, 'Signing in…');
+    try {
+      const res = await api('api/login', { method: 'POST', body: { user, password }, timeoutMs: LOGIN_TIMEOUT_MS });
+      if (!res || !res.person || !res.person.id) throw new HttpError(200, 'the server accepted the sign-in but did not say who signed in');
+      el.loginPassword.value = '';
+      signedIn(res.person);
+    } catch (err) {
+      // The server's own words: wrong credentials and lock-outs are explained there.
+      if (err instanceof UnreachableError) showLoginError(`Server unreachable (${err.message}). Try again.`);
+      else showLoginError(sentence(err.message));
+      el.loginPassword.select();
+      el.loginPassword.focus();
+    } finally {
+      el.loginSubmit.disabled = false;
+      setText(el.loginSubmit, 'Sign in');
+    }
+  }
+
+  function signedIn(person) {
+    state.signedOut = false;
+    el.login.hidden = true;
+    showLoginError(null);
+    setAttr(el.live, 'data-state', 'connecting');
+    setText(el.liveText, 'Connecting…');
+    if (state.shownFor === person.id) {
+      setMe(person);
+      el.view.hidden = false;
+      document.title = state.view.title || 'Nanofleet';
+      refreshNow();
+      return;
+    }
+    // Someone else's data must not stay on screen, not even until the first refresh.
+    state.sites = new Map();
+    state.lastOk = 0;
+    state.shownFor = null;
+    setMe(person);
+    el.view.hidden = false;
+    remount();
+  }
+
+  async function signOut() {
+    el.logout.disabled = true;
+    try {
+      await api('api/logout', { method: 'POST' });
+    } catch (err) {
+      // 401: the session was over already, which is what was asked for.
+      if (!isSignedOutError(err)) {
+        markFailure(err);
+        return;
+      }
+    } finally {
+      el.logout.disabled = false;
+    }
+    if (state.view && state.view.unmount) state.view.unmount();
+    state.view = null;
+    el.view.replaceChildren();
+    state.shownFor = null;
+    state.sites = new Map();
+    state.lastOk = 0;
+    el.loginUser.value = '';
+    el.loginPassword.value = '';
+    showLogin('You have signed out.');
   }
 
   // === Overview ===
@@ -1219,6 +1415,270 @@
     ctx.restore();
   }
 
+  // === Enrollment tokens ===
+
+  const EXPIRY_CHOICES = [[3600, '1 hour'], [86_400, '24 hours'], [604_800, '7 days']];
+  const DEFAULT_EXPIRY = 86_400;
+  const TOKEN_COLUMNS = ['Token', 'Site', 'Device', 'Uses left', 'Created', 'Expires', 'State'];
+  const GRPC_PLACEHOLDER = "<the server's gRPC address>";
+
+  /** A labelled form control, with an optional hint that screen readers read with it. */
+  function field(control, label, hint) {
+    const hintEl = hint ? h('span', { class: 'hint', id: `${control.id}-hint` }, hint) : null;
+    if (hintEl) control.setAttribute('aria-describedby', hintEl.id);
+    return h('div', { class: 'field' }, h('label', { for: control.id }, label), control, hintEl);
+  }
+
+  function selectText(node) {
+    const range = document.createRange();
+    range.selectNodeContents(node);
+    const sel = window.getSelection();
+    sel.removeAllRanges();
+    sel.addRange(range);
+  }
+
+  /** A button that copies `node`'s text; where the clipboard is not available it selects it. */
+  function copyButton(label, node) {
+    const btn = h('button', { type: 'button', class: 'btn btn-small' }, label);
+    btn.addEventListener('click', async () => {
+      let copied = false;
+      try {
+        await navigator.clipboard.writeText(node.textContent);
+        copied = true;
+      } catch (e) {
+        selectText(node);
+      }
+      setText(btn, copied ? 'Copied' : 'Press Ctrl+C');
+      clearTimeout(btn._reset);
+      btn._reset = setTimeout(() => setText(btn, label), 2500);
+    });
+    return btn;
+  }
+
+  function enrollView() {
+    let busy = false;
+    let mounted = true;
+
+    const siteSelect = h('select', { id: 'enroll-site', name: 'site', required: true, 'data-testid': 'enroll-site' });
+    const expires = h('select', { id: 'enroll-expires', name: 'expires', 'data-testid': 'enroll-expires' },
+      EXPIRY_CHOICES.map(([secs, label]) => h('option', { value: secs, selected: secs === DEFAULT_EXPIRY }, label)));
+    const uses = h('input', {
+      id: 'enroll-uses', name: 'uses', type: 'number', min: 1, max: 10_000, step: 1, value: 1, required: true,
+      inputmode: 'numeric', 'data-testid': 'enroll-uses',
+    });
+    const deviceId = h('input', {
+      id: 'enroll-device', name: 'device_id', autocomplete: 'off', autocapitalize: 'characters', spellcheck: 'false',
+      placeholder: 'assigned on enrollment', 'data-testid': 'enroll-device',
+    });
+    const reason = h('input', { id: 'enroll-reason', name: 'reason', autocomplete: 'off', 'data-testid': 'enroll-reason' });
+    const submit = h('button', { type: 'submit', class: 'btn btn-primary', 'data-testid': 'enroll-submit' }, 'Create token');
+    const error = h('p', { class: 'form-error', role: 'alert', 'data-testid': 'enroll-error', hidden: true });
+    // Shown only when the site is fixed (site IT), so a disabled select still says why.
+    const siteField = field(siteSelect, 'Site', 'Your site');
+    const siteHint = siteField.querySelector('.hint');
+    siteHint.hidden = true;
+
+    const form = h('form', {
+      class: 'card enroll-form', 'data-testid': 'enroll-form', 'aria-labelledby': 'enroll-form-title',
+      onsubmit: (ev) => {
+        ev.preventDefault();
+        create();
+      },
+    },
+    h('div', { class: 'card-head' }, h('h2', { id: 'enroll-form-title' }, 'New enrollment token'),
+      h('span', { class: 'muted' }, 'The device presents it once to get its certificate')),
+    h('div', { class: 'card-body form-grid' },
+      siteField,
+      field(expires, 'Expires after'),
+      field(uses, 'Uses', 'Devices it may enroll'),
+      field(deviceId, 'Device id (optional)', 'Only with 1 use'),
+      field(reason, 'Reason', 'Kept in the audit trail')),
+    h('div', { class: 'form-actions' }, submit, error));
+
+    const roleNote = h('div');
+    const secretSlot = h('div', { 'aria-live': 'polite' });
+    const listMeta = h('span', { class: 'muted' });
+    const tbody = h('tbody');
+    const listSection = h('section', { class: 'section' },
+      h('div', { class: 'section-head' }, h('h2', null, 'Enrollment tokens'), listMeta),
+      h('div', { class: 'card table-wrap' },
+        h('table', { class: 'grid', 'data-testid': 'enroll-tokens' },
+          h('thead', null, h('tr', null, TOKEN_COLUMNS.map((name) => h('th', { class: name === 'Uses left' ? 'num' : null }, name)))),
+          tbody)));
+
+    const root = h('div', { class: 'enroll' },
+      h('div', { class: 'page-title' }, h('h1', null, 'Enroll a device'),
+        h('span', { class: 'muted' }, 'Tokens that let a new device join a site, each usable a limited number of times')),
+      roleNote, form, secretSlot, listSection);
+
+    function showError(message) {
+      error.hidden = !message;
+      setText(error, message || '');
+    }
+
+    function renderAccess() {
+      const role = state.me ? state.me.role : '';
+      const mayCreate = can(ENROLL_CREATE_ROLES);
+      const mayList = can(ENROLL_LIST_ROLES);
+      form.hidden = !mayCreate;
+      listSection.hidden = !mayList;
+      const who = ROLE_LABEL[role] || role;
+      setChildren(roleNote, `${role}|${mayCreate}|${mayList}`, () => {
+        if (mayCreate) return null;
+        return h('p', { class: 'card note', 'data-testid': 'enroll-role-note' }, mayList
+          ? `Your role (${who}) can see enrollment tokens but not create them.`
+          : `Enrollment tokens are handled by operations and site IT; your role (${who}) has no access to them.`);
+      });
+    }
+
+    function renderSiteOptions() {
+      const me = state.me;
+      let sites = [...state.sites.values()].sort((a, b) => (a.name || a.id).localeCompare(b.name || b.id, LOCALE));
+      // Site IT enrolls into its own site only; the server refuses any other.
+      const fixed = me.role === 'site-it' && me.site_id;
+      if (fixed) sites = [state.sites.get(me.site_id) || { id: me.site_id, name: me.site_id }];
+      reconcile(siteSelect, sites, (s) => s.id, (s) => h('option', { value: s.id }), (opt, s) => setText(opt, s.name || s.id));
+      siteSelect.disabled = Boolean(fixed);
+      siteHint.hidden = !fixed;
+    }
+
+    function renderSecret(res) {
+      const t = res.token || {};
+      const secret = String(res.secret_token);
+      const code = h('code', { class: 'secret-value', 'data-testid': 'enroll-secret' }, secret);
+      const command = h('code', { class: 'secret-value', 'data-testid': 'enroll-command' },
+        'nanofleet-agent enroll --server ', h('var', null, GRPC_PLACEHOLDER), ` --token ${secret}`);
+      const where = siteName(t.site_id);
+      const limits = `${fmtNum(t.uses_allowed)} use${t.uses_allowed === 1 ? '' : 's'} · expires ${fmtDateTime(t.expires_unix_ms)}`
+        + (t.device_id ? ` · device id ${t.device_id}` : '');
+      secretSlot.replaceChildren(h('section', {
+        class: 'card secret', 'data-testid': 'enroll-created', 'data-token-id': t.id, 'aria-labelledby': 'enroll-secret-title',
+      },
+      h('div', { class: 'card-head' }, h('h2', { id: 'enroll-secret-title' }, `Token ${t.id} for ${where}`), h('span', { class: 'muted' }, limits)),
+      h('div', { class: 'card-body' },
+        h('p', { class: 'secret-warning' }, h('strong', null, 'Shown only now. '),
+          `Whoever holds this token can enroll a device into ${where} until it is used up or expires. Copy it now: it cannot be shown again.`),
+        h('div', { class: 'secret-row' }, code, copyButton('Copy token', code)),
+        h('p', { class: 'secret-label' }, 'On the device, run:'),
+        h('div', { class: 'secret-row' }, command, copyButton('Copy command', command)),
+        h('p', { class: 'hint' }, `Replace ${GRPC_PLACEHOLDER} with the address devices reach the server's gRPC port at, as https://HOST:PORT.`),
+        h('div', { class: 'form-actions' },
+          h('button', { type: 'button', class: 'btn', onclick: () => secretSlot.replaceChildren() }, 'Done, hide the token')))));
+    }
+
+    async function create() {
+      if (busy) return;
+      const body = {
+        site_id: siteSelect.value,
+        expires_in_seconds: Number(expires.value),
+        uses: Number(uses.value),
+        device_id: deviceId.value.trim(),
+        reason: reason.value.trim(),
+      };
+      busy = true;
+      submit.disabled = true;
+      setText(submit, 'Creating…');
+      showError(null);
+      try {
+        const res = await api('api/enroll-tokens', { method: 'POST', body });
+        if (!res || typeof res.secret_token !== 'string' || !res.token) {
+          throw new HttpError(200, 'the server answered without the token');
+        }
+        if (!mounted) return;
+        renderSecret(res);
+        deviceId.value = '';
+        reason.value = '';
+        refreshNow();
+      } catch (err) {
+        if (!mounted) return;
+        if (isSignedOutError(err)) {
+          showError('Your session had ended, so no token was created. Create it again.');
+          showLogin(SESSION_ENDED);
+        } else if (err instanceof UnreachableError) {
+          showError(err.message === 'request timed out'
+            ? 'The server did not answer in time; check the list below before trying again.'
+            : 'Server unreachable: no token was created.');
+        } else {
+          showError(sentence(err.message));
+        }
+      } finally {
+        busy = false;
+        submit.disabled = false;
+        setText(submit, 'Create token');
+      }
+    }
+
+    function createTokenRow(t) {
+      const cells = TOKEN_COLUMNS.map((name) => h('td', { class: { 'Uses left': 'num', Site: 'site' }[name] || null }));
+      const [id, , , , created, expiresCell, stateCell] = cells;
+      id.className = 'mono';
+      created.append(h('span', { class: 'when' }), h('span', { class: 'sub' }));
+      expiresCell.append(h('span', { class: 'when' }), h('span', { class: 'sub' }));
+      stateCell.append(h('span', { class: 'token-state' }));
+      const row = h('tr', { 'data-testid': 'token-row', 'data-token-id': t.id }, cells);
+      row._cells = cells;
+      return row;
+    }
+
+    function updateTokenRow(row, t) {
+      const [id, site, device, usesCell, created, expiresCell, stateCell] = row._cells;
+      const st = String(t.state || '');
+      setAttr(row, 'data-state', st);
+      setAttr(row, 'data-site-id', t.site_id);
+      setClass(row, st === 'usable' ? '' : 'inactive');
+      setText(id, t.id);
+      setText(site, siteName(t.site_id));
+      setChildren(device, `${t.device_id}|${t.replacement}`, () => [
+        t.device_id ? h('span', { class: 'mono' }, t.device_id) : h('span', { class: 'muted' }, 'assigned on enrollment'),
+        t.replacement ? h('span', { class: 'sub' }, 'replacement unit') : null]);
+      setText(usesCell, `${fmtNum(t.uses_left)} of ${fmtNum(t.uses_allowed)}`);
+      setText(created.firstChild, fmtDateTime(t.created_unix_ms));
+      // Actors are "person:ID" or "system"; the person's id is what people recognise.
+      setText(created.lastChild, t.created_by ? `by ${String(t.created_by).replace(/^person:/, '')}` : '');
+      setAttr(created, 'title', t.created_by || null);
+      setText(expiresCell.firstChild, fmtDateTime(t.expires_unix_ms));
+      let note = '';
+      if (st === 'revoked') note = `revoked ${fmtDateTime(t.revoked_unix_ms)}`;
+      else if (st === 'usable' && hasTime(t.expires_unix_ms)) note = `in ${fmtDuration(t.expires_unix_ms - serverNow())}`;
+      else if (st === 'expired') note = fmtAgo(t.expires_unix_ms);
+      setText(expiresCell.lastChild, note);
+      setText(stateCell.firstChild, st || '—');
+      setClass(stateCell.firstChild, `token-state state-${st || 'unknown'}`);
+    }
+
+    function renderTokens(tokens) {
+      const list = tokens.slice().sort((a, b) => (b.created_unix_ms || 0) - (a.created_unix_ms || 0) || byId(a, b));
+      const usable = list.filter((t) => t.state === 'usable').length;
+      setText(listMeta, list.length ? `${fmtNum(usable)} usable of ${fmtNum(list.length)}, newest first` : '');
+      if (list.length === 0) {
+        setChildren(tbody, 'empty', () => h('tr', null, h('td', { class: 'empty', colspan: TOKEN_COLUMNS.length }, 'No enrollment tokens yet.')));
+        return;
+      }
+      delete tbody.dataset.sig;
+      reconcile(tbody, list, (t) => t.id, createTokenRow, updateTokenRow);
+    }
+
+    // The person is usually known already: show the right parts before the first answer.
+    renderAccess();
+
+    return {
+      root,
+      title: 'Enroll a device · Nanofleet',
+      unmount() {
+        mounted = false;
+      },
+      async refresh(isCurrent) {
+        const mayList = can(ENROLL_LIST_ROLES);
+        const [fleet, list] = await Promise.all([api('api/fleet'), mayList ? api('api/enroll-tokens') : null]);
+        if (!isCurrent()) return;
+        rememberSites(fleet);
+        renderAccess();
+        if (can(ENROLL_CREATE_ROLES)) renderSiteOptions();
+        if (list) renderTokens(Array.isArray(list.tokens) ? list.tokens : []);
+      },
+    };
+  }
+
   // === Unknown route ===
 
   function unknownView(route) {
@@ -1238,6 +1698,25 @@
     el.bannerDetail = el.banner.querySelector('.banner-detail');
     el.live = document.querySelector('[data-testid="live-status"]');
     el.liveText = el.live.querySelector('.live-text');
+    el.nav = document.querySelector('.mainnav');
+    el.enrollNav = el.nav.querySelector('[data-nav="enroll"]');
+    el.session = document.querySelector('.session');
+    el.whoami = el.session.querySelector('[data-testid="whoami"]');
+    el.whoamiName = el.whoami.querySelector('.whoami-name');
+    el.whoamiRole = el.whoami.querySelector('.whoami-role');
+    el.logout = el.session.querySelector('[data-testid="logout"]');
+    el.login = document.getElementById('login');
+    el.loginNote = el.login.querySelector('.login-note');
+    el.loginForm = el.login.querySelector('[data-testid="login-form"]');
+    el.loginUser = document.getElementById('login-user');
+    el.loginPassword = document.getElementById('login-password');
+    el.loginError = document.getElementById('login-error');
+    el.loginSubmit = el.login.querySelector('[data-testid="login-submit"]');
+    el.loginForm.addEventListener('submit', submitLogin);
+    el.logout.addEventListener('click', signOut);
+    // Hidden until the server says who is signed in, so a signed-out visitor sees the
+    // sign-in form rather than an empty console flashing by.
+    el.view.hidden = true;
     window.addEventListener('hashchange', onRoute);
     onRoute();
   }
