@@ -79,6 +79,9 @@ pub struct FleetOptions {
     /// Devices enroll (or load the credentials they saved in `state_dir`) and connect
     /// over mutual TLS; `None` connects in plaintext (development listener).
     pub enrollment: Option<FleetEnrollment>,
+    /// With `enrollment`: connect to the MQTT address the server gave each device at
+    /// enrollment, not to `link`'s broker.
+    pub broker_from_enrollment: bool,
 }
 
 /// How simulated devices get their certificates.
@@ -120,8 +123,14 @@ impl Default for FleetOptions {
             model: "NF-200".into(),
             firmware_version: "2.3.1".into(),
             enrollment: None,
+            broker_from_enrollment: false,
         }
     }
+}
+
+/// Where a simulated device keeps its credentials.
+fn identity_dir(state_dir: Option<&std::path::Path>, planned: &DeviceInfo) -> Option<PathBuf> {
+    state_dir.map(|d| crate::enroll::identity_dir(&d.join(&planned.device_id)))
 }
 
 /// The saved credentials of a simulated device, or new ones from enrollment (saved
@@ -131,7 +140,7 @@ async fn credentials(
     planned: &DeviceInfo,
     state_dir: Option<&std::path::Path>,
 ) -> Result<Credentials, crate::enroll::Error> {
-    let dir = state_dir.map(|d| d.join(&planned.device_id).join("identity"));
+    let dir = identity_dir(state_dir, planned);
     if let Some(dir) = &dir
         && let Some(c) = Credentials::load(dir)?
     {
@@ -192,9 +201,11 @@ impl Fleet {
                 let mut link = opts.link.clone();
                 let state_dir = opts.state_dir.clone();
                 let enrollment = opts.enrollment.clone();
+                let broker_from_enrollment = opts.broker_from_enrollment;
                 let cancel = cancel.clone();
                 tasks.spawn(async move {
                     let mut info = info;
+                    let mut renewal = None;
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = cancel.cancelled() => return,
@@ -204,11 +215,28 @@ impl Fleet {
                             c = credentials(en, &info, state_dir.as_deref()) => c,
                             _ = cancel.cancelled() => return,
                         };
+                        let dir = identity_dir(state_dir.as_deref(), &info);
                         match creds.and_then(|c| Ok((c.client_config_arc()?, c))) {
                             Ok((tls, c)) => {
-                                info.device_id = c.device_id;
-                                info.site_id = c.site_id;
+                                if broker_from_enrollment {
+                                    match crate::link::parse_host_port(&c.mqtt_address) {
+                                        Ok((host, port)) => (link.broker_host, link.broker_port) = (host, port),
+                                        Err(e) => {
+                                            tracing::error!(device_id = %c.device_id, error = %e, "mqtt address from enrollment");
+                                            return;
+                                        }
+                                    }
+                                }
+                                info.device_id.clone_from(&c.device_id);
+                                info.site_id.clone_from(&c.site_id);
+                                let (updates, rx) = tokio::sync::watch::channel(tls.clone());
                                 link.tls = Some(tls);
+                                link.tls_updates = Some(rx);
+                                let stop = cancel.child_token();
+                                renewal = Some((
+                                    crate::enroll::keep_renewed(c, dir, updates, stop.clone()),
+                                    stop,
+                                ));
                             }
                             Err(e) => {
                                 tracing::error!(device_id = %info.device_id, error = %e, "device not enrolled");
@@ -230,8 +258,20 @@ impl Fleet {
                         },
                         None => SeqCounter::from_clock(),
                     };
-                    if let Err(e) = run_device(sim, link, seqs, cancel, status).await {
-                        tracing::error!(device_id = %info.device_id, error = %e, "device stopped");
+                    let device = async {
+                        if let Err(e) = run_device(sim, link, seqs, cancel.clone(), status).await {
+                            tracing::error!(device_id = %info.device_id, error = %e, "device stopped");
+                        }
+                    };
+                    match renewal {
+                        Some((renewal, stop)) => {
+                            let device = async {
+                                device.await;
+                                stop.cancel();
+                            };
+                            tokio::join!(device, renewal);
+                        }
+                        None => device.await,
                     }
                 });
             }

@@ -11,7 +11,14 @@
 //! - the in-flight limit is set to the window: rumqttc preallocates a slot per possible
 //!   packet id up to it (13 MiB per connection at its default of 65,535);
 //! - every connection gets a new session id, carried by its birth and its last will, so
-//!   a late death of an old connection cannot mark the device offline.
+//!   a late death of an old connection cannot mark the device offline;
+//! - a refusal (the broker says no, or the TLS handshake fails: a decommissioned device,
+//!   a revoked or expired certificate) is not retried soon: fast retries cannot help;
+//! - a renewed certificate ([`LinkOptions::tls_updates`]) is set on the event loop's
+//!   options, and a live connection is closed cleanly (DISCONNECT, so no last will) and
+//!   made again with it at once, not at the next natural reconnect: the new certificate
+//!   is proven while the old one is still valid, and a connection never outlives the
+//!   certificate it was made with by more than a renewal period.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,8 +32,8 @@ use rand::Rng;
 use rumqttc::Outgoing;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, PubAckReason};
-use rumqttc::v5::{AsyncClient, Event as MqttEvent, MqttOptions};
-use tokio::sync::mpsc;
+use rumqttc::v5::{AsyncClient, ConnectionError, Event as MqttEvent, MqttOptions, StateError};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::hal::{Device, DeviceInfo};
@@ -41,6 +48,10 @@ pub struct LinkOptions {
     /// Mutual TLS (the device certificate and the pinned fleet root); `None` connects
     /// in plaintext, which only a development listener accepts.
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Renewed client configurations (see [`crate::enroll::keep_renewed`]). Each one
+    /// replaces `tls`, and a live connection is made again with it at once: within a
+    /// batch interval (at most a keep-alive) of its arrival.
+    pub tls_updates: Option<watch::Receiver<Arc<rustls::ClientConfig>>>,
     /// Time between two sensor readings.
     pub sample_interval: Duration,
     /// Time covered by one telemetry batch.
@@ -51,6 +62,9 @@ pub struct LinkOptions {
     /// Unacknowledged publishes on the wire.
     pub window: usize,
     pub max_backoff: Duration,
+    /// Wait after the broker refused the device or the TLS handshake failed; a renewed
+    /// certificate ends it early.
+    pub refused_backoff: Duration,
     /// On shutdown, how long to wait for the outbox to drain.
     pub drain_timeout: Duration,
 }
@@ -61,12 +75,14 @@ impl Default for LinkOptions {
             broker_host: "127.0.0.1".into(),
             broker_port: 8883,
             tls: None,
+            tls_updates: None,
             sample_interval: Duration::from_millis(100),
             batch_interval: Duration::from_secs(1),
             keep_alive: Duration::from_secs(30),
             outbox_capacity: 10_000,
             window: 16,
             max_backoff: Duration::from_secs(30),
+            refused_backoff: Duration::from_secs(300),
             drain_timeout: Duration::from_secs(2),
         }
     }
@@ -76,6 +92,21 @@ impl LinkOptions {
     /// The defaults, talking to the broker at `addr`.
     pub fn to_broker(addr: std::net::SocketAddr) -> LinkOptions {
         LinkOptions { broker_host: addr.ip().to_string(), broker_port: addr.port(), ..LinkOptions::default() }
+    }
+}
+
+/// `HOST:PORT` (an IPv6 host may be in brackets) as host and port.
+pub fn parse_host_port(addr: &str) -> Result<(String, u16), String> {
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return Err(format!("{addr:?}: expected HOST:PORT"));
+    };
+    let host = host.trim_matches(['[', ']']);
+    if host.is_empty() {
+        return Err(format!("{addr:?}: no host before the port"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok((host.to_owned(), p)),
+        _ => Err(format!("{addr:?}: port {port:?} is not a number from 1 to 65535")),
     }
 }
 
@@ -102,10 +133,25 @@ pub enum Error {
 
 /// What the connection task reports; `generation` counts CONNACKs.
 enum Link {
-    Connected { session_id: String, generation: u64 },
-    Sent { pkid: u16, generation: u64 },
-    Acked { pkid: u16, accepted: bool, reason: PubAckReason },
-    Disconnected { error: String, generation: u64 },
+    Connected {
+        session_id: String,
+        generation: u64,
+    },
+    Sent {
+        pkid: u16,
+        generation: u64,
+    },
+    Acked {
+        pkid: u16,
+        accepted: bool,
+        reason: PubAckReason,
+    },
+    /// `planned`: closed to reconnect with a renewed certificate.
+    Disconnected {
+        error: String,
+        generation: u64,
+        planned: bool,
+    },
 }
 
 fn now_ms() -> i64 {
@@ -129,6 +175,42 @@ fn state_message(info: &DeviceInfo, presence: Presence, session_id: &str, boot_i
         boot_id: boot_id.to_owned(),
     }
     .encode_to_vec()
+}
+
+/// Pause between closing a connection to use a renewed certificate and opening the
+/// next one.
+const PLANNED_RECONNECT_PAUSE: Duration = Duration::from_millis(500);
+
+fn tls_transport(config: Arc<rustls::ClientConfig>) -> rumqttc::Transport {
+    rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(config))
+}
+
+/// Failures that retrying soon cannot fix: the broker refused this device, or TLS
+/// failed (a certificate the broker does not accept, or a server that is not the
+/// fleet's, such as a proxy inspecting TLS), as opposed to a network that is down or
+/// a broker that is busy (it answers "unavailable" while it still ends the device's
+/// previous session, for one).
+fn is_refusal(e: &ConnectionError) -> bool {
+    use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as Code;
+    let tls_io = |io: &std::io::Error| io.get_ref().is_some_and(|inner| inner.is::<rustls::Error>());
+    let refuses_device = |code: &Code| {
+        matches!(
+            code,
+            Code::NotAuthorized
+                | Code::BadUserNamePassword
+                | Code::Banned
+                | Code::BadClientId
+                | Code::ClientIdentifierNotValid
+                | Code::BadAuthenticationMethod
+        )
+    };
+    match e {
+        ConnectionError::ConnectionRefused(code)
+        | ConnectionError::MqttState(StateError::ConnFail { reason: code }) => refuses_device(code),
+        ConnectionError::Tls(_) => true,
+        ConnectionError::Io(io) | ConnectionError::MqttState(StateError::Io(io)) => tls_io(io),
+        _ => false,
+    }
 }
 
 fn last_will(info: &DeviceInfo, session_id: &str, boot_id: &str) -> LastWill {
@@ -162,10 +244,10 @@ pub async fn run_device<D: Device>(
         // `window` plus a birth or death.
         .set_outgoing_inflight_upper_limit(u16::try_from(opts.window + 2).unwrap_or(u16::MAX))
         .set_last_will(last_will(&info, &first_session, &boot_id));
-    if let Some(tls) = &opts.tls {
-        mqtt.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
-            tls.clone(),
-        )));
+    let mut tls_updates = opts.tls_updates.clone();
+    let latest_tls = tls_updates.as_mut().map(|rx| rx.borrow_and_update().clone());
+    if let Some(tls) = latest_tls.or_else(|| opts.tls.clone()) {
+        mqtt.set_transport(tls_transport(tls));
     }
     let (client, mut eventloop) = AsyncClient::new(mqtt, opts.window + 8);
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -174,16 +256,38 @@ pub async fn run_device<D: Device>(
     let conn_info = info.clone();
     let conn_boot = boot_id.clone();
     let max_backoff = opts.max_backoff;
+    let refused_backoff = opts.refused_backoff;
     let generation = Arc::new(AtomicU64::new(0));
     let conn_generation = generation.clone();
+    let conn_client = client.clone();
+    let conn_cancel = cancel.clone();
     let conn = tokio::spawn(async move {
         let mut session = first_session;
         let mut backoff = Duration::from_millis(100);
         let mut generation = 0u64;
         let mut failures = 0u64;
+        // Connected now; a renewed certificate waits to be put in use; our own
+        // DISCONNECT for that is on its way.
+        let mut up = false;
+        let mut renewed = false;
+        let mut reconnecting = false;
         loop {
+            if let Some(rx) = &mut tls_updates
+                && rx.has_changed().unwrap_or(false)
+            {
+                eventloop.options.set_transport(tls_transport(rx.borrow_and_update().clone()));
+                renewed = true;
+            }
+            if renewed && !up {
+                // The next connection attempt uses it anyway.
+                renewed = false;
+            }
+            if renewed && !reconnecting && conn_client.try_disconnect().is_ok() {
+                reconnecting = true;
+            }
             let report = match eventloop.poll().await {
                 Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
+                    up = true;
                     backoff = Duration::from_millis(100);
                     failures = 0;
                     generation += 1;
@@ -199,31 +303,83 @@ pub async fn run_device<D: Device>(
                     reason: ack.reason,
                 }),
                 Ok(MqttEvent::Outgoing(Outgoing::Publish(pkid))) => Some(Link::Sent { pkid, generation }),
+                Ok(MqttEvent::Outgoing(Outgoing::Disconnect))
+                    if reconnecting && !conn_cancel.is_cancelled() =>
+                {
+                    // Our own DISCONNECT, for a renewed certificate: connect again at once.
+                    up = false;
+                    renewed = false;
+                    reconnecting = false;
+                    eventloop.clean();
+                    eventloop.pending.clear();
+                    session = new_session_id();
+                    eventloop.options.set_last_will(last_will(&conn_info, &session, &conn_boot));
+                    tracing::info!(device_id = %conn_info.device_id, "reconnecting with the renewed certificate");
+                    let report = Link::Disconnected {
+                        error: "reconnecting with the renewed certificate".into(),
+                        generation,
+                        planned: true,
+                    };
+                    if tx.send(report).is_err() {
+                        break;
+                    }
+                    // The broker refuses a client id whose previous session it is still
+                    // ending ("server unavailable"): give it a moment.
+                    tokio::time::sleep(PLANNED_RECONNECT_PAUSE).await;
+                    None
+                }
                 Ok(MqttEvent::Outgoing(Outgoing::Disconnect)) => break,
                 Ok(_) => None,
                 Err(e) => {
                     if tx.is_closed() {
                         break;
                     }
+                    up = false;
+                    // A DISCONNECT still queued for a renewal is moot now (and must not
+                    // end the next connection).
+                    reconnecting = false;
                     // Our outbox re-sends; the client must not replay its own copies.
                     eventloop.pending.clear();
                     session = new_session_id();
                     eventloop.options.set_last_will(last_will(&conn_info, &session, &conn_boot));
                     failures += 1;
-                    // The first failure in a row and then every tenth, not every retry.
-                    if failures == 1 || failures.is_multiple_of(10) {
+                    let refused = is_refusal(&e);
+                    let wait = if refused {
+                        refused_backoff
+                    } else {
+                        backoff.mul_f64(rand::rng().random_range(0.5..1.5))
+                    };
+                    let retry_in_ms = wait.as_millis() as u64;
+                    if refused {
                         tracing::warn!(
-                            device_id = %conn_info.device_id,
-                            failures,
-                            retry_in_ms = backoff.as_millis() as u64,
-                            error = %e,
+                            device_id = %conn_info.device_id, failures, retry_in_ms, error = %e,
+                            "the broker refused the device or its certificate; retrying later"
+                        );
+                    } else if failures == 1 || failures.is_multiple_of(10) {
+                        // The first failure in a row and then every tenth, not every retry.
+                        tracing::warn!(
+                            device_id = %conn_info.device_id, failures, retry_in_ms, error = %e,
                             "cannot reach the broker"
                         );
                     }
-                    let _ = tx.send(Link::Disconnected { error: e.to_string(), generation });
-                    let jitter = rand::rng().random_range(0.5..1.5);
-                    tokio::time::sleep(backoff.mul_f64(jitter)).await;
+                    let _ = tx.send(Link::Disconnected { error: e.to_string(), generation, planned: false });
                     backoff = (backoff * 2).min(max_backoff);
+                    // A renewed certificate is worth trying at once.
+                    let renewal = async {
+                        if let Some(rx) = &mut tls_updates
+                            && rx.changed().await.is_ok()
+                        {
+                            return rx.borrow_and_update().clone();
+                        }
+                        std::future::pending().await
+                    };
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        tls = renewal => {
+                            eventloop.options.set_transport(tls_transport(tls));
+                            backoff = Duration::from_millis(100);
+                        }
+                    }
                     None
                 }
             };
@@ -302,8 +458,8 @@ pub async fn run_device<D: Device>(
                     }
                     outbox.on_acked(pkid, accepted);
                 }
-                Link::Disconnected { error, generation } => {
-                    if connected {
+                Link::Disconnected { error, generation, planned } => {
+                    if connected && !planned {
                         tracing::info!(device_id = %info.device_id, %error, "connection lost, will re-send unacknowledged messages");
                     }
                     connected = false;
@@ -367,4 +523,32 @@ pub async fn run_device<D: Device>(
     st.connected = false;
     st.outbox = outbox.stats();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_and_port_are_split_at_the_last_colon() {
+        assert_eq!(parse_host_port("fleet.example.org:8883"), Ok(("fleet.example.org".into(), 8883)));
+        assert_eq!(parse_host_port("[::1]:8883"), Ok(("::1".into(), 8883)));
+        for bad in ["fleet.example.org", ":8883", "host:0", "host:65536", "host:mqtt"] {
+            assert!(parse_host_port(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn refusals_are_told_from_a_network_that_is_down() {
+        use rumqttc::v5::mqttbytes::v5::ConnectReturnCode;
+        let refused = ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized);
+        assert!(is_refusal(&refused));
+        let busy = ConnectionError::ConnectionRefused(ConnectReturnCode::ServerUnavailable);
+        assert!(!is_refusal(&busy));
+        let alert = rustls::Error::AlertReceived(rustls::AlertDescription::CertificateExpired);
+        let tls = std::io::Error::new(std::io::ErrorKind::InvalidData, alert);
+        assert!(is_refusal(&ConnectionError::MqttState(StateError::Io(tls))));
+        let down = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(!is_refusal(&ConnectionError::Io(down)));
+    }
 }

@@ -1,13 +1,15 @@
-//! `nanofleet-agent`: run one device, or simulate a fleet.
+//! `nanofleet-agent`: enroll a device, run it, or simulate a fleet.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use nanofleet_agent::fleet::{Fleet, FleetOptions};
+use nanofleet_agent::enroll::{self, Credentials};
+use nanofleet_agent::fleet::{Fleet, FleetEnrollment, FleetOptions, Tokens};
 use nanofleet_agent::hal::DeviceInfo;
-use nanofleet_agent::link::{LinkOptions, run_device};
+use nanofleet_agent::link::{LinkOptions, parse_host_port, run_device};
 use nanofleet_agent::process;
 use nanofleet_agent::seq::SeqCounter;
 use nanofleet_agent::sim::{Fault, SimDevice};
@@ -27,9 +29,17 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run one device (simulated hardware) against a broker.
+    /// Enroll this device with an enrollment token from hospital IT: a key is generated
+    /// here, the server signs a certificate for it, and the credentials are saved under
+    /// the state directory (identity/) for `run`.
     ///
-    /// Example: nanofleet-agent run --device-id NF-SMH-01 --site st-marys-london
+    /// Example: nanofleet-agent enroll --server https://fleet.example.org:7400 --token nfe1.… --state-dir /var/lib/nanofleet-agent
+    Enroll(EnrollArgs),
+    /// Run one device (simulated hardware). Enrolled, it connects over mutual TLS and
+    /// renews its certificate by itself; otherwise in plaintext, which only a
+    /// development listener accepts.
+    ///
+    /// Example: nanofleet-agent run --state-dir /var/lib/nanofleet-agent
     Run(RunArgs),
     /// Run a simulated fleet: many devices in this process, each with its own
     /// connection, for demos and load tests.
@@ -38,11 +48,41 @@ enum Command {
     Simulate(SimulateArgs),
 }
 
+/// The development broker: the server's loopback plaintext listener.
+const DEV_BROKER: &str = "127.0.0.1:7883";
+
+#[derive(clap::Args, Debug)]
+struct EnrollArgs {
+    /// The Nanofleet server's gRPC address, https://HOST:PORT.
+    #[arg(long)]
+    server: String,
+    /// The enrollment token (nfe1.ID.SECRET.FINGERPRINT). The environment variable keeps
+    /// it out of the shell history.
+    #[arg(long, env = "NANOFLEET_ENROLL_TOKEN", hide_env_values = true)]
+    token: String,
+    /// Directory for the agent's state; the credentials go to its identity/ directory.
+    #[arg(long, default_value = "/var/lib/nanofleet-agent")]
+    state_dir: PathBuf,
+    #[arg(long, default_value = "NF-200")]
+    model: String,
+    /// Hardware serial number, for the server's records (default: this host's name).
+    #[arg(long)]
+    hardware_serial: Option<String>,
+    /// Replace credentials the state directory already holds (once the new enrollment
+    /// has succeeded).
+    #[arg(long)]
+    force: bool,
+    /// The result as text for people, or one JSON object for scripts.
+    #[arg(long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
 #[derive(clap::Args, Debug)]
 struct LinkArgs {
-    /// MQTT broker as HOST:PORT (the Nanofleet server's device listener).
-    #[arg(long, default_value = "127.0.0.1:7883", env = "NANOFLEET_BROKER")]
-    broker: String,
+    /// MQTT broker as HOST:PORT. Default: the address the server gave at enrollment,
+    /// or the development listener 127.0.0.1:7883 without enrollment.
+    #[arg(long, env = "NANOFLEET_BROKER")]
+    broker: Option<String>,
     /// Sensor readings per second.
     #[arg(long, default_value_t = 10.0)]
     sample_hz: f64,
@@ -56,17 +96,19 @@ struct LinkArgs {
 
 #[derive(clap::Args, Debug)]
 struct RunArgs {
-    /// Globally unique device id (also the MQTT client id).
+    /// Globally unique device id (also the MQTT client id). Enrolled devices take it
+    /// from their credentials; if given, it must agree with them.
     #[arg(long)]
-    device_id: String,
-    /// Site (hospital) id the device stands in.
+    device_id: Option<String>,
+    /// Site (hospital) id the device stands in. Enrolled devices take it from their
+    /// credentials; if given, it must agree with them.
     #[arg(long)]
-    site: String,
+    site: Option<String>,
     #[arg(long, default_value = "NF-200")]
     model: String,
     #[arg(long, default_value = "2.3.1")]
     firmware: String,
-    /// Directory for the agent's state (sequence numbers).
+    /// Directory for the agent's state: credentials (identity/) and sequence numbers.
     #[arg(long, default_value = "/var/lib/nanofleet-agent")]
     state_dir: PathBuf,
     /// Inject a fault into the simulated hardware.
@@ -93,12 +135,21 @@ struct SimulateArgs {
     /// Stop after this long (default: until Ctrl-C).
     #[arg(long, value_parser = humantime::parse_duration)]
     duration: Option<Duration>,
-    /// Keep sequence numbers here so a restarted simulation is not taken for re-sends.
+    /// Keep sequence numbers (and credentials, when enrolling) here so a restarted
+    /// simulation is not taken for re-sends and does not enroll again.
     #[arg(long)]
     state_dir: Option<PathBuf>,
     /// Seed for faults and noise.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Enroll every simulated device at this server (https://HOST:PORT) with --token,
+    /// then connect over mutual TLS to the MQTT address it gives (unless --broker).
+    #[arg(long, requires = "token")]
+    enroll_server: Option<String>,
+    /// One multi-use enrollment token for all simulated devices; the server assigns
+    /// their ids.
+    #[arg(long, requires = "enroll_server")]
+    token: Option<String>,
     /// Status lines as a table for people, or one JSON object per line for scripts.
     #[arg(long, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -116,12 +167,13 @@ fn usage_error(msg: String) -> ! {
     process::usage_error("nanofleet-agent", msg)
 }
 
-fn link_options(a: &LinkArgs) -> LinkOptions {
-    let Some((host, port)) = a.broker.rsplit_once(':') else {
-        usage_error(format!("--broker {:?}: expected HOST:PORT", a.broker));
-    };
-    let Ok(port) = port.parse::<u16>() else {
-        usage_error(format!("--broker {:?}: port {port:?} is not a number from 1 to 65535", a.broker));
+/// Link options from the flags; `broker` when `--broker` is not given.
+fn link_options(a: &LinkArgs, broker: &str) -> LinkOptions {
+    let broker = a.broker.as_deref().unwrap_or(broker);
+    let (broker_host, broker_port) = match parse_host_port(broker) {
+        Ok(hp) => hp,
+        Err(e) if a.broker.is_some() => usage_error(format!("--broker {e}")),
+        Err(e) => usage_error(format!("the MQTT address from enrollment, {e}; pass --broker")),
     };
     if !(a.sample_hz > 0.0 && a.sample_hz <= 1_000.0) {
         usage_error(format!("--sample-hz {}: allowed 0 (exclusive) to 1000", a.sample_hz));
@@ -130,12 +182,37 @@ fn link_options(a: &LinkArgs) -> LinkOptions {
         usage_error(format!("--batch {:?}: allowed 10ms to 1h", a.batch));
     }
     LinkOptions {
-        broker_host: host.trim_matches(['[', ']']).to_owned(),
-        broker_port: port,
+        broker_host,
+        broker_port,
         sample_interval: Duration::from_secs_f64(1.0 / a.sample_hz),
         batch_interval: a.batch,
         outbox_capacity: a.outbox.max(1),
         ..LinkOptions::default()
+    }
+}
+
+/// Checks a server address given as `flag`: `https://HOST[:PORT]`.
+fn check_server(flag: &str, server: &str) {
+    let Some(rest) = server.strip_prefix("https://") else {
+        usage_error(format!(
+            "{flag} {server:?}: must start with https:// (the server's API is served over TLS)"
+        ));
+    };
+    let rest = rest.trim_end_matches('/');
+    if rest.is_empty() || rest.contains('/') {
+        usage_error(format!("{flag} {server:?}: expected https://HOST:PORT"));
+    }
+    let after_host = rest.rsplit_once(']').map_or(rest, |(_, p)| p);
+    if let Some((_, port)) = after_host.rsplit_once(':')
+        && !matches!(port.parse::<u16>(), Ok(p) if p > 0)
+    {
+        usage_error(format!("{flag} {server:?}: port {port:?} is not a number from 1 to 65535"));
+    }
+}
+
+fn check_token(flag: &str, token: &str) {
+    if let Err(e) = nanofleet_pki::EnrollToken::parse(token) {
+        usage_error(format!("{flag}: {e}"));
     }
 }
 
@@ -145,6 +222,7 @@ async fn stop_on_signal(cancel: CancellationToken) {
 }
 
 fn main() {
+    nanofleet_pki::install_crypto_provider();
     let cli: Cli = process::parse_args();
     process::init_tracing("nanofleet_agent=info");
     process::run_main("nanofleet-agent", run(cli));
@@ -152,31 +230,141 @@ fn main() {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run(a) => {
-            let link = link_options(&a.link);
-            if let Err(reason) = nanofleet_proto::topics::validate_device_id(&a.device_id) {
-                usage_error(format!("--device-id {:?}: {reason}", a.device_id));
-            }
-            let info = DeviceInfo {
-                device_id: a.device_id.clone(),
-                site_id: a.site,
-                model: a.model,
-                firmware_version: a.firmware,
-            };
-            let seqs = SeqCounter::load(&a.state_dir, &a.device_id).context("loading sequence numbers")?;
-            let mut sim = SimDevice::new(info, rand::random());
-            if let Some(f) = a.fault {
-                sim.inject(f);
-            }
-            let cancel = CancellationToken::new();
-            tokio::spawn(stop_on_signal(cancel.clone()));
-            tracing::info!(device_id = %a.device_id, broker = %a.link.broker, "agent running");
-            run_device(sim, link, seqs, cancel, Default::default()).await?;
-        }
-        Command::Simulate(a) => simulate(a).await?,
+        Command::Enroll(a) => enroll_device(a).await,
+        Command::Run(a) => run_one(a).await,
+        Command::Simulate(a) => simulate(a).await,
     }
+}
+
+// === enroll ===
+
+async fn enroll_device(a: EnrollArgs) -> anyhow::Result<()> {
+    check_server("--server", &a.server);
+    check_token("--token", &a.token);
+    let dir = enroll::identity_dir(&a.state_dir);
+    if !a.force {
+        match Credentials::load(&dir) {
+            Ok(None) => {}
+            Ok(Some(c)) => usage_error(format!(
+                "{} already holds the credentials of device {} (site {}); pass --force to enroll again and replace them",
+                dir.display(),
+                c.device_id,
+                c.site_id
+            )),
+            Err(e) => usage_error(format!(
+                "{} holds unreadable credentials ({e}); pass --force to enroll again and replace them",
+                dir.display()
+            )),
+        }
+    }
+    let serial = a.hardware_serial.clone().unwrap_or_else(host_name);
+    let creds = enroll::enroll(&a.server, &a.token, &a.model, &serial).await?;
+    creds.save(&dir).context("saving the credentials")?;
+    print_enrolled(&creds, &dir, a.output);
     Ok(())
 }
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn print_enrolled(c: &Credentials, dir: &Path, output: Output) {
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({
+                "device_id": c.device_id,
+                "site_id": c.site_id,
+                "not_after_unix_ms": c.not_after_ms,
+                "not_after": enroll::format_ms(c.not_after_ms),
+                "mqtt_address": c.mqtt_address,
+                "server": c.server,
+                "credentials_dir": dir,
+            })
+        ),
+        Output::Table => {
+            println!("enrolled device {} at site {}", c.device_id, c.site_id);
+            println!(
+                "  certificate  valid until {} (the agent renews it while running)",
+                enroll::format_ms(c.not_after_ms)
+            );
+            println!("  mqtt         {}", c.mqtt_address);
+            println!("  credentials  {}", dir.display());
+        }
+    }
+}
+
+// === run ===
+
+async fn run_one(a: RunArgs) -> anyhow::Result<()> {
+    let dir = enroll::identity_dir(&a.state_dir);
+    let creds = Credentials::load(&dir).context("loading the device credentials")?;
+    let cancel = CancellationToken::new();
+    let (device_id, site_id, link) = match creds {
+        Some(c) => {
+            for (flag, given, enrolled) in
+                [("--device-id", &a.device_id, &c.device_id), ("--site", &a.site, &c.site_id)]
+            {
+                if let Some(given) = given
+                    && given != enrolled
+                {
+                    usage_error(format!(
+                        "{flag} {given:?}: the credentials in {} are for {enrolled:?}",
+                        dir.display()
+                    ));
+                }
+            }
+            let mut link = link_options(&a.link, &c.mqtt_address);
+            let tls = c.client_config_arc().context("the device credentials")?;
+            let (updates, rx) = tokio::sync::watch::channel(Arc::clone(&tls));
+            link.tls = Some(tls);
+            link.tls_updates = Some(rx);
+            tracing::info!(
+                device_id = %c.device_id,
+                not_after = %enroll::format_ms(c.not_after_ms),
+                renew_at = %enroll::format_ms(c.renew_due_ms(c.issued_ms)),
+                "enrolled: mutual TLS"
+            );
+            let ids = (c.device_id.clone(), c.site_id.clone());
+            tokio::spawn(enroll::keep_renewed(c, Some(dir), updates, cancel.clone()));
+            (ids.0, ids.1, link)
+        }
+        None => {
+            let (Some(device_id), Some(site)) = (a.device_id, a.site) else {
+                usage_error(format!(
+                    "--device-id and --site are required when {} holds no credentials (enroll first: nanofleet-agent enroll)",
+                    dir.display()
+                ));
+            };
+            if let Err(reason) = nanofleet_proto::topics::validate_device_id(&device_id) {
+                usage_error(format!("--device-id {device_id:?}: {reason}"));
+            }
+            tracing::warn!(
+                state_dir = %a.state_dir.display(),
+                "not enrolled: connecting in plaintext, which only a development listener accepts"
+            );
+            (device_id, site, link_options(&a.link, DEV_BROKER))
+        }
+    };
+    let info =
+        DeviceInfo { device_id: device_id.clone(), site_id, model: a.model, firmware_version: a.firmware };
+    let seqs = SeqCounter::load(&a.state_dir, &device_id).context("loading sequence numbers")?;
+    let mut sim = SimDevice::new(info, rand::random());
+    if let Some(f) = a.fault {
+        sim.inject(f);
+    }
+    tokio::spawn(stop_on_signal(cancel.clone()));
+    let broker = format!("{}:{}", link.broker_host, link.broker_port);
+    tracing::info!(%device_id, %broker, "agent running");
+    run_device(sim, link, seqs, cancel, Default::default()).await?;
+    Ok(())
+}
+
+// === simulate ===
 
 async fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
     if !(0.0..=1.0).contains(&a.fault_rate) {
@@ -185,14 +373,24 @@ async fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
     if a.sites == 0 || a.devices_per_site == 0 {
         usage_error("--sites and --devices-per-site must be at least 1".into());
     }
+    let enrollment = match (a.enroll_server, a.token) {
+        (Some(server), Some(token)) => {
+            check_server("--enroll-server", &server);
+            check_token("--token", &token);
+            Some(FleetEnrollment { server, tokens: Tokens::Shared(token) })
+        }
+        _ => None,
+    };
     let opts = FleetOptions {
         sites: a.sites,
         devices_per_site: a.devices_per_site,
         fault_rate: a.fault_rate,
         connect_rate: a.connect_rate,
-        link: link_options(&a.link),
+        link: link_options(&a.link, DEV_BROKER),
         state_dir: a.state_dir,
         seed: a.seed,
+        broker_from_enrollment: enrollment.is_some() && a.link.broker.is_none(),
+        enrollment,
         ..FleetOptions::default()
     };
     let rss_before = nanofleet_agent::resident_bytes().unwrap_or(0);

@@ -51,9 +51,17 @@ fn sandbox_options(dir: &std::path::Path) -> Options {
 
 impl Sandbox {
     pub async fn start() -> anyhow::Result<Sandbox> {
+        Sandbox::start_with(|_| {}).await
+    }
+
+    /// Starts a server with the sandbox's options changed by `change` (short device
+    /// certificates, say).
+    pub async fn start_with(change: impl FnOnce(&mut Options)) -> anyhow::Result<Sandbox> {
         nanofleet_pki::install_crypto_provider();
         let dir = tempfile::tempdir()?;
-        let server = Server::start(&sandbox_options(dir.path())).await?;
+        let mut opts = sandbox_options(dir.path());
+        change(&mut opts);
+        let server = Server::start(&opts).await?;
         Ok(Sandbox { dir, server })
     }
 
@@ -283,4 +291,148 @@ pub fn services_required() -> bool {
 pub fn skip_or_fail(reason: &str) {
     assert!(!services_required(), "required service missing: {reason}");
     eprintln!("SKIPPED: {reason}");
+}
+
+// === devices over mutual TLS ===
+
+/// How an MQTT connection attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectOutcome {
+    /// A CONNACK that accepts.
+    Accepted,
+    /// A CONNACK that refuses, with its reason.
+    Refused(rumqttc::v5::mqttbytes::v5::ConnectReturnCode),
+    /// No CONNACK at all: the TLS handshake or the connection failed, or nothing came
+    /// in time. Says what happened.
+    NoConnAck(String),
+}
+
+/// MQTT 5 options for `client_id` at `addr`: over TLS with `tls`, or plaintext without.
+pub fn mqtt_options(addr: SocketAddr, client_id: &str, tls: Option<rustls::ClientConfig>) -> MqttOptions {
+    let mut opts = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+    opts.set_keep_alive(Duration::from_secs(30))
+        .set_max_packet_size(Some(1024 * 1024))
+        .set_outgoing_inflight_upper_limit(256);
+    if let Some(config) = tls {
+        opts.set_transport(rumqttc::Transport::tls_with_config(config.into()));
+    }
+    opts
+}
+
+/// Tries to connect with `opts` and reports how it ended, waiting at most `timeout`.
+/// The connection, if any, is dropped.
+pub async fn try_connect(opts: MqttOptions, timeout: Duration) -> ConnectOutcome {
+    let (_client, mut eventloop) = AsyncClient::new(opts, 10);
+    let attempt = async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => return ConnectOutcome::Accepted,
+                Ok(_) => {}
+                Err(rumqttc::v5::ConnectionError::ConnectionRefused(code)) => {
+                    return ConnectOutcome::Refused(code);
+                }
+                Err(e) => return ConnectOutcome::NoConnAck(e.to_string()),
+            }
+        }
+    };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .unwrap_or_else(|_| ConnectOutcome::NoConnAck(format!("no CONNACK within {timeout:?}")))
+}
+
+impl RawDevice {
+    /// Like [`RawDevice::connect`], with any options (a TLS transport, say).
+    pub async fn connect_with(opts: MqttOptions) -> anyhow::Result<RawDevice> {
+        let (client, mut eventloop) = AsyncClient::new(opts, 100);
+        let (tx, acks) = mpsc::unbounded_channel();
+        let (sub_tx, subacks) = mpsc::unbounded_channel();
+        let (ready_tx, ready) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut ready_tx = Some(ready_tx);
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        if let Some(r) = ready_tx.take() {
+                            let _ = r.send(Ok(()));
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(a))) => {
+                        let _ = tx.send(a.reason);
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(a))) => {
+                        let _ = sub_tx.send(a.return_codes);
+                    }
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
+                    Ok(_) => {}
+                    Err(e) => {
+                        if let Some(r) = ready_tx.take() {
+                            let _ = r.send(Err(e.to_string()));
+                        }
+                        break;
+                    }
+                }
+            }
+        });
+        match tokio::time::timeout(Duration::from_secs(10), ready).await?? {
+            Ok(()) => Ok(RawDevice { client, acks, subacks, task }),
+            Err(e) => anyhow::bail!("connection refused or failed: {e}"),
+        }
+    }
+
+    /// Whether the connection has ended (closed by the broker, or failed).
+    pub fn is_closed(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
+// === people and enrolled devices ===
+
+impl Sandbox {
+    /// Creates a person with `role` (bound to `site_id` for site-scoped roles) as the
+    /// administrator, and returns an interceptor carrying a new API token of theirs.
+    pub async fn person(
+        &self,
+        id: &str,
+        role: nanofleet_proto::v1::Role,
+        site_id: &str,
+    ) -> anyhow::Result<nanofleet::cli::Bearer> {
+        use nanofleet_proto::v1 as pb;
+        use nanofleet_proto::v1::people_service_client::PeopleServiceClient;
+        let mut people = PeopleServiceClient::with_interceptor(self.grpc_channel().await?, self.admin());
+        people
+            .create_person(pb::CreatePersonRequest {
+                id: id.into(),
+                display_name: format!("Test {id}"),
+                role: role as i32,
+                site_id: site_id.into(),
+                reason: "test".into(),
+            })
+            .await?;
+        let token = people
+            .create_api_token(pb::CreateApiTokenRequest {
+                person_id: id.into(),
+                expires_in_seconds: 3_600,
+                description: "test".into(),
+            })
+            .await?
+            .into_inner();
+        nanofleet::cli::Bearer::new(&token.secret_token)
+    }
+
+    /// Enrolls `device_id` into `site_id` (created if missing) the way a device does:
+    /// a one-time token, its own key, a CSR.
+    pub async fn enroll_device(
+        &self,
+        site_id: &str,
+        device_id: &str,
+    ) -> anyhow::Result<nanofleet_agent::enroll::Credentials> {
+        self.server.ensure_site(site_id, site_id, "UTC").await?;
+        let (_, token) = self
+            .server
+            .trust
+            .create_token(&Actor::system(), site_id, Duration::from_secs(600), 1, device_id, "test device")
+            .await?;
+        Ok(nanofleet_agent::enroll::enroll(&self.grpc_url(), &token, "NF-200", &format!("HW-{device_id}"))
+            .await?)
+    }
 }

@@ -170,8 +170,12 @@ impl Server {
             client_ca: ca.device_bundle_path(),
         });
         // Who may connect is decided before the broker accepts anyone.
-        let mut trust_opts =
-            TrustOptions { device_cert_validity: opts.device_cert_validity, ..Default::default() };
+        let trust_root = nanofleet_pki::trust_root::load_or_create(&opts.data_dir.join("pki"))?;
+        let mut trust_opts = TrustOptions {
+            device_cert_validity: opts.device_cert_validity,
+            trust_root_json: trust_root.to_json(),
+            ..Default::default()
+        };
         let trust = Trust::new(store.clone(), ca.clone(), trust_opts.clone()).await?;
         let broker = Broker::start(
             &mqtt_opts,
