@@ -385,6 +385,19 @@ async fn a_csr_without_proof_of_possession_is_refused_and_the_token_kept() -> an
 // === the MQTT listener ===
 
 #[tokio::test]
+async fn a_certificate_for_a_device_that_never_enrolled_is_refused() -> anyhow::Result<()> {
+    // Even one signed by the fleet's own device intermediate (a leaked devices.key).
+    let sb = sandbox().await?;
+    let ca_dir = sb.server.ca.dir().to_owned();
+    let forged = crafted_client(&sb, &ca_dir, "devices", "NF-GHOST-01", Craft::valid())?;
+    let outcome = try_connect(mqtt_options(sb.mqtts_addr(), "NF-GHOST-01", Some(forged)), REFUSAL_WAIT).await;
+    assert_eq!(outcome, ConnectOutcome::Refused(ConnectReturnCode::NotAuthorized));
+    assert!(sb.server.store.get_device("NF-GHOST-01").await?.is_none(), "nothing registered");
+    sb.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
 async fn the_mqtt_listener_refuses_bad_client_certificates() -> anyhow::Result<()> {
     let sb = sandbox().await?;
     let ca_dir = sb.server.ca.dir().to_owned();
@@ -395,6 +408,10 @@ async fn the_mqtt_listener_refuses_bad_client_certificates() -> anyhow::Result<(
     let connect = |config: rustls::ClientConfig| {
         try_connect(mqtt_options(sb.mqtts_addr(), "NF-CRAFT-01", Some(config)), REFUSAL_WAIT)
     };
+
+    // The id is enrolled (only enrolled, active devices are admitted at all), so what
+    // refuses the crafted certificates below is the certificate itself.
+    sb.enroll_device("site-a", "NF-CRAFT-01").await?;
 
     // Control: a certificate crafted the same way, with nothing wrong, is accepted.
     let valid = crafted_client(&sb, &ca_dir, "devices", "NF-CRAFT-01", Craft::valid())?;

@@ -65,13 +65,31 @@ impl AuditLog {
         &self.key_id
     }
 
-    /// Signs the chain head if it moved since the newest checkpoint.
+    /// Signs the chain head if it moved since the newest checkpoint, and only if the
+    /// chain still extends that checkpoint (and the copy in the data directory): a
+    /// chain rewritten behind the server's back is never signed.
     pub async fn checkpoint(&self) -> Result<Option<Checkpoint>, Error> {
         let head = self.store.audit_head().await?;
         if head.seq == 0 {
             return Ok(None);
         }
-        if self.store.latest_checkpoint().await?.is_some_and(|c| c.seq >= head.seq) {
+        let latest = self.store.latest_checkpoint().await?;
+        if latest.as_ref().is_some_and(|c| c.seq >= head.seq) {
+            return Ok(None);
+        }
+        let mirrored = std::fs::read_to_string(&self.head_file).ok().and_then(|t| parse_checkpoint(&t).ok());
+        let anchor = match (latest, mirrored) {
+            (Some(a), Some(b)) => Some(if a.seq >= b.seq { a } else { b }),
+            (a, b) => a.or(b),
+        };
+        if let Some(cp) = anchor
+            && let Err(why) = self.extends(&cp, head.seq).await?
+        {
+            tracing::error!(
+                checkpoint_seq = cp.seq,
+                %why,
+                "audit chain does not extend the last signed checkpoint: not signing (run `nanofleet audit verify`)"
+            );
             return Ok(None);
         }
         let signed_at_ms = now_ms();
@@ -89,6 +107,41 @@ impl AuditLog {
             tracing::warn!(error = %e, path = %self.head_file.display(), "audit checkpoint copy not written");
         }
         Ok(Some(cp))
+    }
+
+    /// Whether the stored chain still holds `cp` (the record at its seq has its hash)
+    /// and runs unbroken from there to `head_seq`; `Err` says where it does not.
+    async fn extends(&self, cp: &Checkpoint, head_seq: i64) -> Result<Result<(), String>, Error> {
+        if !self.signature_ok(cp) {
+            return Ok(Err(format!("checkpoint {} has no valid signature of this server", cp.seq)));
+        }
+        let mut prev = cp.head_hash;
+        let mut expect = cp.seq;
+        let first = self.store.audit_records_from(cp.seq - 1, 1).await?;
+        match first.first() {
+            Some(r) if r.seq == cp.seq && r.hash == cp.head_hash => expect += 1,
+            Some(r) if r.seq == cp.seq => {
+                return Ok(Err(format!("record {} changed since it was signed", cp.seq)));
+            }
+            _ => return Ok(Err(format!("record {} is missing", cp.seq))),
+        }
+        while expect <= head_seq {
+            let page = self.store.audit_records_from(expect - 1, 10_000).await?;
+            if page.is_empty() {
+                return Ok(Err(format!("records from {expect} are missing")));
+            }
+            for r in &page {
+                if r.seq != expect {
+                    return Ok(Err(format!("record {expect} is missing")));
+                }
+                if r.prev_hash != prev || nanofleet_store::record_hash(&prev, r.seq, &r.entry) != r.hash {
+                    return Ok(Err(format!("record {} does not chain", r.seq)));
+                }
+                prev = r.hash;
+                expect += 1;
+            }
+        }
+        Ok(Ok(()))
     }
 
     fn signature_ok(&self, cp: &Checkpoint) -> bool {

@@ -396,7 +396,7 @@ impl People {
             let lock_until = now + LOCK_FOR.as_millis() as i64;
             let n = self
                 .store
-                .record_login_failure(&p.id, LOCK_AFTER, lock_until, &fail("wrong password".into()))
+                .record_login_failure(&p.id, now, LOCK_AFTER, lock_until, &fail("wrong password".into()))
                 .await?;
             if n >= LOCK_AFTER {
                 return Err(Error::Unauthenticated(format!(

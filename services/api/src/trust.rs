@@ -56,11 +56,13 @@ pub const TOKEN_MAX_LIFE: Duration = Duration::from_secs(30 * 86_400);
 pub const TOKEN_MAX_USES: u32 = 10_000;
 
 /// Who may connect, in memory: checked at every MQTT connect, so it must not wait for
-/// the database. Kept current by every change made through [`Trust`] and reloaded
-/// periodically (other servers sharing the database change it too).
+/// the database. Only enrolled, active devices are admitted (a certificate for any other
+/// id, even from the fleet's own intermediate, is refused), less revoked certificates.
+/// Kept current by every change made through [`Trust`] and reloaded periodically
+/// (other servers sharing the database change it too).
 #[derive(Debug, Default)]
 struct Blocklist {
-    inactive_devices: HashSet<String>,
+    active_devices: HashSet<String>,
     revoked_serials: HashSet<String>,
 }
 
@@ -114,7 +116,7 @@ impl Trust {
     pub async fn reload(&self) -> Result<(), Error> {
         let r = self.store.revocations(now_ms()).await?;
         let mut b = self.blocked.write().unwrap_or_else(|e| e.into_inner());
-        b.inactive_devices = r.inactive_devices.into_iter().collect();
+        b.active_devices = r.active_devices.into_iter().collect();
         b.revoked_serials = r.revoked_serials.into_iter().collect();
         Ok(())
     }
@@ -128,8 +130,10 @@ impl Trust {
             ));
         }
         let b = self.blocked.read().unwrap_or_else(|e| e.into_inner());
-        if b.inactive_devices.contains(cert_cn) {
-            return Err(format!("device {cert_cn:?} is decommissioned or being replaced"));
+        if !b.active_devices.contains(cert_cn) {
+            return Err(format!(
+                "device {cert_cn:?} is not an active enrolled device (decommissioned, being replaced, or never enrolled)"
+            ));
         }
         if b.revoked_serials.contains(serial) {
             return Err(format!("certificate {serial} of device {cert_cn:?} is revoked"));
@@ -393,7 +397,7 @@ impl Trust {
             },
         };
         self.store.commit_enrollment(&commit).await.map_err(conflict_or)?;
-        self.blocked.write().unwrap_or_else(|e| e.into_inner()).inactive_devices.remove(&device_id);
+        self.blocked.write().unwrap_or_else(|e| e.into_inner()).active_devices.insert(device_id.clone());
         tracing::info!(device_id, site_id = %rec.site_id, token = %rec.id, serial = %cert.serial, "device enrolled");
         Ok(pb::EnrollResponse {
             device_id,
@@ -537,11 +541,11 @@ impl Trust {
     }
 
     async fn block(&self, device_id: &str) {
-        self.blocked.write().unwrap_or_else(|e| e.into_inner()).inactive_devices.insert(device_id.into());
+        self.blocked.write().unwrap_or_else(|e| e.into_inner()).active_devices.remove(device_id);
         // Revoked serials too, so a later re-activation does not re-admit the old ones.
         if let Err(e) = self.reload().await {
             tracing::warn!(error = %e, "blocklist reload failed; the device stays blocked by id");
-            self.blocked.write().unwrap_or_else(|e| e.into_inner()).inactive_devices.insert(device_id.into());
+            self.blocked.write().unwrap_or_else(|e| e.into_inner()).active_devices.remove(device_id);
         }
     }
 }

@@ -47,8 +47,9 @@ pub trait Admission: Send + Sync + 'static {
     /// `cert_cn` and `serial` come from the verified client certificate. `Err` carries
     /// the reason for refusing.
     fn admit(&self, client_id: &str, cert_cn: &str, serial: &str) -> Result<(), String>;
-    /// Called for each refused connection (to audit it).
-    async fn refused(&self, client_id: &str, reason: &str);
+    /// Called for each refused connection (to audit it): the client id it claimed, and
+    /// the device id its certificate proves.
+    async fn refused(&self, client_id: &str, cert_cn: &str, reason: &str);
 }
 
 /// The files of the mutual-TLS listener.
@@ -294,6 +295,7 @@ impl Handler for IngestHook {
         match param {
             Parameter::ClientAuthenticate(connect) => {
                 let client_id = &connect.id().client_id;
+                let cert_cn = connect.cert().and_then(|c| c.common_name.clone()).unwrap_or_default();
                 let verdict = match (connect.cert(), &self.admission) {
                     // Plaintext (loopback development listener): no identity to check.
                     (None, _) => Ok(()),
@@ -307,9 +309,9 @@ impl Handler for IngestHook {
                 let result = match verdict {
                     Ok(()) => AuthResult::Allow(false, None),
                     Err(reason) => {
-                        tracing::warn!(%client_id, %reason, "connection refused");
+                        tracing::warn!(%client_id, %cert_cn, %reason, "connection refused");
                         if let Some(a) = &self.admission {
-                            a.refused(client_id, &reason).await;
+                            a.refused(client_id, &cert_cn, &reason).await;
                         }
                         AuthResult::NotAuthorized
                     }

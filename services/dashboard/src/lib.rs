@@ -335,7 +335,8 @@ async fn fleet_summary(
         "sites": sites.iter().map(json::site).collect::<Vec<_>>(),
         "devices_total": total,
         "devices_online": online,
-        "ingest": fleet.ingest_stats(),
+        // Fleet-wide ingest counters only for the roles that may read them.
+        "ingest": allow(&caller, "TelemetryService/GetIngestStats").is_ok().then(|| fleet.ingest_stats()),
     })))
 }
 

@@ -749,9 +749,8 @@ pub fn ca_show(data_dir: &Path, output: Output) -> anyhow::Result<()> {
     if !dir.join("root.pem").exists() {
         anyhow::bail!("{}: no fleet CA here (the server creates it at its first start)", dir.display());
     }
-    let names = nanofleet_pki::ServerNames::default();
-    let ca = nanofleet_pki::FleetCa::load_or_create(&dir, &names)?;
-    let s = ca.summary(&names);
+    let ca = nanofleet_pki::FleetCa::open(&dir)?;
+    let s = ca.summary(&ca.server_names());
     if output == Output::Json {
         outln!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(());
@@ -789,9 +788,8 @@ pub fn ca_rotate(data_dir: &Path) -> anyhow::Result<()> {
     if !dir.join("root.pem").exists() {
         anyhow::bail!("{}: no fleet CA here (the server creates it at its first start)", dir.display());
     }
-    let names = nanofleet_pki::ServerNames::default();
-    let mut ca = nanofleet_pki::FleetCa::load_or_create(&dir, &names)?;
-    ca.rotate(&names)?;
+    let mut ca = nanofleet_pki::FleetCa::open(&dir)?;
+    ca.rotate()?;
     outln!(
         "new device intermediate and server certificate in {}; {} intermediates trusted for device certificates. \
          Start the server again.",

@@ -281,7 +281,7 @@ struct ListenArgs {
     /// Dashboard address.
     #[arg(long, default_value = DEFAULT_HTTP, env = "NANOFLEET_HTTP_LISTEN")]
     http_listen: SocketAddr,
-    /// Device MQTT address (plain TCP: keep it on loopback).
+    /// Device MQTT address: mutual TLS, client certificates from the fleet CA required.
     #[arg(long, default_value = DEFAULT_MQTT, env = "NANOFLEET_MQTT_LISTEN")]
     mqtt_listen: SocketAddr,
     /// Also accept plaintext MQTT here, without client certificates. Development only:

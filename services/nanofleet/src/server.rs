@@ -362,19 +362,21 @@ impl nanofleet_broker::Admission for TrustAdmission {
         self.0.admit(client_id, cert_cn, serial)
     }
 
-    async fn refused(&self, client_id: &str, reason: &str) {
+    async fn refused(&self, client_id: &str, cert_cn: &str, reason: &str) {
+        // Keyed and attributed by the certificate: the client id is only a claim.
+        let who = if cert_cn.is_empty() { client_id } else { cert_cn };
         let now = std::time::Instant::now();
         {
             let mut last = self.1.lock().unwrap_or_else(|e| e.into_inner());
-            if last.get(client_id).is_some_and(|t| now.duration_since(*t) < REFUSAL_AUDIT_EVERY) {
+            if last.get(who).is_some_and(|t| now.duration_since(*t) < REFUSAL_AUDIT_EVERY) {
                 return;
             }
             if last.len() > 100_000 {
                 last.retain(|_, t| now.duration_since(*t) < REFUSAL_AUDIT_EVERY);
             }
-            last.insert(client_id.to_owned(), now);
+            last.insert(who.to_owned(), now);
         }
-        self.0.audit_refusal(&Actor::device(client_id), "device.connect.refused", client_id, reason).await;
+        self.0.audit_refusal(&Actor::device(who), "device.connect.refused", client_id, reason).await;
     }
 }
 

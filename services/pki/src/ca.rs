@@ -160,6 +160,28 @@ impl FleetCa {
         Ok(ca)
     }
 
+    /// Loads an existing CA as it is, writing nothing (for `nanofleet ca show`).
+    pub fn open(dir: &Path) -> Result<FleetCa> {
+        let root = load_authority(&dir.join("root.pem"), &dir.join("root.key"))?;
+        let devices = load_authority(&dir.join("devices.pem"), &dir.join("devices.key"))?;
+        let device_bundle = read_certs(&dir.join("devices-bundle.pem"))?;
+        let server_key_path = dir.join("server.key");
+        check_private(&server_key_path)?;
+        Ok(FleetCa {
+            dir: dir.to_owned(),
+            root,
+            devices,
+            device_bundle,
+            server_chain: read_certs(&dir.join("server.pem"))?,
+            server_key_pem: read_text(&server_key_path)?,
+        })
+    }
+
+    /// The names the current server certificate is valid for.
+    pub fn server_names(&self) -> ServerNames {
+        ServerNames(self.server_chain.first().map(san_names).unwrap_or_default())
+    }
+
     /// Installs an existing root (certificate and key, PEM) into an empty CA directory,
     /// for a fleet whose root is kept by the organisation's own PKI.
     pub fn import_root(dir: &Path, root_cert_pem: &str, key_pem: &str) -> Result<()> {
@@ -187,10 +209,11 @@ impl FleetCa {
         Ok(())
     }
 
-    /// Replaces the device intermediate and the server certificate. The old
-    /// intermediate stays in the client CA bundle, so devices keep connecting with the
-    /// certificates it issued until they renew.
-    pub fn rotate(&mut self, names: &ServerNames) -> Result<()> {
+    /// Replaces the device intermediate and the server certificate (for the names the
+    /// current one has). The old intermediate stays in the client CA bundle, so devices
+    /// keep connecting with the certificates it issued until they renew.
+    pub fn rotate(&mut self) -> Result<()> {
+        let names = self.server_names();
         let old = self.devices.cert.clone();
         new_device_intermediate(&self.dir, &self.root)?;
         self.devices = load_authority(&self.dir.join("devices.pem"), &self.dir.join("devices.key"))?;
@@ -205,7 +228,7 @@ impl FleetCa {
         let text: String = bundle.iter().map(cert_pem).collect();
         write_public(&self.dir.join("devices-bundle.pem"), text.as_bytes())?;
         self.device_bundle = bundle;
-        self.issue_server_cert(names)
+        self.issue_server_cert(&names)
     }
 
     pub fn dir(&self) -> &Path {
@@ -640,13 +663,19 @@ mod tests {
     fn rotation_keeps_the_old_intermediate_trusted() {
         crate::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
-        let mut ca = FleetCa::load_or_create(dir.path(), &ServerNames::default()).unwrap();
+        let names = ServerNames(vec!["fleet.example.org".into(), "10.0.0.5".into()]);
+        let mut ca = FleetCa::load_or_create(dir.path(), &names).unwrap();
         let old = ca.device_client_roots()[0].clone();
-        ca.rotate(&ServerNames::default()).unwrap();
+        let old_server = ca.server_chain()[0].clone();
+        ca.rotate().unwrap();
+        assert_ne!(ca.server_chain()[0], old_server);
+        assert_eq!(ca.server_names(), names, "the new server certificate keeps the names");
+        let shown = FleetCa::open(dir.path()).unwrap();
+        assert_eq!(shown.server_chain(), ca.server_chain(), "opening writes nothing");
         assert_eq!(ca.device_client_roots().len(), 2);
         assert_ne!(ca.device_client_roots()[0], old);
         assert!(ca.device_client_roots().contains(&old));
-        let reloaded = FleetCa::load_or_create(dir.path(), &ServerNames::default()).unwrap();
+        let reloaded = FleetCa::load_or_create(dir.path(), &names).unwrap();
         assert_eq!(reloaded.device_client_roots(), ca.device_client_roots());
     }
 

@@ -155,24 +155,32 @@ impl Store {
     }
 
     /// Counts a failed login of an existing person, locking them until
-    /// `lock_until_ms` once `lock_after` failures in a row are reached. Returns the
-    /// failures counted so far.
+    /// `lock_until_ms` once `lock_after` failures in a row are reached (counting afresh
+    /// after a lockout ran out). Returns the failures counted so far.
     pub async fn record_login_failure(
         &self,
         id: &str,
+        now_ms: i64,
         lock_after: i64,
         lock_until_ms: i64,
         audit: &AuditEntry,
     ) -> Result<i64> {
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(
-            "UPDATE people SET failed_logins = failed_logins + 1, \
-                locked_until_ms = CASE WHEN failed_logins + 1 >= $2 THEN $3 ELSE locked_until_ms END \
+            // A lockout that has run out starts the count afresh.
+            "UPDATE people SET \
+                failed_logins = CASE WHEN locked_until_ms <> 0 AND locked_until_ms <= $4 THEN 1 \
+                                     ELSE failed_logins + 1 END, \
+                locked_until_ms = CASE \
+                    WHEN (CASE WHEN locked_until_ms <> 0 AND locked_until_ms <= $4 THEN 1 \
+                               ELSE failed_logins + 1 END) >= $2 THEN $3 \
+                    WHEN locked_until_ms <= $4 THEN 0 ELSE locked_until_ms END \
              WHERE id = $1 RETURNING failed_logins",
         )
         .bind(id)
         .bind(lock_after)
         .bind(lock_until_ms)
+        .bind(now_ms)
         .fetch_optional(&mut *tx)
         .await?;
         let failures = match row {

@@ -79,11 +79,11 @@ pub struct EnrollCommit {
     pub audit: AuditEntry,
 }
 
-/// Who may not connect now: devices that are not active, and revoked certificates that
-/// have not expired yet.
+/// Who may connect now: the active devices, less the revoked certificates that have
+/// not expired yet.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Revocations {
-    pub inactive_devices: Vec<String>,
+    pub active_devices: Vec<String>,
     pub revoked_serials: Vec<String>,
 }
 
@@ -328,9 +328,9 @@ impl Store {
         Ok(())
     }
 
-    /// Who may not connect at `now_ms`.
+    /// Who may connect at `now_ms`.
     pub async fn revocations(&self, now_ms: i64) -> Result<Revocations> {
-        let inactive = sqlx::query("SELECT id FROM devices WHERE status <> 'active' ORDER BY id")
+        let active = sqlx::query("SELECT id FROM devices WHERE status = 'active' ORDER BY id")
             .fetch_all(&self.pool)
             .await?
             .iter()
@@ -344,7 +344,7 @@ impl Store {
                 .iter()
                 .map(|r| r.try_get(0))
                 .collect::<Result<Vec<String>, _>>()?;
-        Ok(Revocations { inactive_devices: inactive, revoked_serials: serials })
+        Ok(Revocations { active_devices: active, revoked_serials: serials })
     }
 
     /// Certificates of one device, newest first.
