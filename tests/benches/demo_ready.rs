@@ -1,7 +1,8 @@
 //! Time to a working demo: from starting `nanofleet demo` on a fresh data directory to
 //! the dashboard banner, and on to the dashboard API reporting all 24 simulated devices
-//! online. Each run ends with Ctrl-C (SIGINT); the exit code and shutdown time are
-//! reported too.
+//! online (`GET /api/fleet` over HTTPS, trusting the fleet CA and with the operator
+//! token the banner prints). Each run ends with Ctrl-C (SIGINT); the exit code and
+//! shutdown time are reported too.
 //!
 //! ```text
 //! cargo build --release -p nanofleet          # the binary this bench starts
@@ -86,22 +87,37 @@ fn watch(child: &mut Child, started: Instant, dir: &tempfile::TempDir) -> anyhow
     let log = || std::fs::read_to_string(dir.path().join("demo.log")).unwrap_or_default();
 
     let deadline = started + Duration::from_secs(60);
-    let (banner_at, http) = loop {
+    let next = |what: &str| {
         let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok((at, line)) if line.contains("dashboard") => {
-                let url = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap_or_default();
-                break (at, url.trim_start_matches("http://").trim_end_matches('/').to_owned());
-            }
-            Ok(_) => {}
-            Err(_) => anyhow::bail!("no dashboard line within 60 s; log:\n{}", log()),
+        rx.recv_timeout(left).map_err(|_| anyhow::anyhow!("no {what} line within 60 s; log:\n{}", log()))
+    };
+    // `  dashboard  https://ADDR/`
+    let (banner_at, http) = loop {
+        let (at, line) = next("dashboard")?;
+        if line.contains("dashboard") {
+            let url = line.split_whitespace().find(|w| w.starts_with("https://")).unwrap_or_default();
+            break (at, url.trim_start_matches("https://").trim_end_matches('/').to_owned());
         }
     };
     anyhow::ensure!(!http.is_empty(), "no dashboard address in the banner");
+    // `  fleet CA   PATH (sha256 ...)`, then `  export NANOFLEET_TOKEN=...`, in the same banner.
+    let mut root = None;
+    let token = loop {
+        let (_, line) = next("NANOFLEET_TOKEN")?;
+        if let Some(rest) = line.trim().strip_prefix("fleet CA") {
+            root = rest.split_whitespace().next().map(std::path::PathBuf::from);
+        }
+        if let Some(t) = line.trim().strip_prefix("export NANOFLEET_TOKEN=") {
+            break t.trim().to_owned();
+        }
+    };
+    let root = root.context("no fleet CA line in the banner")?;
 
     let online_deadline = Instant::now() + Duration::from_secs(60);
     let all_online_at = loop {
-        let online = http_get_json(&http, "/api/fleet").ok().and_then(|v| v.get("devices_online")?.as_u64());
+        let online = https_get_json(&http, "/api/fleet", &root, Some(&token))
+            .ok()
+            .and_then(|v| v.get("devices_online")?.as_u64());
         if online == Some(DEMO_DEVICES) {
             break Instant::now();
         }

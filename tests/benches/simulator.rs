@@ -9,6 +9,11 @@
 //! NF_BENCH_DEVICES=10000 cargo bench -p nanofleet-tests --bench simulator
 //! ```
 //!
+//! The devices and the peers below connect to the server's loopback plaintext MQTT
+//! listener (`--mqtt-plaintext-dev`), without client certificates; the server's fleet
+//! view is read from its dashboard over HTTPS with the operator token. What mutual TLS
+//! adds per connection is measured by the `mtls_connect` bench.
+//!
 //! Devices read their sensors once a second and publish a telemetry batch every 5 s.
 //! The harness reports connect time, memory per device in this process, memory per
 //! connection in the server, and what was delivered. It measures; it asserts nothing
@@ -25,15 +30,11 @@
 //! run never drives the machine out of memory.
 
 use nanofleet_tests::bench::*;
-use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, mpsc};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use anyhow::Context as _;
@@ -89,165 +90,6 @@ impl Settings {
     fn devices(&self) -> usize {
         self.sites * self.devices_per_site
     }
-}
-
-// === the server process ===
-
-/// A `nanofleet server` child process; killed if dropped while running.
-struct ServerProcess {
-    child: Child,
-    mqtt: SocketAddr,
-    http: String,
-    /// Warning and error lines of the server's log, counted by level and target.
-    problems: Arc<Mutex<BTreeMap<String, usize>>>,
-    _dir: tempfile::TempDir,
-}
-
-impl ServerProcess {
-    fn start(binary: &Path) -> anyhow::Result<ServerProcess> {
-        let dir = tempfile::tempdir()?;
-        let mut child = Command::new(binary)
-            .arg("server")
-            .arg("--data-dir")
-            .arg(dir.path())
-            .args([
-                "--grpc-listen",
-                "127.0.0.1:0",
-                "--http-listen",
-                "127.0.0.1:0",
-                "--mqtt-listen",
-                "127.0.0.1:0",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        let stderr = child.stderr.take().context("server stderr")?;
-        let (tx, rx) = mpsc::channel();
-        // Keeps reading the server's log so that it never blocks on a full pipe.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut seen = Vec::new();
-        let banner = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) if line.starts_with("nanofleet server:") => break line,
-                Ok(line) => seen.push(line),
-                Err(_) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    anyhow::bail!("the server did not print its addresses; its output:\n{}", seen.join("\n"));
-                }
-            }
-        };
-        // Drain the rest of the log in the background, keeping what went wrong.
-        let problems = Arc::new(Mutex::new(BTreeMap::new()));
-        let seen_problems = problems.clone();
-        std::thread::spawn(move || {
-            for line in rx {
-                let line = strip_ansi(&line);
-                // `TIME LEVEL TARGET: message`
-                let mut words = line.split_whitespace().skip(1);
-                if let (Some(level @ ("WARN" | "ERROR")), Some(target)) = (words.next(), words.next()) {
-                    let key = format!("{level} {}", target.trim_end_matches(':'));
-                    *seen_problems.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_insert(0) += 1;
-                }
-            }
-        });
-        let after = |word: &str| {
-            let mut words = banner.split_whitespace();
-            words.find(|w| *w == word).and_then(|_| words.next()).map(str::to_owned)
-        };
-        let mqtt = after("mqtt")
-            .and_then(|a| a.parse().ok())
-            .with_context(|| format!("no mqtt address in {banner:?}"))?;
-        let http = after("dashboard")
-            .map(|u| u.trim_start_matches("http://").trim_end_matches('/').to_owned())
-            .with_context(|| format!("no dashboard address in {banner:?}"))?;
-        Ok(ServerProcess { child, mqtt, http, problems, _dir: dir })
-    }
-
-    fn rss(&self) -> Option<u64> {
-        vm_rss(&self.child.id().to_string())
-    }
-
-    fn problems(&self) -> BTreeMap<String, usize> {
-        self.problems.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    fn devices_online(&self) -> Option<u64> {
-        http_get_json(&self.http, "/api/fleet").ok()?.get("devices_online")?.as_u64()
-    }
-
-    /// Ctrl-C, then waits for the exit; returns the exit code and how long it took.
-    fn interrupt(mut self) -> anyhow::Result<(Option<i32>, Duration)> {
-        let started = Instant::now();
-        let status = Command::new("kill").arg("-INT").arg(self.child.id().to_string()).status()?;
-        anyhow::ensure!(status.success(), "kill -INT failed: {status}");
-        let deadline = started + Duration::from_secs(60);
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok((status.code(), started.elapsed()));
-            }
-            if Instant::now() > deadline {
-                anyhow::bail!("the server did not exit within 60 s of SIGINT");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// A log line without its terminal colours.
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// Resident memory of a process (`self` or a pid), from `/proc/PID/status`.
-fn vm_rss(pid: &str) -> Option<u64> {
-    status_kb(pid, "VmRSS:")
-}
-
-fn status_kb(pid: &str, field: &str) -> Option<u64> {
-    status_kb_in(&format!("/proc/{pid}/status"), field)
-}
-
-/// A `Field:   N kB` line of a /proc file, in bytes.
-fn status_kb_in(path: &str, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(path).ok()?;
-    let line = status.lines().find(|l| l.starts_with(field))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
-fn mib(bytes: u64) -> f64 {
-    bytes as f64 / (1024.0 * 1024.0)
 }
 
 // === peers: bare MQTT clients ===
@@ -385,7 +227,11 @@ async fn run() -> anyhow::Result<()> {
     println!("  server binary      {} ({})", binary.display(), binary_age(&binary));
     println!("  memory guard       stop ramping at {:.0} MiB simulator RSS", mib(s.max_rss));
 
-    let server = ServerProcess::start(&binary)?;
+    // The fleet and the peers connect to the loopback plaintext listener, as before the
+    // server required client certificates: the figures stay comparable with earlier
+    // runs, and what mutual TLS costs per connection is the `mtls_connect` bench's.
+    let server = ServerProcess::start(&binary, true)?;
+    let mqtt = server.mqtt_plaintext.context("the server printed no plaintext MQTT address")?;
     let server_idle = server.rss().unwrap_or(0);
     let self_before = nanofleet_agent::resident_bytes().unwrap_or(0);
 
@@ -397,7 +243,7 @@ async fn run() -> anyhow::Result<()> {
         link: LinkOptions {
             sample_interval: Duration::from_secs(1),
             batch_interval: Duration::from_secs(5),
-            ..LinkOptions::to_broker(server.mqtt)
+            ..LinkOptions::to_broker(mqtt)
         },
         ..FleetOptions::default()
     });
@@ -440,7 +286,6 @@ async fn run() -> anyhow::Result<()> {
     }
     let settle = settle_started.elapsed();
 
-    let mqtt = server.mqtt;
     // The agent's limit: its window plus a birth or death beside it.
     let window = LinkOptions::default().window + 2;
     let limited = tokio::task::block_in_place(|| run_peer(mqtt, devices, u16::try_from(window).ok()));

@@ -1,11 +1,16 @@
-//! Helpers shared by the benchmark harnesses in `benches/`.
+//! Helpers shared by the benchmark harnesses in `benches/`: the `nanofleet server` child
+//! process, HTTPS requests to its dashboard, and readings from `/proc`.
 
-use std::io::{Read as _, Write as _};
-use std::net::TcpStream;
+use std::collections::BTreeMap;
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use rustls::pki_types::ServerName;
 
 /// The `nanofleet` binary of this workspace: next to this bench's profile first, then
 /// release, then debug.
@@ -37,13 +42,60 @@ pub fn binary_age(path: &Path) -> String {
         .map_or_else(|| "unknown age".into(), |d| format!("built {} s ago", d.as_secs()))
 }
 
-/// A minimal HTTP/1.1 GET returning a JSON body.
-pub fn http_get_json(addr: &str, path: &str) -> anyhow::Result<serde_json::Value> {
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+/// `NF_BENCH_QUICK` is set (and not `0`): a smoke run.
+pub fn quick() -> bool {
+    std::env::var("NF_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// A whole number from the environment within `range`, else `default` (said on stderr
+/// when the value was unreadable).
+pub fn env_count(name: &str, default: usize, range: std::ops::RangeInclusive<usize>) -> usize {
+    match std::env::var(name) {
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) => n.clamp(*range.start(), *range.end()),
+            Err(_) => {
+                eprintln!("{name}={v:?} is not a whole number; using {default}");
+                default
+            }
+        },
+        Err(_) => default,
+    }
+}
+
+// === HTTPS ===
+
+/// A minimal HTTP/1.1 GET over TLS returning a JSON body: the server's certificate must
+/// chain to the root in `root_pem` (PEM file), and `bearer` goes in `Authorization`.
+pub fn https_get_json(
+    addr: &str,
+    path: &str,
+    root_pem: &Path,
+    bearer: Option<&str>,
+) -> anyhow::Result<serde_json::Value> {
+    nanofleet_pki::install_crypto_provider();
+    let roots = nanofleet_pki::tls::certs_from_file(root_pem)?;
+    let config = nanofleet_pki::tls::client_config(&roots, None)?;
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h).trim_start_matches('[').trim_end_matches(']');
+    let name = ServerName::try_from(host.to_owned())?;
+    let conn = rustls::ClientConnection::new(Arc::new(config), name)?;
+    let sock = TcpStream::connect(addr)?;
+    sock.set_read_timeout(Some(Duration::from_secs(5)))?;
+    sock.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    let auth = bearer.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(tls, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n")?;
+    tls.flush()?;
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
+    match tls.read_to_end(&mut raw) {
+        Ok(_) => {}
+        // A server that closes without close_notify after a complete response.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
+        Err(e) => return Err(e.into()),
+    }
+    json_response(path, raw)
+}
+
+fn json_response(path: &str, raw: Vec<u8>) -> anyhow::Result<serde_json::Value> {
     let text = String::from_utf8(raw)?;
     let (head, body) = text.split_once("\r\n\r\n").context("no end of headers")?;
     anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "GET {path}: {}", head.lines().next().unwrap_or(""));
@@ -68,8 +120,314 @@ fn dechunk(mut rest: &str) -> anyhow::Result<String> {
     }
 }
 
+// === the server process ===
+
+/// A `nanofleet server` child process on a fresh data directory, every listener on a
+/// free loopback port; killed if dropped while running.
+pub struct ServerProcess {
+    child: Child,
+    /// The mutual-TLS MQTT listener.
+    pub mqtt: SocketAddr,
+    /// The loopback plaintext MQTT listener, if asked for.
+    pub mqtt_plaintext: Option<SocketAddr>,
+    /// The dashboard, `host:port` (HTTPS).
+    pub http: String,
+    /// The gRPC API, `https://host:port`.
+    pub grpc: String,
+    /// The server's data directory.
+    pub data_dir: PathBuf,
+    /// The operator API token the first start wrote to `DATA_DIR/admin.token`.
+    pub admin_token: String,
+    /// Warning and error lines of the server's log, counted by level and target.
+    problems: Arc<Mutex<BTreeMap<String, usize>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl ServerProcess {
+    /// Starts the server with an open-file limit of 65,536 (so that it can hold tens of
+    /// thousands of connections), with the loopback plaintext MQTT listener if
+    /// `plaintext_mqtt`.
+    pub fn start(binary: &Path, plaintext_mqtt: bool) -> anyhow::Result<ServerProcess> {
+        let dir = tempfile::tempdir()?;
+        let data_dir = dir.path().join("data");
+        let mut args: Vec<String> = [
+            "server",
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--mqtt-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ]
+        .map(String::from)
+        .into();
+        args.push(data_dir.display().to_string());
+        if plaintext_mqtt {
+            args.extend(["--mqtt-plaintext-dev".into(), "127.0.0.1:0".into()]);
+        }
+        let mut child = with_nofile_limit(binary, &args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let stderr = child.stderr.take().context("server stderr")?;
+        let (tx, rx) = mpsc::channel();
+        // Keeps reading the server's log so that it never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut seen = Vec::new();
+        let mut banner = None;
+        let mut plaintext = None;
+        while banner.is_none() || (plaintext_mqtt && plaintext.is_none()) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line.starts_with("nanofleet server:") => banner = Some(line),
+                Ok(line) if line.trim_start().starts_with("mqtt-plaintext-dev ") => {
+                    plaintext = line.split_whitespace().nth(1).and_then(|a| a.parse::<SocketAddr>().ok());
+                }
+                Ok(line) => seen.push(line),
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    anyhow::bail!("the server did not print its addresses; its output:\n{}", seen.join("\n"));
+                }
+            }
+        }
+        let banner = banner.unwrap_or_default();
+        // Drain the rest of the log in the background, keeping what went wrong.
+        let problems = Arc::new(Mutex::new(BTreeMap::new()));
+        let seen_problems = problems.clone();
+        std::thread::spawn(move || {
+            for line in rx {
+                let line = strip_ansi(&line);
+                // `TIME LEVEL TARGET: message`
+                let mut words = line.split_whitespace().skip(1);
+                if let (Some(level @ ("WARN" | "ERROR")), Some(target)) = (words.next(), words.next()) {
+                    let key = format!("{level} {}", target.trim_end_matches(':'));
+                    *seen_problems.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_insert(0) += 1;
+                }
+            }
+        });
+        // `dashboard https://A/  grpc https://B  mqtt (mutual TLS) C`
+        let after = |word: &str| {
+            let mut words = banner.split_whitespace();
+            words.find(|w| *w == word).and_then(|_| words.next()).map(str::to_owned)
+        };
+        let mqtt = after("TLS)")
+            .and_then(|a| a.parse().ok())
+            .with_context(|| format!("no mqtt address in {banner:?}"))?;
+        let http = after("dashboard")
+            .map(|u| u.trim_start_matches("https://").trim_end_matches('/').to_owned())
+            .with_context(|| format!("no dashboard address in {banner:?}"))?;
+        let grpc = after("grpc").with_context(|| format!("no grpc address in {banner:?}"))?;
+        let admin_token = std::fs::read_to_string(data_dir.join("admin.token"))
+            .with_context(|| format!("reading {}", data_dir.join("admin.token").display()))?
+            .trim()
+            .to_owned();
+        Ok(ServerProcess {
+            child,
+            mqtt,
+            mqtt_plaintext: plaintext,
+            http,
+            grpc,
+            data_dir,
+            admin_token,
+            problems,
+            _dir: dir,
+        })
+    }
+
+    pub fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    pub fn rss(&self) -> Option<u64> {
+        vm_rss(&self.pid())
+    }
+
+    /// The server's CA directory.
+    pub fn pki_dir(&self) -> PathBuf {
+        self.data_dir.join("pki")
+    }
+
+    /// The fleet root certificate (PEM file).
+    pub fn root_pem(&self) -> PathBuf {
+        self.pki_dir().join("root.pem")
+    }
+
+    pub fn problems(&self) -> BTreeMap<String, usize> {
+        self.problems.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// `GET` a dashboard JSON API path with the operator token.
+    pub fn api_get(&self, path: &str) -> anyhow::Result<serde_json::Value> {
+        https_get_json(&self.http, path, &self.root_pem(), Some(&self.admin_token))
+    }
+
+    pub fn devices_online(&self) -> Option<u64> {
+        self.api_get("/api/fleet").ok()?.get("devices_online")?.as_u64()
+    }
+
+    /// Runs `nanofleet ARGS` as an operator of this server; returns its stdout.
+    pub fn cli(&self, binary: &Path, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new(binary)
+            .args(args)
+            .env("NANOFLEET_SERVER", &self.grpc)
+            .env("NANOFLEET_CA_FILE", self.root_pem())
+            .env("NANOFLEET_TOKEN", &self.admin_token)
+            .stdin(Stdio::null())
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "nanofleet {}: {}; {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// Ctrl-C, then waits for the exit; returns the exit code and how long it took.
+    pub fn interrupt(mut self) -> anyhow::Result<(Option<i32>, Duration)> {
+        let started = Instant::now();
+        let status = Command::new("kill").arg("-INT").arg(self.child.id().to_string()).status()?;
+        anyhow::ensure!(status.success(), "kill -INT failed: {status}");
+        let deadline = started + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok((status.code(), started.elapsed()));
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("the server did not exit within 60 s of SIGINT");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A command that runs `program ARGS` with the open-file limit raised to 65,536: the
+/// limit is per process and inherited, and `sh`'s `ulimit` raises it without any code
+/// of ours touching the process's resource limits. `exec` keeps the pid, so the child's
+/// pid is the program's.
+pub fn with_nofile_limit(program: &Path, args: &[String]) -> Command {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg("ulimit -n 65536 2>/dev/null || ulimit -n \"$(ulimit -Hn)\"; exec \"$0\" \"$@\"")
+        .arg(program)
+        .args(args);
+    cmd
+}
+
+/// The soft open-file limit of this process, from `/proc/self/limits`.
+pub fn open_file_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// Makes sure this process may open `needed` files: if its limit is lower, runs this
+/// same bench again under a raised limit (see [`with_nofile_limit`]) and exits with its
+/// exit code.
+pub fn ensure_open_files(needed: u64) -> anyhow::Result<()> {
+    let limit = open_file_limit().unwrap_or(0);
+    if limit >= needed {
+        return Ok(());
+    }
+    anyhow::ensure!(
+        std::env::var_os("NF_BENCH_NOFILE_RAISED").is_none(),
+        "the open-file limit is {limit} after raising it; {needed} needed (lower the number of connections)"
+    );
+    eprintln!("open-file limit {limit} < {needed}: running again under `ulimit -n 65536`");
+    let exe = std::env::current_exe()?;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let status = with_nofile_limit(&exe, &args).env("NF_BENCH_NOFILE_RAISED", "1").status()?;
+    std::process::exit(status.code().unwrap_or(1));
+}
+
+/// A log line without its terminal colours.
+pub fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+// === /proc readings ===
+
+/// Resident memory of a process (`self` or a pid), from `/proc/PID/status`.
+pub fn vm_rss(pid: &str) -> Option<u64> {
+    status_kb(pid, "VmRSS:")
+}
+
+pub fn status_kb(pid: &str, field: &str) -> Option<u64> {
+    status_kb_in(&format!("/proc/{pid}/status"), field)
+}
+
+/// A `Field:   N kB` line of a /proc file, in bytes.
+pub fn status_kb_in(path: &str, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(path).ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// User + system CPU seconds of a process (`self` or a pid), from `/proc/PID/stat`,
+/// with the kernel's usual 100 ticks per second.
+pub fn cpu_secs(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15; `rest` starts at field 3.
+    (n(11) + n(12)) / 100.0
+}
+
+pub fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
 pub fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|_| "?".into())
+}
+
+/// The `p`-th percentile (0–100) of sorted durations, in milliseconds.
+pub fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1].as_secs_f64() * 1000.0
+}
+
+/// A free TCP port on loopback (free when asked; another process may take it after).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
