@@ -86,6 +86,16 @@ impl Running {
     }
 }
 
+/// An agent left running by a failed assertion is killed, not leaked.
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
 async fn device(api: &mut Api) -> Option<pb::Device> {
     api.get_device(pb::GetDeviceRequest { device_id: DEVICE.into() }).await.ok()?.into_inner().device
 }
