@@ -81,18 +81,39 @@ struct Client {
     tls: TlsConnector,
 }
 
+/// A certificate issued for the bench, as the registry records it.
+struct Issued {
+    device_id: String,
+    serial: String,
+    not_before_ms: i64,
+    not_after_ms: i64,
+}
+
+fn unix_ms(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
 /// `n` clients with distinct certificates from the CA in `pki_dir`, plus the warm-up
 /// clients. One key and CSR serve them all: the CA takes only the public key from the
-/// CSR and writes the identity it is given.
-fn clients(pki_dir: &Path, n: usize) -> anyhow::Result<(Vec<Client>, Vec<Client>)> {
+/// CSR and writes the identity it is given. The broker admits only enrolled devices
+/// with certificates the server issued: [`register`] records them as enrollment would
+/// (the `enroll` bench measures enrollment itself).
+fn clients(pki_dir: &Path, n: usize) -> anyhow::Result<(Vec<Client>, Vec<Client>, Vec<Issued>)> {
     let ca = FleetCa::load_or_create(pki_dir, &ServerNames::default())?;
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let csr = rcgen::CertificateParams::default().serialize_request(&key)?;
     let key_pem = key.serialize_pem();
     let roots = [ca.root_cert().clone()];
+    let issued = std::cell::RefCell::new(Vec::new());
     let make = |id: String| -> anyhow::Result<Client> {
         let who = DeviceIdentity { device_id: id.clone(), site_id: "bench".into() };
         let cert = ca.issue_device_cert(csr.der(), &who, Duration::from_secs(86_400))?;
+        issued.borrow_mut().push(Issued {
+            device_id: id.clone(),
+            serial: cert.serial.clone(),
+            not_before_ms: unix_ms(cert.not_before),
+            not_after_ms: unix_ms(cert.not_after),
+        });
         let chain = tls::certs_from_pem("device chain", &cert.chain_pem)?;
         let key = tls::key_from_pem("device key", &key_pem)?;
         let mut config: ClientConfig = tls::client_config(&roots, Some((chain, key)))?;
@@ -103,7 +124,48 @@ fn clients(pki_dir: &Path, n: usize) -> anyhow::Result<(Vec<Client>, Vec<Client>
     };
     let warm = (0..WARM_UP).map(|i| make(format!("warm-{i:05}"))).collect::<anyhow::Result<_>>()?;
     let main = (0..n).map(|i| make(format!("mtls-{i:05}"))).collect::<anyhow::Result<_>>()?;
-    Ok((warm, main))
+    Ok((warm, main, issued.into_inner()))
+}
+
+/// Records the bench's devices and certificates in the server's SQLite registry, as
+/// enrollment does, then waits for the server to reload who may connect (every 5 s).
+async fn register(db: &Path, issued: &[Issued]) -> anyhow::Result<()> {
+    use sqlx::Connection as _;
+    let url = format!("sqlite://{}", db.display());
+    let mut conn = sqlx::SqliteConnection::connect(&url).await.with_context(|| format!("opening {url}"))?;
+    let now = unix_ms(std::time::SystemTime::now());
+    let mut tx = conn.begin().await?;
+    sqlx::query(
+        "INSERT INTO sites (id, name, created_ms) VALUES ('bench', 'Bench', ?) ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    for i in issued {
+        sqlx::query(
+            "INSERT INTO devices (id, site_id, model, status, enrolled_ms, cert_not_after_ms) \
+             VALUES (?, 'bench', 'bench', 'active', ?, ?)",
+        )
+        .bind(&i.device_id)
+        .bind(now)
+        .bind(i.not_after_ms)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO device_certs (serial, device_id, not_before_ms, not_after_ms, issued_ms) \
+             VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(&i.serial)
+        .bind(&i.device_id)
+        .bind(i.not_before_ms)
+        .bind(i.not_after_ms)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    Ok(())
 }
 
 // === MQTT 3.1.1, the two packets needed ===
@@ -489,8 +551,9 @@ async fn run(s: Settings) -> anyhow::Result<()> {
     let server = ServerProcess::start(&binary, false)?;
     let pki = server.pki_dir();
     let issue_started = Instant::now();
-    let (warm, clients) = tokio::task::block_in_place(|| clients(&pki, s.connections))?;
+    let (warm, clients, registry) = tokio::task::block_in_place(|| clients(&pki, s.connections))?;
     let issued = issue_started.elapsed();
+    register(&server.data_dir.join("nanofleet.db"), &registry).await?;
     println!(
         "  certificates       {} issued in {:.2} s before the clock starts ({:.0}/s, one thread)",
         s.connections + WARM_UP,

@@ -411,11 +411,16 @@ async fn the_mqtt_listener_refuses_bad_client_certificates() -> anyhow::Result<(
 
     // The id is enrolled (only enrolled, active devices are admitted at all), so what
     // refuses the crafted certificates below is the certificate itself.
-    sb.enroll_device("site-a", "NF-CRAFT-01").await?;
+    let enrolled = sb.enroll_device("site-a", "NF-CRAFT-01").await?;
 
-    // Control: a certificate crafted the same way, with nothing wrong, is accepted.
-    let valid = crafted_client(&sb, &ca_dir, "devices", "NF-CRAFT-01", Craft::valid())?;
-    assert_eq!(connect(valid).await, ConnectOutcome::Accepted);
+    // Control: the certificate the server issued is accepted.
+    assert_eq!(connect(enrolled.client_config()?).await, ConnectOutcome::Accepted);
+
+    // A certificate crafted the same way, with nothing wrong in it and signed by the
+    // fleet's own device intermediate (a leaked devices.key), but never issued by the
+    // server: the handshake passes, admission refuses it.
+    let forged = crafted_client(&sb, &ca_dir, "devices", "NF-CRAFT-01", Craft::valid())?;
+    assert_eq!(connect(forged).await, ConnectOutcome::Refused(ConnectReturnCode::NotAuthorized));
 
     // What is wrong, who signed it, and the TLS alert that says the listener saw it.
     let cases = [

@@ -42,6 +42,7 @@ impl AuditLog {
     pub fn open(store: Store, pki_dir: &Path, head_file: PathBuf) -> Result<AuditLog, Error> {
         let path = pki_dir.join("audit.key");
         let key = if path.exists() {
+            nanofleet_pki::check_private(&path).map_err(|e| Error::Unavailable(e.to_string()))?;
             let text = std::fs::read_to_string(&path)
                 .map_err(|e| Error::Unavailable(format!("{}: {e}", path.display())))?;
             let bytes: [u8; 32] = hex::decode(text.trim())

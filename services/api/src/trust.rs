@@ -56,14 +56,16 @@ pub const TOKEN_MAX_LIFE: Duration = Duration::from_secs(30 * 86_400);
 pub const TOKEN_MAX_USES: u32 = 10_000;
 
 /// Who may connect, in memory: checked at every MQTT connect, so it must not wait for
-/// the database. Only enrolled, active devices are admitted (a certificate for any other
-/// id, even from the fleet's own intermediate, is refused), less revoked certificates.
+/// the database. Only enrolled, active devices are admitted, and only with a
+/// certificate the server issued to them that is not revoked: a certificate for any
+/// other id or serial, even one signed by the fleet's own intermediate, is refused.
 /// Kept current by every change made through [`Trust`] and reloaded periodically
 /// (other servers sharing the database change it too).
 #[derive(Debug, Default)]
 struct Blocklist {
     active_devices: HashSet<String>,
-    revoked_serials: HashSet<String>,
+    /// Serials issued and not revoked, by device.
+    issued: std::collections::HashMap<String, HashSet<String>>,
 }
 
 /// Device onboarding; cheap to clone.
@@ -117,7 +119,10 @@ impl Trust {
         let r = self.store.revocations(now_ms()).await?;
         let mut b = self.blocked.write().unwrap_or_else(|e| e.into_inner());
         b.active_devices = r.active_devices.into_iter().collect();
-        b.revoked_serials = r.revoked_serials.into_iter().collect();
+        b.issued.clear();
+        for (device, serial) in r.valid_certs {
+            b.issued.entry(device).or_default().insert(serial);
+        }
         Ok(())
     }
 
@@ -135,8 +140,10 @@ impl Trust {
                 "device {cert_cn:?} is not an active enrolled device (decommissioned, being replaced, or never enrolled)"
             ));
         }
-        if b.revoked_serials.contains(serial) {
-            return Err(format!("certificate {serial} of device {cert_cn:?} is revoked"));
+        if !b.issued.get(cert_cn).is_some_and(|s| s.contains(serial)) {
+            return Err(format!(
+                "certificate {serial} of device {cert_cn:?} is revoked, expired or was never issued by this server"
+            ));
         }
         Ok(())
     }
@@ -397,7 +404,11 @@ impl Trust {
             },
         };
         self.store.commit_enrollment(&commit).await.map_err(conflict_or)?;
-        self.blocked.write().unwrap_or_else(|e| e.into_inner()).active_devices.insert(device_id.clone());
+        {
+            let mut b = self.blocked.write().unwrap_or_else(|e| e.into_inner());
+            b.active_devices.insert(device_id.clone());
+            b.issued.entry(device_id.clone()).or_default().insert(cert.serial.clone());
+        }
         tracing::info!(device_id, site_id = %rec.site_id, token = %rec.id, serial = %cert.serial, "device enrolled");
         Ok(pb::EnrollResponse {
             device_id,
@@ -460,6 +471,13 @@ impl Trust {
             ),
         };
         self.store.record_renewal(&rec, &audit).await.map_err(conflict_or)?;
+        self.blocked
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .issued
+            .entry(device_id.to_owned())
+            .or_default()
+            .insert(rec.serial.clone());
         Ok(pb::RenewResponse { certificate_chain_pem: cert.chain_pem, not_after_unix_ms: rec.not_after_ms })
     }
 
@@ -541,11 +559,14 @@ impl Trust {
     }
 
     async fn block(&self, device_id: &str) {
-        self.blocked.write().unwrap_or_else(|e| e.into_inner()).active_devices.remove(device_id);
-        // Revoked serials too, so a later re-activation does not re-admit the old ones.
+        let forget = |b: &mut Blocklist| {
+            b.active_devices.remove(device_id);
+            b.issued.remove(device_id);
+        };
+        forget(&mut self.blocked.write().unwrap_or_else(|e| e.into_inner()));
         if let Err(e) = self.reload().await {
-            tracing::warn!(error = %e, "blocklist reload failed; the device stays blocked by id");
-            self.blocked.write().unwrap_or_else(|e| e.into_inner()).active_devices.remove(device_id);
+            tracing::warn!(error = %e, "admission reload failed; the device stays refused");
+            forget(&mut self.blocked.write().unwrap_or_else(|e| e.into_inner()));
         }
     }
 }

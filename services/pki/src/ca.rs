@@ -556,7 +556,7 @@ fn create_private_dir(dir: &Path) -> Result<()> {
 }
 
 /// A key file must be readable by its owner only; a wider one was exposed.
-fn check_private(path: &Path) -> Result<()> {
+pub fn check_private(path: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     let meta = fs::metadata(path).map_err(|source| Error::Io { path: path.to_owned(), source })?;
     let mode = meta.permissions().mode() & 0o777;

@@ -226,6 +226,28 @@ pub fn load_or_create(dir: &Path) -> Result<TrustRoot> {
         let text = std::fs::read_to_string(&doc).map_err(|source| Error::Io { path: doc.clone(), source })?;
         let root = TrustRoot::from_json(&text)?;
         root.verify_self_signed()?;
+        // The document must be this server's: signed under the key it keeps (a
+        // self-signed replacement would otherwise be handed to every new device).
+        if key_path.exists() {
+            crate::check_private(&key_path)?;
+            let text = std::fs::read_to_string(&key_path)
+                .map_err(|source| Error::Io { path: key_path.clone(), source })?;
+            let key = hex::decode(text.trim())
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                .map(|b| SigningKey::from_bytes(&b))
+                .ok_or_else(|| Error::BadFile {
+                    path: key_path.clone(),
+                    reason: "not a hex ed25519 key".into(),
+                })?;
+            let id = key_id(&key.verifying_key());
+            if !root.signed.roles.get("root").is_some_and(|r| r.keyids.contains(&id)) {
+                return Err(Error::BadFile {
+                    path: doc,
+                    reason: "not signed under this server's trust-root.key: restore the right pair".into(),
+                });
+            }
+        }
         return Ok(root);
     }
     let key = SigningKey::from_bytes(&rand::random());
@@ -282,6 +304,18 @@ mod tests {
         v3.sign(&old_key);
         v3.sign(&new_key);
         assert!(v1.verify_successor(&v3).is_err());
+    }
+
+    #[test]
+    fn a_replaced_document_is_refused_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = load_or_create(dir.path()).unwrap();
+        assert_eq!(load_or_create(dir.path()).unwrap(), first);
+        // A self-signed document from elsewhere in place of ours.
+        let foreign = TrustRoot::initial(&key(), "2046-01-01T00:00:00Z");
+        std::fs::write(dir.path().join("trust-root.json"), foreign.to_json()).unwrap();
+        let err = load_or_create(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("trust-root.key"), "{err}");
     }
 
     #[test]

@@ -79,12 +79,12 @@ pub struct EnrollCommit {
     pub audit: AuditEntry,
 }
 
-/// Who may connect now: the active devices, less the revoked certificates that have
-/// not expired yet.
+/// Who may connect now: the active devices and, for each, the certificates issued to
+/// it that are neither revoked nor expired, as (device id, serial).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Revocations {
     pub active_devices: Vec<String>,
-    pub revoked_serials: Vec<String>,
+    pub valid_certs: Vec<(String, String)>,
 }
 
 fn conflict(msg: impl Into<String>) -> Error {
@@ -336,15 +336,17 @@ impl Store {
             .iter()
             .map(|r| r.try_get(0))
             .collect::<Result<Vec<String>, _>>()?;
-        let serials =
-            sqlx::query("SELECT serial FROM device_certs WHERE revoked_ms <> 0 AND not_after_ms > $1")
-                .bind(now_ms)
-                .fetch_all(&self.pool)
-                .await?
-                .iter()
-                .map(|r| r.try_get(0))
-                .collect::<Result<Vec<String>, _>>()?;
-        Ok(Revocations { active_devices: active, revoked_serials: serials })
+        let certs = sqlx::query(
+            "SELECT c.device_id, c.serial FROM device_certs c JOIN devices d ON d.id = c.device_id \
+             WHERE d.status = 'active' AND c.revoked_ms = 0 AND c.not_after_ms > $1",
+        )
+        .bind(now_ms)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect::<Result<Vec<(String, String)>>>()?;
+        Ok(Revocations { active_devices: active, valid_certs: certs })
     }
 
     /// Certificates of one device, newest first.
