@@ -427,6 +427,9 @@ fn new_device_intermediate(dir: &Path, root: &Authority) -> Result<()> {
     let stamp = OffsetDateTime::now_utc().unix_timestamp();
     let mut params = ca_params(&format!("Nanofleet devices {stamp}"), INTERMEDIATE_VALIDITY, Some(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    // Client certificates only: a server certificate under this intermediate (its key
+    // leaked) is refused by verifiers that check usage along the chain.
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     params.use_authority_key_identifier_extension = true;
     let cert = params.signed_by(&key, &root.issuer)?;
     write_private(&dir.join("devices.key"), key.serialize_pem().as_bytes())?;
@@ -696,6 +699,35 @@ mod tests {
         assert_eq!(ca.root_fingerprint(), fingerprint(cert.der()));
         // Importing over an existing root is refused.
         assert!(FleetCa::import_root(dir.path(), &cert.pem(), &key.serialize_pem()).is_err());
+    }
+
+    #[test]
+    fn the_device_intermediate_cannot_vouch_for_a_server() {
+        use rustls::client::danger::ServerCertVerifier as _;
+        crate::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let ca = FleetCa::load_or_create(dir.path(), &ServerNames::default()).unwrap();
+        let devices =
+            load_authority(&dir.path().join("devices.pem"), &dir.path().join("devices.key")).unwrap();
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let forged = params.signed_by(&key, &devices.issuer).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.root_cert().clone()).unwrap();
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            roots.into(),
+            crate::crypto_provider(),
+        )
+        .build()
+        .unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let now = rustls::pki_types::UnixTime::now();
+        let intermediates = [devices.cert.clone()];
+        assert!(verifier.verify_server_cert(forged.der(), &intermediates, &name, &[], now).is_err());
+        // The real server certificate verifies.
+        let chain = ca.server_chain();
+        assert!(verifier.verify_server_cert(&chain[0], &[], &name, &[], now).is_ok());
     }
 
     #[test]
