@@ -368,7 +368,7 @@ pub async fn keep_renewed(
             } else if now_ms() >= creds.not_after_ms {
                 tracing::error!(
                     %device_id, error = %e, retry_in_s, not_after = %format_ms(creds.not_after_ms),
-                    "the device certificate has expired and the server no longer accepts it for renewal; re-enroll the device (nanofleet-agent enroll --force) unless this clock is wrong"
+                    "the device certificate has expired and the server no longer accepts it for renewal; hospital IT must replace it (nanofleet devices replace ID gives a token for nanofleet-agent enroll --force) unless this clock is wrong"
                 );
             } else {
                 tracing::warn!(
