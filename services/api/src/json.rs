@@ -71,3 +71,26 @@ pub fn sample(s: &Sample) -> Value {
         "door_closed": s.door_closed,
     })
 }
+
+/// An enrollment token's state at `now_ms`: usable, used, expired or revoked.
+pub fn token_state(t: &pb::EnrollToken, now_ms: i64) -> &'static str {
+    if t.revoked_unix_ms != 0 {
+        "revoked"
+    } else if t.uses_left == 0 {
+        "used"
+    } else if t.expires_unix_ms <= now_ms {
+        "expired"
+    } else {
+        "usable"
+    }
+}
+
+/// An enrollment token (never its secret), with its state at `now_ms`.
+pub fn enroll_token(t: &pb::EnrollToken, now_ms: i64) -> Value {
+    json!({
+        "id": t.id, "site_id": t.site_id, "device_id": t.device_id, "replacement": t.replacement,
+        "created_unix_ms": t.created_unix_ms, "expires_unix_ms": t.expires_unix_ms,
+        "uses_allowed": t.uses_allowed, "uses_left": t.uses_left, "created_by": t.created_by,
+        "revoked_unix_ms": t.revoked_unix_ms, "state": token_state(t, now_ms),
+    })
+}

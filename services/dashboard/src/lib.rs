@@ -239,7 +239,9 @@ async fn list_tokens(
     }
     let now = now_ms();
     let tokens = api.trust.list_tokens(Some(&site)).await?;
-    Ok(Json(serde_json::json!({ "tokens": tokens.iter().map(|t| token_json(t, now)).collect::<Vec<_>>() })))
+    Ok(Json(
+        serde_json::json!({ "tokens": tokens.iter().map(|t| json::enroll_token(t, now)).collect::<Vec<_>>() }),
+    ))
 }
 
 #[derive(serde::Deserialize)]
@@ -275,25 +277,7 @@ async fn create_token(
         .trust
         .create_token(&caller.actor(), &t.site_id, life, uses, t.device_id.trim(), &t.reason)
         .await?;
-    Ok(Json(serde_json::json!({ "token": token_json(&token, now_ms()), "secret_token": secret })))
-}
-
-fn token_json(k: &nanofleet_proto::v1::EnrollToken, now: i64) -> serde_json::Value {
-    let state = if k.revoked_unix_ms != 0 {
-        "revoked"
-    } else if k.uses_left == 0 {
-        "used"
-    } else if k.expires_unix_ms <= now {
-        "expired"
-    } else {
-        "usable"
-    };
-    serde_json::json!({
-        "id": k.id, "site_id": k.site_id, "device_id": k.device_id, "replacement": k.replacement,
-        "created_unix_ms": k.created_unix_ms, "expires_unix_ms": k.expires_unix_ms,
-        "uses_allowed": k.uses_allowed, "uses_left": k.uses_left, "created_by": k.created_by,
-        "revoked_unix_ms": k.revoked_unix_ms, "state": state,
-    })
+    Ok(Json(serde_json::json!({ "token": json::enroll_token(&token, now_ms()), "secret_token": secret })))
 }
 
 fn static_file(body: &'static str, content_type: &'static str) -> Response {

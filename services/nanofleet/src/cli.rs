@@ -359,7 +359,7 @@ impl Client {
             .into_inner();
         let token = resp.token.context("server answered without the token")?;
         if self.output == Output::Json {
-            let mut v = token_json(&token);
+            let mut v = json::enroll_token(&token, now_ms());
             v["secret_token"] = resp.secret_token.into();
             self.print_json(v);
             return Ok(());
@@ -394,7 +394,7 @@ impl Client {
             .tokens;
         if self.output == Output::Json {
             self.print_json(
-                serde_json::json!({ "tokens": tokens.iter().map(token_json).collect::<Vec<_>>() }),
+                serde_json::json!({ "tokens": tokens.iter().map(|t| json::enroll_token(t, now_ms())).collect::<Vec<_>>() }),
             );
             return Ok(());
         }
@@ -407,7 +407,7 @@ impl Client {
                 if k.device_id.is_empty() { "(assigned)".into() } else { k.device_id.clone() },
                 format!("{}/{}", k.uses_left, k.uses_allowed),
                 utc(k.expires_unix_ms),
-                token_state(k, now).into(),
+                json::token_state(k, now).into(),
                 k.created_by.clone(),
             ]);
         }
@@ -425,7 +425,7 @@ impl Client {
             .token
             .context("server answered without the token")?;
         if self.output == Output::Json {
-            self.print_json(token_json(&token));
+            self.print_json(json::enroll_token(&token, now_ms()));
         } else {
             outln!("enrollment token {} revoked", token.id);
         }
@@ -677,27 +677,6 @@ fn audit_json(r: &pb::AuditRecord) -> serde_json::Value {
         "old_value": serde_json::from_str::<serde_json::Value>(&r.old_value).unwrap_or_default(),
         "new_value": serde_json::from_str::<serde_json::Value>(&r.new_value).unwrap_or_default(),
         "prev_hash": r.prev_hash, "hash": r.hash,
-    })
-}
-
-fn token_state(k: &pb::EnrollToken, now: i64) -> &'static str {
-    if k.revoked_unix_ms != 0 {
-        "revoked"
-    } else if k.uses_left == 0 {
-        "used"
-    } else if k.expires_unix_ms <= now {
-        "expired"
-    } else {
-        "usable"
-    }
-}
-
-fn token_json(k: &pb::EnrollToken) -> serde_json::Value {
-    serde_json::json!({
-        "id": k.id, "site_id": k.site_id, "device_id": k.device_id, "replacement": k.replacement,
-        "created_unix_ms": k.created_unix_ms, "expires_unix_ms": k.expires_unix_ms,
-        "uses_allowed": k.uses_allowed, "uses_left": k.uses_left, "created_by": k.created_by,
-        "revoked_unix_ms": k.revoked_unix_ms, "state": token_state(k, now_ms()),
     })
 }
 
