@@ -705,15 +705,18 @@ async fn grpc_refuses_missing_credentials_wrong_roles_and_other_sites() -> anyho
     assert_eq!(own.devices.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["NF-SA-01"], "control");
     let list_b = it_a.list_devices(pb::ListDevicesRequest { site_id: "site-b".into() }).await;
     assert_refused(list_b, Code::PermissionDenied, &["site-a", "site-b"]);
+    // Another site's device does not exist for site IT: the same answer as an unknown id.
     let get_b = it_a.get_device(pb::GetDeviceRequest { device_id: "NF-SB-01".into() }).await;
-    assert_refused(get_b, Code::PermissionDenied, &["site-b"]);
+    assert_refused(get_b, Code::NotFound, &["NF-SB-01", "not found"]);
+    let unknown = it_a.get_device(pb::GetDeviceRequest { device_id: "NF-NONE-01".into() }).await;
+    assert_refused(unknown, Code::NotFound, &["NF-NONE-01", "not found"]);
     let decommission_b = it_a
         .decommission_device(pb::DecommissionDeviceRequest {
             device_id: "NF-SB-01".into(),
             reason: "x".into(),
         })
         .await;
-    assert_refused(decommission_b, Code::PermissionDenied, &["site-b"]);
+    assert_refused(decommission_b, Code::NotFound, &["NF-SB-01", "not found"]);
     assert_eq!(sb.server.store.get_device("NF-SB-01").await?.expect("kept").status, "active");
     sb.stop().await;
     Ok(())

@@ -22,11 +22,11 @@ fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
 }
 
 impl Api {
-    /// Refuses a site-scoped caller a device of another site.
+    /// A device of another site is not found for a site-scoped caller.
     async fn check_device_site(&self, caller: &Caller, device_id: &str) -> Result<(), Status> {
         if caller.site_limit().is_some() {
             let d = self.fleet.device(device_id).await?;
-            caller.check_site(&d.site_id)?;
+            caller.check_device_site(device_id, &d.site_id)?;
         }
         Ok(())
     }
@@ -72,7 +72,7 @@ impl FleetService for Api {
         let caller = caller(&req)?;
         let pb::GetDeviceRequest { device_id } = req.into_inner();
         let device = self.fleet.device(&device_id).await?;
-        caller.check_site(&device.site_id)?;
+        caller.check_device_site(&device_id, &device.site_id)?;
         Ok(Response::new(pb::GetDeviceResponse { device: Some(device) }))
     }
 

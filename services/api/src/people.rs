@@ -146,6 +146,15 @@ impl Caller {
         if self.role.site_scoped() { self.site_id.as_deref().or(Some("")) } else { None }
     }
 
+    /// A device of another site does not exist for a site-scoped caller: the same
+    /// answer as for an unknown id, so ids of other hospitals cannot be probed.
+    pub fn check_device_site(&self, device_id: &str, site_id: &str) -> Result<(), Error> {
+        match self.site_limit() {
+            Some(own) if own != site_id => Err(Error::NotFound { what: "device", id: device_id.into() }),
+            _ => Ok(()),
+        }
+    }
+
     /// Refuses a site-scoped caller acting on another site.
     pub fn check_site(&self, site_id: &str) -> Result<(), Error> {
         match self.site_limit() {

@@ -374,7 +374,7 @@ async fn device(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     allow(&caller, "FleetService/GetDevice")?;
     let d = api.fleet.device(&id).await?;
-    caller.check_site(&d.site_id)?;
+    caller.check_device_site(&id, &d.site_id)?;
     Ok(Json(json::device(&d)))
 }
 
@@ -393,7 +393,7 @@ async fn telemetry(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     allow(&caller, "TelemetryService/QueryTelemetry")?;
     if caller.site_limit().is_some() {
-        caller.check_site(&api.fleet.device(&id).await?.site_id)?;
+        caller.check_device_site(&id, &api.fleet.device(&id).await?.site_id)?;
     }
     let fleet = &api.fleet;
     let q = query(q)?;
