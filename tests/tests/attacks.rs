@@ -616,7 +616,7 @@ fn mosquitto_pub_tls(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mosquitto_pub_cannot_publish_for_another_device() -> anyhow::Result<()> {
+async fn mosquitto_clients_cannot_publish_or_subscribe_for_another_device() -> anyhow::Result<()> {
     if std::process::Command::new("mosquitto_pub").arg("--help").output().is_err() {
         skip_or_fail("mosquitto_pub is not installed (Debian: mosquitto-clients)");
         return Ok(());
@@ -647,6 +647,24 @@ async fn mosquitto_pub_cannot_publish_for_another_device() -> anyhow::Result<()>
     assert!(text.contains("Publish 1 failed: Not authorized"), "{text}");
     assert!(text.contains(r#"may not publish for device "NF-MOSB-01""#), "the broker's reason: {text}");
     assert_eq!(sb.server.store.telemetry_seqs("NF-MOSB-01").await?, Vec::<i64>::new());
+
+    // mosquitto_sub, subscribing to the other device's commands, is denied.
+    let out = tokio::task::block_in_place(|| {
+        std::process::Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &sb.mqtts_addr().port().to_string()])
+            .arg("--cafile")
+            .arg(files.path().join("root.pem"))
+            .arg("--cert")
+            .arg(files.path().join("device.pem"))
+            .arg("--key")
+            .arg(files.path().join("device.key"))
+            .args(["-V", "mqttv5", "-q", "1", "-d", "-i", "NF-MOSA-01", "-t", "nf/v1/NF-MOSB-01/#"])
+            .args(["-C", "1", "-W", "3"])
+            .output()
+    })?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("Subscribed (mid: 1): 135"), "SUBACK not authorized expected: {text}");
+    assert!(text.contains("All subscription requests were denied."), "{text}");
     sb.stop().await;
     Ok(())
 }
