@@ -238,7 +238,7 @@ impl Credentials {
             &meta,
         ];
         for (name, bytes) in FILES.iter().zip(contents) {
-            write_private(&staged(dir, name), bytes)?;
+            nanofleet_pki::write_private(&staged(dir, name), bytes)?;
         }
         commit(dir)
     }
@@ -288,20 +288,6 @@ fn commit(dir: &Path) -> Result<(), Error> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|source| Error::Io { path: dir.to_owned(), source })
-}
-
-/// Writes a new file readable by its owner only, flushed to disk.
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let io = |source| Error::Io { path: path.to_owned(), source };
-    // A leftover of an interrupted save.
-    let _ = std::fs::remove_file(path);
-    let mut f =
-        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(io)?;
-    f.write_all(bytes).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    Ok(())
 }
 
 // === Renewal ===

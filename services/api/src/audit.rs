@@ -9,17 +9,13 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use ed25519_dalek::{Signer as _, SigningKey, Verifier as _};
 use nanofleet_proto::v1 as pb;
 use nanofleet_store::{AuditFilter, AuditRecord, Checkpoint, Store, checkpoint_message};
 
 use crate::Error;
-
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
+use crate::now_ms;
 
 /// Audit listing, verification and checkpoints; cheap to clone.
 #[derive(Clone)]

@@ -19,6 +19,11 @@ pub enum Error {
 }
 
 impl Error {
+    /// A refused argument: which field, the value given, what is allowed.
+    pub fn invalid(field: &'static str, value: impl Into<String>, allowed: impl Into<String>) -> Error {
+        Error::InvalidArgument { field, value: value.into(), allowed: allowed.into() }
+    }
+
     pub fn grpc_code(&self) -> tonic::Code {
         match self {
             Error::NotFound { .. } => tonic::Code::NotFound,

@@ -1,7 +1,7 @@
 //! gRPC adapters: decode the request, check the caller's site, call the domain
 //! object, map the error. The role check ran before, in [`crate::auth_layer`].
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use nanofleet_proto::v1 as pb;
 use nanofleet_proto::v1::audit_service_server::AuditService;
@@ -11,6 +11,7 @@ use nanofleet_proto::v1::people_service_server::PeopleService;
 use nanofleet_proto::v1::telemetry_service_server::TelemetryService;
 use tonic::{Request, Response, Status};
 
+use crate::now_ms;
 use crate::{Api, Caller};
 
 /// Who is calling: the authentication layer put the [`Caller`] into the request.
@@ -30,10 +31,6 @@ impl Api {
         }
         Ok(())
     }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 #[tonic::async_trait]

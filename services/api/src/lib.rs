@@ -22,3 +22,9 @@ pub use error::Error;
 pub use fleet::{DEFAULT_SAMPLE_LIMIT, Fleet, MAX_SAMPLE_LIMIT, TelemetryWindow};
 pub use people::{Bootstrap, Caller, People, Role};
 pub use trust::{Actor, Trust, TrustOptions, validate_site_id};
+
+/// The server clock, ms since the Unix epoch.
+pub(crate) fn now_ms() -> i64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}

@@ -7,7 +7,7 @@
 //! ([`Caller::check_site`]).
 
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -15,6 +15,7 @@ use nanofleet_proto::v1 as pb;
 use nanofleet_store::{AuditEntry, CredentialKind, CredentialRecord, PersonRecord, Store};
 use sha2::Digest as _;
 
+use crate::now_ms;
 use crate::{Actor, Error};
 
 /// What a person may do.
@@ -168,14 +169,6 @@ impl Caller {
     }
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
-
-fn invalid(field: &'static str, value: impl Into<String>, allowed: impl Into<String>) -> Error {
-    Error::InvalidArgument { field, value: value.into(), allowed: allowed.into() }
-}
-
 /// Failed logins in a row before a person is locked out, and for how long.
 pub const LOCK_AFTER: i64 = 5;
 pub const LOCK_FOR: Duration = Duration::from_secs(15 * 60);
@@ -248,7 +241,7 @@ fn new_password() -> String {
 fn validate_person_id(id: &str) -> Result<(), Error> {
     let ok = (2..=64).contains(&id.len())
         && id.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_'));
-    if ok { Ok(()) } else { Err(invalid("id", id, "2 to 64 of a-z, 0-9, '.', '-', '_'")) }
+    if ok { Ok(()) } else { Err(Error::invalid("id", id, "2 to 64 of a-z, 0-9, '.', '-', '_'")) }
 }
 
 pub(crate) fn person_pb(p: &PersonRecord) -> pb::Person {
@@ -342,7 +335,7 @@ impl People {
             .store
             .get_credential(kind, &secret.id)
             .await?
-            .filter(|c| constant_eq(&c.secret_hash, &secret.hash()))
+            .filter(|c| nanofleet_pki::constant_time_eq(&c.secret_hash, &secret.hash()))
             .ok_or_else(|| Error::Unauthenticated(format!("{what} {} is not recognised", secret.id)))?;
         if cred.revoked_ms != 0 {
             return Err(Error::Unauthenticated(format!("{what} {} was revoked", cred.id)));
@@ -460,7 +453,7 @@ impl People {
         validate_person_id(&req.id)?;
         let name = req.display_name.trim();
         if name.is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
-            return Err(invalid(
+            return Err(Error::invalid(
                 "display_name",
                 name,
                 "1 to 100 printable characters (the printed name on signatures)",
@@ -495,11 +488,12 @@ impl People {
     }
 
     async fn role_and_site(&self, role: i32, site_id: &str) -> Result<(Role, String), Error> {
-        let role = Role::from_pb(role)
-            .ok_or_else(|| invalid("role", role.to_string(), "ops, site-it, pharmacist, qa or auditor"))?;
+        let role = Role::from_pb(role).ok_or_else(|| {
+            Error::invalid("role", role.to_string(), "ops, site-it, pharmacist, qa or auditor")
+        })?;
         if role.site_scoped() {
             if self.store.get_site(site_id).await?.is_none() {
-                return Err(invalid(
+                return Err(Error::invalid(
                     "site_id",
                     site_id,
                     format!("an existing site (role {} is bound to one)", role.as_str()),
@@ -507,7 +501,7 @@ impl People {
             }
             Ok((role, site_id.into()))
         } else if !site_id.is_empty() {
-            Err(invalid("site_id", site_id, format!("empty: role {} covers all sites", role.as_str())))
+            Err(Error::invalid("site_id", site_id, format!("empty: role {} covers all sites", role.as_str())))
         } else {
             Ok((role, String::new()))
         }
@@ -556,7 +550,7 @@ impl People {
             return Err(Error::PermissionDenied("a person cannot disable themselves".into()));
         }
         if reason.trim().is_empty() {
-            return Err(invalid("reason", reason, "a non-empty reason (it goes to the audit trail)"));
+            return Err(Error::invalid("reason", reason, "a non-empty reason (it goes to the audit trail)"));
         }
         let now = now_ms();
         let audit = AuditEntry {
@@ -593,7 +587,7 @@ impl People {
         }
         let life = if life.is_zero() { TOKEN_DEFAULT_LIFE } else { life };
         if life > TOKEN_MAX_LIFE || life < Duration::from_secs(60) {
-            return Err(invalid("expires_in_seconds", life.as_secs().to_string(), "60 s to 397 days"));
+            return Err(Error::invalid("expires_in_seconds", life.as_secs().to_string(), "60 s to 397 days"));
         }
         self.active_person(owner).await.map_err(|_| Error::NotFound { what: "person", id: owner.into() })?;
         let (id, secret, expires) = self.issue_token(&caller.actor(), owner, life, description).await?;
@@ -679,10 +673,6 @@ fn caller_of(p: &PersonRecord, credential_id: &str) -> Result<Caller, Error> {
         site_id: (!p.site_id.is_empty()).then(|| p.site_id.clone()),
         credential_id: credential_id.into(),
     })
-}
-
-fn constant_eq(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use nanofleet_proto::v1 as pb;
 use nanofleet_store::{AuditEntry, CertRecord, EnrollCommit, EnrollTokenRecord, SiteRecord, Store};
 
 use crate::Error;
+use crate::now_ms;
 
 /// Who makes a change, as the audit trail names them: `person:alice`, `device:NF-1`,
 /// `system`.
@@ -83,16 +84,8 @@ impl std::fmt::Debug for Trust {
     }
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
-
 fn ms(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
-
-fn invalid(field: &'static str, value: impl Into<String>, allowed: impl Into<String>) -> Error {
-    Error::InvalidArgument { field, value: value.into(), allowed: allowed.into() }
 }
 
 impl Trust {
@@ -178,11 +171,15 @@ impl Trust {
         validate_site_id(id)?;
         let name = name.trim();
         if name.is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
-            return Err(invalid("name", name, "1 to 100 printable characters"));
+            return Err(Error::invalid("name", name, "1 to 100 printable characters"));
         }
         let tz = if time_zone.is_empty() { "UTC" } else { time_zone };
         if jiff::tz::TimeZone::get(tz).is_err() {
-            return Err(invalid("time_zone", tz, "an IANA time zone name such as Europe/Paris or UTC"));
+            return Err(Error::invalid(
+                "time_zone",
+                tz,
+                "an IANA time zone name such as Europe/Paris or UTC",
+            ));
         }
         let site =
             SiteRecord { id: id.into(), name: name.into(), time_zone: tz.into(), created_ms: now_ms() };
@@ -216,15 +213,16 @@ impl Trust {
             return Err(Error::NotFound { what: "site", id: site_id.into() });
         }
         if !(TOKEN_MIN_LIFE..=TOKEN_MAX_LIFE).contains(&life) {
-            return Err(invalid("expires_in_seconds", life.as_secs().to_string(), "60 s to 30 days"));
+            return Err(Error::invalid("expires_in_seconds", life.as_secs().to_string(), "60 s to 30 days"));
         }
         if !(1..=TOKEN_MAX_USES).contains(&uses) {
-            return Err(invalid("uses", uses.to_string(), "1 to 10000"));
+            return Err(Error::invalid("uses", uses.to_string(), "1 to 10000"));
         }
         if !device_id.is_empty() {
-            validate_device_id(device_id).map_err(|e| invalid("device_id", device_id, e.to_string()))?;
+            validate_device_id(device_id)
+                .map_err(|e| Error::invalid("device_id", device_id, e.to_string()))?;
             if uses != 1 {
-                return Err(invalid("uses", uses.to_string(), "1 when the token names a device id"));
+                return Err(Error::invalid("uses", uses.to_string(), "1 when the token names a device id"));
             }
             if self.store.get_device(device_id).await?.is_some() {
                 return Err(Error::Conflict(format!(
@@ -368,7 +366,7 @@ impl Trust {
         let cert = self
             .ca
             .issue_device_cert(&req.csr_der, &who, self.opts.device_cert_validity)
-            .map_err(|e| invalid("csr_der", format!("{} bytes", req.csr_der.len()), e.to_string()))?;
+            .map_err(|e| Error::invalid("csr_der", format!("{} bytes", req.csr_der.len()), e.to_string()))?;
         let cert_rec = CertRecord {
             serial: cert.serial.clone(),
             device_id: device_id.clone(),
@@ -446,7 +444,7 @@ impl Trust {
         let cert = self
             .ca
             .issue_device_cert(csr_der, &who, self.opts.device_cert_validity)
-            .map_err(|e| invalid("csr_der", format!("{} bytes", csr_der.len()), e.to_string()))?;
+            .map_err(|e| Error::invalid("csr_der", format!("{} bytes", csr_der.len()), e.to_string()))?;
         let now = now_ms();
         let rec = CertRecord {
             serial: cert.serial.clone(),
@@ -484,7 +482,7 @@ impl Trust {
     /// Decommissions a device: revoked at once, its connection closed by the broker.
     pub async fn decommission(&self, actor: &Actor, device_id: &str, reason: &str) -> Result<(), Error> {
         if reason.trim().is_empty() {
-            return Err(invalid("reason", reason, "a non-empty reason (it goes to the audit trail)"));
+            return Err(Error::invalid("reason", reason, "a non-empty reason (it goes to the audit trail)"));
         }
         let old = self
             .store
@@ -516,10 +514,10 @@ impl Trust {
         reason: &str,
     ) -> Result<String, Error> {
         if reason.trim().is_empty() {
-            return Err(invalid("reason", reason, "a non-empty reason (it goes to the audit trail)"));
+            return Err(Error::invalid("reason", reason, "a non-empty reason (it goes to the audit trail)"));
         }
         if !(TOKEN_MIN_LIFE..=TOKEN_MAX_LIFE).contains(&life) {
-            return Err(invalid("expires_in_seconds", life.as_secs().to_string(), "60 s to 30 days"));
+            return Err(Error::invalid("expires_in_seconds", life.as_secs().to_string(), "60 s to 30 days"));
         }
         let old = self
             .store
@@ -584,12 +582,16 @@ pub fn validate_site_id(id: &str) -> Result<(), Error> {
     let ok = (2..=32).contains(&id.len())
         && id.starts_with(|c: char| c.is_ascii_lowercase())
         && id.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-    if ok { Ok(()) } else { Err(invalid("site_id", id, "2 to 32 of a-z, 0-9 and -, starting with a letter")) }
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid("site_id", id, "2 to 32 of a-z, 0-9 and -, starting with a letter"))
+    }
 }
 
 fn check_text(field: &'static str, v: &str, max: usize) -> Result<(), Error> {
     if v.chars().count() > max || v.chars().any(char::is_control) {
-        return Err(invalid(
+        return Err(Error::invalid(
             field,
             v.chars().take(80).collect::<String>(),
             format!("at most {max} printable characters"),

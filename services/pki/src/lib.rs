@@ -42,6 +42,11 @@ pub fn crypto_provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
     std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
+/// Compares two secrets' hashes in time that does not depend on where they differ.
+pub fn constant_time_eq(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// SHA-256 of a certificate (DER), base64url without padding: how tokens and
 /// operators name the fleet root.
 pub fn fingerprint(der: &[u8]) -> String {

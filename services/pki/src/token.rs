@@ -100,9 +100,7 @@ impl EnrollToken {
 
 /// Constant-time comparison of a presented secret's hash with the stored one.
 pub fn secret_matches(token: &EnrollToken, stored_hash: &str) -> bool {
-    let a = token.secret_hash();
-    a.len() == stored_hash.len()
-        && a.bytes().zip(stored_hash.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    crate::constant_time_eq(&token.secret_hash(), stored_hash)
 }
 
 fn hash_secret(secret: &str) -> String {
