@@ -26,8 +26,7 @@
 
 use nanofleet_tests::bench::*;
 use std::collections::HashSet;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use nanofleet_pki::{EnrollToken, tls};
@@ -60,104 +59,7 @@ impl Settings {
 
 // === running many calls ===
 
-/// Latencies and failures of `n` calls of `call`, `concurrency` at a time.
-struct Calls<T> {
-    results: Vec<T>,
-    /// Sorted.
-    latencies: Vec<Duration>,
-    failures: usize,
-    first_error: Option<String>,
-    elapsed: Duration,
-}
-
-impl<T> Calls<T> {
-    fn rate(&self) -> f64 {
-        self.results.len() as f64 / self.elapsed.as_secs_f64()
-    }
-
-    fn json(&self) -> serde_json::Value {
-        json!({
-            "done": self.results.len(),
-            "failures": self.failures,
-            "first_error": self.first_error,
-            "seconds": (self.elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
-            "per_s": (self.rate() * 10.0).round() / 10.0,
-            "latency_ms": {
-                "p50": round1(percentile_ms(&self.latencies, 50.0)),
-                "p99": round1(percentile_ms(&self.latencies, 99.0)),
-                "max": round1(percentile_ms(&self.latencies, 100.0)),
-            },
-        })
-    }
-
-    fn print(&self, name: &str, n: usize) {
-        println!(
-            "  {name:<18} {} of {n} in {:.2} s: {:.1}/s; p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; {} failed{}",
-            self.results.len(),
-            self.elapsed.as_secs_f64(),
-            self.rate(),
-            percentile_ms(&self.latencies, 50.0),
-            percentile_ms(&self.latencies, 99.0),
-            percentile_ms(&self.latencies, 100.0),
-            self.failures,
-            self.first_error.as_ref().map(|e| format!(" (first: {e})")).unwrap_or_default()
-        );
-    }
-}
-
-fn round1(v: f64) -> f64 {
-    (v * 10.0).round() / 10.0
-}
-
-async fn run_calls<T, F, Fut>(n: usize, concurrency: usize, call: F) -> Calls<T>
-where
-    T: Send + 'static,
-    F: Fn(usize) -> Fut,
-    Fut: Future<Output = anyhow::Result<T>> + Send + 'static,
-{
-    let permits = Arc::new(tokio::sync::Semaphore::new(concurrency));
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..n)
-        .map(|i| {
-            let permits = permits.clone();
-            let fut = call(i);
-            tokio::spawn(async move {
-                let _permit = permits.acquire_owned().await;
-                let t = Instant::now();
-                let r = tokio::time::timeout(Duration::from_secs(60), fut)
-                    .await
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within 60 s")));
-                (r, t.elapsed())
-            })
-        })
-        .collect();
-    let mut calls = Calls {
-        results: Vec::with_capacity(n),
-        latencies: Vec::with_capacity(n),
-        failures: 0,
-        first_error: None,
-        elapsed: Duration::ZERO,
-    };
-    for t in tasks {
-        match t.await {
-            Ok((Ok(v), took)) => {
-                calls.results.push(v);
-                calls.latencies.push(took);
-            }
-            Ok((Err(e), _)) => {
-                calls.failures += 1;
-                calls.first_error.get_or_insert_with(|| format!("{e:#}"));
-            }
-            Err(e) => {
-                calls.failures += 1;
-                calls.first_error.get_or_insert_with(|| e.to_string());
-            }
-        }
-    }
-    calls.elapsed = started.elapsed();
-    calls.latencies.sort();
-    calls
-}
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The peer's call: a first-contact connection and one health check.
 async fn connect_and_check(server: String, fingerprint: String) -> anyhow::Result<()> {
@@ -222,11 +124,12 @@ async fn run(s: Settings) -> anyhow::Result<()> {
     let fingerprint = EnrollToken::parse(&token)?.root_fingerprint;
 
     let (cpu0, self0) = (cpu_secs(&server.pid()), cpu_secs("self"));
-    let peer =
-        run_calls(s.devices, s.concurrency, |_| connect_and_check(server.grpc.clone(), fingerprint.clone()))
-            .await;
+    let peer = run_concurrently(s.devices, s.concurrency, CALL_TIMEOUT, |_| {
+        connect_and_check(server.grpc.clone(), fingerprint.clone())
+    })
+    .await;
     let (cpu1, self1) = (cpu_secs(&server.pid()), cpu_secs("self"));
-    let enrolled = run_calls(s.devices, s.concurrency, |i| {
+    let enrolled = run_concurrently(s.devices, s.concurrency, CALL_TIMEOUT, |i| {
         let (server, token) = (server.grpc.clone(), token.clone());
         async move {
             let c =

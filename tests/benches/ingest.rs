@@ -19,8 +19,7 @@
 
 use nanofleet_tests::bench::*;
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
@@ -38,7 +37,6 @@ use tokio_util::sync::CancellationToken;
 
 /// Unacknowledged QoS 1 publishes per connection (the embedded broker's receive maximum).
 const WINDOW: u16 = 32;
-const MOSQUITTO: &str = "/usr/sbin/mosquitto";
 const TELEMETRY_FILTER: &str = "nf/v1/+/telemetry";
 
 // === settings ===
@@ -353,33 +351,29 @@ async fn run_nanofleet(s: &Settings, ticks: f64) -> anyhow::Result<NanofleetRun>
 
 // === mosquitto ===
 
+/// The reference broker: our own Mosquitto on a free port, or one already listening on
+/// 1883.
 struct Mosquitto {
     addr: SocketAddr,
-    child: Option<Child>,
     version: String,
-    _dir: tempfile::TempDir,
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn reachable(addr: SocketAddr) -> bool {
-    TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+    process: Option<MosquittoProcess>,
 }
 
 impl Mosquitto {
-    /// Our own Mosquitto on a free port, else one already listening on 1883.
     fn start() -> Result<Mosquitto, String> {
-        let spawned = Mosquitto::spawn();
+        let spawned = MosquittoProcess::spawn(|_, port| {
+            Ok(format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\nmax_inflight_messages 0\n\
+                 max_queued_messages 0\npersistence false\n"
+            ))
+        });
         match spawned {
-            Ok(m) => Ok(m),
+            Ok(p) => Ok(Mosquitto { addr: p.addr, version: p.version.clone(), process: Some(p) }),
             Err(e) => {
                 let fallback = SocketAddr::from(([127, 0, 0, 1], 1883));
-                if reachable(fallback) {
+                if TcpStream::connect_timeout(&fallback, Duration::from_millis(200)).is_ok() {
                     eprintln!("ingest: could not start mosquitto ({e:#}); using the broker on {fallback}");
-                    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-                    Ok(Mosquitto { addr: fallback, child: None, version: "unknown".into(), _dir: dir })
+                    Ok(Mosquitto { addr: fallback, version: "unknown".into(), process: None })
                 } else {
                     Err(format!("could not start {MOSQUITTO} ({e:#}) and nothing listens on {fallback}"))
                 }
@@ -387,67 +381,12 @@ impl Mosquitto {
         }
     }
 
-    fn spawn() -> anyhow::Result<Mosquitto> {
-        anyhow::ensure!(Path::new(MOSQUITTO).exists(), "{MOSQUITTO} not found");
-        let dir = tempfile::tempdir()?;
-        let port = free_port()?;
-        let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\nmax_inflight_messages 0\n\
-                 max_queued_messages 0\npersistence false\n"
-            ),
-        )?;
-        let log = std::fs::File::create(dir.path().join("mosquitto.log"))?;
-        let mut child = Command::new(MOSQUITTO)
-            .arg("-c")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !reachable(addr) {
-            if let Some(status) = child.try_wait()? {
-                let log = std::fs::read_to_string(dir.path().join("mosquitto.log")).unwrap_or_default();
-                anyhow::bail!("mosquitto exited with {status}: {}", log.trim());
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                anyhow::bail!("mosquitto did not listen on {addr} within 5 s");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let version = Command::new(MOSQUITTO)
-            .arg("-h")
-            .output()
-            .ok()
-            .and_then(|o| {
-                let text =
-                    String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
-                text.lines().find(|l| l.contains("version")).map(|l| l.trim().to_owned())
-            })
-            .unwrap_or_else(|| "mosquitto".into());
-        Ok(Mosquitto { addr, child: Some(child), version, _dir: dir })
-    }
-
     fn pid(&self) -> Option<String> {
-        self.child.as_ref().map(|c| c.id().to_string())
+        self.process.as_ref().map(MosquittoProcess::pid)
     }
 
-    fn stop(mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+    fn stop(self) {
+        drop(self.process);
     }
 }
 

@@ -31,9 +31,8 @@
 //! It measures; it asserts nothing about speed or size.
 
 use nanofleet_tests::bench::*;
-use std::net::{SocketAddr, TcpStream as StdTcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -47,7 +46,6 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-const MOSQUITTO: &str = "/usr/sbin/mosquitto";
 /// Connections opened and closed before the broker's idle memory is read.
 const WARM_UP: usize = 64;
 const KEEP_ALIVE_S: u16 = 600;
@@ -209,61 +207,16 @@ async fn ping(conn: &mut Conn) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What opening the connections gave.
-struct Opened {
-    conns: Vec<Conn>,
-    /// Connect to CONNACK, sorted.
-    latencies: Vec<Duration>,
-    failures: usize,
-    first_error: Option<String>,
-    elapsed: Duration,
-}
-
 /// Opens a connection for each client, `concurrency` under way at a time, on all of the
 /// runtime's threads.
-async fn open_all(addr: SocketAddr, clients: Vec<Client>, concurrency: usize) -> Opened {
-    let permits = Arc::new(tokio::sync::Semaphore::new(concurrency));
-    let started = Instant::now();
-    let tasks: Vec<_> = clients
-        .into_iter()
-        .map(|c| {
-            let permits = permits.clone();
-            tokio::spawn(async move {
-                let _permit = permits.acquire_owned().await;
-                let t = Instant::now();
-                let r = tokio::time::timeout(Duration::from_secs(30), open(addr, &c))
-                    .await
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("no CONNACK within 30 s")));
-                (r, t.elapsed())
-            })
-        })
-        .collect();
-    let mut opened = Opened {
-        conns: Vec::with_capacity(tasks.len()),
-        latencies: Vec::with_capacity(tasks.len()),
-        failures: 0,
-        first_error: None,
-        elapsed: Duration::ZERO,
-    };
-    for t in tasks {
-        match t.await {
-            Ok((Ok(conn), took)) => {
-                opened.conns.push(conn);
-                opened.latencies.push(took);
-            }
-            Ok((Err(e), _)) => {
-                opened.failures += 1;
-                opened.first_error.get_or_insert_with(|| format!("{e:#}"));
-            }
-            Err(e) => {
-                opened.failures += 1;
-                opened.first_error.get_or_insert_with(|| e.to_string());
-            }
-        }
-    }
-    opened.elapsed = started.elapsed();
-    opened.latencies.sort();
-    opened
+async fn open_all(addr: SocketAddr, clients: Vec<Client>, concurrency: usize) -> Batch<Conn> {
+    let n = clients.len();
+    let clients = Arc::new(clients);
+    run_concurrently(n, concurrency, Duration::from_secs(30), |i| {
+        let clients = clients.clone();
+        async move { open(addr, &clients[i]).await }
+    })
+    .await
 }
 
 /// One PINGREQ on every connection; returns them and how many answered.
@@ -390,10 +343,10 @@ async fn measure(
         w.failures == 0,
         "warm-up: {} of {} connections failed: {}",
         w.failures,
-        w.failures + w.conns.len(),
+        w.failures + w.results.len(),
         w.first_error.unwrap_or_default()
     );
-    drop(w.conns);
+    drop(w.results);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_idle = vm_rss(pid).unwrap_or(0);
     let (broker_cpu, bench_cpu) = (cpu_secs(pid), cpu_secs("self"));
@@ -402,7 +355,7 @@ async fn measure(
     // Let the broker finish what follows a CONNACK (sessions, hooks) before reading.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_loaded = vm_rss(pid).unwrap_or(0);
-    let (conns, pings_answered) = ping_all(opened.conns, concurrency).await;
+    let (conns, pings_answered) = ping_all(opened.results, concurrency).await;
     let accepted = conns.len();
     drop(conns);
     let seconds = opened.elapsed.as_secs_f64();
@@ -427,91 +380,27 @@ async fn measure(
 // === Mosquitto ===
 
 /// A Mosquitto child process with the device rules, on a free port.
-struct Mosquitto {
-    child: Child,
-    addr: SocketAddr,
-    version: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Mosquitto {
-    fn start(pki_dir: &Path) -> anyhow::Result<Mosquitto> {
-        anyhow::ensure!(Path::new(MOSQUITTO).exists(), "{MOSQUITTO} not found");
-        let dir = tempfile::tempdir()?;
+/// Mosquitto with the TLS settings of deploy/mosquitto, on the server's certificates.
+fn start_mosquitto(pki_dir: &Path) -> anyhow::Result<MosquittoProcess> {
+    MosquittoProcess::spawn(|dir, port| {
         // OpenSSL wants the chain to end at a self-signed certificate: root first.
-        let ca = dir.path().join("ca.pem");
+        let ca = dir.join("ca.pem");
         std::fs::write(
             &ca,
             std::fs::read_to_string(pki_dir.join("root.pem"))?
                 + &std::fs::read_to_string(pki_dir.join("devices-bundle.pem"))?,
         )?;
-        let port = free_port()?;
-        let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "user root\npersistence false\nlog_dest stderr\nlog_type error\nlog_type warning\n\
-                 listener {port} 127.0.0.1\nprotocol mqtt\nmax_connections -1\n\
-                 cafile {}\ncertfile {}\nkeyfile {}\ntls_version tlsv1.2\n\
-                 require_certificate true\nuse_identity_as_username true\nuse_username_as_clientid true\n\
-                 allow_anonymous false\n",
-                ca.display(),
-                pki_dir.join("server.pem").display(),
-                pki_dir.join("server.key").display(),
-            ),
-        )?;
-        let log = std::fs::File::create(dir.path().join("mosquitto.log"))?;
-        let mut child = with_nofile_limit(Path::new(MOSQUITTO), &["-c".into(), conf.display().to_string()])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while StdTcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-            if let Some(status) = child.try_wait()? {
-                let log = std::fs::read_to_string(dir.path().join("mosquitto.log")).unwrap_or_default();
-                anyhow::bail!("mosquitto exited with {status}: {}", log.trim());
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                anyhow::bail!("mosquitto did not listen on {addr} within 5 s");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let version = Command::new(MOSQUITTO)
-            .arg("-h")
-            .output()
-            .ok()
-            .and_then(|o| {
-                let text =
-                    String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
-                text.lines().find(|l| l.contains("version")).map(|l| l.trim().to_owned())
-            })
-            .unwrap_or_else(|| "mosquitto".into());
-        Ok(Mosquitto { child, addr, version, _dir: dir })
-    }
-
-    fn pid(&self) -> String {
-        self.child.id().to_string()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self._dir.path().join("mosquitto.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+        Ok(format!(
+            "user root\npersistence false\nlog_dest stderr\nlog_type error\nlog_type warning\n\
+             listener {port} 127.0.0.1\nprotocol mqtt\nmax_connections -1\n\
+             cafile {}\ncertfile {}\nkeyfile {}\ntls_version tlsv1.2\n\
+             require_certificate true\nuse_identity_as_username true\nuse_username_as_clientid true\n\
+             allow_anonymous false\n",
+            ca.display(),
+            pki_dir.join("server.pem").display(),
+            pki_dir.join("server.key").display(),
+        ))
+    })
 }
 
 // === the bench ===
@@ -574,7 +463,7 @@ async fn run(s: Settings) -> anyhow::Result<()> {
     let (exit_code, server_stop) = tokio::task::block_in_place(|| server.interrupt())?;
     let load_middle = load_average();
 
-    let mosquitto = match Mosquitto::start(peer_pki.path()) {
+    let mosquitto = match start_mosquitto(peer_pki.path()) {
         Ok(m) => {
             let r = measure(m.addr, &m.pid(), warm2, clients2, s.concurrency).await;
             let log = m.log();

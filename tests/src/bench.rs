@@ -431,3 +431,183 @@ pub fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
+
+/// Debian's Mosquitto, the peer the benches measure against.
+pub const MOSQUITTO: &str = "/usr/sbin/mosquitto";
+
+/// A Mosquitto child process on a free loopback port, with the configuration
+/// `config(dir, port)` returns (written into a temporary `dir`); stopped (SIGTERM, then
+/// SIGKILL after 5 s) when dropped.
+pub struct MosquittoProcess {
+    pub addr: SocketAddr,
+    pub version: String,
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl MosquittoProcess {
+    pub fn spawn(
+        config: impl FnOnce(&Path, u16) -> anyhow::Result<String>,
+    ) -> anyhow::Result<MosquittoProcess> {
+        anyhow::ensure!(Path::new(MOSQUITTO).exists(), "{MOSQUITTO} not found");
+        let dir = tempfile::tempdir()?;
+        let port = free_port()?;
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(&conf, config(dir.path(), port)?)?;
+        let log = std::fs::File::create(dir.path().join("mosquitto.log"))?;
+        let mut child = with_nofile_limit(Path::new(MOSQUITTO), &["-c".into(), conf.display().to_string()])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+            if let Some(status) = child.try_wait()? {
+                let log = std::fs::read_to_string(dir.path().join("mosquitto.log")).unwrap_or_default();
+                anyhow::bail!("mosquitto exited with {status}: {}", log.trim());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                anyhow::bail!("mosquitto did not listen on {addr} within 5 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let version = Command::new(MOSQUITTO)
+            .arg("-h")
+            .output()
+            .ok()
+            .and_then(|o| {
+                let text =
+                    String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+                text.lines().find(|l| l.contains("version")).map(|l| l.trim().to_owned())
+            })
+            .unwrap_or_else(|| "mosquitto".into());
+        Ok(MosquittoProcess { addr, version, child, dir })
+    }
+
+    pub fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for MosquittoProcess {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// === many calls at once ===
+
+/// What `n` calls made `concurrency` at a time gave: results, latencies, failures.
+pub struct Batch<T> {
+    pub results: Vec<T>,
+    /// Sorted.
+    pub latencies: Vec<Duration>,
+    pub failures: usize,
+    pub first_error: Option<String>,
+    pub elapsed: Duration,
+}
+
+impl<T> Batch<T> {
+    pub fn rate(&self) -> f64 {
+        self.results.len() as f64 / self.elapsed.as_secs_f64()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "done": self.results.len(),
+            "failures": self.failures,
+            "first_error": self.first_error,
+            "seconds": (self.elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
+            "per_s": (self.rate() * 10.0).round() / 10.0,
+            "latency_ms": {
+                "p50": round1(percentile_ms(&self.latencies, 50.0)),
+                "p99": round1(percentile_ms(&self.latencies, 99.0)),
+                "max": round1(percentile_ms(&self.latencies, 100.0)),
+            },
+        })
+    }
+
+    pub fn print(&self, name: &str, n: usize) {
+        println!(
+            "  {name:<18} {} of {n} in {:.2} s: {:.1}/s; p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; {} failed{}",
+            self.results.len(),
+            self.elapsed.as_secs_f64(),
+            self.rate(),
+            percentile_ms(&self.latencies, 50.0),
+            percentile_ms(&self.latencies, 99.0),
+            percentile_ms(&self.latencies, 100.0),
+            self.failures,
+            self.first_error.as_ref().map(|e| format!(" (first: {e})")).unwrap_or_default()
+        );
+    }
+}
+
+fn round1(v: f64) -> f64 {
+    (v * 10.0).round() / 10.0
+}
+
+/// Runs `call(0..n)`, `concurrency` at a time on all of the runtime's threads, each
+/// given at most `timeout`.
+pub async fn run_concurrently<T, F, Fut>(n: usize, concurrency: usize, timeout: Duration, call: F) -> Batch<T>
+where
+    T: Send + 'static,
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>> + Send + 'static,
+{
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let permits = permits.clone();
+            let fut = call(i);
+            tokio::spawn(async move {
+                let _permit = permits.acquire_owned().await;
+                let t = Instant::now();
+                let r = tokio::time::timeout(timeout, fut)
+                    .await
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {} s", timeout.as_secs())));
+                (r, t.elapsed())
+            })
+        })
+        .collect();
+    let mut calls = Batch {
+        results: Vec::with_capacity(n),
+        latencies: Vec::with_capacity(n),
+        failures: 0,
+        first_error: None,
+        elapsed: Duration::ZERO,
+    };
+    for t in tasks {
+        match t.await {
+            Ok((Ok(v), took)) => {
+                calls.results.push(v);
+                calls.latencies.push(took);
+            }
+            Ok((Err(e), _)) => {
+                calls.failures += 1;
+                calls.first_error.get_or_insert_with(|| format!("{e:#}"));
+            }
+            Err(e) => {
+                calls.failures += 1;
+                calls.first_error.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+    calls.elapsed = started.elapsed();
+    calls.latencies.sort();
+    calls
+}
