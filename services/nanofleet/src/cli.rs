@@ -209,11 +209,7 @@ impl Client {
             .into_inner()
             .person
             .context("server answered without the person")?;
-        if self.output == Output::Json {
-            self.print_json(person_json(&p));
-        } else {
-            outln!("{} now has role {}", p.id, role_name(p.role));
-        }
+        self.report(|| person_json(&p), || format!("{} now has role {}", p.id, role_name(p.role)));
         Ok(())
     }
 
@@ -226,11 +222,10 @@ impl Client {
             .into_inner()
             .person
             .context("server answered without the person")?;
-        if self.output == Output::Json {
-            self.print_json(person_json(&p));
-        } else {
-            outln!("{} disabled: their API tokens and sessions no longer work", p.id);
-        }
+        self.report(
+            || person_json(&p),
+            || format!("{} disabled: their API tokens and sessions no longer work", p.id),
+        );
         Ok(())
     }
 
@@ -254,11 +249,10 @@ impl Client {
     pub async fn api_token_revoke(&self, server: &str, req: pb::RevokeApiTokenRequest) -> anyhow::Result<()> {
         let id = req.token_id.clone();
         self.people().revoke_api_token(req).await.map_err(|s| status_error(server, s))?;
-        if self.output == Output::Json {
-            self.print_json(serde_json::json!({ "token_id": id, "revoked": true }));
-        } else {
-            outln!("API token {id} revoked");
-        }
+        self.report(
+            || serde_json::json!({ "token_id": id, "revoked": true }),
+            || format!("API token {id} revoked"),
+        );
         Ok(())
     }
 
@@ -342,11 +336,7 @@ impl Client {
         let site =
             self.fleet().create_site(req).await.map_err(|s| status_error(server, s))?.into_inner().site;
         let site = site.context("server answered without the site")?;
-        if self.output == Output::Json {
-            self.print_json(json::site(&site));
-        } else {
-            outln!("site {} ({}) created", site.id, site.name);
-        }
+        self.report(|| json::site(&site), || format!("site {} ({}) created", site.id, site.name));
         Ok(())
     }
 
@@ -424,11 +414,10 @@ impl Client {
             .into_inner()
             .token
             .context("server answered without the token")?;
-        if self.output == Output::Json {
-            self.print_json(json::enroll_token(&token, now_ms()));
-        } else {
-            outln!("enrollment token {} revoked", token.id);
-        }
+        self.report(
+            || json::enroll_token(&token, now_ms()),
+            || format!("enrollment token {} revoked", token.id),
+        );
         Ok(())
     }
 
@@ -479,6 +468,15 @@ impl Client {
 
     fn telemetry_client(&self) -> TelemetryServiceClient<Authed> {
         TelemetryServiceClient::with_interceptor(self.channel.clone(), self.bearer.clone())
+    }
+
+    /// Prints JSON for scripts or one line for people, as `--output` asks.
+    fn report(&self, json: impl FnOnce() -> serde_json::Value, line: impl FnOnce() -> String) {
+        if self.output == Output::Json {
+            self.print_json(json());
+        } else {
+            outln!("{}", line());
+        }
     }
 
     fn print_json(&self, v: serde_json::Value) {
