@@ -52,13 +52,8 @@ impl FleetService for Api {
         req: Request<pb::ListDevicesRequest>,
     ) -> Result<Response<pb::ListDevicesResponse>, Status> {
         let caller = caller(&req)?;
-        let pb::ListDevicesRequest { mut site_id } = req.into_inner();
-        if let Some(own) = caller.site_limit() {
-            if site_id.is_empty() {
-                site_id = own.to_owned();
-            }
-            caller.check_site(&site_id)?;
-        }
+        let pb::ListDevicesRequest { site_id } = req.into_inner();
+        let site_id = caller.listing_site(&site_id)?;
         Ok(Response::new(pb::ListDevicesResponse { devices: self.fleet.devices(Some(&site_id)).await? }))
     }
 
@@ -143,13 +138,8 @@ impl EnrollmentService for Api {
         req: Request<pb::ListEnrollTokensRequest>,
     ) -> Result<Response<pb::ListEnrollTokensResponse>, Status> {
         let caller = caller(&req)?;
-        let pb::ListEnrollTokensRequest { mut site_id } = req.into_inner();
-        if let Some(own) = caller.site_limit() {
-            if site_id.is_empty() {
-                site_id = own.to_owned();
-            }
-            caller.check_site(&site_id)?;
-        }
+        let pb::ListEnrollTokensRequest { site_id } = req.into_inner();
+        let site_id = caller.listing_site(&site_id)?;
         Ok(Response::new(pb::ListEnrollTokensResponse {
             tokens: self.trust.list_tokens(Some(&site_id)).await?,
         }))

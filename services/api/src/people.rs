@@ -156,6 +156,16 @@ impl Caller {
         }
     }
 
+    /// The site a listing covers: what was asked for (empty: all), held to the caller's
+    /// own site for site-scoped roles (empty means theirs; another is refused).
+    pub fn listing_site(&self, requested: &str) -> Result<String, Error> {
+        match self.site_limit() {
+            Some(own) if requested.is_empty() => Ok(own.to_owned()),
+            Some(_) => self.check_site(requested).map(|()| requested.to_owned()),
+            None => Ok(requested.to_owned()),
+        }
+    }
+
     /// Refuses a site-scoped caller acting on another site.
     pub fn check_site(&self, site_id: &str) -> Result<(), Error> {
         match self.site_limit() {

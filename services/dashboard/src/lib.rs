@@ -230,13 +230,8 @@ async fn list_tokens(
     q: Result<Query<TokensQuery>, QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     allow(&caller, "EnrollmentService/ListEnrollTokens")?;
-    let mut site = query(q)?.site.unwrap_or_default();
-    if let Some(own) = caller.site_limit() {
-        if site.is_empty() {
-            site = own.to_owned();
-        }
-        caller.check_site(&site)?;
-    }
+    let site = query(q)?.site.unwrap_or_default();
+    let site = caller.listing_site(&site)?;
     let now = now_ms();
     let tokens = api.trust.list_tokens(Some(&site)).await?;
     Ok(Json(
@@ -356,13 +351,8 @@ async fn devices(
     q: Result<Query<DevicesQuery>, QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     allow(&caller, "FleetService/ListDevices")?;
-    let mut site = query(q)?.site.unwrap_or_default();
-    if let Some(own) = caller.site_limit() {
-        if site.is_empty() {
-            site = own.to_owned();
-        }
-        caller.check_site(&site)?;
-    }
+    let site = query(q)?.site.unwrap_or_default();
+    let site = caller.listing_site(&site)?;
     let devices = api.fleet.devices(Some(&site)).await?;
     Ok(Json(serde_json::json!({ "devices": devices.iter().map(json::device).collect::<Vec<_>>() })))
 }
