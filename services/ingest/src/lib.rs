@@ -146,6 +146,8 @@ pub enum Error {
     Commit(String),
     #[error("ingest is shutting down")]
     ShuttingDown,
+    #[error("cannot start the storage writer: {0}")]
+    Start(#[from] std::io::Error),
 }
 
 #[derive(Debug, Clone, Default)]
@@ -190,7 +192,15 @@ impl Ingest {
             .collect();
         let (tx, rx) = mpsc::channel(opts.queue.max(1));
         let inner = Arc::new(Inner { stats: Stats::default(), devices: RwLock::new(devices), writer: tx });
-        let task = tokio::spawn(writer::run(store, rx, opts.max_batch.max(1), Arc::downgrade(&inner)));
+        // The writer gets a thread and a runtime of its own. On the shared runtime each
+        // of its awaits (one per statement) would wait behind every ready connection
+        // task, and a commit of a few hundred messages would take many times its
+        // database time.
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let max_batch = opts.max_batch.max(1);
+        let weak = Arc::downgrade(&inner);
+        let task =
+            tokio::task::spawn_blocking(move || runtime.block_on(writer::run(store, rx, max_batch, weak)));
         Ok((Ingest { inner }, task))
     }
 
