@@ -7,11 +7,13 @@ use prost::Message as _;
 
 const PROTOS: &[&str] = &[
     "nanofleet/device/v1/device.proto",
+    "nanofleet/device/v1/recipe.proto",
     "nanofleet/v1/fleet.proto",
     "nanofleet/v1/telemetry.proto",
     "nanofleet/v1/enrollment.proto",
     "nanofleet/v1/people.proto",
     "nanofleet/v1/audit.proto",
+    "nanofleet/v1/recipes.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -173,6 +173,8 @@ fn state_message(info: &DeviceInfo, presence: Presence, session_id: &str, boot_i
         model: if online { info.model.clone() } else { String::new() },
         site_id: if online { info.site_id.clone() } else { String::new() },
         boot_id: boot_id.to_owned(),
+        // Set once the agent holds a trust root it reports (recipes).
+        trust_root_version: 0,
     }
     .encode_to_vec()
 }

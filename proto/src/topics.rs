@@ -22,7 +22,7 @@ pub enum Channel {
     Events,
     /// `DeviceState`, QoS 1, retained (birth), and the last will (death).
     State,
-    /// Acknowledgements of commands (reserved).
+    /// `Ack`: a device's answer to a command, QoS 1.
     Ack,
 }
 
@@ -50,9 +50,40 @@ pub fn device_topic(device_id: &str, channel: Channel) -> String {
     format!("{ROOT}/{device_id}/{}", channel.as_str())
 }
 
-/// The topic the cloud sends a command of `kind` to a device on.
-pub fn command_topic(device_id: &str, kind: &str) -> String {
-    format!("{ROOT}/{device_id}/cmd/{kind}")
+/// The commands the cloud sends a device, each on its own topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Command {
+    /// `RecipeDelivery`: a released recipe, QoS 1.
+    Recipe,
+    /// `TrustRootUpdate`: newer trust root documents, QoS 1.
+    TrustRoot,
+}
+
+impl Command {
+    pub const ALL: [Command; 2] = [Command::Recipe, Command::TrustRoot];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Command::Recipe => "recipe",
+            Command::TrustRoot => "trust-root",
+        }
+    }
+}
+
+/// The topic the cloud sends `command` to a device on.
+pub fn command_topic(device_id: &str, command: Command) -> String {
+    format!("{ROOT}/{device_id}/cmd/{}", command.as_str())
+}
+
+/// Filter a device subscribes to for all its commands.
+pub fn command_filter(device_id: &str) -> String {
+    format!("{ROOT}/{device_id}/cmd/+")
+}
+
+/// The command a topic carries, if it is one of `device_id`'s command topics.
+pub fn parse_command_topic(device_id: &str, topic: &str) -> Option<Command> {
+    let kind = topic.strip_prefix(ROOT)?.strip_prefix('/')?.strip_prefix(device_id)?.strip_prefix("/cmd/")?;
+    Command::ALL.into_iter().find(|c| c.as_str() == kind)
 }
 
 /// Filter matching `channel` of every device, for an ingest subscription.

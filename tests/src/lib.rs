@@ -242,6 +242,7 @@ pub fn birth(device_id: &str, site_id: &str, session_id: &str) -> Vec<u8> {
         model: "NF-200".into(),
         site_id: site_id.into(),
         boot_id: "boot".into(),
+        trust_root_version: 0,
     }
     .encode_to_vec()
 }

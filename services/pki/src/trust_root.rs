@@ -35,6 +35,66 @@ pub struct Key {
     pub keytype: String,
     /// Hex of the ed25519 public key.
     pub public: String,
+    /// The person who holds the key (people's id), for keys of signing roles: two
+    /// signatures by one person count once, whatever keys they used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+}
+
+impl Key {
+    pub fn ed25519(public: &VerifyingKey, owner: Option<&str>) -> Key {
+        Key {
+            keytype: "ed25519".into(),
+            public: hex::encode(public.as_bytes()),
+            owner: owner.map(str::to_owned),
+        }
+    }
+
+    /// The public key, if the entry holds a well-formed ed25519 key.
+    pub fn verifying_key(&self) -> Option<VerifyingKey> {
+        if self.keytype != "ed25519" {
+            return None;
+        }
+        hex::decode(&self.public)
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .and_then(|b| VerifyingKey::from_bytes(&b).ok())
+    }
+}
+
+impl RootBody {
+    /// Adds `key` to `role` (creating the key entry if needed); returns its key id.
+    pub fn add_role_key(&mut self, role: &str, key: &VerifyingKey, owner: Option<&str>) -> String {
+        let id = key_id(key);
+        self.keys.entry(id.clone()).or_insert_with(|| Key::ed25519(key, owner));
+        let r = self
+            .roles
+            .entry(role.to_owned())
+            .or_insert_with(|| RoleKeys { keyids: Vec::new(), threshold: 1 });
+        if !r.keyids.contains(&id) {
+            r.keyids.push(id.clone());
+        }
+        id
+    }
+
+    /// Removes a key from every role and from the key list (revocation).
+    pub fn remove_key(&mut self, keyid: &str) {
+        self.keys.remove(keyid);
+        for r in self.roles.values_mut() {
+            r.keyids.retain(|k| k != keyid);
+        }
+    }
+
+    /// The key `keyid` if `role` lists it.
+    pub fn role_key(&self, role: &str, keyid: &str) -> Option<&Key> {
+        self.roles.get(role).filter(|r| r.keyids.iter().any(|k| k == keyid))?;
+        self.keys.get(keyid)
+    }
+
+    /// The signature threshold of `role`; 0 when the root does not name it.
+    pub fn threshold(&self, role: &str) -> u32 {
+        self.roles.get(role).map_or(0, |r| r.threshold)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,10 +148,7 @@ impl TrustRoot {
     pub fn initial(root_key: &SigningKey, expires: &str) -> TrustRoot {
         let id = key_id(&root_key.verifying_key());
         let mut keys = BTreeMap::new();
-        keys.insert(
-            id.clone(),
-            Key { keytype: "ed25519".into(), public: hex::encode(root_key.verifying_key().as_bytes()) },
-        );
+        keys.insert(id.clone(), Key::ed25519(&root_key.verifying_key(), None));
         let roles = ROLES
             .iter()
             .map(|r| {
@@ -109,6 +166,22 @@ impl TrustRoot {
         };
         let mut root = TrustRoot { signed, signatures: Vec::new() };
         root.sign(root_key);
+        root
+    }
+
+    /// The unsigned body of the next version: same keys, roles and expiry.
+    pub fn successor_body(&self) -> RootBody {
+        let mut body = self.signed.clone();
+        body.version += 1;
+        body
+    }
+
+    /// A document for `body`, signed by `keys`.
+    pub fn signed_by(body: RootBody, keys: &[&SigningKey]) -> TrustRoot {
+        let mut root = TrustRoot { signed: body, signatures: Vec::new() };
+        for k in keys {
+            root.sign(k);
+        }
         root
     }
 
@@ -139,10 +212,8 @@ impl TrustRoot {
                 continue;
             }
             let Some(key) = by.keys.get(&s.keyid) else { continue };
-            let ok = hex::decode(&key.public)
-                .ok()
-                .and_then(|b| <[u8; 32]>::try_from(b).ok())
-                .and_then(|b| VerifyingKey::from_bytes(&b).ok())
+            let ok = key
+                .verifying_key()
                 .zip(hex::decode(&s.sig).ok().and_then(|b| <[u8; 64]>::try_from(b).ok()))
                 .is_some_and(|(k, sig)| {
                     k.verify(&message, &ed25519_dalek::Signature::from_bytes(&sig)).is_ok()
@@ -229,17 +300,7 @@ pub fn load_or_create(dir: &Path) -> Result<TrustRoot> {
         // The document must be this server's: signed under the key it keeps (a
         // self-signed replacement would otherwise be handed to every new device).
         if key_path.exists() {
-            crate::check_private(&key_path)?;
-            let text = std::fs::read_to_string(&key_path)
-                .map_err(|source| Error::Io { path: key_path.clone(), source })?;
-            let key = hex::decode(text.trim())
-                .ok()
-                .and_then(|b| <[u8; 32]>::try_from(b).ok())
-                .map(|b| SigningKey::from_bytes(&b))
-                .ok_or_else(|| Error::BadFile {
-                    path: key_path.clone(),
-                    reason: "not a hex ed25519 key".into(),
-                })?;
+            let key = signing_key(dir)?;
             let id = key_id(&key.verifying_key());
             if !root.signed.roles.get("root").is_some_and(|r| r.keyids.contains(&id)) {
                 return Err(Error::BadFile {
@@ -260,6 +321,25 @@ pub fn load_or_create(dir: &Path) -> Result<TrustRoot> {
     crate::write_private(&doc, root.to_json().as_bytes())?;
     tracing::info!(dir = %dir.display(), "trust root v1 created");
     Ok(root)
+}
+
+/// The root key kept beside the document (`trust-root.key`), to sign successors.
+pub fn signing_key(dir: &Path) -> Result<SigningKey> {
+    let key_path = dir.join("trust-root.key");
+    crate::check_private(&key_path)?;
+    let text =
+        std::fs::read_to_string(&key_path).map_err(|source| Error::Io { path: key_path.clone(), source })?;
+    hex::decode(text.trim())
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .map(|b| SigningKey::from_bytes(&b))
+        .ok_or_else(|| Error::BadFile { path: key_path, reason: "not a hex ed25519 key".into() })
+}
+
+/// Replaces the current document in `dir` with `next`, which must be its successor.
+pub fn save_successor(dir: &Path, current: &TrustRoot, next: &TrustRoot) -> Result<()> {
+    current.verify_successor(next)?;
+    crate::write_private(&dir.join("trust-root.json"), next.to_json().as_bytes())
 }
 
 #[cfg(test)]
@@ -324,10 +404,7 @@ mod tests {
         let mut root = TrustRoot::initial(&k, "2046-01-01T00:00:00Z");
         let other = key();
         let id = key_id(&other.verifying_key());
-        root.signed.keys.insert(
-            id.clone(),
-            Key { keytype: "ed25519".into(), public: hex::encode(other.verifying_key().as_bytes()) },
-        );
+        root.signed.keys.insert(id.clone(), Key::ed25519(&other.verifying_key(), None));
         root.signed.roles.get_mut("root").unwrap().keyids.push(id);
         root.signed.roles.get_mut("root").unwrap().threshold = 2;
         root.signatures.clear();
