@@ -229,7 +229,7 @@ impl TrustRoot {
     /// threshold of its own root keys.
     pub fn verify_self_signed(&self) -> Result<()> {
         self.check_shape()?;
-        let need = self.signed.roles["root"].threshold;
+        let need = self.signed.threshold("root");
         let got = self.valid_signatures(&self.signed, "root");
         if got < need {
             return Err(Error::Invalid(format!(
@@ -243,6 +243,7 @@ impl TrustRoot {
     /// Checks `next` as the successor of `self`: version + 1, signed by a threshold of
     /// the current root keys and of its own.
     pub fn verify_successor(&self, next: &TrustRoot) -> Result<()> {
+        self.check_shape()?;
         next.check_shape()?;
         if next.signed.version != self.signed.version + 1 {
             return Err(Error::Invalid(format!(
@@ -250,7 +251,7 @@ impl TrustRoot {
                 next.signed.version, self.signed.version
             )));
         }
-        let old_need = self.signed.roles["root"].threshold;
+        let old_need = self.signed.threshold("root");
         let old_got = next.valid_signatures(&self.signed, "root");
         if old_got < old_need {
             return Err(Error::Invalid(format!(
