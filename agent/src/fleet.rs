@@ -229,6 +229,14 @@ impl Fleet {
                                 }
                                 info.device_id.clone_from(&c.device_id);
                                 info.site_id.clone_from(&c.site_id);
+                                let book_dir = state_dir.as_ref().map(|d| d.join(&info.device_id));
+                                match crate::recipes::RecipeBook::for_device(&c, book_dir.as_deref()) {
+                                    Ok(book) => link.recipes = book.map(|b| Arc::new(Mutex::new(b))),
+                                    Err(e) => {
+                                        tracing::error!(device_id = %c.device_id, error = %e, "recipe book");
+                                        return;
+                                    }
+                                }
                                 let (updates, rx) = tokio::sync::watch::channel(tls.clone());
                                 link.tls = Some(tls);
                                 link.tls_updates = Some(rx);

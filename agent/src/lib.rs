@@ -7,6 +7,7 @@
 //! - [`outbox`]: unacknowledged messages and what to (re)send; pure state.
 //! - [`seq`]: per-stream sequence numbers that survive restarts.
 //! - [`enroll`]: the device's key and certificate: enrollment with a token, renewal.
+//! - [`recipes`]: the pinned trust root and the verified recipes; answers commands.
 //! - [`link`]: the MQTT edge that runs one device.
 //! - [`fleet`]: many simulated devices, each with its own connection.
 //! - [`process`]: logging, signals, error reports and exit codes of the binaries.
@@ -18,6 +19,7 @@ pub mod hal;
 pub mod link;
 pub mod outbox;
 pub mod process;
+pub mod recipes;
 pub mod seq;
 pub mod sim;
 

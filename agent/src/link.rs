@@ -38,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::hal::{Device, DeviceInfo};
 use crate::outbox::{Outbox, OutboxStats, Stream};
+use crate::recipes::RecipeBook;
 use crate::seq::SeqCounter;
 
 /// How a device talks to the cloud.
@@ -67,6 +68,9 @@ pub struct LinkOptions {
     pub refused_backoff: Duration,
     /// On shutdown, how long to wait for the outbox to drain.
     pub drain_timeout: Duration,
+    /// The device's trust root and recipes: with one, the device subscribes to its
+    /// command topics, verifies what arrives and answers on its ack topic.
+    pub recipes: Option<Arc<Mutex<RecipeBook>>>,
 }
 
 impl Default for LinkOptions {
@@ -84,6 +88,7 @@ impl Default for LinkOptions {
             max_backoff: Duration::from_secs(30),
             refused_backoff: Duration::from_secs(300),
             drain_timeout: Duration::from_secs(2),
+            recipes: None,
         }
     }
 }
@@ -152,6 +157,11 @@ enum Link {
         generation: u64,
         planned: bool,
     },
+    /// A message from the cloud on one of the device's command topics.
+    Command {
+        topic: Bytes,
+        payload: Bytes,
+    },
 }
 
 fn now_ms() -> i64 {
@@ -162,7 +172,13 @@ fn new_session_id() -> String {
     format!("{:016x}", rand::rng().random::<u64>())
 }
 
-fn state_message(info: &DeviceInfo, presence: Presence, session_id: &str, boot_id: &str) -> Vec<u8> {
+fn state_message(
+    info: &DeviceInfo,
+    presence: Presence,
+    session_id: &str,
+    boot_id: &str,
+    trust_root_version: u64,
+) -> Vec<u8> {
     let online = presence == Presence::Online;
     DeviceState {
         device_id: info.device_id.clone(),
@@ -173,8 +189,7 @@ fn state_message(info: &DeviceInfo, presence: Presence, session_id: &str, boot_i
         model: if online { info.model.clone() } else { String::new() },
         site_id: if online { info.site_id.clone() } else { String::new() },
         boot_id: boot_id.to_owned(),
-        // Set once the agent holds a trust root it reports (recipes).
-        trust_root_version: 0,
+        trust_root_version: if online { trust_root_version } else { 0 },
     }
     .encode_to_vec()
 }
@@ -218,7 +233,7 @@ fn is_refusal(e: &ConnectionError) -> bool {
 fn last_will(info: &DeviceInfo, session_id: &str, boot_id: &str) -> LastWill {
     LastWill::new(
         topics::device_topic(&info.device_id, Channel::State),
-        state_message(info, Presence::Offline, session_id, boot_id),
+        state_message(info, Presence::Offline, session_id, boot_id, 0),
         QoS::AtLeastOnce,
         false,
         None,
@@ -305,6 +320,9 @@ pub async fn run_device<D: Device>(
                     reason: ack.reason,
                 }),
                 Ok(MqttEvent::Outgoing(Outgoing::Publish(pkid))) => Some(Link::Sent { pkid, generation }),
+                Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                    Some(Link::Command { topic: p.topic, payload: p.payload })
+                }
                 Ok(MqttEvent::Outgoing(Outgoing::Disconnect))
                     if reconnecting && !conn_cancel.is_cancelled() =>
                 {
@@ -406,6 +424,7 @@ pub async fn run_device<D: Device>(
     let telemetry_topic = topics::device_topic(&info.device_id, Channel::Telemetry);
     let events_topic = topics::device_topic(&info.device_id, Channel::Events);
     let state_topic = topics::device_topic(&info.device_id, Channel::State);
+    let ack_topic = topics::device_topic(&info.device_id, Channel::Ack);
 
     loop {
         tokio::select! {
@@ -444,7 +463,16 @@ pub async fn run_device<D: Device>(
             Some(link) = rx.recv() => match link {
                 Link::Connected { session_id, generation } => {
                     connected = true;
-                    let birth = state_message(&info, Presence::Online, &session_id, &boot_id);
+                    let root_version = match &opts.recipes {
+                        Some(book) => {
+                            // Subscribed before the birth: the cloud answers a birth with
+                            // what the device lacks, and it must not arrive unheard.
+                            client.subscribe(topics::command_filter(&info.device_id), QoS::AtLeastOnce).await?;
+                            book.lock().unwrap_or_else(|p| p.into_inner()).trust_root().signed.version
+                        }
+                        None => 0,
+                    };
+                    let birth = state_message(&info, Presence::Online, &session_id, &boot_id, root_version);
                     session = Some(session_id.clone());
                     client.publish(state_topic.clone(), QoS::AtLeastOnce, true, birth).await?;
                     outbox.handed_untracked(generation);
@@ -454,6 +482,28 @@ pub async fn run_device<D: Device>(
                     tracing::debug!(device_id = %info.device_id, %session_id, "connected");
                 }
                 Link::Sent { pkid, generation } => outbox.on_sent(pkid, generation),
+                Link::Command { topic, payload } => {
+                    let command = std::str::from_utf8(&topic)
+                        .ok()
+                        .and_then(|t| topics::parse_command_topic(&info.device_id, t));
+                    match (command, &opts.recipes) {
+                        (Some(command), Some(book)) => {
+                            let ack = book.lock().unwrap_or_else(|p| p.into_inner()).handle(command, &payload, &info, now_ms());
+                            if ack.code.is_empty() {
+                                tracing::info!(device_id = %info.device_id, command = command.as_str(), subject = %ack.subject_id, version = ack.version, "command accepted");
+                            } else {
+                                tracing::warn!(device_id = %info.device_id, command = command.as_str(), subject = %ack.subject_id, code = %ack.code, reason = %ack.reason, "command refused");
+                            }
+                            if connected {
+                                // Not kept for re-sending: the cloud sends again what it
+                                // has no answer for, at the next connection.
+                                client.publish(ack_topic.clone(), QoS::AtLeastOnce, false, ack.encode_to_vec()).await?;
+                                outbox.handed_untracked(generation.load(Ordering::SeqCst));
+                            }
+                        }
+                        _ => tracing::warn!(device_id = %info.device_id, topic = %String::from_utf8_lossy(&topic), "message on an unknown topic ignored"),
+                    }
+                }
                 Link::Acked { pkid, accepted, reason } => {
                     if !accepted {
                         tracing::warn!(device_id = %info.device_id, ?reason, "cloud refused a message");
@@ -492,7 +542,7 @@ pub async fn run_device<D: Device>(
                 client.publish(send.topic, QoS::AtLeastOnce, false, send.payload).await?;
             }
             if outbox.is_empty() && !death_sent {
-                let death = state_message(&info, Presence::Offline, session_id, &boot_id);
+                let death = state_message(&info, Presence::Offline, session_id, &boot_id, 0);
                 client.publish(state_topic.clone(), QoS::AtLeastOnce, false, death).await?;
                 outbox.handed_untracked(g);
                 death_sent = true;
@@ -503,7 +553,7 @@ pub async fn run_device<D: Device>(
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(Some(Link::Sent { pkid, generation })) => outbox.on_sent(pkid, generation),
                 Ok(Some(Link::Acked { pkid, accepted, .. })) => outbox.on_acked(pkid, accepted),
-                Ok(Some(Link::Connected { .. })) => {}
+                Ok(Some(Link::Connected { .. } | Link::Command { .. })) => {}
                 Ok(Some(Link::Disconnected { error, .. })) => {
                     tracing::warn!(device_id = %info.device_id, %error, left = outbox.stats().queued, "connection lost while stopping");
                     break;

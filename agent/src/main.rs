@@ -330,6 +330,16 @@ async fn run_one(a: RunArgs) -> anyhow::Result<()> {
                 "enrolled: mutual TLS"
             );
             let ids = (c.device_id.clone(), c.site_id.clone());
+            if let Some(book) = nanofleet_agent::recipes::RecipeBook::for_device(&c, Some(&a.state_dir))
+                .context("the device's recipe book")?
+            {
+                tracing::info!(
+                    trust_root_version = book.trust_root().signed.version,
+                    recipes = book.recipes().count(),
+                    "recipe book open"
+                );
+                link.recipes = Some(Arc::new(std::sync::Mutex::new(book)));
+            }
             tokio::spawn(enroll::keep_renewed(c, Some(dir), updates, cancel.clone()));
             (ids.0, ids.1, link)
         }

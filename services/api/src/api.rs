@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::{AuditLog, Fleet, People, Trust};
+use crate::{AuditLog, Fleet, People, Recipes, Trust};
 
 /// Closes a device's live connection (the embedded broker); returns whether one was open.
 #[tonic::async_trait]
@@ -17,6 +17,7 @@ pub struct Api {
     pub trust: Trust,
     pub people: People,
     pub audit: AuditLog,
+    pub recipes: Recipes,
     disconnect: Option<Arc<dyn Disconnect>>,
 }
 
@@ -32,9 +33,10 @@ impl Api {
         trust: Trust,
         people: People,
         audit: AuditLog,
+        recipes: Recipes,
         disconnect: Option<Arc<dyn Disconnect>>,
     ) -> Api {
-        Api { fleet, trust, people, audit, disconnect }
+        Api { fleet, trust, people, audit, recipes, disconnect }
     }
 
     pub(crate) async fn disconnect(&self, device_id: &str) -> bool {

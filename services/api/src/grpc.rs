@@ -8,6 +8,7 @@ use nanofleet_proto::v1::audit_service_server::AuditService;
 use nanofleet_proto::v1::enrollment_service_server::EnrollmentService;
 use nanofleet_proto::v1::fleet_service_server::FleetService;
 use nanofleet_proto::v1::people_service_server::PeopleService;
+use nanofleet_proto::v1::recipe_service_server::RecipeService;
 use nanofleet_proto::v1::telemetry_service_server::TelemetryService;
 use tonic::{Request, Response, Status};
 
@@ -294,5 +295,64 @@ impl AuditService for Api {
         req: Request<pb::VerifyAuditRequest>,
     ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
         Ok(Response::new(self.audit.verify(&req.get_ref().external_checkpoint_json).await?))
+    }
+}
+
+#[tonic::async_trait]
+impl RecipeService for Api {
+    async fn save_draft(
+        &self,
+        req: Request<pb::SaveDraftRequest>,
+    ) -> Result<Response<pb::SaveDraftResponse>, Status> {
+        let caller = caller(&req)?;
+        let Some(recipe) = req.into_inner().recipe else {
+            return Err(crate::Error::invalid("recipe", "", "a recipe").into());
+        };
+        let recipe = self.recipes.save_draft(&caller, recipe).await?;
+        Ok(Response::new(pb::SaveDraftResponse { recipe: Some(recipe) }))
+    }
+
+    async fn sign_recipe(
+        &self,
+        req: Request<pb::SignRecipeRequest>,
+    ) -> Result<Response<pb::SignRecipeResponse>, Status> {
+        let caller = caller(&req)?;
+        let recipe = self.recipes.sign(&caller, req.get_ref()).await?;
+        Ok(Response::new(pb::SignRecipeResponse { recipe: Some(recipe) }))
+    }
+
+    async fn reject_recipe(
+        &self,
+        req: Request<pb::RejectRecipeRequest>,
+    ) -> Result<Response<pb::RejectRecipeResponse>, Status> {
+        let caller = caller(&req)?;
+        let recipe = self.recipes.reject(&caller, req.get_ref()).await?;
+        Ok(Response::new(pb::RejectRecipeResponse { recipe: Some(recipe) }))
+    }
+
+    async fn get_recipe(
+        &self,
+        req: Request<pb::GetRecipeRequest>,
+    ) -> Result<Response<pb::GetRecipeResponse>, Status> {
+        let pb::GetRecipeRequest { recipe_id, version } = req.into_inner();
+        let recipe = self.recipes.version(&recipe_id, i64::from(version)).await?;
+        Ok(Response::new(pb::GetRecipeResponse { recipe: Some(recipe) }))
+    }
+
+    async fn list_recipes(
+        &self,
+        req: Request<pb::ListRecipesRequest>,
+    ) -> Result<Response<pb::ListRecipesResponse>, Status> {
+        Ok(Response::new(pb::ListRecipesResponse { recipes: self.recipes.list(req.get_ref()).await? }))
+    }
+
+    async fn list_recipe_deliveries(
+        &self,
+        req: Request<pb::ListRecipeDeliveriesRequest>,
+    ) -> Result<Response<pb::ListRecipeDeliveriesResponse>, Status> {
+        let caller = caller(&req)?;
+        let pb::ListRecipeDeliveriesRequest { recipe_id, version } = req.into_inner();
+        let deliveries = self.recipes.deliveries(&caller, &recipe_id, i64::from(version)).await?;
+        Ok(Response::new(pb::ListRecipeDeliveriesResponse { deliveries }))
     }
 }

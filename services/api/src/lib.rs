@@ -9,18 +9,22 @@
 mod api;
 mod audit;
 pub mod auth_layer;
+mod deliver;
 mod error;
 mod fleet;
 mod grpc;
 pub mod json;
 pub mod people;
+mod recipes;
 mod trust;
 
 pub use api::{Api, Disconnect};
 pub use audit::AuditLog;
+pub use deliver::{CommandSink, Deliveries};
 pub use error::Error;
 pub use fleet::{DEFAULT_SAMPLE_LIMIT, Fleet, MAX_SAMPLE_LIMIT, TelemetryWindow};
 pub use people::{Bootstrap, Caller, People, Role};
+pub use recipes::{Recipes, Released};
 pub use trust::{Actor, Trust, TrustOptions, validate_site_id};
 
 /// The server clock, ms since the Unix epoch.

@@ -93,6 +93,10 @@ const OPS_SITE_IT: &[Role] = &[Role::Ops, Role::SiteIt];
 const OPS_AUDITOR: &[Role] = &[Role::Ops, Role::Auditor];
 const OPS_SITE_IT_AUDITOR: &[Role] = &[Role::Ops, Role::SiteIt, Role::Auditor];
 const OVERSIGHT: &[Role] = &[Role::Ops, Role::Qa, Role::Auditor];
+const RECIPE_READERS: &[Role] = &[Role::Ops, Role::Pharmacist, Role::Qa, Role::Auditor];
+const OPS_PHARMACIST: &[Role] = &[Role::Ops, Role::Pharmacist];
+const SIGNERS: &[Role] = &[Role::Pharmacist, Role::Qa];
+const QA: &[Role] = &[Role::Qa];
 
 /// Every `nanofleet.v1` method and who may call it. A method missing here is refused.
 pub const GRPC_ACCESS: &[(&str, Access)] = &[
@@ -118,6 +122,12 @@ pub const GRPC_ACCESS: &[(&str, Access)] = &[
     ("/nanofleet.v1.PeopleService/RevokeApiToken", Access::Roles(EVERYONE)),
     ("/nanofleet.v1.AuditService/ListAudit", Access::Roles(OVERSIGHT)),
     ("/nanofleet.v1.AuditService/VerifyAudit", Access::Roles(OVERSIGHT)),
+    ("/nanofleet.v1.RecipeService/SaveDraft", Access::Roles(OPS_PHARMACIST)),
+    ("/nanofleet.v1.RecipeService/SignRecipe", Access::Roles(SIGNERS)),
+    ("/nanofleet.v1.RecipeService/RejectRecipe", Access::Roles(QA)),
+    ("/nanofleet.v1.RecipeService/GetRecipe", Access::Roles(RECIPE_READERS)),
+    ("/nanofleet.v1.RecipeService/ListRecipes", Access::Roles(RECIPE_READERS)),
+    ("/nanofleet.v1.RecipeService/ListRecipeDeliveries", Access::Roles(RECIPE_READERS)),
 ];
 
 /// The access rule of a gRPC path; `None` for paths outside `nanofleet.v1`.

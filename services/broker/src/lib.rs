@@ -186,12 +186,12 @@ impl Broker {
     /// Closes one client's connection, as a server-side kick (its last will is
     /// published). Returns whether it was connected.
     pub async fn kick(&self, client_id: &str) -> bool {
-        self.kicker().kick(client_id).await
+        self.control().kick(client_id).await
     }
 
-    /// A handle that closes connections, for whoever decommissions devices.
-    pub fn kicker(&self) -> Kicker {
-        Kicker { scx: self.scx.clone() }
+    /// A handle that closes connections and sends commands to devices.
+    pub fn control(&self) -> Control {
+        Control { scx: self.scx.clone() }
     }
 
     /// Stops accepting, closes every connection and waits for their last wills to be
@@ -250,19 +250,20 @@ fn bind(
     Ok((listener, local))
 }
 
-/// Closes client connections of a running broker; cheap to clone.
+/// Closes client connections of a running broker and sends messages to its clients;
+/// cheap to clone.
 #[derive(Clone)]
-pub struct Kicker {
+pub struct Control {
     scx: ServerContext,
 }
 
-impl std::fmt::Debug for Kicker {
+impl std::fmt::Debug for Control {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Kicker").finish_non_exhaustive()
+        f.debug_struct("Control").finish_non_exhaustive()
     }
 }
 
-impl Kicker {
+impl Control {
     /// Closes every connection of `client_id` (its last will is published). Returns
     /// whether one was open.
     pub async fn kick(&self, client_id: &str) -> bool {
@@ -275,6 +276,39 @@ impl Kicker {
             any |= entry.kick(true, true, true).await.is_ok();
         }
         any
+    }
+
+    /// Publishes a QoS 1 message from the server to whoever subscribes to `topic`
+    /// (a device to its own command topics). Returns how many subscribers it reached:
+    /// 0 when the device is not connected or not subscribed yet.
+    pub async fn send(&self, topic: &str, payload: Vec<u8>) -> usize {
+        let codec = rmqtt::codec::types::Publish {
+            dup: false,
+            retain: false,
+            qos: rmqtt::codec::types::QoS::AtLeastOnce,
+            topic: topic.into(),
+            packet_id: None,
+            payload: payload.into(),
+            properties: None,
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let publish = rmqtt::types::Publish::new(Box::new(codec), None, None, Some(now));
+        let from = rmqtt::types::From::from_system(rmqtt::types::Id::from(
+            self.scx.node.id(),
+            rmqtt::types::ClientId::from_static("nanofleet-server"),
+        ));
+        match self.scx.extends.shared().await.forwards(None, from, publish).await {
+            Ok(n) => n,
+            Err((n, failures)) => {
+                for (to, _, _, reason) in failures {
+                    tracing::warn!(to = ?to, %reason, topic, "command not delivered");
+                }
+                n
+            }
+        }
     }
 }
 

@@ -23,16 +23,26 @@ pub mod validate;
 mod writer;
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nanofleet_proto::Message as _;
-use nanofleet_proto::device::v1::{self as pb, DeviceState, EventBatch, TelemetryBatch, event};
+use nanofleet_proto::device::v1::{self as pb, Ack, DeviceState, EventBatch, TelemetryBatch, event};
 use nanofleet_proto::topics::{self, Channel, TopicError};
 use nanofleet_store::{AlarmChange, Birth, Death, EventRecord, PresenceChange, Store, TelemetryRecord};
 use tokio::sync::{mpsc, oneshot};
 
 pub use stats::{Stats, StatsSnapshot};
+
+/// What the cloud does with a device's answers to commands, and with a device that
+/// comes online (it may lack recipes or trust root versions).
+#[async_trait::async_trait]
+pub trait Commands: Send + Sync + 'static {
+    /// Stores a device's answer; the message is acknowledged only after it returns Ok.
+    async fn answered(&self, device_id: &str, ack: Ack) -> Result<(), String>;
+    /// A device's birth was stored. Must not wait: the birth's acknowledgement does.
+    fn born(&self, state: &DeviceState);
+}
 
 /// Ingest settings.
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -162,6 +172,7 @@ struct Inner {
     /// and connection of their latest birth.
     devices: RwLock<HashMap<String, Presence>>,
     writer: mpsc::Sender<writer::Item>,
+    commands: OnceLock<Arc<dyn Commands>>,
 }
 
 /// Handle to the ingest pipeline; cheap to clone.
@@ -191,17 +202,41 @@ impl Ingest {
             .map(|d| (d.id, Presence { session_id: d.session_id, connection: None }))
             .collect();
         let (tx, rx) = mpsc::channel(opts.queue.max(1));
-        let inner = Arc::new(Inner { stats: Stats::default(), devices: RwLock::new(devices), writer: tx });
+        let inner = Arc::new(Inner {
+            stats: Stats::default(),
+            devices: RwLock::new(devices),
+            writer: tx,
+            commands: OnceLock::new(),
+        });
         // The writer gets a thread and a runtime of its own. On the shared runtime each
         // of its awaits (one per statement) would wait behind every ready connection
         // task, and a commit of a few hundred messages would take many times its
         // database time.
+        // It ends when every handle is dropped, or when the runtime that started it
+        // shuts down (whose shutdown waits for it): a task there holds `alive`.
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let max_batch = opts.max_batch.max(1);
         let weak = Arc::downgrade(&inner);
-        let task =
-            tokio::task::spawn_blocking(move || runtime.block_on(writer::run(store, rx, max_batch, weak)));
+        let (alive, gone) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let _alive = alive;
+            std::future::pending::<()>().await
+        });
+        let task = tokio::task::spawn_blocking(move || {
+            runtime.block_on(async {
+                tokio::select! {
+                    () = writer::run(store, rx, max_batch, weak) => {}
+                    _ = gone => tracing::debug!("runtime shut down; storage writer stopped"),
+                }
+            })
+        });
         Ok((Ingest { inner }, task))
+    }
+
+    /// Where answers to commands and births go; set once, after start. Until then
+    /// answers are refused as an unsupported channel.
+    pub fn set_commands(&self, commands: Arc<dyn Commands>) {
+        let _ = self.inner.commands.set(commands);
     }
 
     pub fn stats(&self) -> StatsSnapshot {
@@ -260,7 +295,21 @@ impl Ingest {
                     _ => self.death(&state).await,
                 }
             }
-            Channel::Ack => Err(Reject::UnsupportedChannel { channel }.into()),
+            Channel::Ack => {
+                let Some(commands) = self.inner.commands.get() else {
+                    return Err(Reject::UnsupportedChannel { channel }.into());
+                };
+                let ack = Ack::decode(msg.payload).map_err(malformed)?;
+                if ack.device_id != device {
+                    return Err(Reject::PayloadIdentity {
+                        topic_device: device.to_owned(),
+                        payload_device: ack.device_id,
+                    }
+                    .into());
+                }
+                self.known(device)?;
+                commands.answered(device, ack).await.map_err(|e| HandleError::Fatal(Error::Commit(e)))
+            }
         }
     }
 
@@ -288,6 +337,9 @@ impl Ingest {
             Presence { session_id: s.session_id.clone(), connection: connection.map(str::to_owned) },
         );
         tracing::info!(device_id = %s.device_id, site_id = %s.site_id, firmware = %s.firmware_version, "device online");
+        if let Some(c) = self.inner.commands.get() {
+            c.born(s);
+        }
         Ok(())
     }
 

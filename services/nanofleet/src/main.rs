@@ -86,6 +86,103 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Formulation recipes: a pharmacist drafts and signs, QA approves (a second
+    /// person), the recipe is released to its devices, which verify both signatures.
+    #[command(after_help = RECIPES_HELP)]
+    Recipes {
+        #[command(subcommand)]
+        command: RecipesCommand,
+    },
+}
+
+const RECIPES_HELP: &str = "\
+The flow, one step per person:
+  nanofleet recipes example --id flu-h5-mrna --site st-marys-london > flu.json   # start from a valid recipe
+  nanofleet recipes draft --file flu.json                         # pharmacist: save (again) until right
+  nanofleet recipes sign flu-h5-mrna --version 1 --meaning authored   # pharmacist: password asked
+  nanofleet recipes sign flu-h5-mrna --version 1 --meaning approved   # QA, another person: releases it
+  nanofleet recipes deliveries flu-h5-mrna                        # which devices accepted it
+
+Each signature records the signer's printed name, the UTC time and its meaning inside
+the signed bytes; it cannot be moved to another recipe or version.";
+
+#[derive(Subcommand, Debug)]
+enum RecipesCommand {
+    /// Prints a complete, valid recipe as JSON, to edit and save as a draft.
+    Example {
+        /// Recipe id: lower case letters, digits and dashes.
+        #[arg(long, default_value = "flu-h5-mrna")]
+        id: String,
+        /// The site it targets.
+        #[arg(long, default_value = "st-marys-london")]
+        site: String,
+    },
+    /// Saves a draft from a JSON file (version 0 or absent: the open draft or the next
+    /// version). Every field is checked against physical ranges and the hardware
+    /// envelope of the device models it names.
+    Draft {
+        #[arg(long)]
+        file: PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Signs a version with your electronic signature: `authored` (the pharmacist who
+    /// drafted it) or `approved` (QA, another person; this releases it). Asks for your
+    /// password.
+    Sign {
+        recipe_id: String,
+        #[arg(long)]
+        version: u32,
+        /// authored or approved.
+        #[arg(long)]
+        meaning: String,
+        /// Your user id; default: the owner of the API token.
+        #[arg(long, default_value = "")]
+        user: String,
+        /// Read the password from the first line of stdin instead of the terminal.
+        #[arg(long)]
+        password_stdin: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Sends a draft or authored version back (QA); it is never signed further.
+    Reject {
+        recipe_id: String,
+        #[arg(long)]
+        version: u32,
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// One version with its signatures (default: the newest).
+    Show {
+        recipe_id: String,
+        #[arg(long, default_value_t = 0)]
+        version: u32,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Every version, newest first.
+    List {
+        /// Only this recipe id.
+        #[arg(long, default_value = "")]
+        id: String,
+        /// draft, authored, released or rejected.
+        #[arg(long)]
+        status: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Per device: pending, accepted, or refused with the device's reason.
+    Deliveries {
+        recipe_id: String,
+        /// 0: every version.
+        #[arg(long, default_value_t = 0)]
+        version: u32,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -655,12 +752,58 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             client.connect().await?.audit_list(&client.server, req).await?;
         }
+        Command::Recipes { command } => recipes(command).await?,
         Command::Audit { command: AuditCommand::Verify { checkpoint, save_checkpoint, client } } => {
             client
                 .connect()
                 .await?
                 .audit_verify(&client.server, checkpoint.as_deref(), save_checkpoint.as_deref())
                 .await?;
+        }
+    }
+    Ok(())
+}
+
+async fn recipes(command: RecipesCommand) -> anyhow::Result<()> {
+    use nanofleet::cli::recipes::{PasswordSource, example_json, meaning_arg, read_recipe};
+    match command {
+        RecipesCommand::Example { id, site } => nanofleet::outln!("{}", example_json(&id, &site)),
+        RecipesCommand::Draft { file, client } => {
+            let recipe = read_recipe(&file)?;
+            client.connect().await?.recipe_save(&client.server, recipe).await?;
+        }
+        RecipesCommand::Sign { recipe_id, version, meaning, user, password_stdin, client } => {
+            let meaning = meaning_arg(&meaning)?;
+            let source = if password_stdin { PasswordSource::Stdin } else { PasswordSource::Prompt };
+            client
+                .connect()
+                .await?
+                .recipe_sign(&client.server, recipe_id, version, meaning, user, source)
+                .await?;
+        }
+        RecipesCommand::Reject { recipe_id, version, reason, client } => {
+            let req = pb::RejectRecipeRequest { recipe_id, version, reason };
+            client.connect().await?.recipe_reject(&client.server, req).await?;
+        }
+        RecipesCommand::Show { recipe_id, version, client } => {
+            client.connect().await?.recipe_show(&client.server, recipe_id, version).await?;
+        }
+        RecipesCommand::List { id, status, client } => {
+            let status = match status.as_deref() {
+                None => pb::RecipeStatus::Unspecified,
+                Some("draft") => pb::RecipeStatus::Draft,
+                Some("authored") => pb::RecipeStatus::Authored,
+                Some("released") => pb::RecipeStatus::Released,
+                Some("rejected") => pb::RecipeStatus::Rejected,
+                Some(other) => {
+                    anyhow::bail!("--status {other:?}: allowed: draft, authored, released, rejected")
+                }
+            };
+            let req = pb::ListRecipesRequest { recipe_id: id, status: status as i32 };
+            client.connect().await?.recipe_list(&client.server, req).await?;
+        }
+        RecipesCommand::Deliveries { recipe_id, version, client } => {
+            client.connect().await?.recipe_deliveries(&client.server, recipe_id, version).await?;
         }
     }
     Ok(())

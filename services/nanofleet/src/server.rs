@@ -5,14 +5,17 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use nanofleet_api::{Actor, Api, AuditLog, Bootstrap, Fleet, People, Trust, TrustOptions};
-use nanofleet_broker::{Broker, Kicker};
+use nanofleet_api::{
+    Actor, Api, AuditLog, Bootstrap, CommandSink, Deliveries, Fleet, People, Recipes, Trust, TrustOptions,
+};
+use nanofleet_broker::{Broker, Control};
 use nanofleet_ingest::Ingest;
 use nanofleet_pki::{FleetCa, ServerNames};
 use nanofleet_proto::v1::audit_service_server::AuditServiceServer;
 use nanofleet_proto::v1::enrollment_service_server::EnrollmentServiceServer;
 use nanofleet_proto::v1::fleet_service_server::FleetServiceServer;
 use nanofleet_proto::v1::people_service_server::PeopleServiceServer;
+use nanofleet_proto::v1::recipe_service_server::RecipeServiceServer;
 use nanofleet_proto::v1::telemetry_service_server::TelemetryServiceServer;
 use nanofleet_store::Store;
 use tokio::net::TcpListener;
@@ -107,6 +110,7 @@ pub struct Server {
     pub trust: Trust,
     pub people: People,
     pub audit: AuditLog,
+    pub recipes: Recipes,
     pub ca: Arc<FleetCa>,
     /// The administrator created at the first start (its password and API token are
     /// also in `admin-password` and `admin.token` in the data directory).
@@ -196,12 +200,18 @@ impl Server {
             &opts.data_dir.join("pki"),
             opts.data_dir.join("audit-checkpoint.json"),
         )?;
+        let recipes = Recipes::open(store.clone(), people.clone(), opts.data_dir.join("pki")).await?;
+        // Devices' answers and births reach the recipe deliveries through ingest.
+        let deliveries =
+            Deliveries::start(store.clone(), recipes.clone(), Arc::new(BrokerCommands(broker.control())));
+        ingest.set_commands(Arc::new(deliveries));
         let api = Api::new(
             fleet.clone(),
             trust.clone(),
             people.clone(),
             audit.clone(),
-            Some(Arc::new(BrokerDisconnect(broker.kicker()))),
+            recipes.clone(),
+            Some(Arc::new(BrokerDisconnect(broker.control()))),
         );
 
         let cancel = CancellationToken::new();
@@ -213,6 +223,7 @@ impl Server {
         health.set_serving::<EnrollmentServiceServer<Api>>().await;
         health.set_serving::<PeopleServiceServer<Api>>().await;
         health.set_serving::<AuditServiceServer<Api>>().await;
+        health.set_serving::<RecipeServiceServer<Api>>().await;
         // Both reflection versions: older tools (grpcurl before 1.8.8) ask for v1alpha.
         let reflection = || {
             tonic_reflection::server::Builder::configure()
@@ -240,7 +251,8 @@ impl Server {
             .add_service(TelemetryServiceServer::new(api.clone()))
             .add_service(EnrollmentServiceServer::new(api.clone()))
             .add_service(PeopleServiceServer::new(api.clone()))
-            .add_service(AuditServiceServer::new(api.clone()));
+            .add_service(AuditServiceServer::new(api.clone()))
+            .add_service(RecipeServiceServer::new(api.clone()));
         let stop = cancel.clone();
         tasks.push(tokio::spawn(async move {
             let incoming = tonic::transport::server::TcpIncoming::from(grpc);
@@ -294,6 +306,7 @@ impl Server {
             trust,
             people,
             audit,
+            recipes,
             ca,
             bootstrap,
             mqtt_plaintext_addr,
@@ -381,11 +394,26 @@ impl nanofleet_broker::Admission for TrustAdmission {
 }
 
 /// Decommissioning closes the device's connection at once.
-struct BrokerDisconnect(Kicker);
+struct BrokerDisconnect(Control);
 
 #[tonic::async_trait]
 impl nanofleet_api::Disconnect for BrokerDisconnect {
     async fn disconnect(&self, device_id: &str) -> bool {
         self.0.kick(device_id).await
+    }
+}
+
+/// Commands to devices go out through the embedded broker.
+struct BrokerCommands(Control);
+
+#[tonic::async_trait]
+impl CommandSink for BrokerCommands {
+    async fn send(
+        &self,
+        device_id: &str,
+        command: nanofleet_proto::topics::Command,
+        payload: Vec<u8>,
+    ) -> bool {
+        self.0.send(&nanofleet_proto::topics::command_topic(device_id, command), payload).await > 0
     }
 }

@@ -14,6 +14,7 @@
 
 mod audit;
 mod people;
+mod recipes;
 mod records;
 mod trust;
 
@@ -24,6 +25,7 @@ use sqlx::{AnyPool, Executor, Row};
 
 pub use audit::*;
 pub use people::*;
+pub use recipes::*;
 pub use records::*;
 pub use trust::*;
 

@@ -1,0 +1,270 @@
+//! Getting released recipes, and the trust root versions that vouch for their
+//! signers, to devices, and recording what each device answered.
+//!
+//! A release sends the version to every targeted device that is connected; a device
+//! that connects later (or enrolls after the release) gets, right after its birth,
+//! the trust root versions newer than the one it reports and every version still
+//! waiting for its answer. A device's answer is stored before its MQTT message is
+//! acknowledged; a refusal is audited with the device's reason.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use nanofleet_proto::Message as _;
+use nanofleet_proto::device::v1::{
+    Ack, AckResult, AckSubject, DeviceState, Envelope, Recipe, RecipeDelivery, TrustRootUpdate,
+};
+use nanofleet_proto::topics::Command;
+use nanofleet_store::{AuditEntry, DeliveryRecord, Store};
+use tokio::sync::mpsc;
+
+use crate::recipes::Released;
+use crate::{Actor, Error, Recipes, now_ms};
+
+/// Sends a command to a connected device; returns whether it reached the device's
+/// subscription (false when the device is offline).
+#[tonic::async_trait]
+pub trait CommandSink: Send + Sync + 'static {
+    async fn send(&self, device_id: &str, command: Command, payload: Vec<u8>) -> bool;
+}
+
+enum Job {
+    Birth { device_id: String, root_version: u64 },
+}
+
+/// The delivery service; cheap to clone. Hand it to ingest as its
+/// [`nanofleet_ingest::Commands`].
+#[derive(Clone)]
+pub struct Deliveries {
+    store: Store,
+    jobs: mpsc::UnboundedSender<Job>,
+    /// The trust root version each connected device holds, as it last said.
+    roots: Arc<Mutex<HashMap<String, u64>>>,
+}
+
+impl std::fmt::Debug for Deliveries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deliveries").finish_non_exhaustive()
+    }
+}
+
+impl Deliveries {
+    /// Starts the delivery task; it ends when every handle is dropped.
+    pub fn start(store: Store, recipes: Recipes, sink: Arc<dyn CommandSink>) -> Deliveries {
+        let (jobs, rx) = mpsc::unbounded_channel();
+        let roots = Arc::new(Mutex::new(HashMap::new()));
+        let worker = Worker {
+            store: store.clone(),
+            recipes: recipes.clone(),
+            sink,
+            roots: roots.clone(),
+            cache: HashMap::new(),
+        };
+        tokio::spawn(worker.run(rx, recipes.subscribe()));
+        Deliveries { store, jobs, roots }
+    }
+}
+
+#[tonic::async_trait]
+impl nanofleet_ingest::Commands for Deliveries {
+    async fn answered(&self, device_id: &str, ack: Ack) -> Result<(), String> {
+        let accepted = ack.result == AckResult::Accepted as i32;
+        match AckSubject::try_from(ack.subject).unwrap_or(AckSubject::Unspecified) {
+            AckSubject::TrustRoot => {
+                if accepted {
+                    self.roots
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(device_id.to_owned(), ack.version);
+                } else {
+                    let audit = refusal_audit(
+                        device_id,
+                        "trust-root.refused",
+                        format!("trust root v{}", ack.version),
+                        &ack,
+                    );
+                    self.store.audit_only(&audit).await.map_err(|e| e.to_string())?;
+                    tracing::warn!(device_id, code = %ack.code, reason = %ack.reason, "device refused a trust root update");
+                }
+                Ok(())
+            }
+            AckSubject::Recipe => {
+                if ack.subject_id.is_empty() || ack.version == 0 {
+                    // Refused before the recipe could be read (malformed, oversized):
+                    // nothing to attach it to but the audit trail.
+                    let audit = refusal_audit(device_id, "recipe.refused", "unreadable recipe".into(), &ack);
+                    return self.store.audit_only(&audit).await.map_err(|e| e.to_string());
+                }
+                let version = i64::try_from(ack.version).unwrap_or(i64::MAX);
+                let record = DeliveryRecord {
+                    device_id: device_id.to_owned(),
+                    site_id: String::new(),
+                    recipe_id: ack.subject_id.clone(),
+                    version,
+                    state: if accepted { "accepted" } else { "refused" }.into(),
+                    code: ack.code.clone(),
+                    reason: ack.reason.clone(),
+                    sent_ms: 0,
+                    answered_ms: now_ms(),
+                };
+                let audit = (!accepted).then(|| {
+                    refusal_audit(
+                        device_id,
+                        "recipe.refused",
+                        format!("{} v{}", ack.subject_id, ack.version),
+                        &ack,
+                    )
+                });
+                if !accepted {
+                    tracing::warn!(device_id, recipe = %ack.subject_id, version = ack.version, code = %ack.code, reason = %ack.reason, "device refused a recipe");
+                }
+                self.store.record_delivery_answer(&record, audit.as_ref()).await.map_err(|e| e.to_string())
+            }
+            AckSubject::Unspecified => {
+                Err(format!("ack subject {} is not a recipe or a trust root", ack.subject))
+            }
+        }
+    }
+
+    fn born(&self, state: &DeviceState) {
+        self.roots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(state.device_id.clone(), state.trust_root_version);
+        let _ = self
+            .jobs
+            .send(Job::Birth { device_id: state.device_id.clone(), root_version: state.trust_root_version });
+    }
+}
+
+fn refusal_audit(device_id: &str, action: &str, subject: String, ack: &Ack) -> AuditEntry {
+    AuditEntry {
+        at_ms: now_ms(),
+        actor: Actor::device(device_id).0,
+        action: action.into(),
+        subject,
+        site_id: None,
+        reason: format!("{}: {}", ack.code, ack.reason),
+        old_value: None,
+        new_value: Some(serde_json::json!({"code": ack.code, "digest": ack.digest}).to_string()),
+    }
+}
+
+struct Worker {
+    store: Store,
+    recipes: Recipes,
+    sink: Arc<dyn CommandSink>,
+    roots: Arc<Mutex<HashMap<String, u64>>>,
+    /// Encoded deliveries of released versions (immutable once released).
+    cache: HashMap<(String, i64), Arc<Vec<u8>>>,
+}
+
+impl Worker {
+    async fn run(
+        mut self,
+        mut jobs: mpsc::UnboundedReceiver<Job>,
+        mut released: tokio::sync::broadcast::Receiver<Released>,
+    ) {
+        loop {
+            let result = tokio::select! {
+                job = jobs.recv() => match job {
+                    Some(Job::Birth { device_id, root_version }) => self.birth(&device_id, root_version).await,
+                    None => break,
+                },
+                r = released.recv() => match r {
+                    Ok(r) => self.release(&r).await,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "releases missed; devices get them at their next connection");
+                        Ok(())
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                },
+            };
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "recipe delivery failed; retried at the device's next connection");
+            }
+        }
+    }
+
+    async fn delivery(&mut self, recipe_id: &str, version: i64) -> Result<Arc<Vec<u8>>, Error> {
+        if let Some(d) = self.cache.get(&(recipe_id.to_owned(), version)) {
+            return Ok(d.clone());
+        }
+        let statements = self
+            .store
+            .recipe_signatures(recipe_id, version)
+            .await?
+            .iter()
+            .map(|s| Envelope::decode(s.envelope.as_slice()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Error::Unavailable(format!("stored signature does not decode: {e}")))?;
+        let bytes = Arc::new(RecipeDelivery { statements }.encode_to_vec());
+        self.cache.insert((recipe_id.to_owned(), version), bytes.clone());
+        Ok(bytes)
+    }
+
+    /// Sends the trust root versions a device lacks.
+    async fn roots_for(&self, device_id: &str, has: u64) -> Result<(), Error> {
+        let current = self.recipes.trust_root().await.signed.version;
+        if has >= current {
+            return Ok(());
+        }
+        let documents = self.store.trust_roots_after(i64::try_from(has).unwrap_or(i64::MAX)).await?;
+        if !documents.is_empty() {
+            self.sink
+                .send(device_id, Command::TrustRoot, TrustRootUpdate { documents }.encode_to_vec())
+                .await;
+        }
+        Ok(())
+    }
+
+    async fn send_recipe(&mut self, device_id: &str, recipe_id: &str, version: i64) -> Result<(), Error> {
+        let payload = self.delivery(recipe_id, version).await?;
+        if self.sink.send(device_id, Command::Recipe, payload.to_vec()).await {
+            self.store.mark_delivery_sent(device_id, recipe_id, version, now_ms()).await?;
+        }
+        Ok(())
+    }
+
+    async fn birth(&mut self, device_id: &str, root_version: u64) -> Result<(), Error> {
+        if root_version == 0 {
+            // A device without a recipe book (an old agent): nothing it could verify.
+            return Ok(());
+        }
+        self.roots_for(device_id, root_version).await?;
+        // Released versions that target it but were never offered (it enrolled later).
+        if let Some(device) = self.store.get_device(device_id).await? {
+            for rec in self.store.list_recipes("", "released").await? {
+                let Ok(recipe) = Recipe::decode(rec.body.as_slice()) else { continue };
+                let t = recipe.targets.unwrap_or_default();
+                if (t.site_ids.contains(&device.site_id) || t.device_ids.iter().any(|d| d == device_id))
+                    && self.newest_released(&rec.recipe_id).await? == rec.version
+                {
+                    self.store.ensure_delivery(device_id, &rec.recipe_id, rec.version).await?;
+                }
+            }
+        }
+        for (recipe_id, version) in self.store.pending_deliveries(device_id).await? {
+            self.send_recipe(device_id, &recipe_id, version).await?;
+        }
+        Ok(())
+    }
+
+    async fn newest_released(&self, recipe_id: &str) -> Result<i64, Error> {
+        Ok(self.store.list_recipes(recipe_id, "released").await?.first().map_or(0, |r| r.version))
+    }
+
+    async fn release(&mut self, r: &Released) -> Result<(), Error> {
+        let devices = self.store.pending_devices(&r.recipe_id, r.version).await?;
+        tracing::info!(recipe = %r.recipe_id, version = r.version, devices = devices.len(), "delivering a released recipe");
+        for device_id in devices {
+            let has = self.roots.lock().unwrap_or_else(|p| p.into_inner()).get(&device_id).copied();
+            // Devices never seen since this server started are sent the chain at birth.
+            if let Some(has) = has {
+                self.roots_for(&device_id, has).await?;
+                self.send_recipe(&device_id, &r.recipe_id, r.version).await?;
+            }
+        }
+        Ok(())
+    }
+}
