@@ -138,7 +138,10 @@ async fn foreign_topics_and_stale_deaths_change_nothing() -> anyhow::Result<()> 
     assert_eq!(dev.publish("nf/v1/NF-BAD-01/ack", vec![1]).await?, PubAckReason::PayloadFormatInvalid);
     assert_eq!(rejected(&sb, "malformed_payload"), 1);
     let foreign = nanofleet_proto::device::v1::Ack { device_id: "NF-OTHER-01".into(), ..Default::default() };
-    assert_eq!(dev.publish("nf/v1/NF-BAD-01/ack", foreign.encode_to_vec()).await?, PubAckReason::NotAuthorized);
+    assert_eq!(
+        dev.publish("nf/v1/NF-BAD-01/ack", foreign.encode_to_vec()).await?,
+        PubAckReason::NotAuthorized
+    );
     assert_eq!(rejected(&sb, "identity_mismatch"), 1);
     // A death naming an older session (a late last will) leaves the device online.
     let stale = DeviceState {

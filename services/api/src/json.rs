@@ -94,3 +94,75 @@ pub fn enroll_token(t: &pb::EnrollToken, now_ms: i64) -> Value {
         "revoked_unix_ms": t.revoked_unix_ms, "state": token_state(t, now_ms),
     })
 }
+
+/// `draft`, `authored`, `released`, `rejected`.
+pub fn recipe_status(s: i32) -> &'static str {
+    match pb::RecipeStatus::try_from(s).unwrap_or(pb::RecipeStatus::Unspecified) {
+        pb::RecipeStatus::Draft => "draft",
+        pb::RecipeStatus::Authored => "authored",
+        pb::RecipeStatus::Released => "released",
+        pb::RecipeStatus::Rejected => "rejected",
+        pb::RecipeStatus::Unspecified => "unknown",
+    }
+}
+
+/// `authored`, `approved`.
+pub fn signature_meaning(m: i32) -> &'static str {
+    use nanofleet_proto::device::v1::SignatureMeaning;
+    match SignatureMeaning::try_from(m).unwrap_or(SignatureMeaning::Unspecified) {
+        SignatureMeaning::Authored => "authored",
+        SignatureMeaning::Approved => "approved",
+        SignatureMeaning::Unspecified => "unknown",
+    }
+}
+
+/// A recipe version with its signatures; `recipe` is the protobuf JSON mapping of the
+/// recipe itself (the same shape `nanofleet recipes draft --file` reads).
+pub fn recipe_version(v: &pb::RecipeVersion) -> Value {
+    let recipe = v.recipe.clone().unwrap_or_default();
+    json!({
+        "recipe_id": recipe.recipe_id,
+        "version": recipe.version,
+        "name": recipe.name,
+        "status": recipe_status(v.status),
+        "digest": v.digest,
+        "created_by": v.created_by,
+        "created_unix_ms": v.created_unix_ms,
+        "released_unix_ms": v.released_unix_ms,
+        "rejected_by": v.rejected_by,
+        "rejected_reason": v.rejected_reason,
+        "signatures": v.signatures.iter().map(|s| json!({
+            "signer_id": s.signer_id,
+            "printed_name": s.printed_name,
+            "meaning": signature_meaning(s.meaning),
+            "signed_unix_ms": s.signed_unix_ms,
+            "key_id": s.key_id,
+        })).collect::<Vec<_>>(),
+        "recipe": nanofleet_recipe::json::recipe_to_json(&recipe),
+    })
+}
+
+/// `pending`, `accepted`, `refused`.
+pub fn delivery_state(s: i32) -> &'static str {
+    match pb::DeliveryState::try_from(s).unwrap_or(pb::DeliveryState::Unspecified) {
+        pb::DeliveryState::Pending => "pending",
+        pb::DeliveryState::Accepted => "accepted",
+        pb::DeliveryState::Refused => "refused",
+        pb::DeliveryState::Unspecified => "unknown",
+    }
+}
+
+/// One device's delivery of a recipe version.
+pub fn recipe_delivery(d: &pb::RecipeDelivery) -> Value {
+    json!({
+        "device_id": d.device_id,
+        "site_id": d.site_id,
+        "recipe_id": d.recipe_id,
+        "version": d.version,
+        "state": delivery_state(d.state),
+        "code": d.code,
+        "reason": d.reason,
+        "sent_unix_ms": d.sent_unix_ms,
+        "answered_unix_ms": d.answered_unix_ms,
+    })
+}

@@ -8,6 +8,11 @@ use nanofleet_proto::device::v1::{Recipe, SignatureMeaning};
 use nanofleet_proto::v1 as pb;
 use nanofleet_proto::v1::recipe_service_client::RecipeServiceClient;
 
+use nanofleet_api::json::{
+    delivery_state, recipe_delivery, recipe_status, recipe_version as version_json,
+    signature_meaning as meaning_name,
+};
+
 use super::{Authed, Client, Output, status_error, table, utc};
 use crate::outln;
 
@@ -54,64 +59,12 @@ fn read_password(source: PasswordSource, user: &str) -> anyhow::Result<String> {
     Ok(password)
 }
 
-fn status_name(s: i32) -> &'static str {
-    match pb::RecipeStatus::try_from(s).unwrap_or(pb::RecipeStatus::Unspecified) {
-        pb::RecipeStatus::Draft => "draft",
-        pb::RecipeStatus::Authored => "authored",
-        pb::RecipeStatus::Released => "released",
-        pb::RecipeStatus::Rejected => "rejected",
-        pb::RecipeStatus::Unspecified => "unknown",
-    }
-}
-
 /// `authored`, `approved`.
 pub fn meaning_arg(s: &str) -> anyhow::Result<SignatureMeaning> {
     match s {
         "authored" => Ok(SignatureMeaning::Authored),
         "approved" => Ok(SignatureMeaning::Approved),
         other => anyhow::bail!("--meaning {other:?}: allowed: authored (pharmacist), approved (QA)"),
-    }
-}
-
-fn meaning_name(m: i32) -> &'static str {
-    match SignatureMeaning::try_from(m).unwrap_or(SignatureMeaning::Unspecified) {
-        SignatureMeaning::Authored => "authored",
-        SignatureMeaning::Approved => "approved",
-        SignatureMeaning::Unspecified => "unknown",
-    }
-}
-
-/// The JSON shape of a recipe version (CLI and dashboard).
-pub fn version_json(v: &pb::RecipeVersion) -> serde_json::Value {
-    let recipe = v.recipe.clone().unwrap_or_default();
-    serde_json::json!({
-        "recipe_id": recipe.recipe_id,
-        "version": recipe.version,
-        "name": recipe.name,
-        "status": status_name(v.status),
-        "digest": v.digest,
-        "created_by": v.created_by,
-        "created_unix_ms": v.created_unix_ms,
-        "released_unix_ms": v.released_unix_ms,
-        "rejected_by": v.rejected_by,
-        "rejected_reason": v.rejected_reason,
-        "signatures": v.signatures.iter().map(|s| serde_json::json!({
-            "signer_id": s.signer_id,
-            "printed_name": s.printed_name,
-            "meaning": meaning_name(s.meaning),
-            "signed_unix_ms": s.signed_unix_ms,
-            "key_id": s.key_id,
-        })).collect::<Vec<_>>(),
-        "recipe": nanofleet_recipe::json::recipe_to_json(&recipe),
-    })
-}
-
-fn delivery_state(s: i32) -> &'static str {
-    match pb::DeliveryState::try_from(s).unwrap_or(pb::DeliveryState::Unspecified) {
-        pb::DeliveryState::Pending => "pending",
-        pb::DeliveryState::Accepted => "accepted",
-        pb::DeliveryState::Refused => "refused",
-        pb::DeliveryState::Unspecified => "unknown",
     }
 }
 
@@ -141,7 +94,7 @@ impl Client {
                         r.recipe_id,
                         r.version,
                         r.name,
-                        status_name(v.status)
+                        recipe_status(v.status)
                     ),
                     format!("  digest   {}", v.digest),
                     format!("  drafted  by {} at {} UTC", v.created_by, utc(v.created_unix_ms)),
@@ -276,7 +229,7 @@ impl Client {
                 r.recipe_id,
                 r.version.to_string(),
                 r.name,
-                status_name(v.status).into(),
+                recipe_status(v.status).into(),
                 v.created_by.clone(),
                 sigs,
             ]);
@@ -298,16 +251,9 @@ impl Client {
             .map_err(|s| status_error(server, s))?
             .into_inner()
             .deliveries;
-        let json = |d: &pb::RecipeDelivery| {
-            serde_json::json!({
-                "device_id": d.device_id, "site_id": d.site_id, "recipe_id": d.recipe_id,
-                "version": d.version, "state": delivery_state(d.state), "code": d.code,
-                "reason": d.reason, "sent_unix_ms": d.sent_unix_ms, "answered_unix_ms": d.answered_unix_ms,
-            })
-        };
         if self.output == Output::Json {
             self.print_json(
-                serde_json::json!({ "deliveries": deliveries.iter().map(json).collect::<Vec<_>>() }),
+                serde_json::json!({ "deliveries": deliveries.iter().map(recipe_delivery).collect::<Vec<_>>() }),
             );
             return Ok(());
         }
