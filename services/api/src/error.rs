@@ -8,6 +8,10 @@ pub enum Error {
     NotFound { what: &'static str, id: String },
     #[error("{field} = {value:?} is invalid, allowed: {allowed}")]
     InvalidArgument { field: &'static str, value: String, allowed: String },
+    /// A recipe refused by validation: every problem, each with its field, value and
+    /// allowed range.
+    #[error("recipe refused: {0}")]
+    InvalidRecipe(String),
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
@@ -27,7 +31,7 @@ impl Error {
     pub fn grpc_code(&self) -> tonic::Code {
         match self {
             Error::NotFound { .. } => tonic::Code::NotFound,
-            Error::InvalidArgument { .. } => tonic::Code::InvalidArgument,
+            Error::InvalidArgument { .. } | Error::InvalidRecipe(_) => tonic::Code::InvalidArgument,
             Error::Conflict(_) => tonic::Code::FailedPrecondition,
             Error::Unauthenticated(_) => tonic::Code::Unauthenticated,
             Error::PermissionDenied(_) => tonic::Code::PermissionDenied,
@@ -38,7 +42,7 @@ impl Error {
     pub fn http_status(&self) -> u16 {
         match self {
             Error::NotFound { .. } => 404,
-            Error::InvalidArgument { .. } => 400,
+            Error::InvalidArgument { .. } | Error::InvalidRecipe(_) => 400,
             Error::Conflict(_) => 409,
             Error::Unauthenticated(_) => 401,
             Error::PermissionDenied(_) => 403,

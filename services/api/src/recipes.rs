@@ -535,15 +535,8 @@ impl Recipes {
 /// Checks a recipe's fields and, for every device model it names, its hardware
 /// envelope. The first refusal names the field, the value and what is allowed.
 fn check_recipe(recipe: &Recipe) -> Result<(), Error> {
-    let first = |inv: nanofleet_recipe::validate::Invalid| match inv.problems.into_iter().next() {
-        Some(p) => Error::InvalidArgument {
-            field: "recipe",
-            value: format!("{} = {}", p.field, p.value),
-            allowed: p.allowed,
-        },
-        None => Error::invalid("recipe", "", "a valid recipe"),
-    };
-    nanofleet_recipe::validate::validate(recipe).map_err(first)?;
+    let refused = |inv: nanofleet_recipe::validate::Invalid| Error::InvalidRecipe(inv.to_string());
+    nanofleet_recipe::validate::validate(recipe).map_err(refused)?;
     let models = recipe.equipment.as_ref().map(|e| e.models.clone()).unwrap_or_default();
     for model in &models {
         let Some(env) = nanofleet_recipe::envelope::for_model(model) else {
@@ -553,7 +546,7 @@ fn check_recipe(recipe: &Recipe) -> Result<(), Error> {
                 format!("a known device model: {}", nanofleet_recipe::envelope::MODELS.join(", ")),
             ));
         };
-        nanofleet_recipe::envelope::check(recipe, &env).map_err(first)?;
+        nanofleet_recipe::envelope::check(recipe, &env).map_err(refused)?;
     }
     Ok(())
 }

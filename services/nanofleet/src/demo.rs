@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use nanofleet_agent::fleet::{self, Fleet, FleetEnrollment, FleetOptions, Tokens};
 use nanofleet_agent::link::LinkOptions;
-use nanofleet_api::Actor;
+use nanofleet_api::{Actor, Caller};
+use nanofleet_proto::device::v1::{SignatureMeaning, Targets};
+use nanofleet_proto::v1 as pb;
 
 use crate::server::{self, Server};
 
@@ -25,7 +27,115 @@ pub struct Options {
 pub struct Demo {
     pub server: Server,
     pub fleet: Fleet,
+    pub people: DemoPeople,
     data_dir: std::path::PathBuf,
+}
+
+/// The demo's pharmacist (of the first hospital) and QA reviewer, with their
+/// passwords: they sign the demo's recipe, and anyone trying the demo may sign as them.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct DemoPeople {
+    pub pharmacist: String,
+    pub pharmacist_password: String,
+    pub qa: String,
+    pub qa_password: String,
+    pub site: String,
+}
+
+/// The recipe the demo releases to its first hospital.
+pub const DEMO_RECIPE: &str = "flu-h5-mrna";
+
+impl DemoPeople {
+    /// Created on the first run; read back (DATA_DIR/demo-people.json, 0600) after.
+    async fn ensure(
+        server: &Server,
+        data_dir: &std::path::Path,
+        site: &str,
+    ) -> Result<DemoPeople, server::Error> {
+        let path = data_dir.join("demo-people.json");
+        if let Ok(text) = std::fs::read_to_string(&path)
+            && let Ok(p) = serde_json::from_str::<DemoPeople>(&text)
+        {
+            return Ok(p);
+        }
+        let admin = Caller {
+            person_id: "system".into(),
+            display_name: "Nanofleet demo".into(),
+            role: nanofleet_api::Role::Ops,
+            site_id: None,
+            credential_id: String::new(),
+        };
+        let create = |id: &str, name: &str, role: pb::Role, site: &str| pb::CreatePersonRequest {
+            id: id.into(),
+            display_name: name.into(),
+            role: role as i32,
+            site_id: site.into(),
+            reason: "demo: signs the demo's recipe".into(),
+        };
+        let (_, pharmacist_password) = server
+            .people
+            .create_person(
+                &admin,
+                &create("demo.pharmacist", "Alice Martin, PharmD", pb::Role::Pharmacist, site),
+            )
+            .await?;
+        let (_, qa_password) = server
+            .people
+            .create_person(&admin, &create("demo.qa", "Quinn Okafor (QA)", pb::Role::Qa, ""))
+            .await?;
+        let people = DemoPeople {
+            pharmacist: "demo.pharmacist".into(),
+            pharmacist_password,
+            qa: "demo.qa".into(),
+            qa_password,
+            site: site.into(),
+        };
+        nanofleet_pki::write_private(
+            &path,
+            serde_json::to_string_pretty(&people).unwrap_or_default().as_bytes(),
+        )?;
+        Ok(people)
+    }
+}
+
+/// Drafts, signs and approves the demo recipe as the two demo people (once per data
+/// directory), the way a pharmacist and a QA reviewer would.
+async fn release_demo_recipe(
+    recipes: nanofleet_api::Recipes,
+    staff: nanofleet_api::People,
+    people: DemoPeople,
+) -> Result<(), nanofleet_api::Error> {
+    if !recipes.list(&pb::ListRecipesRequest { recipe_id: DEMO_RECIPE.into(), status: 0 }).await?.is_empty() {
+        return Ok(());
+    }
+    let pharmacist =
+        staff.verify_password(&people.pharmacist, &people.pharmacist_password, "demo recipe").await?;
+    let qa = staff.verify_password(&people.qa, &people.qa_password, "demo recipe").await?;
+    let targets = Targets { site_ids: vec![people.site.clone()], device_ids: vec![] };
+    let mut recipe = nanofleet_recipe::example::example(
+        DEMO_RECIPE,
+        0,
+        targets,
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0),
+    );
+    recipe.name = "Flu H5 mRNA-LNP, 100 ug".into();
+    recipes.save_draft(&pharmacist, recipe).await?;
+    let sign = |who: &Caller, password: &str, meaning: SignatureMeaning| pb::SignRecipeRequest {
+        recipe_id: DEMO_RECIPE.into(),
+        version: 1,
+        meaning: meaning as i32,
+        user_id: who.person_id.clone(),
+        password: password.into(),
+    };
+    recipes
+        .sign(&pharmacist, &sign(&pharmacist, &people.pharmacist_password, SignatureMeaning::Authored))
+        .await?;
+    recipes.sign(&qa, &sign(&qa, &people.qa_password, SignatureMeaning::Approved)).await?;
+    tracing::info!(recipe = DEMO_RECIPE, site = %people.site, "demo recipe released");
+    Ok(())
 }
 
 fn read_secret(path: &std::path::Path) -> String {
@@ -42,6 +152,8 @@ impl Demo {
     pub async fn start(opts: &Options) -> Result<Demo, server::Error> {
         let server = Server::start(&opts.server).await?;
         let state_dir = opts.server.data_dir.join("simulator");
+        let first_site = fleet::sites(opts.sites.max(1)).first().map(|s| s.id.clone()).unwrap_or_default();
+        server.ensure_site(&first_site, &first_site, "UTC").await?;
         let mut tokens = std::collections::HashMap::new();
         for site in fleet::sites(opts.sites) {
             server.ensure_site(&site.id, &site.name, &site.time_zone).await?;
@@ -84,7 +196,16 @@ impl Demo {
             }),
             ..FleetOptions::default()
         });
-        Ok(Demo { server, fleet, data_dir: opts.server.data_dir.clone() })
+        let people = DemoPeople::ensure(&server, &opts.server.data_dir, &first_site).await?;
+        // Released while the fleet connects: devices online get it at once, the others
+        // right after they announce themselves.
+        let release = release_demo_recipe(server.recipes.clone(), server.people.clone(), people.clone());
+        tokio::spawn(async move {
+            if let Err(e) = release.await {
+                tracing::warn!(error = %e, "demo recipe not released");
+            }
+        });
+        Ok(Demo { server, fleet, people, data_dir: opts.server.data_dir.clone() })
     }
 
     /// What to tell the person who started the demo.
@@ -97,12 +218,15 @@ impl Demo {
             "Nanofleet demo: {} hospitals, {} simulated devices, enrolled with tokens, on mutual TLS\n\
              \n  dashboard  https://{}/\n  grpc       {grpc}\n  mqtt       mqtts://{} (client certificates)\n  \
              fleet CA   {} (sha256 {})\n\
-             \n  login      admin / {}   (dashboard)\n\
+             \n  login      admin / {}   (dashboard)\n  \
+             pharmacist {} / {}   (site {}; signs recipes as author)\n  \
+             qa         {} / {}   (approves recipes)\n\
              \nTry, in another terminal:\n  export NANOFLEET_SERVER={grpc} NANOFLEET_CA_FILE={}\n  \
              export NANOFLEET_TOKEN={}\n  nanofleet whoami\n  \
              nanofleet sites list\n  nanofleet devices list\n  nanofleet devices show {first}\n  \
              nanofleet telemetry {first} --since 1m\n  nanofleet enroll-token create --site {site} --expires 1h\n  \
-             nanofleet devices list --output json\n\
+             nanofleet devices list --output json\n  \
+             nanofleet recipes list\n  nanofleet recipes show {DEMO_RECIPE}\n  nanofleet recipes deliveries {DEMO_RECIPE}\n\
              \nCtrl-C stops everything.",
             self.fleet
                 .devices
@@ -116,6 +240,11 @@ impl Demo {
             s.ca.root_path().display(),
             s.ca.root_fingerprint(),
             self.admin_password(),
+            self.people.pharmacist,
+            self.people.pharmacist_password,
+            self.people.site,
+            self.people.qa,
+            self.people.qa_password,
             s.ca.root_path().display(),
             self.admin_token(),
         )

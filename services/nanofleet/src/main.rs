@@ -129,6 +129,7 @@ enum RecipesCommand {
     /// Signs a version with your electronic signature: `authored` (the pharmacist who
     /// drafted it) or `approved` (QA, another person; this releases it). Asks for your
     /// password.
+    #[command(disable_version_flag = true)]
     Sign {
         recipe_id: String,
         #[arg(long)]
@@ -146,6 +147,7 @@ enum RecipesCommand {
         client: ClientArgs,
     },
     /// Sends a draft or authored version back (QA); it is never signed further.
+    #[command(disable_version_flag = true)]
     Reject {
         recipe_id: String,
         #[arg(long)]
@@ -156,6 +158,7 @@ enum RecipesCommand {
         client: ClientArgs,
     },
     /// One version with its signatures (default: the newest).
+    #[command(disable_version_flag = true)]
     Show {
         recipe_id: String,
         #[arg(long, default_value_t = 0)]
@@ -175,6 +178,7 @@ enum RecipesCommand {
         client: ClientArgs,
     },
     /// Per device: pending, accepted, or refused with the device's reason.
+    #[command(disable_version_flag = true)]
     Deliveries {
         recipe_id: String,
         /// 0: every version.
@@ -807,4 +811,13 @@ async fn recipes(command: RecipesCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_command_line_is_well_formed() {
+        use clap::CommandFactory as _;
+        super::Cli::command().debug_assert();
+    }
 }

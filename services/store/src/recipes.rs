@@ -107,55 +107,36 @@ fn conflict(msg: impl Into<String>) -> Error {
 impl Store {
     /// Saves a draft: a new version, or the same version again while it is a draft.
     pub async fn save_recipe_draft(&self, rec: &RecipeRecord, audit: &AuditEntry) -> Result<()> {
+        // The write comes first: a transaction that reads before it writes can be
+        // refused at once (SQLite) when another writer went ahead of it.
         let mut tx = self.pool.begin().await?;
-        let status: Option<String> =
-            sqlx::query("SELECT status FROM recipes WHERE recipe_id = $1 AND version = $2")
-                .bind(&rec.recipe_id)
-                .bind(rec.version)
-                .fetch_optional(&mut *tx)
-                .await?
-                .map(|r| r.try_get(0))
-                .transpose()?;
-        match status.as_deref() {
-            None => {
-                sqlx::query(&format!(
-                    "INSERT INTO recipes ({RECIPE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
-                ))
-                .bind(&rec.recipe_id)
-                .bind(rec.version)
-                .bind(&rec.name)
-                .bind(&rec.status)
-                .bind(&rec.body)
-                .bind(&rec.digest)
-                .bind(&rec.created_by)
-                .bind(rec.created_ms)
-                .bind(rec.released_ms)
-                .bind(&rec.rejected_by)
-                .bind(&rec.rejected_reason)
-                .execute(&mut *tx)
-                .await?;
-            }
-            Some("draft") => {
-                sqlx::query(
-                    "UPDATE recipes SET name = $3, body = $4, digest = $5, created_by = $6, created_ms = $7 \
-                     WHERE recipe_id = $1 AND version = $2 AND status = 'draft'",
-                )
-                .bind(&rec.recipe_id)
-                .bind(rec.version)
-                .bind(&rec.name)
-                .bind(&rec.body)
-                .bind(&rec.digest)
-                .bind(&rec.created_by)
-                .bind(rec.created_ms)
-                .execute(&mut *tx)
-                .await?;
-            }
-            Some(other) => {
-                return Err(conflict(format!(
-                    "recipe {} version {} is {other} and cannot change; save a new version",
-                    rec.recipe_id, rec.version
-                )));
-            }
+        let saved = sqlx::query(&format!(
+            "INSERT INTO recipes ({RECIPE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+             ON CONFLICT (recipe_id, version) DO UPDATE SET name = excluded.name, body = excluded.body, \
+                digest = excluded.digest, created_by = excluded.created_by, created_ms = excluded.created_ms \
+             WHERE recipes.status = 'draft'"
+        ))
+        .bind(&rec.recipe_id)
+        .bind(rec.version)
+        .bind(&rec.name)
+        .bind(&rec.status)
+        .bind(&rec.body)
+        .bind(&rec.digest)
+        .bind(&rec.created_by)
+        .bind(rec.created_ms)
+        .bind(rec.released_ms)
+        .bind(&rec.rejected_by)
+        .bind(&rec.rejected_reason)
+        .execute(&mut *tx)
+        .await?;
+        if saved.rows_affected() == 0 {
+            drop(tx);
+            let status =
+                self.get_recipe(&rec.recipe_id, rec.version).await?.map(|r| r.status).unwrap_or_default();
+            return Err(conflict(format!(
+                "recipe {} version {} is {status} and cannot change; save a new version",
+                rec.recipe_id, rec.version
+            )));
         }
         append_audit_in(&mut tx, audit.clone()).await?;
         tx.commit().await?;
@@ -358,16 +339,14 @@ impl Store {
 
     /// Records a trust root version if it is not there yet (the first one at start).
     pub async fn ensure_trust_root(&self, version: i64, document: &str, now_ms: i64) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        let have = sqlx::query("SELECT 1 FROM trust_roots WHERE version = $1")
-            .bind(version)
-            .fetch_optional(&mut *tx)
-            .await?
-            .is_some();
-        if !have {
-            insert_trust_root_in(&mut tx, version, document, now_ms).await?;
-        }
-        tx.commit().await?;
+        sqlx::query(
+            "INSERT INTO trust_roots (version, document, created_ms) VALUES ($1, $2, $3) ON CONFLICT (version) DO NOTHING",
+        )
+        .bind(version)
+        .bind(document)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -416,21 +395,16 @@ impl Store {
     /// Creates a pending delivery unless one exists (a device enrolled after the
     /// release, say). Returns whether it was created.
     pub async fn ensure_delivery(&self, device_id: &str, recipe_id: &str, version: i64) -> Result<bool> {
-        let mut tx = self.pool.begin().await?;
-        let before = sqlx::query(
-            "SELECT 1 FROM recipe_deliveries WHERE device_id = $1 AND recipe_id = $2 AND version = $3",
+        let done = sqlx::query(
+            "INSERT INTO recipe_deliveries (device_id, recipe_id, version, state) VALUES ($1, $2, $3, 'pending') \
+             ON CONFLICT (device_id, recipe_id, version) DO NOTHING",
         )
         .bind(device_id)
         .bind(recipe_id)
         .bind(version)
-        .fetch_optional(&mut *tx)
-        .await?
-        .is_some();
-        if !before {
-            insert_delivery_in(&mut tx, device_id, recipe_id, version).await?;
-        }
-        tx.commit().await?;
-        Ok(!before)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
     }
 
     /// Versions waiting for an answer from `device_id`, oldest first.
