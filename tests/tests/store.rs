@@ -136,3 +136,124 @@ async fn exercise(url: &str) -> anyhow::Result<()> {
     store.close().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn recipes_work_on_sqlite() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    exercise_recipes(&format!("sqlite://{}?mode=rwc", dir.path().join("r.db").display())).await
+}
+
+#[tokio::test]
+async fn recipes_work_on_postgresql_as_on_sqlite() -> anyhow::Result<()> {
+    let Some((name, url)) = fresh_database().await else { return Ok(()) };
+    let result = exercise_recipes(&url).await;
+    drop_database(&name).await;
+    result
+}
+
+fn audit(action: &str) -> nanofleet_store::AuditEntry {
+    nanofleet_store::AuditEntry {
+        at_ms: nanofleet_tests::now_ms(),
+        actor: "person:test".into(),
+        action: action.into(),
+        subject: "r v1".into(),
+        site_id: None,
+        reason: "test".into(),
+        old_value: None,
+        new_value: None,
+    }
+}
+
+/// Drafts, signatures, release with deliveries, answers, trust root versions, and the
+/// database refusing to edit a released version or a signature.
+async fn exercise_recipes(url: &str) -> anyhow::Result<()> {
+    use nanofleet_store::{DeliveryRecord, RecipeRecord, RecipeSignatureRecord, SignCommit};
+    let store =
+        Store::open(&Options { url: url.into(), max_connections: 4, sqlite_sync_full: false }).await?;
+    let mut draft = RecipeRecord {
+        recipe_id: "r".into(),
+        version: 1,
+        name: "first".into(),
+        status: "draft".into(),
+        body: vec![1, 2, 3],
+        digest: "d1".into(),
+        created_by: "alice".into(),
+        created_ms: 1,
+        released_ms: 0,
+        rejected_by: String::new(),
+        rejected_reason: String::new(),
+    };
+    store.save_recipe_draft(&draft, &audit("recipe.draft")).await?;
+    draft.name = "second".into();
+    store.save_recipe_draft(&draft, &audit("recipe.draft")).await?;
+    assert_eq!(store.get_recipe("r", 1).await?.map(|r| r.name), Some("second".into()));
+    assert_eq!(store.latest_recipe_version("r").await?, 1);
+    let signature = |meaning: &str| RecipeSignatureRecord {
+        recipe_id: "r".into(),
+        version: 1,
+        meaning: meaning.into(),
+        signer_id: "alice".into(),
+        printed_name: "Alice".into(),
+        key_id: "k".into(),
+        signed_ms: 2,
+        envelope: vec![9],
+    };
+    let sign = |meaning: &str, from: &str, to: &str, deliver_to: Vec<String>| SignCommit {
+        signature: signature(meaning),
+        from_status: from.into(),
+        to_status: to.into(),
+        released_ms: 3,
+        deliver_to,
+        audit: vec![audit("recipe.sign")],
+    };
+    store.sign_recipe(&sign("authored", "draft", "authored", vec![])).await?;
+    // Signed: the draft cannot change, and a signature of a status it no longer has is refused.
+    assert!(matches!(
+        store.save_recipe_draft(&draft, &audit("recipe.draft")).await,
+        Err(nanofleet_store::Error::Conflict(_))
+    ));
+    assert!(matches!(
+        store.sign_recipe(&sign("approved", "draft", "released", vec![])).await,
+        Err(nanofleet_store::Error::Conflict(_))
+    ));
+    store.sign_recipe(&sign("approved", "authored", "released", vec!["NF-1".into(), "NF-2".into()])).await?;
+    assert_eq!(store.recipe_signatures("r", 1).await?.len(), 2);
+    assert_eq!(store.pending_devices("r", 1).await?, ["NF-1", "NF-2"]);
+    assert!(store.ensure_delivery("NF-3", "r", 1).await?);
+    assert!(!store.ensure_delivery("NF-3", "r", 1).await?);
+    let answer = DeliveryRecord {
+        device_id: "NF-1".into(),
+        site_id: String::new(),
+        recipe_id: "r".into(),
+        version: 1,
+        state: "refused".into(),
+        code: "wrong_model".into(),
+        reason: "an NF-100 recipe".into(),
+        sent_ms: 0,
+        answered_ms: 4,
+    };
+    store.record_delivery_answer(&answer, Some(&audit("recipe.refused"))).await?;
+    store.mark_delivery_sent("NF-2", "r", 1, 5).await?;
+    let d = store.recipe_deliveries("r", 0).await?;
+    assert_eq!(
+        d.iter().map(|d| (d.device_id.as_str(), d.state.as_str())).collect::<Vec<_>>(),
+        [("NF-1", "refused"), ("NF-2", "pending"), ("NF-3", "pending")]
+    );
+    assert_eq!(store.pending_deliveries("NF-2").await?, [("r".to_owned(), 1)]);
+    store.ensure_trust_root(1, "{\"v\":1}", 1).await?;
+    store.ensure_trust_root(1, "{\"other\":1}", 1).await?;
+    assert_eq!(store.trust_roots_after(0).await?, ["{\"v\":1}"]);
+    // The database itself keeps released versions and signatures.
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(url).await?;
+    for sql in [
+        "UPDATE recipes SET name = 'changed'",
+        "DELETE FROM recipes",
+        "UPDATE recipe_signatures SET printed_name = 'someone else'",
+        "DELETE FROM recipe_signatures",
+    ] {
+        assert!(sqlx::query(sql).execute(&mut conn).await.is_err(), "{sql} went through");
+    }
+    store.close().await;
+    Ok(())
+}
