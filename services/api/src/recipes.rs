@@ -366,6 +366,9 @@ impl Recipes {
     /// The caller's key for `role`, unsealed with their password; created at the
     /// first signature and added to a new trust root version.
     async fn signing_key(&self, caller: &Caller, role: &str, password: &str) -> Result<SigningKey, Error> {
+        // Held from the lookup to the new root version: two first signatures of one
+        // person at once make one key, and root versions never race.
+        let mut root = self.root.lock().await;
         if let Some(k) = self.store.signing_key(&caller.person_id, role).await? {
             return seal::open(&k.sealed_key, password).ok_or_else(|| {
                 Error::Conflict(format!(
@@ -377,7 +380,6 @@ impl Recipes {
         let key = SigningKey::from_bytes(&rand::random());
         let id = key_id(&key.verifying_key());
         let sealed = seal::seal(&key, password).map_err(Error::Unavailable)?;
-        let mut root = self.root.lock().await;
         let mut body = root.successor_body();
         body.add_role_key(role, &key.verifying_key(), Some(&caller.person_id));
         let root_key = trust_root::signing_key(&self.pki_dir)
