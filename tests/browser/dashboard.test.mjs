@@ -30,6 +30,10 @@ const outDir = path.join(repo, 'target', 'browser');
 const SITES = 3;
 const DEVICES = 24;
 const DEVICES_PER_SITE = 8;
+// Released by the demo to its first hospital's devices, signed by the demo's two people.
+const DEMO_RECIPE = 'flu-h5-mrna';
+const DEMO_SIGNATURES = [['Alice Martin, PharmD', 'authored'], ['Quinn Okafor (QA)', 'approved']];
+const UTC_TIME = '\\d{4}-\\d{2}-\\d{2} \\d{2}:\\d{2}:\\d{2} UTC';
 const STARTUP_TIMEOUT_MS = 30_000;
 const SHUTDOWN_TIMEOUT_MS = 10_000;
 const DASHBOARD_LINE = /dashboard\s+(https:\/\/\S+)/;
@@ -39,6 +43,11 @@ const WRONG_PASSWORD = 'user id or password is wrong';
 const GRPC_PLACEHOLDER = "<the server's gRPC address>";
 // eslint-disable-next-line no-control-regex
 const ANSI = /\x1b\[[0-9;]*[A-Za-z]/g;
+
+/** `text` as a regular expression that matches it literally. */
+function literal(text) {
+  return text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+}
 
 /** Polls `probe` until `ok` accepts its value; fails with the last value seen. */
 async function until(what, probe, ok, timeoutMs) {
@@ -313,6 +322,67 @@ describe('dashboard against a demo fleet', () => {
     assert.equal(await page.evaluate(() => window.nanofleetTestMark), true, 'the page was never reloaded');
     assert.deepEqual(pageErrors, [], 'no script or network errors in the page');
     await shoot('device.png');
+  });
+
+  it('recipes page shows the released demo recipe, its two signatures and its delivery', { timeout: 60_000 }, async () => {
+    await page.getByRole('link', { name: 'Recipes', exact: true }).click();
+    await page.waitForURL((u) => new URL(u).hash === '#/recipes');
+
+    // "printed name — meaning — UTC time" for each signature, in the list already.
+    const row = page.locator(`[data-testid="recipe-row"][data-recipe-id="${DEMO_RECIPE}"]`);
+    const listed = await until(
+      `${DEMO_RECIPE} in the recipe list`,
+      async () => ((await row.count()) === 1
+        ? { status: await row.getAttribute('data-status'), signatures: await row.getByTestId('recipe-row-signature').allTextContents() }
+        : null),
+      (v) => v != null && v.status === 'released' && v.signatures.length === DEMO_SIGNATURES.length,
+      15_000,
+    );
+    for (const [name, meaning] of DEMO_SIGNATURES) {
+      const line = new RegExp(`^${literal(name)} — ${meaning} — ${UTC_TIME}$`);
+      assert.ok(listed.signatures.some((s) => line.test(s.trim())), `a signature ${line} among ${JSON.stringify(listed.signatures)}`);
+    }
+
+    await row.click();
+    await page.waitForURL((u) => decodeURIComponent(new URL(u).hash) === `#/recipes/${DEMO_RECIPE}/1`);
+    const detail = page.locator(`[data-testid="recipe-detail"][data-recipe-id="${DEMO_RECIPE}"][data-version="1"]`);
+    await detail.waitFor({ state: 'visible' });
+    assert.equal(await detail.getAttribute('data-status'), 'released');
+    assert.match((await detail.getByTestId('recipe-digest').textContent()).trim(), /^[0-9a-f]{64}$/, 'the digest the signatures cover');
+    assert.match(await detail.getByTestId('recipe-formula').textContent(), /50 : 10 : 38\.5 : 1\.5/, 'lipid molar ratios');
+    assert.ok(await detail.getByTestId('procedure-step').count() > 0, 'the procedure lists its steps');
+
+    // Each signature's manifestation: printed name, UTC date and time, meaning.
+    const signatures = await detail.getByTestId('recipe-signature').evaluateAll((items) => items.map((li) => ({
+      meaning: li.dataset.meaning,
+      name: li.querySelector('[data-testid="signature-name"]').textContent.trim(),
+      time: li.querySelector('[data-testid="signature-time"]').textContent.trim(),
+    })));
+    assert.deepEqual(
+      signatures.map((s) => [s.name, s.meaning]).sort(),
+      DEMO_SIGNATURES.map(([name, meaning]) => [name, meaning]).sort(),
+    );
+    for (const s of signatures) assert.match(s.time, new RegExp(`^${UTC_TIME}$`), `time of the ${s.meaning} signature`);
+
+    // The demo releases to the first hospital's devices; each verifies and accepts it.
+    const bar = page.getByTestId('delivery-bar');
+    const counts = await until(
+      'delivery counts',
+      async () => ({
+        accepted: Number(await bar.getAttribute('data-accepted')),
+        refused: Number(await bar.getAttribute('data-refused')),
+        pending: Number(await bar.getAttribute('data-pending')),
+        rows: await page.locator('[data-testid="delivery-row"][data-state="accepted"]').count(),
+      }),
+      (c) => c.accepted === DEVICES_PER_SITE && c.rows === DEVICES_PER_SITE,
+      20_000,
+    );
+    assert.deepEqual(counts, { accepted: DEVICES_PER_SITE, refused: 0, pending: 0, rows: DEVICES_PER_SITE });
+    assert.equal((await page.getByTestId('delivery-accepted').textContent()).trim(), String(DEVICES_PER_SITE));
+    assert.equal(await count('[data-testid="delivery-row"]'), DEVICES_PER_SITE, 'one row per target device');
+
+    assert.deepEqual(pageErrors, [], 'no script or network errors in the page');
+    await shoot('recipes.png');
   });
 
   it('enroll page creates a token, shows its secret once and lists it as usable', { timeout: 60_000 }, async () => {

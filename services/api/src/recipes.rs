@@ -452,11 +452,13 @@ impl Recipes {
     }
 
     async fn record(&self, recipe_id: &str, version: i64) -> Result<RecipeRecord, Error> {
-        let version = if version == 0 { self.store.latest_recipe_version(recipe_id).await? } else { version };
-        self.store
-            .get_recipe(recipe_id, version)
-            .await?
-            .ok_or_else(|| Error::NotFound { what: "recipe", id: subject(recipe_id, version) })
+        let newest = version == 0;
+        let version = if newest { self.store.latest_recipe_version(recipe_id).await? } else { version };
+        let missing = || Error::NotFound {
+            what: "recipe",
+            id: if newest { recipe_id.to_owned() } else { subject(recipe_id, version) },
+        };
+        self.store.get_recipe(recipe_id, version).await?.ok_or_else(missing)
     }
 
     /// One version as people read it (version 0: the newest).

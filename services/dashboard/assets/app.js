@@ -5,6 +5,8 @@
 //   #/devices?site=ID  device table with a site filter
 //   #/devices/ID       one device: presence, last values, alarms, live telemetry chart
 //   #/enroll           enrollment tokens: create one for a site, list them with their state
+//   #/recipes[/ID[/N]] recipe versions with their signatures; ID (version N, or the newest)
+//                      selected: formula, procedure, release criteria, delivery to devices
 //
 // Every view polls once a second and updates its DOM in place instead of rebuilding it,
 // so a click, a hover or an open <select> is not lost to a refresh.
@@ -31,6 +33,8 @@
   // Who may do what on the enrollment page; the server enforces the same table.
   const ENROLL_CREATE_ROLES = new Set(['ops', 'site-it']);
   const ENROLL_LIST_ROLES = new Set(['ops', 'site-it', 'auditor']);
+  // ListRecipes, GetRecipe and ListRecipeDeliveries in the server's access table.
+  const RECIPE_ROLES = new Set(['ops', 'pharmacist', 'qa', 'auditor']);
 
   // === DOM helpers ===
 
@@ -326,6 +330,7 @@
     liveText: null,
     nav: null,
     enrollNav: null,
+    recipesNav: null,
     session: null,
     whoami: null,
     whoamiName: null,
@@ -434,6 +439,11 @@
     if (parts[0] === 'devices' && parts.length === 1) return { name: 'devices', site: params.get('site') || '' };
     if (parts[0] === 'devices' && parts.length === 2) return { name: 'device', id: parts[1] };
     if (parts[0] === 'enroll' && parts.length === 1) return { name: 'enroll' };
+    if (parts[0] === 'recipes' && parts.length <= 3) {
+      const version = parts.length === 3 ? Number(parts[2]) : 0;
+      if (!Number.isSafeInteger(version) || version < 0) return { name: 'unknown', path };
+      return { name: 'recipes', id: parts[1] || '', version };
+    }
     return { name: 'unknown', path };
   }
 
@@ -450,8 +460,16 @@
       refreshNow();
       return;
     }
+    // Selecting another version keeps the list (and its filter) where it is.
+    if (prev && prev.name === 'recipes' && route.name === 'recipes' && state.view && state.view.select) {
+      state.view.select(route.id, route.version);
+      refreshNow();
+      return;
+    }
     if (state.view && state.view.unmount) state.view.unmount();
-    const make = { overview: overviewView, devices: devicesView, device: deviceView, enroll: enrollView }[route.name] || unknownView;
+    const make = {
+      overview: overviewView, devices: devicesView, device: deviceView, enroll: enrollView, recipes: recipesView,
+    }[route.name] || unknownView;
     state.view = make(route);
     el.view.replaceChildren(state.view.root);
     window.scrollTo(0, 0);
@@ -490,6 +508,7 @@
     el.session.hidden = me == null;
     el.nav.hidden = state.signedOut;
     el.enrollNav.hidden = !can(ENROLL_CREATE_ROLES);
+    el.recipesNav.hidden = !can(RECIPE_ROLES);
     if (!me) return;
     setAttr(el.whoami, 'data-person-id', me.id);
     setAttr(el.whoami, 'data-role', me.role);
@@ -1679,6 +1698,461 @@
     };
   }
 
+  // === Recipes ===
+
+  const RECIPE_COLUMNS = ['Recipe', 'Version', 'Name', 'Status', 'Drafted by', 'Signatures'];
+  const RECIPE_STATUS_CHOICES = [['', 'All statuses'], ['draft', 'Draft'], ['authored', 'Authored'], ['released', 'Released'], ['rejected', 'Rejected']];
+  const DELIVERY_STATES = ['accepted', 'refused', 'pending'];
+  const DELIVERY_COLUMNS = ['Device', 'Site', 'State', 'Refusal', 'Sent', 'Answered'];
+  const PAYLOAD_LABEL = { MRNA: 'mRNA', SIRNA: 'siRNA', SARNA: 'saRNA', DNA: 'DNA' };
+  const MEANING_NOTE = {
+    authored: 'Author: wrote this version and vouches for it',
+    approved: 'Approval: reviewed by QA and released for use',
+  };
+
+  /**
+   * "2025-11-26 11:40:03 UTC": signatures and recipe records are read in UTC everywhere.
+   * Table columns that say UTC in their heading leave the suffix out.
+   */
+  function fmtUtc(ms, suffix = true) {
+    const n = Number(ms);
+    if (!hasTime(n)) return '—';
+    return new Date(n).toISOString().replace('T', ' ').replace(/\.\d+Z$/, suffix ? ' UTC' : '');
+  }
+
+  /** A quantity with the decimals it has, up to `max`: 50, 38.5, 0.2. */
+  function fmtQty(v, max = 3) {
+    const n = Number(v);
+    if (v == null || v === '' || !Number.isFinite(n)) return '—';
+    return n.toLocaleString(LOCALE, { maximumFractionDigits: max });
+  }
+
+  /** An enum of the recipe's JSON without its prefix: RUN_PHASE_COLLECT becomes COLLECT. */
+  function enumValue(v, prefix) {
+    const s = String(v || '');
+    return s.startsWith(prefix) ? s.slice(prefix.length) : s;
+  }
+
+  function recipeHash(id, version) {
+    return `#/recipes/${encodeURIComponent(id)}/${version}`;
+  }
+
+  function recipeStatusBadge(status) {
+    return h('span', { class: `recipe-status status-${status || 'unknown'}`, 'data-testid': 'recipe-status' }, status || 'unknown');
+  }
+
+  /** "Alice Martin, PharmD — authored — 2025-11-26 11:40:03 UTC" */
+  function signatureLine(s) {
+    return `${s.printed_name || s.signer_id} — ${s.meaning} — ${fmtUtc(s.signed_unix_ms)}`;
+  }
+
+  /** A label and its value with an optional unit and note, for a definition list. */
+  function spec(label, value, unit, note) {
+    return h('div', null, h('dt', null, label),
+      h('dd', null, value, unit ? h('span', { class: 'unit' }, unit) : null, note ? h('span', { class: 'sub' }, note) : null));
+  }
+
+  function rangeText(r) {
+    return r ? `${fmtQty(r.min)}–${fmtQty(r.max)}` : '—';
+  }
+
+  function recipesView(route) {
+    let selected = { id: route.id || '', version: route.version || 0 };
+    let status = '';
+    // The version the detail shows: the selected one, or the newest when none was named.
+    let shown = null;
+    // The detail's delivery part, built once per selection and updated in place.
+    let delivery = null;
+    // The detail is scrolled into view once per selection, when it opens below the fold.
+    let revealed = false;
+    // What the detail holds: null (nothing yet), 'hint', 'missing' or 'version'.
+    let mode = null;
+
+    const filter = h('select', {
+      id: 'recipe-status-filter',
+      'data-testid': 'recipe-status-filter',
+      onchange: () => {
+        status = filter.value;
+        refreshNow();
+      },
+    }, RECIPE_STATUS_CHOICES.map(([value, label]) => h('option', { value }, label)));
+    const count = h('span', { class: 'count', 'data-testid': 'recipe-count' });
+    const tbody = h('tbody');
+    const roleNote = h('div');
+    const listSection = h('div', null,
+      h('div', { class: 'toolbar' }, h('label', { for: 'recipe-status-filter' }, 'Status'), filter, count),
+      h('div', { class: 'card table-wrap' },
+        h('table', { class: 'grid', 'data-testid': 'recipe-table' },
+          h('thead', null, h('tr', null, RECIPE_COLUMNS.map((name) => h('th', { class: name === 'Version' ? 'num' : null }, name)))),
+          tbody)));
+    // The selected version: a heading card, its signatures beside its delivery, then its content.
+    const headSlot = h('div');
+    const signaturesSlot = h('div');
+    const deliverySlot = h('div');
+    const statusGrid = h('div', { class: 'recipe-status-grid', hidden: true }, signaturesSlot, deliverySlot);
+    const contentSlot = h('div');
+    const detail = h('section', { class: 'recipe-detail', 'aria-label': 'Selected recipe version' }, headSlot, statusGrid, contentSlot);
+
+    const root = h('div', { class: 'recipes' },
+      h('div', { class: 'page-title' }, h('h1', null, 'Recipes'),
+        h('span', { class: 'muted' }, 'Master recipes, their electronic signatures and their delivery to devices')),
+      roleNote, listSection, detail);
+
+    function renderAccess() {
+      const role = state.me ? state.me.role : '';
+      const may = can(RECIPE_ROLES);
+      listSection.hidden = !may;
+      detail.hidden = !may;
+      setChildren(roleNote, `${role}|${may}`, () => (may ? null
+        : h('p', { class: 'card note', 'data-testid': 'recipes-role-note' },
+          `Recipes are read by operations, pharmacists, QA and auditors; your role (${ROLE_LABEL[role] || role}) has no access to them.`)));
+    }
+
+    function isShown(v) {
+      return shown != null && v.recipe_id === shown.recipe_id && v.version === shown.version;
+    }
+
+    // --- the list of versions ---
+
+    function createRow(v) {
+      const cells = RECIPE_COLUMNS.map((name) => h('td', { class: { Version: 'num', Name: 'wrap', Signatures: 'wrap' }[name] || null }));
+      const row = h('tr', { class: 'link', 'data-testid': 'recipe-row', 'data-recipe-id': v.recipe_id, 'data-version': v.version }, cells);
+      row.addEventListener('click', (ev) => {
+        if (ev.target.closest('a')) return;
+        navigate(recipeHash(v.recipe_id, v.version));
+      });
+      row._cells = cells;
+      return row;
+    }
+
+    function updateRow(row, v) {
+      const [id, version, name, st, drafted, signatures] = row._cells;
+      const on = isShown(v);
+      setAttr(row, 'data-status', v.status);
+      setAttr(row, 'aria-selected', on ? 'true' : 'false');
+      setClass(row, `link${on ? ' selected' : ''}${v.status === 'rejected' ? ' inactive' : ''}`);
+      setChildren(id, v.recipe_id, () => h('a', { class: 'id-link', href: recipeHash(v.recipe_id, v.version) }, v.recipe_id));
+      setText(version, v.version);
+      setText(name, v.name || '—');
+      setChildren(st, v.status, () => recipeStatusBadge(v.status));
+      setChildren(drafted, `${v.created_by}|${v.created_unix_ms}`, () => [
+        h('span', null, v.created_by || '—'), h('span', { class: 'sub' }, fmtUtc(v.created_unix_ms))]);
+      const list = v.signatures || [];
+      setChildren(signatures, list.map(signatureLine).join('\n'), () => (list.length
+        ? list.map((s) => h('span', { class: 'sig-line', 'data-testid': 'recipe-row-signature', 'data-meaning': s.meaning }, signatureLine(s)))
+        : h('span', { class: 'muted' }, 'not signed')));
+    }
+
+    function renderList(versions) {
+      const recipes = new Set(versions.map((v) => v.recipe_id)).size;
+      setText(count, versions.length
+        ? `${fmtNum(versions.length)} version${versions.length === 1 ? '' : 's'} of ${fmtNum(recipes)} recipe${recipes === 1 ? '' : 's'}`
+        : '');
+      if (versions.length === 0) {
+        setChildren(tbody, `empty|${status}`, () => h('tr', null, h('td', { class: 'empty', colspan: RECIPE_COLUMNS.length },
+          status ? `No ${status} recipe versions.`
+            : ['No recipes yet: pharmacists draft them with ', h('code', null, 'nanofleet recipes draft'), '.'])));
+        return;
+      }
+      delete tbody.dataset.sig;
+      reconcile(tbody, versions, (v) => `${v.recipe_id}|${v.version}`, createRow, updateRow);
+    }
+
+    // --- the selected version ---
+
+    function clearDetail() {
+      for (const slot of [headSlot, signaturesSlot, deliverySlot, contentSlot]) {
+        slot.replaceChildren();
+        delete slot.dataset.sig;
+      }
+      for (const name of ['data-testid', 'data-recipe-id', 'data-version', 'data-status']) setAttr(detail, name, null);
+      statusGrid.hidden = true;
+      delivery = null;
+      mode = null;
+    }
+
+    function setMode(next) {
+      if (mode === next) return;
+      clearDetail();
+      mode = next;
+    }
+
+    function renderNothingSelected() {
+      setMode('hint');
+      setChildren(headSlot, 'none', () => h('p', { class: 'card note', 'data-testid': 'recipe-hint' },
+        'Select a version to see its formula, procedure, release criteria, electronic signatures and delivery to devices.'));
+    }
+
+    function renderMissing(message) {
+      setMode('missing');
+      setChildren(headSlot, message, () => h('section', { class: 'card notice', 'data-testid': 'recipe-missing' },
+        h('h1', null, `Recipe ${selected.id}${selected.version ? ` version ${selected.version}` : ''} not found`),
+        h('p', { class: 'muted' }, sentence(message)),
+        h('p', null, h('a', { href: '#/recipes' }, 'Back to all recipes'))));
+    }
+
+    function headCard(v) {
+      const r = v.recipe || {};
+      const eq = r.equipment || {};
+      const payload = enumValue(r.payload, 'PAYLOAD_KIND_');
+      const facts = [
+        spec('Payload', PAYLOAD_LABEL[payload] || payload || '—'),
+        spec('Cartridge GTIN', h('span', { class: 'mono' }, r.cartridge_gtin || '—')),
+        spec('Device models', (eq.models || []).join(', ') || '—', null, eq.min_firmware ? `firmware ${eq.min_firmware} or later` : null),
+        spec('Valid from', fmtUtc(r.valid_from_unix_ms), null, `until ${fmtUtc(r.valid_until_unix_ms)}`),
+        spec('Drafted by', v.created_by || '—', null, fmtUtc(v.created_unix_ms)),
+        v.status === 'released' ? spec('Released', fmtUtc(v.released_unix_ms)) : null,
+        v.status === 'rejected' ? spec('Rejected by', v.rejected_by || '—', null, v.rejected_reason || null) : null,
+      ];
+      return h('section', { class: 'card recipe-head' },
+        h('div', { class: 'recipe-title' },
+          h('h2', null, h('span', { class: 'mono' }, r.recipe_id || v.recipe_id), h('span', { class: 'recipe-version' }, `version ${v.version}`)),
+          recipeStatusBadge(v.status),
+          h('span', { class: 'recipe-name' }, v.name || '')),
+        h('dl', { class: 'facts' }, facts),
+        h('div', { class: 'recipe-digest' },
+          h('span', { class: 'digest-label' }, 'SHA-256 of the recipe, as signed'),
+          h('code', { class: 'digest', 'data-testid': 'recipe-digest' }, v.digest || '—')),
+        r.description ? h('p', { class: 'recipe-description' }, r.description) : null);
+    }
+
+    function signaturesCard(v) {
+      const list = v.signatures || [];
+      const waiting = { draft: 'Waiting for its author to sign it.', authored: 'Waiting for QA approval.' }[v.status];
+      return h('section', { class: 'card', 'data-testid': 'recipe-signatures' },
+        h('div', { class: 'card-head' }, h('h2', null, 'Electronic signatures'), h('span', { class: 'muted' }, '21 CFR Part 11')),
+        list.length === 0 && !waiting ? h('div', { class: 'empty' }, 'Not signed.') : null,
+        list.length ? h('ol', { class: 'signature-list' }, list.map((s) => h('li', {
+          class: 'signature', 'data-testid': 'recipe-signature', 'data-meaning': s.meaning, 'data-signer-id': s.signer_id,
+        },
+        h('span', { class: `sig-meaning meaning-${s.meaning}` }, s.meaning),
+        h('div', { class: 'sig-main' },
+          h('div', { class: 'sig-name', 'data-testid': 'signature-name' }, s.printed_name || s.signer_id),
+          h('div', { class: 'sig-when' },
+            h('span', { class: 'sig-time', 'data-testid': 'signature-time' }, fmtUtc(s.signed_unix_ms)),
+            h('span', { class: 'muted', title: s.key_id ? `signing key ${s.key_id}` : null }, ` · user ${s.signer_id}`)),
+          h('div', { class: 'sub' }, MEANING_NOTE[s.meaning] || s.meaning))))) : null,
+        waiting ? h('p', { class: 'sig-waiting' }, waiting) : null,
+        h('p', { class: 'sig-footnote' },
+          'Each signature binds the signer\'s printed name, the date and time and its meaning to the exact recipe bytes of the SHA-256 above.'));
+    }
+
+    function formulaCard(r) {
+      const f = r.formula || {};
+      const l = f.lipids || {};
+      const buffer = enumValue(f.buffer, 'BUFFER_KIND_').toLowerCase();
+      return h('section', { class: 'card', 'data-testid': 'recipe-formula' },
+        h('div', { class: 'card-head' }, h('h2', null, 'Formula')),
+        h('div', { class: 'card-body' }, h('dl', { class: 'spec' },
+          spec('Lipids', `${fmtQty(l.ionizable)} : ${fmtQty(l.phospholipid)} : ${fmtQty(l.cholesterol)} : ${fmtQty(l.peg_lipid)}`, 'mol %',
+            'ionizable : phospholipid : cholesterol : PEG-lipid'),
+          spec('N/P ratio', fmtQty(f.np_ratio)),
+          spec('Flow-rate ratio (FRR)', `${fmtQty(f.flow_rate_ratio)} : 1`, null, 'aqueous : ethanol'),
+          spec('Total flow rate (TFR)', fmtQty(f.total_flow_ml_min), 'mL/min'),
+          spec('Lipid concentration', fmtQty(f.lipid_concentration_mg_ml), 'mg/mL', 'in the ethanol phase'),
+          spec('Buffer', `${buffer && buffer !== 'unspecified' ? buffer : '—'} ${fmtQty(f.buffer_mm)}`, 'mM', `pH ${fmtQty(f.buffer_ph, 2)}`),
+          spec('Dose', fmtQty(f.dose_ug), 'µg', 'nucleic acid per batch'),
+          spec('Batch volume', fmtQty(f.batch_volume_ml), 'mL'),
+          spec('Mixing temperature', fmtQty(f.temperature_c, 1), '°C'))));
+    }
+
+    function procedureCard(r) {
+      const steps = r.procedure || [];
+      const total = steps.reduce((s, p) => s + (Number(p.duration_s) || 0), 0);
+      return h('section', { class: 'card', 'data-testid': 'recipe-procedure' },
+        h('div', { class: 'card-head' }, h('h2', null, 'Procedure'),
+          h('span', { class: 'muted' }, `${steps.length} step${steps.length === 1 ? '' : 's'} · ${fmtDuration(total * 1000)}`)),
+        h('div', { class: 'table-wrap' }, h('table', { class: 'grid procedure' },
+          h('thead', null, h('tr', null, h('th', { class: 'num' }, '#'), h('th', null, 'Phase'),
+            h('th', { class: 'num' }, 'Duration', h('span', { class: 'unit' }, ' s')),
+            h('th', { class: 'num' }, 'Flow', h('span', { class: 'unit' }, ' mL/min')),
+            h('th', { class: 'num' }, 'Temp.', h('span', { class: 'unit' }, ' °C')))),
+          h('tbody', null, steps.length === 0
+            ? h('tr', null, h('td', { class: 'empty', colspan: 5 }, 'No steps.'))
+            : steps.map((p, i) => {
+              const phase = enumValue(p.phase, 'RUN_PHASE_');
+              const temp = Number(p.temperature_c);
+              return h('tr', { 'data-testid': 'procedure-step' },
+                h('td', { class: 'num muted' }, i + 1),
+                h('td', null, h('span', { class: phaseClass(phase) }, phaseLabel(phase))),
+                h('td', { class: 'num' }, fmtQty(p.duration_s)),
+                h('td', { class: 'num' }, Number(p.total_flow_ml_min) > 0
+                  ? fmtQty(p.total_flow_ml_min)
+                  : h('span', { class: 'muted', title: 'no fluid moves' }, '—')),
+                // 0 keeps the formula's mixing temperature.
+                h('td', { class: 'num' }, temp
+                  ? fmtQty(temp, 1)
+                  : h('span', { class: 'muted', title: "the formula's mixing temperature" }, fmtQty((r.formula || {}).temperature_c, 1))));
+            })))));
+    }
+
+    function criteriaCard(r) {
+      const c = r.release_criteria || {};
+      const t = r.targets || {};
+      const sites = t.site_ids || [];
+      const devices = t.device_ids || [];
+      return h('section', { class: 'card', 'data-testid': 'recipe-criteria' },
+        h('div', { class: 'card-head' }, h('h2', null, 'Release criteria')),
+        h('div', { class: 'card-body' }, h('dl', { class: 'spec' },
+          spec('Particle size', rangeText(c.size_nm), 'nm', 'Z-average'),
+          spec('Polydispersity (PDI)', `≤ ${fmtQty(c.pdi_max)}`),
+          spec('Encapsulation', `≥ ${fmtQty(c.encapsulation_min_pct)}`, '%'),
+          spec('Final pH', rangeText(c.ph)))),
+        h('div', { class: 'card-head card-head-inner' }, h('h2', null, 'Targets')),
+        h('div', { class: 'card-body', 'data-testid': 'recipe-targets' }, h('dl', { class: 'spec' },
+          spec('Sites', sites.length ? sites.map((s, i) => [i ? ', ' : '', h('a', { href: `#/devices?site=${encodeURIComponent(s)}` }, siteName(s))]) : '—'),
+          spec('Devices', devices.length ? devices.map((d, i) => [i ? ', ' : '', h('a', { class: 'mono', href: deviceHash(d) }, d)]) : '—'))));
+    }
+
+    function renderVersion(v) {
+      setMode('version');
+      statusGrid.hidden = false;
+      setAttr(detail, 'data-testid', 'recipe-detail');
+      setAttr(detail, 'data-recipe-id', v.recipe_id);
+      setAttr(detail, 'data-version', v.version);
+      setAttr(detail, 'data-status', v.status);
+      // Released versions never change; drafts may, and the site names come with each refresh.
+      const sig = `${JSON.stringify(v)}|${[...state.sites.values()].map((s) => `${s.id}=${s.name}`).join(';')}`;
+      const r = v.recipe || {};
+      setChildren(headSlot, sig, () => headCard(v));
+      setChildren(signaturesSlot, sig, () => signaturesCard(v));
+      setChildren(contentSlot, sig, () => h('div', { class: 'recipe-grid' }, formulaCard(r), procedureCard(r), criteriaCard(r)));
+    }
+
+    function buildDelivery() {
+      const bar = h('div', { class: 'delivery-bar', 'data-testid': 'delivery-bar', role: 'img' });
+      const segs = {};
+      const counts = {};
+      for (const st of DELIVERY_STATES) {
+        segs[st] = h('span', { class: `seg seg-${st}` });
+        bar.append(segs[st]);
+      }
+      const legend = h('div', { class: 'delivery-legend' }, DELIVERY_STATES.map((st) => {
+        counts[st] = h('strong', { 'data-testid': `delivery-${st}` }, '0');
+        return h('span', null, h('i', { class: `seg-${st}` }), counts[st], ` ${st}`);
+      }));
+      const meta = h('span', { class: 'muted' });
+      const body = h('tbody');
+      const card = h('section', { class: 'card recipe-delivery', 'data-testid': 'recipe-delivery' },
+        h('div', { class: 'card-head' }, h('h2', null, 'Delivery to devices'), meta),
+        h('div', { class: 'card-body' }, bar, legend),
+        h('div', { class: 'table-wrap' }, h('table', { class: 'grid', 'data-testid': 'delivery-table' },
+          h('thead', null, h('tr', null, DELIVERY_COLUMNS.map((name) => h('th', null, name,
+            name === 'Sent' || name === 'Answered' ? h('span', { class: 'unit' }, ' UTC') : null)))),
+          body)));
+      deliverySlot.replaceChildren(card);
+      return { bar, segs, counts, meta, body };
+    }
+
+    function createDeliveryRow(d) {
+      const cells = DELIVERY_COLUMNS.map((name) => h('td', { class: { Site: 'site', Refusal: 'refusal' }[name] || null }));
+      const row = h('tr', { 'data-testid': 'delivery-row', 'data-device-id': d.device_id }, cells);
+      row._cells = cells;
+      return row;
+    }
+
+    function updateDeliveryRow(row, d) {
+      const [device, site, st, refusal, sent, answered] = row._cells;
+      setAttr(row, 'data-state', d.state);
+      setChildren(device, d.device_id, () => h('a', { class: 'id-link', href: deviceHash(d.device_id) }, d.device_id));
+      setText(site, siteName(d.site_id));
+      setChildren(st, d.state, () => h('span', { class: `delivery-state state-${d.state}` }, d.state));
+      setChildren(refusal, `${d.code}|${d.reason}`, () => (d.code || d.reason
+        ? [h('span', { class: 'mono refusal-code' }, d.code || '—'), d.reason ? h('span', { class: 'sub' }, d.reason) : null]
+        : h('span', { class: 'muted' }, '—')));
+      setText(sent, fmtUtc(d.sent_unix_ms, false));
+      setText(answered, fmtUtc(d.answered_unix_ms, false));
+    }
+
+    function renderDeliveries(v, res) {
+      if (!delivery) delivery = buildDelivery();
+      const list = (Array.isArray(res.deliveries) ? res.deliveries : []).slice()
+        .sort((a, b) => siteName(a.site_id).localeCompare(siteName(b.site_id), LOCALE) || byId({ id: a.device_id }, { id: b.device_id }));
+      const c = res.counts || {};
+      const n = Object.fromEntries(DELIVERY_STATES.map((st) => [st, Number(c[st]) || 0]));
+      const total = list.length;
+      for (const st of DELIVERY_STATES) {
+        const width = `${total ? (100 * n[st]) / total : 0}%`;
+        if (delivery.segs[st].style.width !== width) delivery.segs[st].style.width = width;
+        setAttr(delivery.segs[st], 'title', `${fmtNum(n[st])} ${st}`);
+        setAttr(delivery.bar, `data-${st}`, n[st]);
+        setText(delivery.counts[st], fmtNum(n[st]));
+      }
+      setAttr(delivery.bar, 'data-total', total);
+      setAttr(delivery.bar, 'aria-label', `${n.accepted} accepted, ${n.refused} refused, ${n.pending} pending of ${total} devices`);
+      setText(delivery.meta, total
+        ? `${fmtNum(total)} device${total === 1 ? '' : 's'} · ${fmtNum((100 * n.accepted) / total)} % accepted`
+        : '');
+      if (list.length === 0) {
+        let why = 'Sent to its target devices once QA approves it.';
+        if (v.status === 'rejected') why = 'Rejected: never sent to devices.';
+        else if (v.status === 'released') {
+          why = state.me && state.me.site_id ? 'No delivery to a device of your site.' : 'No target device was enrolled when it was released.';
+        }
+        setChildren(delivery.body, `empty|${why}`, () => h('tr', null, h('td', { class: 'empty', colspan: DELIVERY_COLUMNS.length }, why)));
+        return;
+      }
+      delete delivery.body.dataset.sig;
+      reconcile(delivery.body, list, (d) => `${d.device_id}|${d.version}`, createDeliveryRow, updateDeliveryRow);
+    }
+
+    function reveal() {
+      if (revealed) return;
+      revealed = true;
+      const top = detail.getBoundingClientRect().top;
+      if (top > window.innerHeight - 120) detail.scrollIntoView({ block: 'start' });
+    }
+
+    renderAccess();
+
+    return {
+      root,
+      title: 'Recipes · Nanofleet',
+      select(id, version) {
+        selected = { id: id || '', version: version || 0 };
+        shown = null;
+        delivery = null;
+        revealed = false;
+        clearDetail();
+        for (const row of tbody.querySelectorAll('tr.selected')) {
+          row.classList.remove('selected');
+          setAttr(row, 'aria-selected', 'false');
+        }
+      },
+      async refresh(isCurrent) {
+        renderAccess();
+        if (!can(RECIPE_ROLES)) return;
+        const sel = selected;
+        const base = sel.id ? `api/recipes/${encodeURIComponent(sel.id)}` : null;
+        const versionReq = base
+          ? api(`${base}?version=${sel.version}`).catch((err) => {
+            if (err instanceof HttpError && err.status === 404) return { missing: err.message };
+            throw err;
+          })
+          : null;
+        // With a version number the deliveries need not wait for the version itself.
+        const deliveriesReq = base && sel.version ? api(`${base}/deliveries?version=${sel.version}`) : null;
+        const query = status ? `?status=${encodeURIComponent(status)}` : '';
+        const [fleet, list, v, listed] = await Promise.all([api('api/fleet'), api(`api/recipes${query}`), versionReq, deliveriesReq]);
+        let deliveries = listed;
+        if (v && !v.missing && !deliveries) deliveries = await api(`${base}/deliveries?version=${v.version}`);
+        if (!isCurrent()) return;
+        rememberSites(fleet);
+        shown = v && !v.missing ? v : null;
+        const versions = (Array.isArray(list.recipes) ? list.recipes : []).slice()
+          .sort((a, b) => String(a.recipe_id).localeCompare(String(b.recipe_id), LOCALE) || b.version - a.version);
+        renderList(versions);
+        if (!base) renderNothingSelected();
+        else if (!shown) renderMissing(v.missing);
+        else {
+          renderVersion(shown);
+          renderDeliveries(shown, deliveries || {});
+          reveal();
+        }
+      },
+    };
+  }
+
   // === Unknown route ===
 
   function unknownView(route) {
@@ -1700,6 +2174,7 @@
     el.liveText = el.live.querySelector('.live-text');
     el.nav = document.querySelector('.mainnav');
     el.enrollNav = el.nav.querySelector('[data-nav="enroll"]');
+    el.recipesNav = el.nav.querySelector('[data-nav="recipes"]');
     el.session = document.querySelector('.session');
     el.whoami = el.session.querySelector('[data-testid="whoami"]');
     el.whoamiName = el.whoami.querySelector('.whoami-name');

@@ -17,6 +17,9 @@
 //! | `GET /api/devices/{id}/telemetry?since_ms=&until_ms=&limit=` | QueryTelemetry | samples, oldest first |
 //! | `GET /api/enroll-tokens[?site=ID]` | ListEnrollTokens | enrollment tokens |
 //! | `POST /api/enroll-tokens` | CreateEnrollToken | a new token, its secret shown once |
+//! | `GET /api/recipes[?id=ID&status=S]` | ListRecipes | recipe versions with their signatures, by recipe id, newest version first; `S`: draft, authored, released, rejected |
+//! | `GET /api/recipes/{id}?version=N` | GetRecipe | one version; 0 or none: the newest |
+//! | `GET /api/recipes/{id}/deliveries?version=N` | ListRecipeDeliveries | per-device delivery state and the accepted / refused / pending counts; 0 or none: every version |
 //! | `GET /metrics` | GetIngestStats | Prometheus text format; `Authorization: Bearer <API token>` |
 //! | `GET /healthz` | | liveness, open |
 #![forbid(unsafe_code)]
@@ -34,6 +37,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use nanofleet_api::people::{Access, grpc_access};
 use nanofleet_api::{Api, Caller, json};
+use nanofleet_proto::v1 as pb;
 use tokio::net::TcpListener;
 
 const INDEX_HTML: &str = include_str!("../assets/index.html");
@@ -59,6 +63,9 @@ pub fn router(api: Api) -> Router {
         .route("/api/devices/{id}", get(device))
         .route("/api/devices/{id}/telemetry", get(telemetry))
         .route("/api/enroll-tokens", get(list_tokens).post(create_token))
+        .route("/api/recipes", get(recipes))
+        .route("/api/recipes/{id}", get(recipe))
+        .route("/api/recipes/{id}/deliveries", get(recipe_deliveries))
         .route_layer(middleware::from_fn_with_state(api.clone(), require_session));
     Router::new()
         .route("/", get(|| async { static_file(INDEX_HTML, "text/html; charset=utf-8") }))
@@ -398,6 +405,89 @@ async fn telemetry(
     })))
 }
 
+// === Recipes ===
+
+/// The `status` values of the recipe list, as the JSON shapes name them.
+const RECIPE_STATUSES: [(&str, pb::RecipeStatus); 4] = [
+    ("draft", pb::RecipeStatus::Draft),
+    ("authored", pb::RecipeStatus::Authored),
+    ("released", pb::RecipeStatus::Released),
+    ("rejected", pb::RecipeStatus::Rejected),
+];
+
+/// `status=` of the recipe list; empty means every status.
+fn recipe_status_filter(value: &str) -> Result<pb::RecipeStatus, nanofleet_api::Error> {
+    if value.is_empty() {
+        return Ok(pb::RecipeStatus::Unspecified);
+    }
+    RECIPE_STATUSES.iter().find(|(name, _)| *name == value).map(|(_, s)| *s).ok_or_else(|| {
+        let names: Vec<&str> = RECIPE_STATUSES.iter().map(|(name, _)| *name).collect();
+        nanofleet_api::Error::invalid(
+            "status",
+            value,
+            format!("{}, or none for every status", names.join(", ")),
+        )
+    })
+}
+
+#[derive(serde::Deserialize)]
+struct RecipesQuery {
+    id: Option<String>,
+    status: Option<String>,
+}
+
+async fn recipes(
+    State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
+    q: Result<Query<RecipesQuery>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    allow(&caller, "RecipeService/ListRecipes")?;
+    let q = query(q)?;
+    let req = pb::ListRecipesRequest {
+        recipe_id: q.id.unwrap_or_default(),
+        status: recipe_status_filter(q.status.as_deref().unwrap_or_default())? as i32,
+    };
+    let versions = api.recipes.list(&req).await?;
+    Ok(Json(serde_json::json!({ "recipes": versions.iter().map(json::recipe_version).collect::<Vec<_>>() })))
+}
+
+#[derive(serde::Deserialize)]
+struct VersionQuery {
+    version: Option<u32>,
+}
+
+async fn recipe(
+    State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    q: Result<Query<VersionQuery>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    allow(&caller, "RecipeService/GetRecipe")?;
+    let version = query(q)?.version.unwrap_or(0);
+    let v = api.recipes.version(&id, i64::from(version)).await?;
+    Ok(Json(json::recipe_version(&v)))
+}
+
+async fn recipe_deliveries(
+    State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    q: Result<Query<VersionQuery>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    allow(&caller, "RecipeService/ListRecipeDeliveries")?;
+    let version = query(q)?.version.unwrap_or(0);
+    let deliveries = api.recipes.deliveries(&caller, &id, i64::from(version)).await?;
+    let count = |s: pb::DeliveryState| deliveries.iter().filter(|d| d.state == s as i32).count();
+    Ok(Json(serde_json::json!({
+        "deliveries": deliveries.iter().map(json::recipe_delivery).collect::<Vec<_>>(),
+        "counts": {
+            "accepted": count(pb::DeliveryState::Accepted),
+            "refused": count(pb::DeliveryState::Refused),
+            "pending": count(pb::DeliveryState::Pending),
+        },
+    })))
+}
+
 /// For Prometheus: an API token of a role that may read ingest statistics.
 async fn metrics(State(api): State<Api>, headers: HeaderMap) -> Result<Response, ApiError> {
     use std::fmt::Write as _;
@@ -442,4 +532,33 @@ async fn metrics(State(api): State<Api>, headers: HeaderMap) -> Result<Response,
         let _ = writeln!(out, "nanofleet_devices_online{{site=\"{}\"}} {}", site.id, site.devices_online);
     }
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_status_lists_every_version() {
+        assert_eq!(recipe_status_filter("").unwrap(), pb::RecipeStatus::Unspecified);
+    }
+
+    #[test]
+    fn each_status_name_selects_its_status() {
+        assert_eq!(recipe_status_filter("draft").unwrap(), pb::RecipeStatus::Draft);
+        assert_eq!(recipe_status_filter("authored").unwrap(), pb::RecipeStatus::Authored);
+        assert_eq!(recipe_status_filter("released").unwrap(), pb::RecipeStatus::Released);
+        assert_eq!(recipe_status_filter("rejected").unwrap(), pb::RecipeStatus::Rejected);
+    }
+
+    #[test]
+    fn an_unknown_status_is_a_bad_request_naming_the_value_and_the_allowed_ones() {
+        let err = recipe_status_filter("approved").unwrap_err();
+        assert_eq!(err.http_status(), 400);
+        let text = err.to_string();
+        assert!(text.contains("status = \"approved\""), "{text}");
+        for name in ["draft", "authored", "released", "rejected"] {
+            assert!(text.contains(name), "{text} names {name}");
+        }
+    }
 }
