@@ -232,13 +232,20 @@ async fn exercise_recipes(url: &str) -> anyhow::Result<()> {
         sent_ms: 0,
         answered_ms: 4,
     };
-    store.record_delivery_answer(&answer, Some(&audit("recipe.refused"))).await?;
-    store.mark_delivery_sent("NF-2", "r", 1, 5).await?;
+    let late = DeliveryRecord {
+        device_id: "NF-9".into(),
+        state: "accepted".into(),
+        code: String::new(),
+        ..answer.clone()
+    };
+    store.record_delivery_answers(&[(answer, Some(audit("recipe.refused"))), (late, None)]).await?;
+    store.mark_deliveries_sent("r", 1, &["NF-2".into(), "NF-3".into()], 5).await?;
     let d = store.recipe_deliveries("r", 0).await?;
     assert_eq!(
         d.iter().map(|d| (d.device_id.as_str(), d.state.as_str())).collect::<Vec<_>>(),
-        [("NF-1", "refused"), ("NF-2", "pending"), ("NF-3", "pending")]
+        [("NF-1", "refused"), ("NF-2", "pending"), ("NF-3", "pending"), ("NF-9", "accepted")]
     );
+    assert!(d.iter().filter(|d| d.device_id == "NF-2" || d.device_id == "NF-3").all(|d| d.sent_ms == 5));
     assert_eq!(store.pending_deliveries("NF-2").await?, [("r".to_owned(), 1)]);
     store.ensure_trust_root(1, "{\"v\":1}", 1).await?;
     store.ensure_trust_root(1, "{\"other\":1}", 1).await?;

@@ -16,7 +16,7 @@ use nanofleet_proto::device::v1::{
 };
 use nanofleet_proto::topics::Command;
 use nanofleet_store::{AuditEntry, DeliveryRecord, Store};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::recipes::Released;
 use crate::{Actor, Error, Recipes, now_ms};
@@ -38,6 +38,7 @@ enum Job {
 pub struct Deliveries {
     store: Store,
     jobs: mpsc::UnboundedSender<Job>,
+    answers: mpsc::Sender<Answer>,
     /// The trust root version each connected device holds, as it last said.
     roots: Arc<Mutex<HashMap<String, u64>>>,
 }
@@ -61,7 +62,50 @@ impl Deliveries {
             cache: HashMap::new(),
         };
         tokio::spawn(worker.run(rx, recipes.subscribe()));
-        Deliveries { store, jobs, roots }
+        let (answers, answers_rx) = mpsc::channel(ANSWER_QUEUE);
+        tokio::spawn(record_answers(store.clone(), answers_rx));
+        Deliveries { store, jobs, answers, roots }
+    }
+}
+
+/// A device's answer waiting to be stored, and who waits for it.
+type Answer = (DeliveryRecord, Option<AuditEntry>, oneshot::Sender<Result<(), String>>);
+
+/// Answers waiting for storage before devices are slowed down, and most in one commit.
+const ANSWER_QUEUE: usize = 20_000;
+const ANSWER_BATCH: usize = 2_000;
+
+/// Stores answers in group commits: the thousands of answers to one release arrive
+/// within a second, and one transaction each would take tens of seconds.
+async fn record_answers(store: Store, mut rx: mpsc::Receiver<Answer>) {
+    let mut buf = Vec::with_capacity(ANSWER_BATCH);
+    while rx.recv_many(&mut buf, ANSWER_BATCH).await > 0 {
+        // One row per device and version: the newest answer wins.
+        let mut rows: Vec<(DeliveryRecord, Option<AuditEntry>)> = Vec::with_capacity(buf.len());
+        let mut index = HashMap::new();
+        let mut waiting = Vec::with_capacity(buf.len());
+        for (d, audit, done) in buf.drain(..) {
+            waiting.push(done);
+            let key = (d.device_id.clone(), d.recipe_id.clone(), d.version);
+            match index.get(&key) {
+                Some(&i) => {
+                    let (_, kept): &mut (DeliveryRecord, Option<AuditEntry>) = &mut rows[i];
+                    let audit = audit.or(kept.take());
+                    rows[i] = (d, audit);
+                }
+                None => {
+                    index.insert(key, rows.len());
+                    rows.push((d, audit));
+                }
+            }
+        }
+        let result = store.record_delivery_answers(&rows).await.map_err(|e| e.to_string());
+        if let Err(e) = &result {
+            tracing::warn!(error = %e, answers = rows.len(), "device answers not stored; devices get the recipe again");
+        }
+        for done in waiting {
+            let _ = done.send(result.clone());
+        }
     }
 }
 
@@ -118,7 +162,9 @@ impl nanofleet_ingest::Commands for Deliveries {
                 if !accepted {
                     tracing::warn!(device_id, recipe = %ack.subject_id, version = ack.version, code = %ack.code, reason = %ack.reason, "device refused a recipe");
                 }
-                self.store.record_delivery_answer(&record, audit.as_ref()).await.map_err(|e| e.to_string())
+                let (done, stored) = oneshot::channel();
+                self.answers.send((record, audit, done)).await.map_err(|_| "shutting down".to_owned())?;
+                stored.await.map_err(|_| "shutting down".to_owned())?
             }
             AckSubject::Unspecified => {
                 Err(format!("ack subject {} is not a recipe or a trust root", ack.subject))
@@ -257,14 +303,32 @@ impl Worker {
     async fn release(&mut self, r: &Released) -> Result<(), Error> {
         let devices = self.store.pending_devices(&r.recipe_id, r.version).await?;
         tracing::info!(recipe = %r.recipe_id, version = r.version, devices = devices.len(), "delivering a released recipe");
+        let payload = self.delivery(&r.recipe_id, r.version).await?;
+        let current = self.recipes.trust_root().await.signed.version;
+        // The trust root versions each device lacks, encoded once per version it holds.
+        let mut updates: HashMap<u64, Vec<u8>> = HashMap::new();
+        let mut reached = Vec::with_capacity(devices.len());
         for device_id in devices {
             let has = self.roots.lock().unwrap_or_else(|p| p.into_inner()).get(&device_id).copied();
-            // Devices never seen since this server started are sent the chain at birth.
-            if let Some(has) = has {
-                self.roots_for(&device_id, has).await?;
-                self.send_recipe(&device_id, &r.recipe_id, r.version).await?;
+            // Devices not seen since this server started get everything at their birth.
+            let Some(has) = has else { continue };
+            if has < current {
+                let update = match updates.entry(has) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        let after = i64::try_from(has).unwrap_or(i64::MAX);
+                        let documents = self.store.trust_roots_after(after).await?;
+                        e.insert(TrustRootUpdate { documents }.encode_to_vec())
+                    }
+                };
+                self.sink.send(&device_id, Command::TrustRoot, update.clone()).await;
+            }
+            if self.sink.send(&device_id, Command::Recipe, payload.to_vec()).await {
+                reached.push(device_id);
             }
         }
+        self.store.mark_deliveries_sent(&r.recipe_id, r.version, &reached, now_ms()).await?;
+        tracing::info!(recipe = %r.recipe_id, version = r.version, devices = reached.len(), "released recipe sent");
         Ok(())
     }
 }

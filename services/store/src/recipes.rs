@@ -243,8 +243,19 @@ impl Store {
         .bind(&s.envelope)
         .execute(&mut *tx)
         .await?;
-        for device_id in &c.deliver_to {
-            insert_delivery_in(&mut tx, device_id, &s.recipe_id, s.version).await?;
+        for chunk in crate::chunks(&c.deliver_to) {
+            let sql = crate::multi_row_insert(
+                self.backend,
+                "INSERT INTO recipe_deliveries (device_id, recipe_id, version, state)",
+                4,
+                chunk.len(),
+                "ON CONFLICT (device_id, recipe_id, version) DO NOTHING",
+            );
+            let mut q = sqlx::query(&sql);
+            for device_id in chunk {
+                q = q.bind(device_id).bind(&s.recipe_id).bind(s.version).bind("pending");
+            }
+            q.execute(&mut *tx).await?;
         }
         for a in &c.audit {
             append_audit_in(&mut tx, a.clone()).await?;
@@ -434,6 +445,71 @@ impl Store {
         .collect()
     }
 
+    /// Notes when a version was sent to these devices, in one transaction.
+    pub async fn mark_deliveries_sent(
+        &self,
+        recipe_id: &str,
+        version: i64,
+        device_ids: &[String],
+        at_ms: i64,
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for chunk in crate::chunks(device_ids) {
+            let sql = format!(
+                "UPDATE recipe_deliveries SET sent_ms = v.column4 FROM ({}) AS v \
+                 WHERE recipe_deliveries.device_id = v.column1 AND recipe_deliveries.recipe_id = v.column2 \
+                   AND recipe_deliveries.version = v.column3",
+                crate::values_rows(self.backend, 4, chunk.len())
+            );
+            let mut q = sqlx::query(&sql);
+            for device_id in chunk {
+                q = q.bind(device_id).bind(recipe_id).bind(version).bind(at_ms);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Records devices' answers (`accepted` or `refused`) in one transaction, with the
+    /// audit records of refusals. An answer for a version never delivered to the
+    /// device is recorded too.
+    pub async fn record_delivery_answers(
+        &self,
+        answers: &[(DeliveryRecord, Option<AuditEntry>)],
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for chunk in crate::chunks(answers) {
+            let sql = crate::multi_row_insert(
+                self.backend,
+                "INSERT INTO recipe_deliveries (device_id, recipe_id, version, state, code, reason, answered_ms)",
+                7,
+                chunk.len(),
+                "ON CONFLICT (device_id, recipe_id, version) DO UPDATE SET state = excluded.state, \
+                    code = excluded.code, reason = excluded.reason, answered_ms = excluded.answered_ms",
+            );
+            let mut q = sqlx::query(&sql);
+            for (d, _) in chunk {
+                q = q
+                    .bind(&d.device_id)
+                    .bind(&d.recipe_id)
+                    .bind(d.version)
+                    .bind(&d.state)
+                    .bind(&d.code)
+                    .bind(&d.reason)
+                    .bind(d.answered_ms);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        for (_, audit) in answers {
+            if let Some(a) = audit {
+                append_audit_in(&mut tx, a.clone()).await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Notes when a version was last sent to a device.
     pub async fn mark_delivery_sent(
         &self,
@@ -451,48 +527,6 @@ impl Store {
             .await?;
         Ok(())
     }
-
-    /// Records a device's answer (`accepted` or `refused`), with the audit record of a
-    /// refusal. An answer for a version never delivered to it is recorded too.
-    pub async fn record_delivery_answer(&self, d: &DeliveryRecord, audit: Option<&AuditEntry>) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        insert_delivery_in(&mut tx, &d.device_id, &d.recipe_id, d.version).await?;
-        sqlx::query(
-            "UPDATE recipe_deliveries SET state = $4, code = $5, reason = $6, answered_ms = $7              WHERE device_id = $1 AND recipe_id = $2 AND version = $3",
-        )
-        .bind(&d.device_id)
-        .bind(&d.recipe_id)
-        .bind(d.version)
-        .bind(&d.state)
-        .bind(&d.code)
-        .bind(&d.reason)
-        .bind(d.answered_ms)
-        .execute(&mut *tx)
-        .await?;
-        if let Some(a) = audit {
-            append_audit_in(&mut tx, a.clone()).await?;
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-}
-
-async fn insert_delivery_in(
-    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    device_id: &str,
-    recipe_id: &str,
-    version: i64,
-) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO recipe_deliveries (device_id, recipe_id, version, state) VALUES ($1, $2, $3, 'pending') \
-         ON CONFLICT (device_id, recipe_id, version) DO NOTHING",
-    )
-    .bind(device_id)
-    .bind(recipe_id)
-    .bind(version)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
 }
 
 async fn insert_trust_root_in(
