@@ -140,6 +140,8 @@ pub struct ServerProcess {
     pub admin_token: String,
     /// Warning and error lines of the server's log, counted by level and target.
     problems: Arc<Mutex<BTreeMap<String, usize>>>,
+    /// The first warning or error line of each level and target.
+    problem_examples: Arc<Mutex<BTreeMap<String, String>>>,
     _dir: tempfile::TempDir,
 }
 
@@ -202,7 +204,8 @@ impl ServerProcess {
         let banner = banner.unwrap_or_default();
         // Drain the rest of the log in the background, keeping what went wrong.
         let problems = Arc::new(Mutex::new(BTreeMap::new()));
-        let seen_problems = problems.clone();
+        let problem_examples = Arc::new(Mutex::new(BTreeMap::new()));
+        let (seen_problems, seen_examples) = (problems.clone(), problem_examples.clone());
         std::thread::spawn(move || {
             for line in rx {
                 let line = strip_ansi(&line);
@@ -210,7 +213,12 @@ impl ServerProcess {
                 let mut words = line.split_whitespace().skip(1);
                 if let (Some(level @ ("WARN" | "ERROR")), Some(target)) = (words.next(), words.next()) {
                     let key = format!("{level} {}", target.trim_end_matches(':'));
-                    *seen_problems.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_insert(0) += 1;
+                    *seen_problems
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .entry(key.clone())
+                        .or_insert(0) += 1;
+                    seen_examples.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_insert(line);
                 }
             }
         });
@@ -239,6 +247,7 @@ impl ServerProcess {
             data_dir,
             admin_token,
             problems,
+            problem_examples,
             _dir: dir,
         })
     }
@@ -263,6 +272,11 @@ impl ServerProcess {
 
     pub fn problems(&self) -> BTreeMap<String, usize> {
         self.problems.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The first logged line of each kind [`ServerProcess::problems`] counts.
+    pub fn problem_examples(&self) -> BTreeMap<String, String> {
+        self.problem_examples.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// `GET` a dashboard JSON API path with the operator token.
