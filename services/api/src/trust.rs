@@ -62,11 +62,98 @@ pub const TOKEN_MAX_USES: u32 = 10_000;
 /// other id or serial, even one signed by the fleet's own intermediate, is refused.
 /// Kept current by every change made through [`Trust`] and reloaded periodically
 /// (other servers sharing the database change it too).
+///
+/// A reload reads the database and then replaces the lists; a change this server
+/// commits while the read is under way may be missing from what it read. Such changes
+/// are kept in a journal and made again on top of the reloaded lists, so that a device
+/// enrolled during a reload is not refused, nor a blocked one admitted again.
 #[derive(Debug, Default)]
 struct Blocklist {
     active_devices: HashSet<String>,
     /// Serials issued and not revoked, by device.
     issued: std::collections::HashMap<String, HashSet<String>>,
+    /// Changes made so far (numbers the journal).
+    changes: u64,
+    /// Reloads reading the database now.
+    reloading: usize,
+    /// While `reloading > 0`: the changes made since the oldest of them began.
+    journal: Vec<(u64, Change)>,
+}
+
+/// A change of who may connect, committed by this server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Change {
+    /// Enrolled: active, with this certificate.
+    Enrolled { device_id: String, serial: String },
+    /// Renewed: another certificate.
+    Renewed { device_id: String, serial: String },
+    /// Decommissioned or being replaced: nothing admitted.
+    Blocked { device_id: String },
+}
+
+impl Blocklist {
+    fn apply(&mut self, change: &Change) {
+        match change {
+            Change::Enrolled { device_id, serial } => {
+                self.active_devices.insert(device_id.clone());
+                self.issued.entry(device_id.clone()).or_default().insert(serial.clone());
+            }
+            Change::Renewed { device_id, serial } => {
+                self.issued.entry(device_id.clone()).or_default().insert(serial.clone());
+            }
+            Change::Blocked { device_id } => {
+                self.active_devices.remove(device_id);
+                self.issued.remove(device_id);
+            }
+        }
+    }
+
+    /// Makes a change this server committed to the database.
+    fn change(&mut self, change: Change) {
+        self.apply(&change);
+        self.changes += 1;
+        if self.reloading > 0 {
+            self.journal.push((self.changes, change));
+        }
+    }
+
+    /// A reload starts reading the database; returns its mark for [`Blocklist::reloaded`].
+    fn reload_started(&mut self) -> u64 {
+        self.reloading += 1;
+        self.changes
+    }
+
+    /// Replaces the lists with what the reload that began at `mark` read, then makes
+    /// again the changes made since `mark`, which the read may have missed.
+    fn reloaded(&mut self, mark: u64, read: nanofleet_store::Revocations) {
+        self.active_devices = read.active_devices.into_iter().collect();
+        self.issued.clear();
+        for (device, serial) in read.valid_certs {
+            self.issued.entry(device).or_default().insert(serial);
+        }
+        let since: Vec<Change> =
+            self.journal.iter().filter(|(n, _)| *n > mark).map(|(_, c)| c.clone()).collect();
+        for change in &since {
+            self.apply(change);
+        }
+    }
+
+    /// A reload is over (done, failed or dropped).
+    fn reload_ended(&mut self) {
+        self.reloading = self.reloading.saturating_sub(1);
+        if self.reloading == 0 {
+            self.journal.clear();
+        }
+    }
+}
+
+/// Ends a reload however its future ends.
+struct Reloading<'a>(&'a RwLock<Blocklist>);
+
+impl Drop for Reloading<'_> {
+    fn drop(&mut self) {
+        self.0.write().unwrap_or_else(|e| e.into_inner()).reload_ended();
+    }
 }
 
 /// Device onboarding; cheap to clone.
@@ -109,13 +196,10 @@ impl Trust {
     /// Re-reads who is blocked (other servers sharing a PostgreSQL database may have
     /// decommissioned a device).
     pub async fn reload(&self) -> Result<(), Error> {
-        let r = self.store.revocations(now_ms()).await?;
-        let mut b = self.blocked.write().unwrap_or_else(|e| e.into_inner());
-        b.active_devices = r.active_devices.into_iter().collect();
-        b.issued.clear();
-        for (device, serial) in r.valid_certs {
-            b.issued.entry(device).or_default().insert(serial);
-        }
+        let mark = self.blocked.write().unwrap_or_else(|e| e.into_inner()).reload_started();
+        let _reloading = Reloading(&self.blocked);
+        let read = self.store.revocations(now_ms()).await?;
+        self.blocked.write().unwrap_or_else(|e| e.into_inner()).reloaded(mark, read);
         Ok(())
     }
 
@@ -402,11 +486,10 @@ impl Trust {
             },
         };
         self.store.commit_enrollment(&commit).await.map_err(conflict_or)?;
-        {
-            let mut b = self.blocked.write().unwrap_or_else(|e| e.into_inner());
-            b.active_devices.insert(device_id.clone());
-            b.issued.entry(device_id.clone()).or_default().insert(cert.serial.clone());
-        }
+        self.blocked
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .change(Change::Enrolled { device_id: device_id.clone(), serial: cert.serial.clone() });
         tracing::info!(device_id, site_id = %rec.site_id, token = %rec.id, serial = %cert.serial, "device enrolled");
         Ok(pb::EnrollResponse {
             device_id,
@@ -472,10 +555,7 @@ impl Trust {
         self.blocked
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .issued
-            .entry(device_id.to_owned())
-            .or_default()
-            .insert(rec.serial.clone());
+            .change(Change::Renewed { device_id: device_id.to_owned(), serial: rec.serial.clone() });
         Ok(pb::RenewResponse { certificate_chain_pem: cert.chain_pem, not_after_unix_ms: rec.not_after_ms })
     }
 
@@ -557,10 +637,7 @@ impl Trust {
     }
 
     async fn block(&self, device_id: &str) {
-        let forget = |b: &mut Blocklist| {
-            b.active_devices.remove(device_id);
-            b.issued.remove(device_id);
-        };
+        let forget = |b: &mut Blocklist| b.change(Change::Blocked { device_id: device_id.to_owned() });
         forget(&mut self.blocked.write().unwrap_or_else(|e| e.into_inner()));
         if let Err(e) = self.reload().await {
             tracing::warn!(error = %e, "admission reload failed; the device stays refused");
@@ -633,5 +710,79 @@ pub(crate) fn token_pb(t: &EnrollTokenRecord) -> pb::EnrollToken {
         uses_left: t.uses_left.try_into().unwrap_or(0),
         created_by: t.created_by.clone(),
         revoked_unix_ms: t.revoked_ms,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nanofleet_store::Revocations;
+
+    fn enrolled(id: &str, serial: &str) -> Change {
+        Change::Enrolled { device_id: id.into(), serial: serial.into() }
+    }
+
+    fn admits(b: &Blocklist, id: &str, serial: &str) -> bool {
+        b.active_devices.contains(id) && b.issued.get(id).is_some_and(|s| s.contains(serial))
+    }
+
+    fn read(devices: &[(&str, &str)]) -> Revocations {
+        Revocations {
+            active_devices: devices.iter().map(|(d, _)| (*d).to_owned()).collect(),
+            valid_certs: devices.iter().map(|(d, s)| ((*d).to_owned(), (*s).to_owned())).collect(),
+        }
+    }
+
+    #[test]
+    fn a_device_enrolled_while_a_reload_reads_stays_admitted() {
+        let mut b = Blocklist::default();
+        b.change(enrolled("NF-1", "01"));
+        let mark = b.reload_started();
+        b.change(enrolled("NF-2", "02"));
+        // The read began before NF-2's commit.
+        b.reloaded(mark, read(&[("NF-1", "01")]));
+        b.reload_ended();
+        assert!(admits(&b, "NF-1", "01"));
+        assert!(admits(&b, "NF-2", "02"));
+        assert!(b.journal.is_empty());
+    }
+
+    #[test]
+    fn a_device_blocked_while_a_reload_reads_stays_blocked() {
+        let mut b = Blocklist::default();
+        b.change(enrolled("NF-1", "01"));
+        let mark = b.reload_started();
+        b.change(Change::Blocked { device_id: "NF-1".into() });
+        b.reloaded(mark, read(&[("NF-1", "01")]));
+        b.reload_ended();
+        assert!(!admits(&b, "NF-1", "01"));
+    }
+
+    #[test]
+    fn changes_made_before_a_reload_began_yield_to_what_it_read() {
+        let mut b = Blocklist::default();
+        b.change(enrolled("NF-1", "01"));
+        // Another server decommissioned NF-1; this reload reads that.
+        let mark = b.reload_started();
+        b.reloaded(mark, read(&[]));
+        b.reload_ended();
+        assert!(!admits(&b, "NF-1", "01"));
+    }
+
+    #[test]
+    fn overlapping_reloads_keep_the_changes_the_later_one_may_have_missed() {
+        let mut b = Blocklist::default();
+        let first = b.reload_started();
+        b.change(enrolled("NF-1", "01"));
+        let second = b.reload_started();
+        b.change(Change::Renewed { device_id: "NF-1".into(), serial: "02".into() });
+        b.reloaded(first, read(&[]));
+        b.reload_ended();
+        assert!(admits(&b, "NF-1", "01") && admits(&b, "NF-1", "02"));
+        // The second read saw the enrollment but not the renewal.
+        b.reloaded(second, read(&[("NF-1", "01")]));
+        b.reload_ended();
+        assert!(admits(&b, "NF-1", "01") && admits(&b, "NF-1", "02"));
+        assert!(b.journal.is_empty() && b.reloading == 0);
     }
 }
