@@ -8,6 +8,8 @@ use prost::Message as _;
 const PROTOS: &[&str] = &[
     "nanofleet/device/v1/device.proto",
     "nanofleet/device/v1/recipe.proto",
+    "nanofleet/device/v1/run.proto",
+    "nanofleet/v1/batches.proto",
     "nanofleet/v1/fleet.proto",
     "nanofleet/v1/telemetry.proto",
     "nanofleet/v1/enrollment.proto",

@@ -321,6 +321,7 @@ pub async fn keep_renewed(
     mut creds: Credentials,
     dir: Option<PathBuf>,
     updates: watch::Sender<Arc<rustls::ClientConfig>>,
+    signer: Option<crate::runs::SharedSigner>,
     cancel: CancellationToken,
 ) {
     loop {
@@ -373,6 +374,14 @@ pub async fn keep_renewed(
                 device_id = %creds.device_id, error = %e,
                 "renewed certificate not saved: it is used until the agent stops, then the previous one"
             );
+        }
+        if let Some(signer) = &signer {
+            match crate::runs::BatchSigner::from_credentials(&creds) {
+                Ok(new) => *signer.lock().unwrap_or_else(|p| p.into_inner()) = new,
+                Err(e) => {
+                    tracing::error!(device_id = %creds.device_id, error = %e, "renewed key cannot sign batch records")
+                }
+            }
         }
         match creds.client_config_arc() {
             Ok(config) => {

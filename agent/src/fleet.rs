@@ -82,6 +82,8 @@ pub struct FleetOptions {
     /// With `enrollment`: connect to the MQTT address the server gave each device at
     /// enrollment, not to `link`'s broker.
     pub broker_from_enrollment: bool,
+    /// Simulated pharmacists start runs on devices that hold a recipe.
+    pub auto_runs: Option<crate::runs::AutoRuns>,
 }
 
 /// How simulated devices get their certificates.
@@ -124,6 +126,7 @@ impl Default for FleetOptions {
             firmware_version: "2.3.1".into(),
             enrollment: None,
             broker_from_enrollment: false,
+            auto_runs: None,
         }
     }
 }
@@ -202,6 +205,7 @@ impl Fleet {
                 let state_dir = opts.state_dir.clone();
                 let enrollment = opts.enrollment.clone();
                 let broker_from_enrollment = opts.broker_from_enrollment;
+                let auto_runs = opts.auto_runs.clone();
                 let cancel = cancel.clone();
                 tasks.spawn(async move {
                     let mut info = info;
@@ -230,19 +234,36 @@ impl Fleet {
                                 info.device_id.clone_from(&c.device_id);
                                 info.site_id.clone_from(&c.site_id);
                                 let book_dir = state_dir.as_ref().map(|d| d.join(&info.device_id));
-                                match crate::recipes::RecipeBook::for_device(&c, book_dir.as_deref()) {
-                                    Ok(book) => link.recipes = book.map(|b| Arc::new(Mutex::new(b))),
+                                let book = match crate::recipes::RecipeBook::for_device(&c, book_dir.as_deref()) {
+                                    Ok(book) => book,
                                     Err(e) => {
                                         tracing::error!(device_id = %c.device_id, error = %e, "recipe book");
                                         return;
                                     }
+                                };
+                                let mut signer = None;
+                                if let Some(book) = &book {
+                                    match crate::runs::desk_for_device(&c, book, &info, book_dir.as_deref()) {
+                                        Ok((desk, s)) => {
+                                            link.runs = Some(Arc::new(Mutex::new(desk)));
+                                            signer = Some(s);
+                                        }
+                                        Err(e) => {
+                                            tracing::error!(device_id = %c.device_id, error = %e, "run desk");
+                                            return;
+                                        }
+                                    }
+                                    if let Some(auto) = &auto_runs {
+                                        link.auto_runs = Some(auto.clone());
+                                    }
                                 }
+                                link.recipes = book.map(|b| Arc::new(Mutex::new(b)));
                                 let (updates, rx) = tokio::sync::watch::channel(tls.clone());
                                 link.tls = Some(tls);
                                 link.tls_updates = Some(rx);
                                 let stop = cancel.child_token();
                                 renewal = Some((
-                                    crate::enroll::keep_renewed(c, dir, updates, stop.clone()),
+                                    crate::enroll::keep_renewed(c, dir, updates, signer, stop.clone()),
                                     stop,
                                 ));
                             }

@@ -8,6 +8,7 @@
 //! - [`seq`]: per-stream sequence numbers that survive restarts.
 //! - [`enroll`]: the device's key and certificate: enrollment with a token, renewal.
 //! - [`recipes`]: the pinned trust root and the verified recipes; answers commands.
+//! - [`runs`]: run interlocks, the batch recorder and the device's signature on records.
 //! - [`link`]: the MQTT edge that runs one device.
 //! - [`fleet`]: many simulated devices, each with its own connection.
 //! - [`process`]: logging, signals, error reports and exit codes of the binaries.
@@ -20,6 +21,7 @@ pub mod link;
 pub mod outbox;
 pub mod process;
 pub mod recipes;
+pub mod runs;
 pub mod seq;
 pub mod sim;
 

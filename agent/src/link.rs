@@ -27,7 +27,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use nanofleet_proto::Message as _;
 use nanofleet_proto::device::v1::{DeviceState, Event, EventBatch, Presence, Sample, TelemetryBatch};
-use nanofleet_proto::topics::{self, Channel};
+use nanofleet_proto::topics::{self, Channel, Command};
 use rand::Rng;
 use rumqttc::Outgoing;
 use rumqttc::v5::mqttbytes::QoS;
@@ -39,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 use crate::hal::{Device, DeviceInfo};
 use crate::outbox::{Outbox, OutboxStats, Stream};
 use crate::recipes::RecipeBook;
+use crate::runs::{AutoRuns, RunDesk};
 use crate::seq::SeqCounter;
 
 /// How a device talks to the cloud.
@@ -71,6 +72,11 @@ pub struct LinkOptions {
     /// The device's trust root and recipes: with one, the device subscribes to its
     /// command topics, verifies what arrives and answers on its ack topic.
     pub recipes: Option<Arc<Mutex<RecipeBook>>>,
+    /// The device's run desk (with `recipes`): runs requested on `cmd/run`, and
+    /// signed batch records published on the batch topic until acknowledged.
+    pub runs: Option<Arc<Mutex<RunDesk>>>,
+    /// A simulated pharmacist who starts runs by themself (simulator only).
+    pub auto_runs: Option<AutoRuns>,
 }
 
 impl Default for LinkOptions {
@@ -89,6 +95,8 @@ impl Default for LinkOptions {
             refused_backoff: Duration::from_secs(300),
             drain_timeout: Duration::from_secs(2),
             recipes: None,
+            runs: None,
+            auto_runs: None,
         }
     }
 }
@@ -425,6 +433,15 @@ pub async fn run_device<D: Device>(
     let events_topic = topics::device_topic(&info.device_id, Channel::Events);
     let state_topic = topics::device_topic(&info.device_id, Channel::State);
     let ack_topic = topics::device_topic(&info.device_id, Channel::Ack);
+    let batch_topic = topics::device_topic(&info.device_id, Channel::Batch);
+    let mut auto_runs = opts.auto_runs.clone();
+    if let Some(desk) = &opts.runs {
+        // Records an earlier connection or process did not get acknowledged.
+        let desk = desk.lock().unwrap_or_else(|p| p.into_inner());
+        for (seq, bytes) in desk.pending() {
+            outbox.push(Stream::Batch, seq, batch_topic.clone(), bytes.clone(), now_ms());
+        }
+    }
 
     loop {
         tokio::select! {
@@ -433,6 +450,22 @@ pub async fn run_device<D: Device>(
                 let now = now_ms();
                 let reading = device.read(now, (now - last_read).max(1));
                 last_read = now;
+                if let Some(desk) = &opts.runs {
+                    let mut desk = desk.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some((seq, record)) = desk.observe(&reading, &info, now) {
+                        outbox.push(Stream::Batch, seq, batch_topic.clone(), record, now);
+                    }
+                    if let (Some(auto), Some(book)) = (&mut auto_runs, &opts.recipes) {
+                        let book = book.lock().unwrap_or_else(|p| p.into_inner());
+                        let busy = device.busy() || desk.active_batch().is_some();
+                        if let Some(request) = auto.due(busy, &book, &info, now) {
+                            let ack = desk.start(request, &book, &mut device, now);
+                            if !ack.code.is_empty() {
+                                tracing::warn!(device_id = %info.device_id, code = %ack.code, reason = %ack.reason, "simulated run refused");
+                            }
+                        }
+                    }
+                }
                 samples.push(reading.sample);
                 events.extend(reading.events);
                 if now - batch_started >= batch_ms || samples.len() >= 1_000 {
@@ -488,7 +521,13 @@ pub async fn run_device<D: Device>(
                         .and_then(|t| topics::parse_command_topic(&info.device_id, t));
                     match (command, &opts.recipes) {
                         (Some(command), Some(book)) => {
-                            let ack = book.lock().unwrap_or_else(|p| p.into_inner()).handle(command, &payload, &info, now_ms());
+                            let ack = match (command, &opts.runs) {
+                                (Command::Run, Some(desk)) => {
+                                    let book = book.lock().unwrap_or_else(|p| p.into_inner());
+                                    desk.lock().unwrap_or_else(|p| p.into_inner()).handle_command(&payload, &book, &mut device, now_ms())
+                                }
+                                _ => book.lock().unwrap_or_else(|p| p.into_inner()).handle(command, &payload, &info, now_ms()),
+                            };
                             if ack.code.is_empty() {
                                 tracing::info!(device_id = %info.device_id, command = command.as_str(), subject = %ack.subject_id, version = ack.version, "command accepted");
                             } else {
@@ -508,7 +547,13 @@ pub async fn run_device<D: Device>(
                     if !accepted {
                         tracing::warn!(device_id = %info.device_id, ?reason, "cloud refused a message");
                     }
-                    outbox.on_acked(pkid, accepted);
+                    if let (Some((Stream::Batch, seq)), Some(desk)) = (outbox.on_acked(pkid, accepted), &opts.runs) {
+                        if accepted {
+                            desk.lock().unwrap_or_else(|p| p.into_inner()).delivered(seq);
+                        } else {
+                            tracing::error!(device_id = %info.device_id, seq, "the cloud refused a batch record; it stays on the device and is sent again when the agent restarts");
+                        }
+                    }
                 }
                 Link::Disconnected { error, generation, planned } => {
                     if connected && !planned {
@@ -552,7 +597,13 @@ pub async fn run_device<D: Device>(
             }
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(Some(Link::Sent { pkid, generation })) => outbox.on_sent(pkid, generation),
-                Ok(Some(Link::Acked { pkid, accepted, .. })) => outbox.on_acked(pkid, accepted),
+                Ok(Some(Link::Acked { pkid, accepted, .. })) => {
+                    if let (Some((Stream::Batch, seq)), Some(desk), true) =
+                        (outbox.on_acked(pkid, accepted), &opts.runs, accepted)
+                    {
+                        desk.lock().unwrap_or_else(|p| p.into_inner()).delivered(seq);
+                    }
+                }
                 Ok(Some(Link::Connected { .. } | Link::Command { .. })) => {}
                 Ok(Some(Link::Disconnected { error, .. })) => {
                     tracing::warn!(device_id = %info.device_id, %error, left = outbox.stats().queued, "connection lost while stopping");

@@ -330,6 +330,7 @@ async fn run_one(a: RunArgs) -> anyhow::Result<()> {
                 "enrolled: mutual TLS"
             );
             let ids = (c.device_id.clone(), c.site_id.clone());
+            let mut signer = None;
             if let Some(book) = nanofleet_agent::recipes::RecipeBook::for_device(&c, Some(&a.state_dir))
                 .context("the device's recipe book")?
             {
@@ -338,9 +339,19 @@ async fn run_one(a: RunArgs) -> anyhow::Result<()> {
                     recipes = book.recipes().count(),
                     "recipe book open"
                 );
+                let info = DeviceInfo {
+                    device_id: c.device_id.clone(),
+                    site_id: c.site_id.clone(),
+                    model: a.model.clone(),
+                    firmware_version: a.firmware.clone(),
+                };
+                let (desk, s) = nanofleet_agent::runs::desk_for_device(&c, &book, &info, Some(&a.state_dir))
+                    .context("the device's run desk")?;
+                link.runs = Some(Arc::new(std::sync::Mutex::new(desk)));
+                signer = Some(s);
                 link.recipes = Some(Arc::new(std::sync::Mutex::new(book)));
             }
-            tokio::spawn(enroll::keep_renewed(c, Some(dir), updates, cancel.clone()));
+            tokio::spawn(enroll::keep_renewed(c, Some(dir), updates, signer, cancel.clone()));
             (ids.0, ids.1, link)
         }
         None => {

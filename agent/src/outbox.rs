@@ -25,6 +25,8 @@ use bytes::Bytes;
 pub enum Stream {
     Telemetry,
     Events,
+    /// Signed batch records, numbered by run; never dropped for room.
+    Batch,
 }
 
 /// A message waiting for its acknowledgement.
@@ -101,7 +103,11 @@ impl Outbox {
     pub fn push(&mut self, stream: Stream, seq: u64, topic: String, payload: Bytes, now_ms: i64) {
         while self.entries.len() >= self.capacity {
             // Drop the oldest message nobody is waiting on the wire for.
-            let Some(oldest) = self.entries.iter().find(|(_, e)| !e.handed).map(|(k, _)| *k) else { break };
+            let Some(oldest) =
+                self.entries.iter().find(|(k, e)| !e.handed && k.0 != Stream::Batch).map(|(k, _)| *k)
+            else {
+                break;
+            };
             self.entries.remove(&oldest);
             self.stats.overflowed += 1;
         }
@@ -155,17 +161,17 @@ impl Outbox {
     }
 
     /// PUBACK for `pkid`; `accepted` is false when the cloud refused the message (it
-    /// will not be sent again: re-sending cannot help).
-    pub fn on_acked(&mut self, pkid: u16, accepted: bool) {
-        if let Some(Some(key)) = self.inflight.remove(&pkid)
-            && self.entries.remove(&key).is_some()
-        {
-            if accepted {
-                self.stats.acked += 1;
-            } else {
-                self.stats.refused += 1;
-            }
+    /// will not be sent again: re-sending cannot help). Returns the message's stream
+    /// and number.
+    pub fn on_acked(&mut self, pkid: u16, accepted: bool) -> Option<(Stream, u64)> {
+        let Some(Some(key)) = self.inflight.remove(&pkid) else { return None };
+        self.entries.remove(&key)?;
+        if accepted {
+            self.stats.acked += 1;
+        } else {
+            self.stats.refused += 1;
         }
+        Some(key)
     }
 
     /// Connection `generation` dropped: nothing handed to it will be acknowledged.

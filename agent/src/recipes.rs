@@ -167,6 +167,10 @@ impl RecipeBook {
                     }
                 }
             }
+            Command::Run => {
+                ack.subject = AckSubject::Run as i32;
+                refuse(ack, "unsupported", "this device has no run desk and takes no run requests")
+            }
             Command::Recipe => {
                 ack.subject = AckSubject::Recipe as i32;
                 let ctx = DeviceContext {

@@ -92,7 +92,8 @@ impl SeqCounter {
     pub fn next(&mut self, stream: Stream) -> Result<u64, SeqError> {
         let i = match stream {
             Stream::Telemetry => 0,
-            Stream::Events => 1,
+            // Batch records are numbered by the run desk; share the events counter if asked.
+            Stream::Events | Stream::Batch => 1,
         };
         let limit = if i == 0 { self.reserved.telemetry } else { self.reserved.events };
         if self.next[i] > limit {

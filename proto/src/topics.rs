@@ -24,10 +24,14 @@ pub enum Channel {
     State,
     /// `Ack`: a device's answer to a command, QoS 1.
     Ack,
+    /// `SignedBatchRecord`: the record of a finished run, QoS 1, kept on the device
+    /// until acknowledged.
+    Batch,
 }
 
 impl Channel {
-    pub const ALL: [Channel; 4] = [Channel::Telemetry, Channel::Events, Channel::State, Channel::Ack];
+    pub const ALL: [Channel; 5] =
+        [Channel::Telemetry, Channel::Events, Channel::State, Channel::Ack, Channel::Batch];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -35,6 +39,7 @@ impl Channel {
             Channel::Events => "events",
             Channel::State => "state",
             Channel::Ack => "ack",
+            Channel::Batch => "batch",
         }
     }
 }
@@ -57,15 +62,18 @@ pub enum Command {
     Recipe,
     /// `TrustRootUpdate`: newer trust root documents, QoS 1.
     TrustRoot,
+    /// `RunRequest`: start a run for a pharmacist, QoS 1.
+    Run,
 }
 
 impl Command {
-    pub const ALL: [Command; 2] = [Command::Recipe, Command::TrustRoot];
+    pub const ALL: [Command; 3] = [Command::Recipe, Command::TrustRoot, Command::Run];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Command::Recipe => "recipe",
             Command::TrustRoot => "trust-root",
+            Command::Run => "run",
         }
     }
 }
@@ -103,7 +111,7 @@ pub enum TopicError {
     NotNanofleet { topic: String },
     #[error("topic {topic:?}: device id {device_id:?} is invalid: {reason}")]
     BadDeviceId { topic: String, device_id: String, reason: &'static str },
-    #[error("topic {topic:?}: unknown channel {channel:?}, allowed: telemetry, events, state, ack")]
+    #[error("topic {topic:?}: unknown channel {channel:?}, allowed: telemetry, events, state, ack, batch")]
     UnknownChannel { topic: String, channel: String },
 }
 

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::{AuditLog, Fleet, People, Recipes, Trust};
+use crate::{AuditLog, Batches, Fleet, People, Recipes, Trust};
 
 /// Closes a device's live connection (the embedded broker); returns whether one was open.
 #[tonic::async_trait]
@@ -18,6 +18,7 @@ pub struct Api {
     pub people: People,
     pub audit: AuditLog,
     pub recipes: Recipes,
+    pub batches: Batches,
     disconnect: Option<Arc<dyn Disconnect>>,
 }
 
@@ -34,9 +35,10 @@ impl Api {
         people: People,
         audit: AuditLog,
         recipes: Recipes,
+        batches: Batches,
         disconnect: Option<Arc<dyn Disconnect>>,
     ) -> Api {
-        Api { fleet, trust, people, audit, recipes, disconnect }
+        Api { fleet, trust, people, audit, recipes, batches, disconnect }
     }
 
     pub(crate) async fn disconnect(&self, device_id: &str) -> bool {

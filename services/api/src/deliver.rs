@@ -18,6 +18,7 @@ use nanofleet_proto::topics::Command;
 use nanofleet_store::{AuditEntry, DeliveryRecord, Store};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::Batches;
 use crate::recipes::Released;
 use crate::{Actor, Error, Recipes, now_ms};
 
@@ -109,9 +110,36 @@ async fn record_answers(store: Store, mut rx: mpsc::Receiver<Answer>) {
     }
 }
 
+/// What ingest hands devices' answers, births and batch records to: recipe and trust
+/// root answers go to [`Deliveries`], run answers and batch records to [`Batches`].
+#[derive(Debug, Clone)]
+pub struct DeviceCommands {
+    pub deliveries: Deliveries,
+    pub batches: Batches,
+}
+
 #[tonic::async_trait]
-impl nanofleet_ingest::Commands for Deliveries {
+impl nanofleet_ingest::Commands for DeviceCommands {
     async fn answered(&self, device_id: &str, ack: Ack) -> Result<(), String> {
+        if ack.subject == AckSubject::Run as i32 {
+            self.batches.run_answered(device_id, ack).await
+        } else {
+            self.deliveries.answered(device_id, ack).await
+        }
+    }
+
+    fn born(&self, state: &DeviceState) {
+        self.deliveries.born(state);
+    }
+
+    async fn recorded(&self, device_id: &str, payload: &[u8]) -> Result<(), nanofleet_ingest::RecordError> {
+        self.batches.recorded(device_id, payload).await
+    }
+}
+
+impl Deliveries {
+    /// Stores a device's answer about a recipe or trust root version.
+    pub async fn answered(&self, device_id: &str, ack: Ack) -> Result<(), String> {
         let accepted = ack.result == AckResult::Accepted as i32;
         match AckSubject::try_from(ack.subject).unwrap_or(AckSubject::Unspecified) {
             AckSubject::TrustRoot => {
@@ -166,13 +194,14 @@ impl nanofleet_ingest::Commands for Deliveries {
                 self.answers.send((record, audit, done)).await.map_err(|_| "shutting down".to_owned())?;
                 stored.await.map_err(|_| "shutting down".to_owned())?
             }
-            AckSubject::Unspecified => {
+            AckSubject::Unspecified | AckSubject::Run => {
                 Err(format!("ack subject {} is not a recipe or a trust root", ack.subject))
             }
         }
     }
 
-    fn born(&self, state: &DeviceState) {
+    /// A device came online: it gets what it lacks.
+    pub fn born(&self, state: &DeviceState) {
         self.roots
             .lock()
             .unwrap_or_else(|p| p.into_inner())

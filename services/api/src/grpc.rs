@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use nanofleet_proto::v1 as pb;
 use nanofleet_proto::v1::audit_service_server::AuditService;
+use nanofleet_proto::v1::batch_service_server::BatchService;
 use nanofleet_proto::v1::enrollment_service_server::EnrollmentService;
 use nanofleet_proto::v1::fleet_service_server::FleetService;
 use nanofleet_proto::v1::people_service_server::PeopleService;
@@ -354,5 +355,54 @@ impl RecipeService for Api {
         let pb::ListRecipeDeliveriesRequest { recipe_id, version } = req.into_inner();
         let deliveries = self.recipes.deliveries(&caller, &recipe_id, i64::from(version)).await?;
         Ok(Response::new(pb::ListRecipeDeliveriesResponse { deliveries }))
+    }
+}
+
+#[tonic::async_trait]
+impl BatchService for Api {
+    async fn start_run(
+        &self,
+        req: Request<pb::StartRunRequest>,
+    ) -> Result<Response<pb::StartRunResponse>, Status> {
+        let caller = caller(&req)?;
+        Ok(Response::new(self.batches.start_run(&caller, req.get_ref()).await?))
+    }
+
+    async fn list_batches(
+        &self,
+        req: Request<pb::ListBatchesRequest>,
+    ) -> Result<Response<pb::ListBatchesResponse>, Status> {
+        let caller = caller(&req)?;
+        Ok(Response::new(pb::ListBatchesResponse {
+            batches: self.batches.list(&caller, req.get_ref()).await?,
+        }))
+    }
+
+    async fn get_batch(
+        &self,
+        req: Request<pb::GetBatchRequest>,
+    ) -> Result<Response<pb::GetBatchResponse>, Status> {
+        let caller = caller(&req)?;
+        Ok(Response::new(self.batches.get(&caller, &req.get_ref().batch_id).await?))
+    }
+
+    async fn release_batch(
+        &self,
+        req: Request<pb::ReleaseBatchRequest>,
+    ) -> Result<Response<pb::ReleaseBatchResponse>, Status> {
+        let caller = caller(&req)?;
+        let summary = self.batches.release(&caller, req.get_ref()).await?;
+        Ok(Response::new(pb::ReleaseBatchResponse { summary: Some(summary) }))
+    }
+
+    async fn export_batch(
+        &self,
+        req: Request<pb::ExportBatchRequest>,
+    ) -> Result<Response<pb::ExportBatchResponse>, Status> {
+        let caller = caller(&req)?;
+        let format =
+            pb::ExportFormat::try_from(req.get_ref().format).unwrap_or(pb::ExportFormat::Unspecified);
+        let (content_type, content) = self.batches.export(&caller, &req.get_ref().batch_id, format).await?;
+        Ok(Response::new(pb::ExportBatchResponse { content_type, content }))
     }
 }

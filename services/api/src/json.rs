@@ -106,12 +106,14 @@ pub fn recipe_status(s: i32) -> &'static str {
     }
 }
 
-/// `authored`, `approved`.
+/// `authored`, `approved`, `released`, `rejected`.
 pub fn signature_meaning(m: i32) -> &'static str {
     use nanofleet_proto::device::v1::SignatureMeaning;
     match SignatureMeaning::try_from(m).unwrap_or(SignatureMeaning::Unspecified) {
         SignatureMeaning::Authored => "authored",
         SignatureMeaning::Approved => "approved",
+        SignatureMeaning::Released => "released",
+        SignatureMeaning::Rejected => "rejected",
         SignatureMeaning::Unspecified => "unknown",
     }
 }

@@ -9,6 +9,8 @@
 mod api;
 mod audit;
 pub mod auth_layer;
+pub mod batch_doc;
+mod batches;
 mod deliver;
 mod error;
 mod fleet;
@@ -20,7 +22,8 @@ mod trust;
 
 pub use api::{Api, Disconnect};
 pub use audit::AuditLog;
-pub use deliver::{CommandSink, Deliveries};
+pub use batches::{Batches, RUN_ANSWER_TIMEOUT, batch_json, summary_json};
+pub use deliver::{CommandSink, Deliveries, DeviceCommands};
 pub use error::Error;
 pub use fleet::{DEFAULT_SAMPLE_LIMIT, Fleet, MAX_SAMPLE_LIMIT, TelemetryWindow};
 pub use people::{Bootstrap, Caller, People, Role};

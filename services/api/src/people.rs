@@ -97,6 +97,7 @@ const RECIPE_READERS: &[Role] = &[Role::Ops, Role::Pharmacist, Role::Qa, Role::A
 const OPS_PHARMACIST: &[Role] = &[Role::Ops, Role::Pharmacist];
 const SIGNERS: &[Role] = &[Role::Pharmacist, Role::Qa];
 const QA: &[Role] = &[Role::Qa];
+const PHARMACIST: &[Role] = &[Role::Pharmacist];
 
 /// Every `nanofleet.v1` method and who may call it. A method missing here is refused.
 pub const GRPC_ACCESS: &[(&str, Access)] = &[
@@ -128,6 +129,11 @@ pub const GRPC_ACCESS: &[(&str, Access)] = &[
     ("/nanofleet.v1.RecipeService/GetRecipe", Access::Roles(RECIPE_READERS)),
     ("/nanofleet.v1.RecipeService/ListRecipes", Access::Roles(RECIPE_READERS)),
     ("/nanofleet.v1.RecipeService/ListRecipeDeliveries", Access::Roles(RECIPE_READERS)),
+    ("/nanofleet.v1.BatchService/StartRun", Access::Roles(PHARMACIST)),
+    ("/nanofleet.v1.BatchService/ListBatches", Access::Roles(RECIPE_READERS)),
+    ("/nanofleet.v1.BatchService/GetBatch", Access::Roles(RECIPE_READERS)),
+    ("/nanofleet.v1.BatchService/ReleaseBatch", Access::Roles(QA)),
+    ("/nanofleet.v1.BatchService/ExportBatch", Access::Roles(RECIPE_READERS)),
 ];
 
 /// The access rule of a gRPC path; `None` for paths outside `nanofleet.v1`.

@@ -77,7 +77,7 @@ fn meaning_str(m: SignatureMeaning) -> &'static str {
     match m {
         SignatureMeaning::Authored => "authored",
         SignatureMeaning::Approved => "approved",
-        SignatureMeaning::Unspecified => "",
+        SignatureMeaning::Released | SignatureMeaning::Rejected | SignatureMeaning::Unspecified => "",
     }
 }
 
@@ -233,7 +233,7 @@ impl Recipes {
         let (role_needed, from_status, to_status) = match meaning {
             SignatureMeaning::Authored => (Role::Pharmacist, DRAFT, AUTHORED),
             SignatureMeaning::Approved => (Role::Qa, AUTHORED, RELEASED),
-            SignatureMeaning::Unspecified => {
+            SignatureMeaning::Unspecified | SignatureMeaning::Released | SignatureMeaning::Rejected => {
                 return Err(Error::invalid("meaning", req.meaning.to_string(), "AUTHORED or APPROVED"));
             }
         };

@@ -373,9 +373,9 @@ impl Handler for IngestHook {
                             | Reject::ClientIdentity { .. }
                             | Reject::PayloadIdentity { .. }
                             | Reject::UnknownDevice { .. } => PublishAckReason::NotAuthorized,
-                            Reject::Malformed { .. } | Reject::OutOfRange { .. } => {
-                                PublishAckReason::PayloadFormatInvalid
-                            }
+                            Reject::Malformed { .. }
+                            | Reject::OutOfRange { .. }
+                            | Reject::BadRecord { .. } => PublishAckReason::PayloadFormatInvalid,
                         };
                         PublishAclResult(PublishResult::reason_code(code, Some(r.to_string().into()), false))
                     }

@@ -42,6 +42,19 @@ pub trait Commands: Send + Sync + 'static {
     async fn answered(&self, device_id: &str, ack: Ack) -> Result<(), String>;
     /// A device's birth was stored. Must not wait: the birth's acknowledgement does.
     fn born(&self, state: &DeviceState);
+    /// Verifies and stores a device's signed batch record; the message is
+    /// acknowledged only after it returns Ok.
+    async fn recorded(&self, device_id: &str, payload: &[u8]) -> Result<(), RecordError>;
+}
+
+/// Why a batch record was not stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecordError {
+    /// Not acceptable (bad signature, another device's record, …): refused, and
+    /// re-sending cannot help.
+    Refused(String),
+    /// Storage failed: not acknowledged, so the device sends it again.
+    Storage(String),
 }
 
 /// Ingest settings.
@@ -82,16 +95,18 @@ pub enum Reason {
     OutOfRange,
     UnknownDevice,
     UnsupportedChannel,
+    BadRecord,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 6] = [
+    pub const ALL: [Reason; 7] = [
         Reason::BadTopic,
         Reason::IdentityMismatch,
         Reason::MalformedPayload,
         Reason::OutOfRange,
         Reason::UnknownDevice,
         Reason::UnsupportedChannel,
+        Reason::BadRecord,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -102,6 +117,7 @@ impl Reason {
             Reason::OutOfRange => "out_of_range",
             Reason::UnknownDevice => "unknown_device",
             Reason::UnsupportedChannel => "unsupported_channel",
+            Reason::BadRecord => "bad_record",
         }
     }
 }
@@ -123,6 +139,8 @@ pub enum Reject {
     UnknownDevice { device_id: String },
     #[error("channel {channel} carries nothing the cloud accepts yet")]
     UnsupportedChannel { channel: Channel },
+    #[error("batch record refused: {reason}")]
+    BadRecord { reason: String },
 }
 
 impl Reject {
@@ -134,6 +152,7 @@ impl Reject {
             Reject::OutOfRange { .. } => Reason::OutOfRange,
             Reject::UnknownDevice { .. } => Reason::UnknownDevice,
             Reject::UnsupportedChannel { .. } => Reason::UnsupportedChannel,
+            Reject::BadRecord { .. } => Reason::BadRecord,
         }
     }
 }
@@ -309,6 +328,16 @@ impl Ingest {
                 }
                 self.known(device)?;
                 commands.answered(device, ack).await.map_err(|e| HandleError::Fatal(Error::Commit(e)))
+            }
+            Channel::Batch => {
+                let Some(commands) = self.inner.commands.get() else {
+                    return Err(Reject::UnsupportedChannel { channel }.into());
+                };
+                self.known(device)?;
+                commands.recorded(device, msg.payload).await.map_err(|e| match e {
+                    RecordError::Refused(reason) => Reject::BadRecord { reason }.into(),
+                    RecordError::Storage(e) => HandleError::Fatal(Error::Commit(e)),
+                })
             }
         }
     }

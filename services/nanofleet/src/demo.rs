@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use nanofleet_agent::fleet::{self, Fleet, FleetEnrollment, FleetOptions, Tokens};
 use nanofleet_agent::link::LinkOptions;
+use nanofleet_agent::runs::AutoRuns;
 use nanofleet_api::{Actor, Caller};
+use nanofleet_proto::device::v1::Person;
 use nanofleet_proto::device::v1::{SignatureMeaning, Targets};
 use nanofleet_proto::v1 as pb;
 
@@ -42,6 +44,9 @@ pub struct DemoPeople {
     pub site: String,
 }
 
+/// Printed name of the demo's pharmacist.
+const DEMO_PHARMACIST_NAME: &str = "Alice Martin, PharmD";
+
 /// The recipe the demo releases to its first hospital.
 pub const DEMO_RECIPE: &str = "flu-h5-mrna";
 
@@ -76,7 +81,7 @@ impl DemoPeople {
             .people
             .create_person(
                 &admin,
-                &create("demo.pharmacist", "Alice Martin, PharmD", pb::Role::Pharmacist, site),
+                &create("demo.pharmacist", DEMO_PHARMACIST_NAME, pb::Role::Pharmacist, site),
             )
             .await?;
         let (_, qa_password) = server
@@ -178,6 +183,7 @@ impl Demo {
                 tokens.insert(id, secret);
             }
         }
+        let people = DemoPeople::ensure(&server, &opts.server.data_dir, &first_site).await?;
         let fleet = Fleet::start(&FleetOptions {
             sites: opts.sites,
             devices_per_site: opts.devices_per_site,
@@ -194,9 +200,14 @@ impl Demo {
                 server: format!("https://{}", server.grpc_addr),
                 tokens: Tokens::PerDevice(tokens),
             }),
+            // The site's pharmacist starts runs at the devices' screens whenever a
+            // device is idle and holds the recipe.
+            auto_runs: Some(AutoRuns::new(
+                (Duration::from_secs(15), Duration::from_secs(90)),
+                Person { user_id: people.pharmacist.clone(), printed_name: DEMO_PHARMACIST_NAME.into() },
+            )),
             ..FleetOptions::default()
         });
-        let people = DemoPeople::ensure(&server, &opts.server.data_dir, &first_site).await?;
         // Released while the fleet connects: devices online get it at once, the others
         // right after they announce themselves.
         let release = release_demo_recipe(server.recipes.clone(), server.people.clone(), people.clone());
@@ -220,13 +231,14 @@ impl Demo {
              fleet CA   {} (sha256 {})\n\
              \n  login      admin / {}   (dashboard)\n  \
              pharmacist {} / {}   (site {}; signs recipes as author)\n  \
-             qa         {} / {}   (approves recipes)\n\
+             qa         {} / {}   (approves recipes, releases batches)\n\
              \nTry, in another terminal:\n  export NANOFLEET_SERVER={grpc} NANOFLEET_CA_FILE={}\n  \
              export NANOFLEET_TOKEN={}\n  nanofleet whoami\n  \
              nanofleet sites list\n  nanofleet devices list\n  nanofleet devices show {first}\n  \
              nanofleet telemetry {first} --since 1m\n  nanofleet enroll-token create --site {site} --expires 1h\n  \
              nanofleet devices list --output json\n  \
-             nanofleet recipes list\n  nanofleet recipes show {DEMO_RECIPE}\n  nanofleet recipes deliveries {DEMO_RECIPE}\n\
+             nanofleet recipes list\n  nanofleet recipes show {DEMO_RECIPE}\n  nanofleet recipes deliveries {DEMO_RECIPE}\n  \
+             nanofleet batches list   (runs at {site} end every few minutes)\n\
              \nCtrl-C stops everything.",
             self.fleet
                 .devices

@@ -93,6 +93,140 @@ enum Command {
         #[command(subcommand)]
         command: RecipesCommand,
     },
+    /// Runs: a pharmacist starts a run on a device of their site; the device checks
+    /// its interlocks and answers.
+    Runs {
+        #[command(subcommand)]
+        command: RunsCommand,
+    },
+    /// Batch records: what each run made, signed by its device; QA releases or
+    /// rejects each batch with an electronic signature.
+    #[command(after_help = BATCHES_HELP)]
+    Batches {
+        #[command(subcommand)]
+        command: BatchesCommand,
+    },
+}
+
+const BATCHES_HELP: &str = "\
+From run to released batch:
+  nanofleet runs start --device NF-SMH-01 --recipe flu-h5-mrna --gtin 10614141000019 \\
+      --lot L2611 --serial C000123 --expires 2027-03-31 --prescription RX-0042 \\
+      --prescribed 2h --patient PT-7F3A                       # pharmacist of the device's site
+  nanofleet batches list --disposition awaiting_release       # records arrive when runs end
+  nanofleet batches show NF-SMH-01-20261126-101500            # QC against the release criteria
+  nanofleet batches release NF-SMH-01-20261126-101500         # QA: password asked
+  nanofleet batches export NF-SMH-01-20261126-101500 --format html --out batch.html
+
+A batch that was aborted or failed QC can only be rejected (with --reason).";
+
+#[derive(Subcommand, Debug)]
+enum RunsCommand {
+    /// Starts a run: recipe, the cartridge loaded in the device (as scanned),
+    /// prescription and pseudonymous patient. The device refuses it, naming the
+    /// interlock, unless the recipe is accepted and valid, the cartridge is of the
+    /// recipe's type and not expired or used, the prescription is dated before the
+    /// run and no run is under way.
+    Start {
+        #[arg(long)]
+        device: String,
+        #[arg(long)]
+        recipe: String,
+        /// 0: the version the device holds.
+        #[arg(long, default_value_t = 0)]
+        recipe_version: u32,
+        /// Cartridge GTIN-14, AI (01).
+        #[arg(long)]
+        gtin: String,
+        /// Cartridge lot, AI (10).
+        #[arg(long)]
+        lot: String,
+        /// Cartridge serial, AI (21).
+        #[arg(long)]
+        serial: String,
+        /// Cartridge expiry date, AI (17), YYYY-MM-DD.
+        #[arg(long)]
+        expires: String,
+        /// Prescription id.
+        #[arg(long)]
+        prescription: String,
+        /// When the prescription was written: a UTC time (2026-11-26T09:30:00Z) or a
+        /// time ago (90m, 2h).
+        #[arg(long)]
+        prescribed: String,
+        /// Pseudonymous patient id (never a name).
+        #[arg(long)]
+        patient: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum BatchesCommand {
+    /// Batches, newest first.
+    List {
+        #[arg(long, default_value = "")]
+        site: String,
+        #[arg(long, default_value = "")]
+        device: String,
+        #[arg(long, default_value = "")]
+        recipe: String,
+        /// awaiting_release, released, rejected or failed.
+        #[arg(long)]
+        disposition: Option<String>,
+        /// At most this many (1 to 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// One batch: recipe and its signatures, device, cartridge, prescription, phases,
+    /// alarms, QC against the release criteria, QA's decision.
+    Show {
+        batch_id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Releases a batch that passed QC (QA), with your electronic signature.
+    Release {
+        batch_id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Your user id; default: the owner of the API token.
+        #[arg(long, default_value = "")]
+        user: String,
+        /// Read the password from the first line of stdin instead of the terminal.
+        #[arg(long)]
+        password_stdin: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Rejects a batch (QA), with your electronic signature and a reason.
+    Reject {
+        batch_id: String,
+        #[arg(long)]
+        reason: String,
+        #[arg(long, default_value = "")]
+        user: String,
+        #[arg(long)]
+        password_stdin: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// The record as a document: html (printable, every signature with name, time and
+    /// meaning) or json (with the signed record, verifiable later).
+    Export {
+        batch_id: String,
+        /// html or json.
+        #[arg(long, default_value = "html")]
+        format: String,
+        /// Write here instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 const RECIPES_HELP: &str = "\
@@ -757,6 +891,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             client.connect().await?.audit_list(&client.server, req).await?;
         }
         Command::Recipes { command } => recipes(command).await?,
+        Command::Runs { command } => runs(command).await?,
+        Command::Batches { command } => batches(command).await?,
         Command::Audit { command: AuditCommand::Verify { checkpoint, save_checkpoint, client } } => {
             client
                 .connect()
@@ -808,6 +944,97 @@ async fn recipes(command: RecipesCommand) -> anyhow::Result<()> {
         }
         RecipesCommand::Deliveries { recipe_id, version, client } => {
             client.connect().await?.recipe_deliveries(&client.server, recipe_id, version).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn runs(command: RunsCommand) -> anyhow::Result<()> {
+    use nanofleet::cli::batches::{RunArgs, expiry_arg, time_arg};
+    let RunsCommand::Start {
+        device,
+        recipe,
+        recipe_version,
+        gtin,
+        lot,
+        serial,
+        expires,
+        prescription,
+        prescribed,
+        patient,
+        client,
+    } = command;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let args = RunArgs {
+        device_id: device,
+        recipe_id: recipe,
+        recipe_version,
+        cartridge: nanofleet_proto::device::v1::Cartridge {
+            gtin,
+            lot,
+            serial,
+            expires_unix_ms: expiry_arg(&expires)?,
+        },
+        prescription_id: prescription,
+        prescription_unix_ms: time_arg("--prescribed", &prescribed, now)?,
+        patient_pseudonym: patient,
+    };
+    client.connect().await?.run_start(&client.server, args).await
+}
+
+async fn batches(command: BatchesCommand) -> anyhow::Result<()> {
+    use nanofleet::cli::batches::disposition_arg;
+    use nanofleet::cli::recipes::PasswordSource;
+    use nanofleet_proto::device::v1::SignatureMeaning;
+    let source = |stdin: bool| if stdin { PasswordSource::Stdin } else { PasswordSource::Prompt };
+    match command {
+        BatchesCommand::List { site, device, recipe, disposition, limit, client } => {
+            let req = pb::ListBatchesRequest {
+                site_id: site,
+                device_id: device,
+                recipe_id: recipe,
+                disposition: disposition_arg(disposition.as_deref())? as i32,
+                limit,
+            };
+            client.connect().await?.batch_list(&client.server, req).await?;
+        }
+        BatchesCommand::Show { batch_id, client } => {
+            client.connect().await?.batch_show(&client.server, batch_id).await?;
+        }
+        BatchesCommand::Release { batch_id, reason, user, password_stdin, client } => {
+            let c = client.connect().await?;
+            c.batch_decide(
+                &client.server,
+                batch_id,
+                SignatureMeaning::Released,
+                reason,
+                user,
+                source(password_stdin),
+            )
+            .await?;
+        }
+        BatchesCommand::Reject { batch_id, reason, user, password_stdin, client } => {
+            let c = client.connect().await?;
+            c.batch_decide(
+                &client.server,
+                batch_id,
+                SignatureMeaning::Rejected,
+                reason,
+                user,
+                source(password_stdin),
+            )
+            .await?;
+        }
+        BatchesCommand::Export { batch_id, format, out, client } => {
+            let format = match format.as_str() {
+                "html" => pb::ExportFormat::Html,
+                "json" => pb::ExportFormat::Json,
+                other => anyhow::bail!("--format {other:?}: allowed: html, json"),
+            };
+            client.connect().await?.batch_export(&client.server, batch_id, format, out.as_deref()).await?;
         }
     }
     Ok(())

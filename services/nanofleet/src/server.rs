@@ -6,12 +6,14 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nanofleet_api::{
-    Actor, Api, AuditLog, Bootstrap, CommandSink, Deliveries, Fleet, People, Recipes, Trust, TrustOptions,
+    Actor, Api, AuditLog, Batches, Bootstrap, CommandSink, Deliveries, DeviceCommands, Fleet, People,
+    Recipes, Trust, TrustOptions,
 };
 use nanofleet_broker::{Broker, Control};
 use nanofleet_ingest::Ingest;
 use nanofleet_pki::{FleetCa, ServerNames};
 use nanofleet_proto::v1::audit_service_server::AuditServiceServer;
+use nanofleet_proto::v1::batch_service_server::BatchServiceServer;
 use nanofleet_proto::v1::enrollment_service_server::EnrollmentServiceServer;
 use nanofleet_proto::v1::fleet_service_server::FleetServiceServer;
 use nanofleet_proto::v1::people_service_server::PeopleServiceServer;
@@ -202,15 +204,17 @@ impl Server {
         )?;
         let recipes = Recipes::open(store.clone(), people.clone(), opts.data_dir.join("pki")).await?;
         // Devices' answers and births reach the recipe deliveries through ingest.
-        let deliveries =
-            Deliveries::start(store.clone(), recipes.clone(), Arc::new(BrokerCommands(broker.control())));
-        ingest.set_commands(Arc::new(deliveries));
+        let sink: Arc<dyn CommandSink> = Arc::new(BrokerCommands(broker.control()));
+        let deliveries = Deliveries::start(store.clone(), recipes.clone(), sink.clone());
+        let batches = Batches::new(store.clone(), people.clone(), fleet.clone(), ca.clone(), sink);
+        ingest.set_commands(Arc::new(DeviceCommands { deliveries, batches: batches.clone() }));
         let api = Api::new(
             fleet.clone(),
             trust.clone(),
             people.clone(),
             audit.clone(),
             recipes.clone(),
+            batches,
             Some(Arc::new(BrokerDisconnect(broker.control()))),
         );
 
@@ -224,6 +228,7 @@ impl Server {
         health.set_serving::<PeopleServiceServer<Api>>().await;
         health.set_serving::<AuditServiceServer<Api>>().await;
         health.set_serving::<RecipeServiceServer<Api>>().await;
+        health.set_serving::<BatchServiceServer<Api>>().await;
         // Both reflection versions: older tools (grpcurl before 1.8.8) ask for v1alpha.
         let reflection = || {
             tonic_reflection::server::Builder::configure()
@@ -252,7 +257,8 @@ impl Server {
             .add_service(EnrollmentServiceServer::new(api.clone()))
             .add_service(PeopleServiceServer::new(api.clone()))
             .add_service(AuditServiceServer::new(api.clone()))
-            .add_service(RecipeServiceServer::new(api.clone()));
+            .add_service(RecipeServiceServer::new(api.clone()))
+            .add_service(BatchServiceServer::new(api.clone()));
         let stop = cancel.clone();
         tasks.push(tokio::spawn(async move {
             let incoming = tonic::transport::server::TcpIncoming::from(grpc);

@@ -287,6 +287,36 @@ impl FleetCa {
         self.dir.join("server.key")
     }
 
+    /// The identity of `der` if it is a device certificate this fleet issued (it chains
+    /// to a device intermediate) and was valid at `at_unix_ms`: how a record a device
+    /// signed is traced back to that device, also after the certificate was renewed.
+    pub fn verify_device_cert(
+        &self,
+        der: &[u8],
+        at_unix_ms: i64,
+    ) -> std::result::Result<DeviceIdentity, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in self.device_client_roots() {
+            roots.add(c.clone()).map_err(|e| format!("device intermediate: {e}"))?;
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.into(),
+            crate::crypto_provider(),
+        )
+        .build()
+        .map_err(|e| format!("device certificate verifier: {e}"))?;
+        let at = rustls::pki_types::UnixTime::since_unix_epoch(Duration::from_millis(
+            u64::try_from(at_unix_ms).unwrap_or(0),
+        ));
+        let cert = CertificateDer::from(der.to_vec());
+        verifier
+            .verify_client_cert(&cert, &[], at)
+            .map_err(|e| format!("the certificate is not a device certificate of this fleet: {e}"))?;
+        device_identity_of(der)
+            .map(|(who, _)| who)
+            .ok_or_else(|| "the certificate names no device".to_owned())
+    }
+
     /// Signs a device certificate valid for `validity` from now. The CSR must be
     /// well-formed and signed by the key it carries (proof of possession); its subject
     /// and extensions are ignored: the identity is `who`.

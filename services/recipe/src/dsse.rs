@@ -13,6 +13,8 @@ pub const RECIPE_PAYLOAD_TYPE: &str = "application/vnd.nanofleet.recipe.v1+proto
 pub const DENY_LIST_PAYLOAD_TYPE: &str = "application/vnd.nanofleet.deny-list.v1+protobuf";
 /// Firmware metadata, protobuf-encoded.
 pub const FIRMWARE_PAYLOAD_TYPE: &str = "application/vnd.nanofleet.firmware.v1+protobuf";
+/// A batch record, signed by the device that made the batch.
+pub const BATCH_RECORD_PAYLOAD_TYPE: &str = "application/vnd.nanofleet.batch-record.v1+protobuf";
 
 /// The bytes a signature covers:
 /// `"DSSEv1" SP LEN(type) SP type SP LEN(body) SP body`, lengths in ASCII decimal bytes.

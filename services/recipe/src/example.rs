@@ -52,18 +52,19 @@ pub fn example(recipe_id: &str, version: u32, targets: Targets, now_unix_ms: i64
             models: vec!["NF-200".into()],
             min_firmware: "2.0.0".into(),
         }),
-        // COLLECT at 12 mL/min for 10 s gives the 2 mL batch.
+        // COLLECT at 12 mL/min for 10 s gives the 2 mL batch; buffer exchange moves
+        // three batch volumes (6 mL). About two minutes in all.
         procedure: vec![
-            step(RunPhase::SelfTest, 10, 0.0),
-            step(RunPhase::CartridgeVerify, 5, 0.0),
-            step(RunPhase::Prime, 20, 2.0),
-            step(RunPhase::Equilibrate, 30, 0.0),
+            step(RunPhase::SelfTest, 5, 0.0),
+            step(RunPhase::CartridgeVerify, 3, 0.0),
+            step(RunPhase::Prime, 10, 2.0),
+            step(RunPhase::Equilibrate, 10, 0.0),
             step(RunPhase::StartWaste, 5, 12.0),
             step(RunPhase::Collect, 10, 12.0),
             step(RunPhase::EndWaste, 5, 12.0),
-            step(RunPhase::BufferExchange, 120, 4.0),
-            step(RunPhase::Flush, 20, 6.0),
-            step(RunPhase::QcSample, 30, 0.0),
+            step(RunPhase::BufferExchange, 45, 8.0),
+            step(RunPhase::Flush, 10, 6.0),
+            step(RunPhase::QcSample, 15, 0.0),
         ],
         release_criteria: Some(ReleaseCriteria {
             size_nm: Some(Range { min: 60.0, max: 100.0 }),

@@ -47,11 +47,33 @@ pub fn recipe_from_json(text: &str) -> Result<Recipe, String> {
 /// The JSON form of `r`. `Null` only if the descriptor set compiled into
 /// `nanofleet-proto` lacks `Recipe`, which the tests of this crate rule out.
 pub fn recipe_to_json(r: &Recipe) -> serde_json::Value {
-    let Ok(desc) = recipe_descriptor() else {
-        return serde_json::Value::Null;
-    };
+    match recipe_descriptor() {
+        Ok(desc) => with_descriptor(desc, r),
+        Err(_) => serde_json::Value::Null,
+    }
+}
+
+/// The proto3 JSON form of message `msg` whose full name is `full_name` (such as
+/// `nanofleet.device.v1.BatchRecord`), every field written. `Null` for a name the
+/// compiled descriptor set does not hold.
+pub fn to_json(full_name: &str, msg: &impl nanofleet_proto::prost::Message) -> serde_json::Value {
+    static POOL: OnceLock<Option<DescriptorPool>> = OnceLock::new();
+    let desc = POOL
+        .get_or_init(|| DescriptorPool::decode(FILE_DESCRIPTOR_SET).ok())
+        .as_ref()
+        .and_then(|p| p.get_message_by_name(full_name));
+    match desc {
+        Some(desc) => with_descriptor(&desc, msg),
+        None => serde_json::Value::Null,
+    }
+}
+
+fn with_descriptor(
+    desc: &MessageDescriptor,
+    msg: &impl nanofleet_proto::prost::Message,
+) -> serde_json::Value {
     let mut message = DynamicMessage::new(desc.clone());
-    if message.transcode_from(r).is_err() {
+    if message.transcode_from(msg).is_err() {
         return serde_json::Value::Null;
     }
     let options = SerializeOptions::new().use_proto_field_name(true).skip_default_fields(false);

@@ -34,10 +34,12 @@
 //! - [`dsse`]: DSSE v1 envelopes, signing and verification.
 //! - [`sign`]: the server's statements, signatures and digests.
 //! - [`verify`]: the device's verifier and trust-root rotation.
+//! - [`batch`]: batch records: QC against release criteria, the device's signature.
 //! - [`json`]: recipes as proto3 JSON.
 //! - [`example`]: a valid example recipe.
 #![forbid(unsafe_code)]
 
+pub mod batch;
 pub mod dsse;
 pub mod envelope;
 pub mod example;

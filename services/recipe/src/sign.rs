@@ -46,7 +46,7 @@ pub fn role_for(meaning: SignatureMeaning) -> Option<&'static str> {
     match meaning {
         SignatureMeaning::Authored => Some(AUTHOR_ROLE),
         SignatureMeaning::Approved => Some(APPROVER_ROLE),
-        SignatureMeaning::Unspecified => None,
+        SignatureMeaning::Unspecified | SignatureMeaning::Released | SignatureMeaning::Rejected => None,
     }
 }
 

@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 mod audit;
+mod batches;
 mod people;
 mod recipes;
 mod records;
@@ -24,6 +25,7 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor, Row};
 
 pub use audit::*;
+pub use batches::*;
 pub use people::*;
 pub use recipes::*;
 pub use records::*;

@@ -41,7 +41,7 @@ pub fn example_json(recipe_id: &str, site: &str) -> String {
     serde_json::to_string_pretty(&nanofleet_recipe::json::recipe_to_json(&recipe)).unwrap_or_default()
 }
 
-fn read_password(source: PasswordSource, user: &str) -> anyhow::Result<String> {
+pub fn read_password(source: PasswordSource, user: &str) -> anyhow::Result<String> {
     let password = match source {
         PasswordSource::Prompt => {
             rpassword::prompt_password(format!("Password for {user} (electronic signature): "))
@@ -79,6 +79,19 @@ fn signature_line(s: &pb::RecipeSignature) -> String {
 }
 
 impl Client {
+    /// The id of the person the API token belongs to.
+    pub async fn who_am_i(&self, server: &str) -> anyhow::Result<String> {
+        Ok(self
+            .people()
+            .who_am_i(pb::WhoAmIRequest {})
+            .await
+            .map_err(|s| status_error(server, s))?
+            .into_inner()
+            .person
+            .map(|p| p.id)
+            .unwrap_or_default())
+    }
+
     fn recipes(&self) -> RecipeServiceClient<Authed> {
         RecipeServiceClient::with_interceptor(self.channel.clone(), self.bearer.clone())
     }
@@ -131,18 +144,7 @@ impl Client {
         user_id: String,
         password: PasswordSource,
     ) -> anyhow::Result<()> {
-        let user_id = if user_id.is_empty() {
-            self.people()
-                .who_am_i(pb::WhoAmIRequest {})
-                .await
-                .map_err(|s| status_error(server, s))?
-                .into_inner()
-                .person
-                .map(|p| p.id)
-                .unwrap_or_default()
-        } else {
-            user_id
-        };
+        let user_id = if user_id.is_empty() { self.who_am_i(server).await? } else { user_id };
         let password = read_password(password, &user_id)?;
         let req = pb::SignRecipeRequest { recipe_id, version, meaning: meaning as i32, user_id, password };
         let v = self
