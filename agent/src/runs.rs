@@ -642,7 +642,11 @@ impl RunDesk {
             Vec::new()
         };
         let set_temperature = |phase: i32| {
-            run.plan.steps.iter().find(|s| s.phase as i32 == phase).map(|s| s.temperature_c).unwrap_or(0.0)
+            run.plan
+                .steps
+                .iter()
+                .find(|s| s.phase as i32 == phase)
+                .map_or(run.plan.temperature_c, |s| s.temperature_c)
         };
         let signatures =
             RecipeDelivery::decode(run.held.delivery.as_slice()).map(|d| d.statements).unwrap_or_default();

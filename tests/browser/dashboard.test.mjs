@@ -385,6 +385,52 @@ describe('dashboard against a demo fleet', () => {
     await shoot('recipes.png');
   });
 
+  it('batches page lists the demo\'s batch records and shows one with QC, signatures and its printable record', { timeout: 200_000 }, async () => {
+    await page.getByRole('link', { name: 'Batches', exact: true }).click();
+    await page.waitForURL((u) => new URL(u).hash === '#/batches');
+    await page.getByTestId('batch-table').waitFor({ state: 'visible' });
+
+    // The demo's pharmacist starts runs on the devices that accepted the recipe; a run
+    // takes about a minute, then the device's signed record arrives.
+    const rows = page.getByTestId('batch-row');
+    await until('a batch record', () => rows.count(), (n) => n > 0, 180_000);
+    const legendTotal = await page.locator('.legend-item').evaluateAll((items) => items.reduce((sum, i) => sum + Number(i.dataset.count), 0));
+    assert.equal(legendTotal, await rows.count(), 'the disposition bar counts every listed batch');
+
+    const row = rows.first();
+    const batchId = await row.getAttribute('data-batch-id');
+    await row.click();
+    await page.waitForURL((u) => decodeURIComponent(new URL(u).hash) === `#/batches/${batchId}`);
+    const detail = page.locator(`[data-testid="batch-detail"][data-batch-id="${batchId}"]`);
+    await detail.waitFor({ state: 'visible' });
+    const disposition = await detail.getByTestId('batch-disposition').first().textContent();
+    assert.match(disposition.trim(), /^(Awaiting release|Failed)$/, 'a new batch waits for QA or failed');
+
+    // Every signature: the recipe's author and approver, the device that recorded it.
+    const meanings = await detail.locator('[data-testid="batch-recipe-signature"]').evaluateAll((items) => items.map((li) => li.dataset.meaning));
+    assert.deepEqual(meanings.sort(), ['approved', 'authored']);
+    assert.equal(await detail.getByTestId('batch-device-signature').count(), 1);
+    const qcRows = await detail.getByTestId('batch-qc-row').count();
+    const aborted = /aborted/.test(await detail.textContent());
+    assert.ok(qcRows === 5 || aborted, `five QC results for a completed run (got ${qcRows})`);
+
+    // The printable record names every signature with its meaning and UTC time.
+    const href = await detail.getByTestId('batch-print').getAttribute('href');
+    const html = await page.evaluate(async (u) => {
+      const res = await fetch(u, { cache: 'no-store' });
+      return { status: res.status, type: res.headers.get('content-type'), text: await res.text() };
+    }, href);
+    assert.equal(html.status, 200);
+    assert.match(html.type, /^text\/html/);
+    for (const [name, meaning] of DEMO_SIGNATURES) {
+      assert.ok(html.text.includes(name), `the printable record names ${name}`);
+      assert.ok(html.text.includes(meaning), `and the meaning ${meaning}`);
+    }
+    assert.match(html.text, new RegExp(UTC_TIME));
+    assert.deepEqual(pageErrors, [], 'no script or network errors in the page');
+    await shoot('batches.png');
+  });
+
   it('enroll page creates a token, shows its secret once and lists it as usable', { timeout: 60_000 }, async () => {
     await page.getByRole('link', { name: 'Enroll a device', exact: true }).click();
     await page.waitForURL((u) => new URL(u).hash === '#/enroll');

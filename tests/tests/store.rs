@@ -264,3 +264,117 @@ async fn exercise_recipes(url: &str) -> anyhow::Result<()> {
     store.close().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn batches_work_on_sqlite() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    exercise_batches(&format!("sqlite://{}?mode=rwc", dir.path().join("b.db").display())).await
+}
+
+#[tokio::test]
+async fn batches_work_on_postgresql_as_on_sqlite() -> anyhow::Result<()> {
+    let Some((name, url)) = fresh_database().await else { return Ok(()) };
+    let result = exercise_batches(&url).await;
+    drop_database(&name).await;
+    result
+}
+
+/// Run requests and their answers, batch records stored once (a re-send is not a
+/// second batch, another record under the same id is refused), filters, a decision
+/// made once, and the database refusing to edit a record or a decision.
+async fn exercise_batches(url: &str) -> anyhow::Result<()> {
+    use nanofleet_store::{BatchDecision, BatchFilter, BatchRow, Error, RunAnswer, RunRequestRecord};
+    let store =
+        Store::open(&Options { url: url.into(), max_connections: 4, sqlite_sync_full: false }).await?;
+    let request = RunRequestRecord {
+        request_id: "RQ-1".into(),
+        device_id: "NF-1".into(),
+        site_id: "site-a".into(),
+        recipe_id: "r".into(),
+        recipe_version: 1,
+        requested_by: "bob".into(),
+        requested_ms: 1,
+        state: "sent".into(),
+        code: String::new(),
+        reason: String::new(),
+        batch_id: String::new(),
+        answered_ms: 0,
+    };
+    store.insert_run_request(&request, &audit("run.request")).await?;
+    assert!(matches!(
+        store.insert_run_request(&request, &audit("run.request")).await,
+        Err(Error::Conflict(_))
+    ));
+    let answer = RunAnswer {
+        request_id: "RQ-1".into(),
+        device_id: "NF-1".into(),
+        state: "accepted".into(),
+        code: String::new(),
+        reason: String::new(),
+        batch_id: "B-1".into(),
+        answered_ms: 2,
+    };
+    store.answer_run_request(&answer, &audit("run.start")).await?;
+    let stored = store.run_request("RQ-1").await?.expect("stored");
+    assert_eq!((stored.state.as_str(), stored.batch_id.as_str()), ("accepted", "B-1"));
+
+    let row = |id: &str, device: &str, site: &str, started: i64, digest: &str| BatchRow {
+        batch_id: id.into(),
+        device_id: device.into(),
+        site_id: site.into(),
+        recipe_id: "r".into(),
+        recipe_version: 1,
+        started_ms: started,
+        ended_ms: started + 60_000,
+        outcome: "complete".into(),
+        qc_passed: true,
+        started_by: "bob".into(),
+        started_by_name: "Bob".into(),
+        cartridge_lot: "L1".into(),
+        prescription_id: "RX-1".into(),
+        certificate_serial: "ab".into(),
+        record_digest: digest.into(),
+        envelope: vec![1, 2, 3],
+        received_ms: started + 61_000,
+    };
+    assert!(store.insert_batch(&row("B-1", "NF-1", "site-a", 10, "d1"), &audit("batch.record")).await?);
+    assert!(!store.insert_batch(&row("B-1", "NF-1", "site-a", 10, "d1"), &audit("batch.record")).await?);
+    assert!(matches!(
+        store.insert_batch(&row("B-1", "NF-1", "site-a", 10, "d2"), &audit("batch.record")).await,
+        Err(Error::Conflict(_))
+    ));
+    store.insert_batch(&row("B-2", "NF-2", "site-b", 20, "d3"), &audit("batch.record")).await?;
+    let all = store.batches(&BatchFilter { limit: 10, ..Default::default() }).await?;
+    assert_eq!(
+        all.iter().map(|(b, _)| b.batch_id.as_str()).collect::<Vec<_>>(),
+        vec!["B-2", "B-1"],
+        "newest first"
+    );
+    let site_a = store
+        .batches(&BatchFilter { site_id: Some("site-a".into()), limit: 10, ..Default::default() })
+        .await?;
+    assert_eq!(site_a.len(), 1);
+    assert_eq!(site_a[0].0.envelope, vec![1, 2, 3]);
+    let decision = BatchDecision {
+        batch_id: "B-1".into(),
+        meaning: "released".into(),
+        signer_id: "quinn".into(),
+        printed_name: "Quinn".into(),
+        reason: String::new(),
+        signed_ms: 3,
+        record_digest: "d1".into(),
+    };
+    store.decide_batch(&decision, &audit("batch.release")).await?;
+    assert!(matches!(store.decide_batch(&decision, &audit("batch.release")).await, Err(Error::Conflict(_))));
+    let (_, d) = store.batch("B-1").await?.expect("stored");
+    assert_eq!(d.map(|d| d.printed_name), Some("Quinn".into()));
+    assert!(store.batch("B-9").await?.is_none());
+    let audited = store
+        .list_audit(&nanofleet_store::AuditFilter {
+            action: Some("batch.record".into()),
+            ..Default::default()
+        })
+        .await?;
+    assert_eq!(audited.len(), 2, "a re-sent record is not audited twice");
+    Ok(())
+}

@@ -7,6 +7,9 @@
 //   #/enroll           enrollment tokens: create one for a site, list them with their state
 //   #/recipes[/ID[/N]] recipe versions with their signatures; ID (version N, or the newest)
 //                      selected: formula, procedure, release criteria, delivery to devices
+//   #/batches[/ID]     batch records by disposition; ID selected: QC against the release
+//                      criteria, phases (setpoints vs actuals), alarms, every signature, and
+//                      links to the printable record and the signed JSON
 //
 // Every view polls once a second and updates its DOM in place instead of rebuilding it,
 // so a click, a hover or an open <select> is not lost to a refresh.
@@ -35,6 +38,16 @@
   const ENROLL_LIST_ROLES = new Set(['ops', 'site-it', 'auditor']);
   // ListRecipes, GetRecipe and ListRecipeDeliveries in the server's access table.
   const RECIPE_ROLES = new Set(['ops', 'pharmacist', 'qa', 'auditor']);
+  // ListBatches and GetBatch in the server's access table.
+  const BATCH_ROLES = RECIPE_ROLES;
+  const BATCH_COLUMNS = ['Batch', 'Device', 'Recipe', 'Started', 'Outcome', 'QC', 'Disposition', 'Started by'];
+  const QC_LABEL = {
+    QUALITY_ATTRIBUTE_SIZE_NM: 'Size (Z-average)', QUALITY_ATTRIBUTE_PDI: 'Polydispersity (PDI)',
+    QUALITY_ATTRIBUTE_ENCAPSULATION_PCT: 'Encapsulation', QUALITY_ATTRIBUTE_PH: 'pH', QUALITY_ATTRIBUTE_YIELD_PCT: 'Yield',
+  };
+  const DISPOSITIONS = [
+    ['awaiting_release', 'Awaiting release'], ['released', 'Released'], ['rejected', 'Rejected'], ['failed', 'Failed'],
+  ];
 
   // === DOM helpers ===
 
@@ -331,6 +344,7 @@
     nav: null,
     enrollNav: null,
     recipesNav: null,
+    batchesNav: null,
     session: null,
     whoami: null,
     whoamiName: null,
@@ -439,6 +453,7 @@
     if (parts[0] === 'devices' && parts.length === 1) return { name: 'devices', site: params.get('site') || '' };
     if (parts[0] === 'devices' && parts.length === 2) return { name: 'device', id: parts[1] };
     if (parts[0] === 'enroll' && parts.length === 1) return { name: 'enroll' };
+    if (parts[0] === 'batches' && parts.length <= 2) return { name: 'batches', id: parts[1] || '' };
     if (parts[0] === 'recipes' && parts.length <= 3) {
       const version = parts.length === 3 ? Number(parts[2]) : 0;
       if (!Number.isSafeInteger(version) || version < 0) return { name: 'unknown', path };
@@ -461,6 +476,11 @@
       return;
     }
     // Selecting another version keeps the list (and its filter) where it is.
+    if (prev && prev.name === 'batches' && route.name === 'batches' && state.view && state.view.select) {
+      state.view.select(route.id);
+      refreshNow();
+      return;
+    }
     if (prev && prev.name === 'recipes' && route.name === 'recipes' && state.view && state.view.select) {
       state.view.select(route.id, route.version);
       refreshNow();
@@ -469,6 +489,7 @@
     if (state.view && state.view.unmount) state.view.unmount();
     const make = {
       overview: overviewView, devices: devicesView, device: deviceView, enroll: enrollView, recipes: recipesView,
+      batches: batchesView,
     }[route.name] || unknownView;
     state.view = make(route);
     el.view.replaceChildren(state.view.root);
@@ -509,6 +530,7 @@
     el.nav.hidden = state.signedOut;
     el.enrollNav.hidden = !can(ENROLL_CREATE_ROLES);
     el.recipesNav.hidden = !can(RECIPE_ROLES);
+    el.batchesNav.hidden = !can(BATCH_ROLES);
     if (!me) return;
     setAttr(el.whoami, 'data-person-id', me.id);
     setAttr(el.whoami, 'data-role', me.role);
@@ -2153,6 +2175,241 @@
     };
   }
 
+  // === Batches ===
+
+  function batchHash(id) {
+    return `#/batches/${encodeURIComponent(id)}`;
+  }
+
+  function dispositionBadge(d) {
+    const label = (DISPOSITIONS.find(([v]) => v === d) || [d, d || 'unknown'])[1];
+    return h('span', { class: `batch-disposition disposition-${d || 'unknown'}`, 'data-testid': 'batch-disposition' }, label);
+  }
+
+  function enumLabel(v, prefix) {
+    return String(v || '').replace(prefix, '').replace(/_/g, ' ').toLowerCase();
+  }
+
+  function batchesView(route) {
+    let selected = route.id || '';
+    let disposition = '';
+    const filter = h('select', {
+      id: 'batch-disposition-filter',
+      'data-testid': 'batch-disposition-filter',
+      onchange: () => {
+        disposition = filter.value;
+        refreshNow();
+      },
+    }, [['', 'All'], ...DISPOSITIONS].map(([value, label]) => h('option', { value }, label)));
+    const count = h('span', { class: 'count', 'data-testid': 'batch-count' });
+    // Share of each disposition among the batches listed: one stacked bar.
+    const bar = h('div', { class: 'disposition-bar', 'data-testid': 'batch-disposition-bar', role: 'img' });
+    const legend = h('div', { class: 'disposition-legend' });
+    const tbody = h('tbody');
+    const roleNote = h('div');
+    const listSection = h('div', null,
+      h('section', { class: 'card batch-summary' }, bar, legend),
+      h('div', { class: 'toolbar' }, h('label', { for: 'batch-disposition-filter' }, 'Disposition'), filter, count),
+      h('div', { class: 'card table-wrap' },
+        h('table', { class: 'grid', 'data-testid': 'batch-table' },
+          h('thead', null, h('tr', null, BATCH_COLUMNS.map((name) => h('th', null, name)))),
+          tbody)));
+    const detail = h('section', { class: 'batch-detail', 'aria-label': 'Selected batch' });
+    const root = h('div', { class: 'batches' },
+      h('div', { class: 'page-title' }, h('h1', null, 'Batches'),
+        h('span', { class: 'muted' }, 'Batch records signed by the devices that made them, and QA\'s release')),
+      roleNote, listSection, detail);
+
+    function renderAccess() {
+      const role = state.me ? state.me.role : '';
+      const may = can(BATCH_ROLES);
+      listSection.hidden = !may;
+      detail.hidden = !may;
+      setChildren(roleNote, `${role}|${may}`, () => (may ? null
+        : h('p', { class: 'card note', 'data-testid': 'batches-role-note' },
+          `Batch records are read by operations, pharmacists, QA and auditors; your role (${ROLE_LABEL[role] || role}) has no access to them.`)));
+    }
+
+    function renderSummary(counts, total) {
+      const parts = DISPOSITIONS.map(([d, label]) => [d, label, Number((counts || {})[d]) || 0]);
+      setAttr(bar, 'aria-label', parts.map(([, label, n]) => `${label}: ${n}`).join(', '));
+      setChildren(bar, parts.map(([, , n]) => n).join('|'), () => (total === 0
+        ? h('div', { class: 'disposition-seg empty' })
+        : parts.filter(([, , n]) => n > 0).map(([d, label, n]) => h('div', {
+          class: `disposition-seg disposition-${d}`, style: `flex-grow:${n}`, title: `${label}: ${n}`,
+        }))));
+      setChildren(legend, parts.map(([, , n]) => n).join('|'), () => parts.map(([d, label, n]) => h('span', {
+        class: 'legend-item', 'data-testid': `batch-count-${d}`, 'data-count': n,
+      }, h('span', { class: `legend-swatch disposition-${d}` }), `${label} ${fmtNum(n)}`)));
+    }
+
+    function createRow(b) {
+      const cells = BATCH_COLUMNS.map(() => h('td'));
+      const row = h('tr', { class: 'link', 'data-testid': 'batch-row', 'data-batch-id': b.batch_id }, cells);
+      row.addEventListener('click', (ev) => {
+        if (ev.target.closest('a')) return;
+        navigate(batchHash(b.batch_id));
+      });
+      row._cells = cells;
+      return row;
+    }
+
+    function updateRow(row, b) {
+      const [id, device, recipe, started, outcome, qc, disp, by] = row._cells;
+      setClass(row, `link${b.batch_id === selected ? ' selected' : ''}`);
+      setAttr(row, 'data-disposition', b.disposition);
+      setChildren(id, b.batch_id, () => h('a', { class: 'id-link mono', href: batchHash(b.batch_id) }, b.batch_id));
+      setChildren(device, b.device_id, () => h('a', { href: deviceHash(b.device_id) }, b.device_id));
+      setText(recipe, `${b.recipe_id} v${b.recipe_version}`);
+      setText(started, fmtUtc(b.started_unix_ms));
+      setText(outcome, b.outcome);
+      setChildren(qc, String(b.qc_passed), () => h('span', { class: b.qc_passed ? 'qc-pass' : 'qc-fail' }, b.qc_passed ? 'pass' : 'fail'));
+      setChildren(disp, b.disposition, () => dispositionBadge(b.disposition));
+      setText(by, (b.started_by || {}).printed_name || (b.started_by || {}).user_id || '—');
+    }
+
+    function renderList(list) {
+      setText(count, `${fmtNum(list.length)} batch${list.length === 1 ? '' : 'es'}`);
+      if (list.length === 0) {
+        setChildren(tbody, `empty|${disposition}`, () => h('tr', null, h('td', { class: 'empty', colspan: BATCH_COLUMNS.length },
+          disposition ? 'No batches with this disposition.'
+            : ['No batches yet: a pharmacist starts a run with ', h('code', null, 'nanofleet runs start'), '.'])));
+        return;
+      }
+      delete tbody.dataset.sig;
+      reconcile(tbody, list, (b) => b.batch_id, createRow, updateRow);
+    }
+
+    function qcCard(r) {
+      const qc = r.qc || [];
+      const bound = (v) => (v == null ? '—' : fmtQty(v));
+      return h('section', { class: 'card', 'data-testid': 'batch-qc' },
+        h('div', { class: 'card-head' }, h('h2', null, 'QC against the release criteria')),
+        qc.length === 0 ? h('div', { class: 'empty' }, 'No QC results: the run did not complete.')
+          : h('table', { class: 'grid' },
+            h('thead', null, h('tr', null, ['Attribute', 'Result', 'Min', 'Max', 'Verdict'].map((c) => h('th', null, c)))),
+            h('tbody', null, qc.map((q) => h('tr', { 'data-testid': 'batch-qc-row', 'data-passed': String(!!q.passed) },
+              h('td', null, QC_LABEL[q.attribute] || enumLabel(q.attribute, 'QUALITY_ATTRIBUTE_')),
+              h('td', { class: 'num' }, `${q.value == null || q.value === 'NaN' ? 'not measured' : fmtQty(q.value)} ${q.unit || ''}`),
+              h('td', { class: 'num' }, bound(q.min)),
+              h('td', { class: 'num' }, bound(q.max)),
+              h('td', null, h('span', { class: q.passed ? 'qc-pass' : 'qc-fail' }, q.passed ? 'pass' : 'FAIL')))))));
+    }
+
+    function phasesCard(r) {
+      const phases = r.phases || [];
+      return h('section', { class: 'card', 'data-testid': 'batch-phases' },
+        h('div', { class: 'card-head' }, h('h2', null, 'Phases: setpoints and actuals')),
+        h('table', { class: 'grid' },
+          h('thead', null, h('tr', null, ['Phase', 'Start', 'Total flow set / actual (mL/min)', 'FRR set / actual', 'Flow CV', 'Temperature set / actual (°C)', 'Max pressure (mbar)']
+            .map((c) => h('th', null, c)))),
+          h('tbody', null, phases.map((p) => h('tr', null,
+            h('td', null, enumLabel(p.phase, 'RUN_PHASE_')),
+            h('td', null, fmtUtc(p.started_unix_ms)),
+            h('td', { class: 'num' }, `${fmtQty(p.setpoint_total_flow_ml_min, 2)} / ${fmtQty(p.actual_total_flow_ml_min, 2)}`),
+            h('td', { class: 'num' }, `${fmtQty(p.setpoint_flow_rate_ratio, 2)} / ${fmtQty(p.actual_flow_rate_ratio, 2)}`),
+            h('td', { class: 'num' }, fmtQty(p.flow_cv, 3)),
+            h('td', { class: 'num' }, `${fmtQty(p.setpoint_temperature_c, 1)} / ${fmtQty(p.actual_temperature_c, 1)}`),
+            h('td', { class: 'num' }, fmtNum(p.max_pressure_mbar)))))));
+    }
+
+    function alarmsCard(r) {
+      const alarms = r.alarms || [];
+      return h('section', { class: 'card', 'data-testid': 'batch-alarms' },
+        h('div', { class: 'card-head' }, h('h2', null, 'Alarms'), h('span', { class: 'muted' }, fmtNum(alarms.length))),
+        alarms.length === 0 ? h('div', { class: 'empty' }, 'None during the run.')
+          : h('ul', { class: 'alarm-list' }, alarms.map((a) => h('li', null,
+            h('span', { class: 'mono' }, fmtUtc(a.time_unix_ms)), ' ', enumLabel(a.priority, 'ALARM_PRIORITY_'), ' — ', a.detail))));
+    }
+
+    function signaturesCard(b) {
+      const s = b.summary || {};
+      const r = b.record || {};
+      const line = (testid, meaning, name, who, when, note) => h('li', { class: 'signature', 'data-testid': testid, 'data-meaning': meaning },
+        h('span', { class: `sig-meaning meaning-${meaning}` }, meaning),
+        h('div', { class: 'sig-main' },
+          h('div', { class: 'sig-name' }, name),
+          h('div', { class: 'sig-when' }, h('span', { class: 'sig-time' }, fmtUtc(when)), who ? h('span', { class: 'muted' }, ` · ${who}`) : null),
+          note ? h('div', { class: 'sub' }, note) : null));
+      const d = s.decision;
+      return h('section', { class: 'card', 'data-testid': 'batch-signatures' },
+        h('div', { class: 'card-head' }, h('h2', null, 'Electronic signatures'), h('span', { class: 'muted' }, '21 CFR Part 11')),
+        h('ol', { class: 'signature-list' },
+          (b.recipe_signatures || []).map((x) => line('batch-recipe-signature', x.meaning, x.printed_name, `user ${x.signer_id}`, x.signed_unix_ms,
+            `recipe ${r.recipe_id} v${r.recipe_version}`)),
+          line('batch-device-signature', 'recorded', `Device ${r.device_id}`, `certificate ${b.certificate_serial}`, r.ended_unix_ms,
+            `record SHA-256 ${b.record_digest}`),
+          d ? line('batch-decision', d.meaning, d.printed_name, `user ${d.signer_id}`, d.signed_unix_ms, d.reason || null) : null),
+        d ? null : h('p', { class: 'sig-waiting' }, s.qc_passed ? 'Waiting for QA release.' : 'Failed: QA can only reject it.'));
+    }
+
+    function renderDetail(b) {
+      const s = b.summary || {};
+      const r = b.record || {};
+      const c = r.cartridge || {};
+      const by = r.started_by || {};
+      setAttr(detail, 'data-testid', 'batch-detail');
+      setAttr(detail, 'data-batch-id', s.batch_id);
+      setChildren(detail, `${s.batch_id}|${s.disposition}`, () => [
+        h('section', { class: 'card recipe-head' },
+          h('div', { class: 'recipe-title' },
+            h('h2', null, h('span', { class: 'mono' }, s.batch_id)), dispositionBadge(s.disposition),
+            h('span', { class: 'recipe-name' }, `${s.outcome}${r.abort_reason ? `: ${r.abort_reason}` : ''}`)),
+          h('dl', { class: 'facts' },
+            spec('Recipe', h('a', { href: `#/recipes/${encodeURIComponent(r.recipe_id)}/${r.recipe_version}` }, `${r.recipe_id} v${r.recipe_version}`)),
+            spec('Device', h('a', { href: deviceHash(r.device_id) }, r.device_id), null, `${r.model}, firmware ${r.firmware_version}`),
+            spec('Cartridge', `lot ${c.lot || '—'}`, null, `serial ${c.serial || '—'} · expires ${fmtUtc(c.expires_unix_ms)}`),
+            spec('Prescription', r.prescription_id || '—', null, `dated ${fmtUtc(r.prescription_unix_ms)} · patient ${r.patient_pseudonym}`),
+            spec('Started by', by.printed_name || by.user_id || '—', null, fmtUtc(r.started_unix_ms)),
+            spec('Ended', fmtUtc(r.ended_unix_ms))),
+          h('p', { class: 'batch-links' },
+            h('a', { class: 'btn', href: `batches/${encodeURIComponent(s.batch_id)}/record.html`, target: '_blank', rel: 'noopener', 'data-testid': 'batch-print' }, 'Printable record'),
+            ' ',
+            h('a', { class: 'btn', href: `batches/${encodeURIComponent(s.batch_id)}/record.json`, 'data-testid': 'batch-json' }, 'Signed record (JSON)'))),
+        h('div', { class: 'recipe-status-grid' }, qcCard(r), signaturesCard(b)),
+        phasesCard(r),
+        alarmsCard(r),
+      ]);
+    }
+
+    renderAccess();
+    return {
+      root,
+      title: 'Batches · Nanofleet',
+      select(id) {
+        selected = id || '';
+        detail.replaceChildren();
+        delete detail.dataset.sig;
+      },
+      async refresh(isCurrent) {
+        renderAccess();
+        if (!can(BATCH_ROLES)) return;
+        const sel = selected;
+        const query = disposition ? `?disposition=${encodeURIComponent(disposition)}` : '';
+        const one = sel ? api(`api/batches/${encodeURIComponent(sel)}`).catch((err) => {
+          if (err instanceof HttpError && err.status === 404) return { missing: err.message };
+          throw err;
+        }) : null;
+        const [all, list, b] = await Promise.all([api('api/batches'), disposition ? api(`api/batches${query}`) : null, one]);
+        if (!isCurrent()) return;
+        const shown = list || all;
+        const total = (all.batches || []).length;
+        renderSummary(all.counts, total);
+        renderList(Array.isArray(shown.batches) ? shown.batches : []);
+        if (!sel) {
+          setChildren(detail, 'hint', () => h('p', { class: 'card note', 'data-testid': 'batch-hint' },
+            'Select a batch to see its QC results, phases, alarms and signatures, and to print its record.'));
+        } else if (b && b.missing) {
+          setChildren(detail, `missing|${sel}`, () => h('section', { class: 'card notice', 'data-testid': 'batch-missing' },
+            h('h1', null, `Batch ${sel} not found`), h('p', { class: 'muted' }, sentence(b.missing)),
+            h('p', null, h('a', { href: '#/batches' }, 'Back to all batches'))));
+        } else if (b) {
+          renderDetail(b);
+        }
+      },
+    };
+  }
+
   // === Unknown route ===
 
   function unknownView(route) {
@@ -2175,6 +2432,7 @@
     el.nav = document.querySelector('.mainnav');
     el.enrollNav = el.nav.querySelector('[data-nav="enroll"]');
     el.recipesNav = el.nav.querySelector('[data-nav="recipes"]');
+    el.batchesNav = el.nav.querySelector('[data-nav="batches"]');
     el.session = document.querySelector('.session');
     el.whoami = el.session.querySelector('[data-testid="whoami"]');
     el.whoamiName = el.whoami.querySelector('.whoami-name');

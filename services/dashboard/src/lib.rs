@@ -66,6 +66,10 @@ pub fn router(api: Api) -> Router {
         .route("/api/recipes", get(recipes))
         .route("/api/recipes/{id}", get(recipe))
         .route("/api/recipes/{id}/deliveries", get(recipe_deliveries))
+        .route("/api/batches", get(batches))
+        .route("/api/batches/{id}", get(batch))
+        .route("/batches/{id}/record.html", get(batch_document))
+        .route("/batches/{id}/record.json", get(batch_export_json))
         .route_layer(middleware::from_fn_with_state(api.clone(), require_session));
     Router::new()
         .route("/", get(|| async { static_file(INDEX_HTML, "text/html; charset=utf-8") }))
@@ -486,6 +490,89 @@ async fn recipe_deliveries(
             "pending": count(pb::DeliveryState::Pending),
         },
     })))
+}
+
+#[derive(serde::Deserialize)]
+struct BatchesQuery {
+    site: Option<String>,
+    device: Option<String>,
+    recipe: Option<String>,
+    disposition: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn batches(
+    State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
+    q: Result<Query<BatchesQuery>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    allow(&caller, "BatchService/ListBatches")?;
+    let q = query(q)?;
+    let disposition = match q.disposition.as_deref().unwrap_or_default() {
+        "" => pb::BatchDisposition::Unspecified,
+        "awaiting_release" => pb::BatchDisposition::AwaitingRelease,
+        "released" => pb::BatchDisposition::Released,
+        "rejected" => pb::BatchDisposition::Rejected,
+        "failed" => pb::BatchDisposition::Failed,
+        other => {
+            return Err(ApiError(nanofleet_api::Error::invalid(
+                "disposition",
+                other,
+                "awaiting_release, released, rejected or failed",
+            )));
+        }
+    };
+    let req = pb::ListBatchesRequest {
+        site_id: q.site.unwrap_or_default(),
+        device_id: q.device.unwrap_or_default(),
+        recipe_id: q.recipe.unwrap_or_default(),
+        disposition: disposition as i32,
+        limit: q.limit.unwrap_or(200),
+    };
+    let list = api.batches.list(&caller, &req).await?;
+    let count = |d: pb::BatchDisposition| list.iter().filter(|b| b.disposition == d as i32).count();
+    Ok(Json(serde_json::json!({
+        "batches": list.iter().map(nanofleet_api::summary_json).collect::<Vec<_>>(),
+        "counts": {
+            "awaiting_release": count(pb::BatchDisposition::AwaitingRelease),
+            "released": count(pb::BatchDisposition::Released),
+            "rejected": count(pb::BatchDisposition::Rejected),
+            "failed": count(pb::BatchDisposition::Failed),
+        },
+    })))
+}
+
+async fn batch(
+    State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    allow(&caller, "BatchService/GetBatch")?;
+    Ok(Json(nanofleet_api::batch_json(&api.batches.get(&caller, &id).await?)))
+}
+
+/// The printable batch record.
+async fn batch_document(
+    State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    allow(&caller, "BatchService/ExportBatch")?;
+    let (content_type, body) = api.batches.export(&caller, &id, pb::ExportFormat::Html).await?;
+    Ok(([(header::CONTENT_TYPE, content_type)], body).into_response())
+}
+
+/// The batch record with the signed bytes, as a download.
+async fn batch_export_json(
+    State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    allow(&caller, "BatchService/ExportBatch")?;
+    let (content_type, body) = api.batches.export(&caller, &id, pb::ExportFormat::Json).await?;
+    let disposition = format!("attachment; filename=\"batch-{}.json\"", id.replace(['"', '\\', '/'], "_"));
+    Ok(([(header::CONTENT_TYPE, content_type), (header::CONTENT_DISPOSITION, disposition)], body)
+        .into_response())
 }
 
 /// For Prometheus: an API token of a role that may read ingest statistics.

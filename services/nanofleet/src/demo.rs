@@ -6,7 +6,7 @@ use nanofleet_agent::fleet::{self, Fleet, FleetEnrollment, FleetOptions, Tokens}
 use nanofleet_agent::link::LinkOptions;
 use nanofleet_agent::runs::AutoRuns;
 use nanofleet_api::{Actor, Caller};
-use nanofleet_proto::device::v1::Person;
+use nanofleet_proto::device::v1::{Person, ProcedureStep, RunPhase};
 use nanofleet_proto::device::v1::{SignatureMeaning, Targets};
 use nanofleet_proto::v1 as pb;
 
@@ -127,6 +127,26 @@ async fn release_demo_recipe(
             .unwrap_or(0),
     );
     recipe.name = "Flu H5 mRNA-LNP, 100 ug".into();
+    // A quicker procedure than the example's, so the demo shows batches within minutes:
+    // the same 2 mL collected, buffer exchanged at a higher flow.
+    let step = |phase: RunPhase, duration_s: u32, total_flow_ml_min: f64| ProcedureStep {
+        phase: phase as i32,
+        duration_s,
+        total_flow_ml_min,
+        temperature_c: 0.0,
+    };
+    recipe.procedure = vec![
+        step(RunPhase::SelfTest, 3, 0.0),
+        step(RunPhase::CartridgeVerify, 2, 0.0),
+        step(RunPhase::Prime, 5, 2.0),
+        step(RunPhase::Equilibrate, 5, 0.0),
+        step(RunPhase::StartWaste, 3, 12.0),
+        step(RunPhase::Collect, 10, 12.0),
+        step(RunPhase::EndWaste, 3, 12.0),
+        step(RunPhase::BufferExchange, 20, 18.0),
+        step(RunPhase::Flush, 5, 6.0),
+        step(RunPhase::QcSample, 5, 0.0),
+    ];
     recipes.save_draft(&pharmacist, recipe).await?;
     let sign = |who: &Caller, password: &str, meaning: SignatureMeaning| pb::SignRecipeRequest {
         recipe_id: DEMO_RECIPE.into(),
@@ -203,7 +223,7 @@ impl Demo {
             // The site's pharmacist starts runs at the devices' screens whenever a
             // device is idle and holds the recipe.
             auto_runs: Some(AutoRuns::new(
-                (Duration::from_secs(15), Duration::from_secs(90)),
+                (Duration::from_secs(10), Duration::from_secs(40)),
                 Person { user_id: people.pharmacist.clone(), printed_name: DEMO_PHARMACIST_NAME.into() },
             )),
             ..FleetOptions::default()
