@@ -550,8 +550,22 @@ impl RunDesk {
         }
         self.state.runs = seq;
         self.state.used_cartridges.push(used_key);
-        self.save_state().map_err(|e| (code::STORAGE, e.to_string()))?;
-        device.start_run(run.plan.clone(), now_ms).map_err(|e| (code::DEVICE_REFUSED, e))?;
+        let started = self
+            .save_state()
+            .map_err(|e| (code::STORAGE, e.to_string()))
+            .and_then(|()| device.start_run(run.plan.clone(), now_ms).map_err(|e| (code::DEVICE_REFUSED, e)));
+        if let Err(refusal) = started {
+            // Nothing ran: the cartridge stays unused and no interrupted run is left behind.
+            self.state.runs = seq - 1;
+            self.state.used_cartridges.pop();
+            if let Err(e) = self.save_state() {
+                tracing::warn!(error = %e, "run desk state not restored after a refused start");
+            }
+            if let Some(dir) = &self.dir {
+                let _ = std::fs::remove_file(dir.join("active.request"));
+            }
+            return Err(refusal);
+        }
         let batch_id = run.batch_id.clone();
         tracing::info!(device_id = %info.device_id, %batch_id, recipe_id = %r.recipe_id, "run started");
         self.active = Some(run);

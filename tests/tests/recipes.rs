@@ -434,3 +434,89 @@ async fn released_recipes_reach_their_devices_now_or_when_they_connect() -> anyh
     sb.stop().await;
     Ok(())
 }
+
+/// The delivery the server sends for a released version: its signed statements.
+async fn stored_delivery(sb: &Sandbox, recipe_id: &str, version: i64) -> anyhow::Result<Vec<Envelope>> {
+    let sigs = sb.server.store.recipe_signatures(recipe_id, version).await?;
+    sigs.iter().map(|s| Ok(Envelope::decode(s.envelope.as_slice())?)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attacks_sent_to_a_device_are_refused_with_their_reason_answered_and_audited() -> anyhow::Result<()> {
+    use nanofleet_proto::topics::Command;
+    let sb = Sandbox::start().await?;
+    let creds = sb.enroll_device("site-a", "NF-A-05").await?;
+    let mut alice = signer(&sb, "alice", "Alice Martin", pb::Role::Pharmacist, "site-a").await?;
+    let mut quinn = signer(&sb, "quinn", "Quinn Okafor", pb::Role::Qa, "").await?;
+    let state = tempfile::tempdir()?;
+    let (stop, task) = run_device(&sb, &creds, Some(state.path()))?;
+    // flu-x targets another device of the site only.
+    sb.enroll_device("site-a", "NF-A-06").await?;
+    let mut only_a06 = recipe("flu-x", "site-a");
+    only_a06.targets = Some(Targets { site_ids: vec![], device_ids: vec!["NF-A-06".into()] });
+    for r in [recipe("flu-a", "site-a"), recipe("flu-b", "site-a"), only_a06] {
+        let id = r.recipe_id.clone();
+        alice.save(r).await?;
+        alice.sign(&id, 1, SignatureMeaning::Authored).await?;
+        quinn.sign(&id, 1, SignatureMeaning::Approved).await?;
+    }
+    alice.save(recipe("flu-a", "site-a")).await?;
+    alice.sign("flu-a", 2, SignatureMeaning::Authored).await?;
+    quinn.sign("flu-a", 2, SignatureMeaning::Approved).await?;
+    answer(&sb, "flu-a", 2, "NF-A-05").await?;
+    answer(&sb, "flu-b", 1, "NF-A-05").await?;
+
+    let a2 = stored_delivery(&sb, "flu-a", 2).await?;
+    let a1 = stored_delivery(&sb, "flu-a", 1).await?;
+    let b1 = stored_delivery(&sb, "flu-b", 1).await?;
+    let x1 = stored_delivery(&sb, "flu-x", 1).await?;
+    let encode = |statements: Vec<Envelope>| RecipeDelivery { statements }.encode_to_vec();
+    let mut flipped = a2.clone();
+    flipped[0].signatures[0].sig[5] ^= 0x01;
+    let mut retyped = a2.clone();
+    retyped[1].payload_type = nanofleet_recipe::dsse::FIRMWARE_PAYLOAD_TYPE.into();
+    let whole = encode(a2.clone());
+    let attacks: Vec<(&str, Vec<u8>)> = vec![
+        ("bad_signature", encode(flipped)),
+        ("threshold_not_met", encode(vec![a2[0].clone()])),
+        ("same_signer", encode(vec![a2[0].clone(), a2[0].clone()])),
+        ("mixed_recipes", encode(vec![a2[0].clone(), b1[1].clone()])),
+        ("wrong_payload_type", encode(retyped)),
+        ("rollback", encode(a1)),
+        ("not_targeted", encode(x1)),
+        ("malformed", whole[..whole.len() - 10].to_vec()),
+        ("oversized", vec![0x0a; nanofleet_recipe::MAX_DELIVERY_BYTES + 1]),
+    ];
+    let commands = sb.server.commands();
+    let store = sb.server.store.clone();
+    let refusals = || async {
+        store
+            .list_audit(&nanofleet_store::AuditFilter { action: Some("recipe.refused".into()), ..Default::default() })
+            .await
+            .map(|all| all.into_iter().filter(|r| r.entry.actor == "device:NF-A-05").collect::<Vec<_>>())
+    };
+    for (code, payload) in attacks {
+        let before = refusals().await?.len();
+        assert!(commands.send("NF-A-05", Command::Recipe, payload).await, "{code}: the device is connected");
+        let after = nanofleet_tests::eventually(code, std::time::Duration::from_secs(20), || async {
+            refusals().await.ok().filter(|all| all.len() > before)
+        })
+        .await?;
+        let reason = &after.last().expect("one more").entry.reason;
+        assert!(reason.starts_with(&format!("{code}: ")), "expected {code}, the device answered {reason:?}");
+        assert!(reason.len() > code.len() + 3, "{code}: the reason says why: {reason:?}");
+    }
+
+    // The device keeps what it had: flu-a v2 and flu-b v1 still run.
+    let book = nanofleet_agent::recipes::RecipeBook::open(
+        &state.path().join("recipes"),
+        nanofleet_pki::trust_root::TrustRoot::from_json(&creds.trust_root_json)?,
+    )?;
+    assert_eq!(book.recipe("flu-a").map(|h| h.recipe.version), Some(2));
+    assert_eq!(book.recipe("flu-b").map(|h| h.recipe.version), Some(1));
+    assert!(book.recipe("flu-x").is_none());
+    stop.cancel();
+    task.await??;
+    sb.stop().await;
+    Ok(())
+}

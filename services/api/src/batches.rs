@@ -236,7 +236,7 @@ impl Batches {
             }),
             _ => {
                 self.lock_waiting().remove(&request_id);
-                Err(Error::Unavailable(format!(
+                Err(Error::DeviceUnavailable(format!(
                     "device {} did not answer run request {request_id} within {}s; it may still start: check `nanofleet batches list --device {}`",
                     req.device_id,
                     RUN_ANSWER_TIMEOUT.as_secs(),

@@ -20,6 +20,9 @@ pub enum Error {
     PermissionDenied(String),
     #[error("storage unavailable: {0}")]
     Unavailable(String),
+    /// A device did not answer in time; trying again later may work.
+    #[error("{0}")]
+    DeviceUnavailable(String),
 }
 
 impl Error {
@@ -35,7 +38,7 @@ impl Error {
             Error::Conflict(_) => tonic::Code::FailedPrecondition,
             Error::Unauthenticated(_) => tonic::Code::Unauthenticated,
             Error::PermissionDenied(_) => tonic::Code::PermissionDenied,
-            Error::Unavailable(_) => tonic::Code::Unavailable,
+            Error::Unavailable(_) | Error::DeviceUnavailable(_) => tonic::Code::Unavailable,
         }
     }
 
@@ -46,7 +49,7 @@ impl Error {
             Error::Conflict(_) => 409,
             Error::Unauthenticated(_) => 401,
             Error::PermissionDenied(_) => 403,
-            Error::Unavailable(_) => 503,
+            Error::Unavailable(_) | Error::DeviceUnavailable(_) => 503,
         }
     }
 }

@@ -133,6 +133,12 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Error
 }
 
 impl Server {
+    /// Sends commands to connected devices through the embedded broker, as the
+    /// recipe delivery and run requests do.
+    pub fn commands(&self) -> Arc<dyn CommandSink> {
+        Arc::new(BrokerCommands(self.broker.control()))
+    }
+
     pub async fn start(opts: &Options) -> Result<Server, Error> {
         nanofleet_pki::install_crypto_provider();
         std::fs::create_dir_all(&opts.data_dir)
