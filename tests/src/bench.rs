@@ -26,12 +26,19 @@ pub fn nanofleet_binary() -> anyhow::Result<PathBuf> {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("target"));
     candidates.push(target.join("release").join("nanofleet"));
     candidates.push(target.join("debug").join("nanofleet"));
-    candidates.into_iter().find(|p| p.is_file()).with_context(|| {
+    let found = candidates.into_iter().find(|p| p.is_file()).with_context(|| {
         format!(
             "no nanofleet binary under {}: run `cargo build --release -p nanofleet` first",
             target.display()
         )
-    })
+    })?;
+    if !cfg!(debug_assertions) && found.parent().and_then(Path::file_name).is_some_and(|d| d == "debug") {
+        eprintln!(
+            "WARNING: {} is an unoptimised build: its numbers are not representative; run `cargo build --release -p nanofleet` (`--benches` alone does not build it)",
+            found.display()
+        );
+    }
+    Ok(found)
 }
 
 pub fn binary_age(path: &Path) -> String {

@@ -491,7 +491,10 @@ async fn attacks_sent_to_a_device_are_refused_with_their_reason_answered_and_aud
     let store = sb.server.store.clone();
     let refusals = || async {
         store
-            .list_audit(&nanofleet_store::AuditFilter { action: Some("recipe.refused".into()), ..Default::default() })
+            .list_audit(&nanofleet_store::AuditFilter {
+                action: Some("recipe.refused".into()),
+                ..Default::default()
+            })
             .await
             .map(|all| all.into_iter().filter(|r| r.entry.actor == "device:NF-A-05").collect::<Vec<_>>())
     };

@@ -239,11 +239,19 @@ async fn exercise_recipes(url: &str) -> anyhow::Result<()> {
         ..answer.clone()
     };
     store.record_delivery_answers(&[(answer, Some(audit("recipe.refused"))), (late, None)]).await?;
-    store.mark_deliveries_sent("r", 1, &["NF-2".into(), "NF-3".into()], 5).await?;
+    let targets: Vec<String> = ["NF-1", "NF-2", "NF-4", "NF-9"].map(String::from).to_vec();
+    store.record_release_sends("r", 1, &targets, &["NF-2".into(), "NF-3".into()], 5).await?;
     let d = store.recipe_deliveries("r", 0).await?;
     assert_eq!(
         d.iter().map(|d| (d.device_id.as_str(), d.state.as_str())).collect::<Vec<_>>(),
-        [("NF-1", "refused"), ("NF-2", "pending"), ("NF-3", "pending"), ("NF-9", "accepted")]
+        [
+            ("NF-1", "refused"),
+            ("NF-2", "pending"),
+            ("NF-3", "pending"),
+            ("NF-4", "pending"),
+            ("NF-9", "accepted")
+        ],
+        "every target has a delivery; answers that came first are kept"
     );
     assert!(d.iter().filter(|d| d.device_id == "NF-2" || d.device_id == "NF-3").all(|d| d.sent_ms == 5));
     assert_eq!(store.pending_deliveries("NF-2").await?, [("r".to_owned(), 1)]);

@@ -330,15 +330,15 @@ impl Worker {
     }
 
     async fn release(&mut self, r: &Released) -> Result<(), Error> {
-        let devices = self.store.pending_devices(&r.recipe_id, r.version).await?;
+        let devices = r.devices.clone();
         tracing::info!(recipe = %r.recipe_id, version = r.version, devices = devices.len(), "delivering a released recipe");
         let payload = self.delivery(&r.recipe_id, r.version).await?;
         let current = self.recipes.trust_root().await.signed.version;
         // The trust root versions each device lacks, encoded once per version it holds.
         let mut updates: HashMap<u64, Vec<u8>> = HashMap::new();
         let mut reached = Vec::with_capacity(devices.len());
-        for device_id in devices {
-            let has = self.roots.lock().unwrap_or_else(|p| p.into_inner()).get(&device_id).copied();
+        for device_id in devices.iter() {
+            let has = self.roots.lock().unwrap_or_else(|p| p.into_inner()).get(device_id).copied();
             // Devices not seen since this server started get everything at their birth.
             let Some(has) = has else { continue };
             if has < current {
@@ -350,13 +350,13 @@ impl Worker {
                         e.insert(TrustRootUpdate { documents }.encode_to_vec())
                     }
                 };
-                self.sink.send(&device_id, Command::TrustRoot, update.clone()).await;
+                self.sink.send(device_id, Command::TrustRoot, update.clone()).await;
             }
-            if self.sink.send(&device_id, Command::Recipe, payload.to_vec()).await {
-                reached.push(device_id);
+            if self.sink.send(device_id, Command::Recipe, payload.to_vec()).await {
+                reached.push(device_id.clone());
             }
         }
-        self.store.mark_deliveries_sent(&r.recipe_id, r.version, &reached, now_ms()).await?;
+        self.store.record_release_sends(&r.recipe_id, r.version, &devices, &reached, now_ms()).await?;
         tracing::info!(recipe = %r.recipe_id, version = r.version, devices = reached.len(), "released recipe sent");
         Ok(())
     }

@@ -29,6 +29,8 @@ use crate::{Caller, Error, People, Role, now_ms};
 pub struct Released {
     pub recipe_id: String,
     pub version: i64,
+    /// The active devices it targets, as of the release.
+    pub devices: Arc<Vec<String>>,
 }
 
 /// Recipes and their signatures; cheap to clone.
@@ -305,7 +307,7 @@ impl Recipes {
                 "key_id": key_id(&key.verifying_key()),
             }),
         )];
-        let (released_ms, deliver_to) = if to_status == RELEASED {
+        let (released_ms, targets) = if to_status == RELEASED {
             let recipe = Recipe::decode(rec.body.as_slice())
                 .map_err(|e| Error::Unavailable(format!("stored recipe does not decode: {e}")))?;
             let devices = self.target_devices(&recipe).await?;
@@ -334,12 +336,19 @@ impl Recipes {
             from_status: from_status.into(),
             to_status: to_status.into(),
             released_ms,
-            deliver_to,
+            // Written by the distributor once it has sent the release, so that the
+            // release is not held up by one row per device; a device whose row a crash
+            // lost gets the version at its next connection.
+            deliver_to: Vec::new(),
             audit: entries,
         };
         self.store.sign_recipe(&commit).await.map_err(conflict_or)?;
         if to_status == RELEASED {
-            let _ = self.released.send(Released { recipe_id: rec.recipe_id.clone(), version });
+            let _ = self.released.send(Released {
+                recipe_id: rec.recipe_id.clone(),
+                version,
+                devices: Arc::new(targets),
+            });
         }
         self.version(&rec.recipe_id, version).await
     }

@@ -445,16 +445,33 @@ impl Store {
         .collect()
     }
 
-    /// Notes when a version was sent to these devices, in one transaction.
-    pub async fn mark_deliveries_sent(
+    /// After a release went out: a pending delivery for every target (answers that
+    /// arrived already are kept) and the send time of those it reached, in one
+    /// transaction.
+    pub async fn record_release_sends(
         &self,
         recipe_id: &str,
         version: i64,
-        device_ids: &[String],
+        targets: &[String],
+        sent: &[String],
         at_ms: i64,
     ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        for chunk in crate::chunks(device_ids) {
+        for chunk in crate::chunks(targets) {
+            let sql = crate::multi_row_insert(
+                self.backend,
+                "INSERT INTO recipe_deliveries (device_id, recipe_id, version, state)",
+                4,
+                chunk.len(),
+                "ON CONFLICT (device_id, recipe_id, version) DO NOTHING",
+            );
+            let mut q = sqlx::query(&sql);
+            for device_id in chunk {
+                q = q.bind(device_id).bind(recipe_id).bind(version).bind("pending");
+            }
+            q.execute(&mut *tx).await?;
+        }
+        for chunk in crate::chunks(sent) {
             let sql = format!(
                 "UPDATE recipe_deliveries SET sent_ms = v.column4 FROM ({}) AS v \
                  WHERE recipe_deliveries.device_id = v.column1 AND recipe_deliveries.recipe_id = v.column2 \
