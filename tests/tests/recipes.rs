@@ -476,11 +476,26 @@ async fn attacks_sent_to_a_device_are_refused_with_their_reason_answered_and_aud
     let mut retyped = a2.clone();
     retyped[1].payload_type = nanofleet_recipe::dsse::FIRMWARE_PAYLOAD_TYPE.into();
     let whole = encode(a2.clone());
+    // A correct statement of flu-a v3 signed by a key the trust root does not list.
+    let forger = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let mut v3 = recipe("flu-a", "site-a");
+    v3.version = 3;
+    let forged = nanofleet_recipe::sign::sign_statement(
+        &nanofleet_recipe::sign::statement(
+            &v3.encode_to_vec(),
+            "quinn",
+            "Quinn Okafor",
+            SignatureMeaning::Approved,
+            nanofleet_tests::now_ms(),
+        ),
+        &forger,
+    );
     let attacks: Vec<(&str, Vec<u8>)> = vec![
         ("bad_signature", encode(flipped)),
         ("threshold_not_met", encode(vec![a2[0].clone()])),
         ("same_signer", encode(vec![a2[0].clone(), a2[0].clone()])),
         ("mixed_recipes", encode(vec![a2[0].clone(), b1[1].clone()])),
+        ("key_not_in_role", encode(vec![forged])),
         ("wrong_payload_type", encode(retyped)),
         ("rollback", encode(a1)),
         ("not_targeted", encode(x1)),
@@ -510,7 +525,44 @@ async fn attacks_sent_to_a_device_are_refused_with_their_reason_answered_and_aud
         assert!(reason.len() > code.len() + 3, "{code}: the reason says why: {reason:?}");
     }
 
-    // The device keeps what it had: flu-a v2 and flu-b v1 still run.
+    // Trust root attacks: a version skipped, and a rotation the old root key did not sign.
+    use nanofleet_pki::trust_root::{TrustRoot, key_id, signing_key};
+    let current = sb.server.recipes.trust_root().await;
+    let root_key = signing_key(&sb.dir.path().join("pki"))?;
+    let v4 = TrustRoot::signed_by(current.successor_body(), &[&root_key]);
+    let v5 = TrustRoot::signed_by(v4.successor_body(), &[&root_key]);
+    let intruder = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+    let mut seized = current.successor_body();
+    seized.remove_key(&key_id(&root_key.verifying_key()));
+    seized.add_role_key("root", &intruder.verifying_key(), None);
+    let seized = TrustRoot::signed_by(seized, &[&intruder]);
+    let root_refusals = || async {
+        store
+            .list_audit(&nanofleet_store::AuditFilter {
+                action: Some("trust-root.refused".into()),
+                ..Default::default()
+            })
+            .await
+            .map(|all| all.into_iter().filter(|r| r.entry.actor == "device:NF-A-05").collect::<Vec<_>>())
+    };
+    for (what, documents) in
+        [("a skipped version", vec![v5.to_json()]), ("a seized root", vec![seized.to_json()])]
+    {
+        let before = root_refusals().await?.len();
+        let update = nanofleet_proto::device::v1::TrustRootUpdate { documents }.encode_to_vec();
+        assert!(
+            commands.send("NF-A-05", Command::TrustRoot, update).await,
+            "{what}: the device is connected"
+        );
+        let after = nanofleet_tests::eventually(what, std::time::Duration::from_secs(20), || async {
+            root_refusals().await.ok().filter(|all| all.len() > before)
+        })
+        .await?;
+        let reason = &after.last().expect("one more").entry.reason;
+        assert!(reason.starts_with("root_rejected: "), "{what}: the device answered {reason:?}");
+    }
+
+    // The device keeps what it had: flu-a v2 and flu-b v1 still run, under root v3.
     let book = nanofleet_agent::recipes::RecipeBook::open(
         &state.path().join("recipes"),
         nanofleet_pki::trust_root::TrustRoot::from_json(&creds.trust_root_json)?,
@@ -518,6 +570,7 @@ async fn attacks_sent_to_a_device_are_refused_with_their_reason_answered_and_aud
     assert_eq!(book.recipe("flu-a").map(|h| h.recipe.version), Some(2));
     assert_eq!(book.recipe("flu-b").map(|h| h.recipe.version), Some(1));
     assert!(book.recipe("flu-x").is_none());
+    assert_eq!(book.trust_root().signed.version, current.signed.version);
     stop.cancel();
     task.await??;
     sb.stop().await;
