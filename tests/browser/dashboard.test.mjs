@@ -38,6 +38,7 @@ const STARTUP_TIMEOUT_MS = 30_000;
 const SHUTDOWN_TIMEOUT_MS = 10_000;
 const DASHBOARD_LINE = /dashboard\s+(https:\/\/\S+)/;
 const LOGIN_LINE = /login\s+(\S+)\s+\/\s+(\S+)\s+\(dashboard\)/;
+const QA_LINE = /qa\s+(\S+)\s+\/\s+(\S+)\s+\(approves recipes/;
 const WRONG_PASSWORD = 'user id or password is wrong';
 // Printed with `--server` in place of the address, which the page cannot know.
 const GRPC_PLACEHOLDER = "<the server's gRPC address>";
@@ -123,8 +124,10 @@ class DemoServer {
           if (dash) found.url = dash[1];
           const login = line.match(LOGIN_LINE);
           if (login) [, found.user, found.password] = login;
+          const qa = line.match(QA_LINE);
+          if (qa) [, found.qaUser, found.qaPassword] = qa;
         }
-        if (found.url && found.password) {
+        if (found.url && found.password && found.qaPassword) {
           clearTimeout(timer);
           resolve(found);
         }
@@ -429,6 +432,49 @@ describe('dashboard against a demo fleet', () => {
     assert.match(html.text, new RegExp(UTC_TIME));
     assert.deepEqual(pageErrors, [], 'no script or network errors in the page');
     await shoot('batches.png');
+  });
+
+  it('QA signs in and releases or rejects a batch with their password, and the decision is shown', { timeout: 90_000 }, async () => {
+    await page.getByTestId('logout').click();
+    await page.getByTestId('login-form').waitFor({ state: 'visible' });
+    await signIn(login.qaUser, login.qaPassword);
+    await page.getByTestId('batch-table').waitFor({ state: 'visible' });
+
+    const row = page.locator('[data-testid="batch-row"]:not([data-disposition="released"]):not([data-disposition="rejected"])').first();
+    await row.waitFor({ state: 'visible' });
+    const batchId = await row.getAttribute('data-batch-id');
+    const passed = (await row.getAttribute('data-disposition')) === 'awaiting_release';
+    await row.click();
+    const detail = page.locator(`[data-testid="batch-detail"][data-batch-id="${batchId}"]`);
+    const form = detail.getByTestId('batch-decision-form');
+    await form.waitFor({ state: 'visible' });
+
+    // A wrong password is refused in the server's words, and nothing is signed.
+    await form.getByTestId('batch-decision-password').fill('not my password');
+    await form.getByTestId(passed ? 'batch-release' : 'batch-reject').click();
+    const error = form.getByTestId('batch-decision-error');
+    await error.waitFor({ state: 'visible' });
+    assert.ok((await error.textContent()).trim().length > 0, 'the refusal says why');
+    assert.equal(await detail.getByTestId('batch-decision').count(), 0, 'no decision recorded');
+    // Those refusals were provoked on purpose.
+    pageErrors.length = 0;
+
+    await form.getByTestId('batch-decision-password').fill(login.qaPassword);
+    await form.getByTestId('batch-decision-reason').fill(passed ? '' : 'out of specification');
+    await form.getByTestId(passed ? 'batch-release' : 'batch-reject').click();
+    const decision = detail.getByTestId('batch-decision');
+    await decision.waitFor({ state: 'visible', timeout: 20_000 });
+    assert.equal(await decision.getAttribute('data-meaning'), passed ? 'released' : 'rejected');
+    assert.match(await decision.textContent(), /Quinn Okafor \(QA\)/);
+    assert.equal(await detail.getByTestId('batch-decision-form').count(), 0, 'a decision is final');
+    await shoot('batch-decided.png');
+
+    // Back to the operator for the pages that follow.
+    await page.getByTestId('logout').click();
+    await page.getByTestId('login-form').waitFor({ state: 'visible' });
+    await signIn(login.user, login.password);
+    await page.getByTestId('whoami').waitFor({ state: 'visible' });
+    assert.deepEqual(pageErrors, [], 'no script or network errors in the page');
   });
 
   it('enroll page creates a token, shows its secret once and lists it as usable', { timeout: 60_000 }, async () => {

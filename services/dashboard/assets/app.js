@@ -40,6 +40,8 @@
   const RECIPE_ROLES = new Set(['ops', 'pharmacist', 'qa', 'auditor']);
   // ListBatches and GetBatch in the server's access table.
   const BATCH_ROLES = RECIPE_ROLES;
+  // ReleaseBatch in the server's access table.
+  const BATCH_SIGN_ROLES = new Set(['qa']);
   const BATCH_COLUMNS = ['Batch', 'Device', 'Recipe', 'Started', 'Outcome', 'QC', 'Disposition', 'Started by'];
   const QC_LABEL = {
     QUALITY_ATTRIBUTE_SIZE_NM: 'Size (Z-average)', QUALITY_ATTRIBUTE_PDI: 'Polydispersity (PDI)',
@@ -2340,7 +2342,51 @@
           line('batch-device-signature', 'recorded', `Device ${r.device_id}`, `certificate ${b.certificate_serial}`, r.ended_unix_ms,
             `record SHA-256 ${b.record_digest}`),
           d ? line('batch-decision', d.meaning, d.printed_name, `user ${d.signer_id}`, d.signed_unix_ms, d.reason || null) : null),
-        d ? null : h('p', { class: 'sig-waiting' }, s.qc_passed ? 'Waiting for QA release.' : 'Failed: QA can only reject it.'));
+        d ? null : h('p', { class: 'sig-waiting' }, s.qc_passed ? 'Waiting for QA release.' : 'Failed: QA can only reject it.'),
+        d || !can(BATCH_SIGN_ROLES) ? null : decisionForm(s));
+    }
+
+    // QA's electronic signature: the signed-in person's id and their password again.
+    function decisionForm(s) {
+      const me = state.me || {};
+      const password = h('input', {
+        id: 'batch-decision-password', type: 'password', autocomplete: 'current-password', 'data-testid': 'batch-decision-password',
+      });
+      const reason = h('input', {
+        id: 'batch-decision-reason', type: 'text', 'data-testid': 'batch-decision-reason',
+        placeholder: s.qc_passed ? 'Reason (required to reject)' : 'Reason for rejecting',
+      });
+      const error = h('p', { class: 'form-error', role: 'alert', 'data-testid': 'batch-decision-error', hidden: true });
+      const buttons = [];
+      async function sign(meaning) {
+        error.hidden = true;
+        for (const b of buttons) b.disabled = true;
+        try {
+          await api(`api/batches/${encodeURIComponent(s.batch_id)}/decision`, {
+            method: 'POST',
+            body: { meaning, reason: reason.value, user_id: me.id, password: password.value },
+            timeoutMs: LOGIN_TIMEOUT_MS,
+          });
+          password.value = '';
+          refreshNow();
+        } catch (err) {
+          setText(error, sentence(err.message));
+          error.hidden = false;
+          for (const b of buttons) b.disabled = b.dataset.testid === 'batch-release' && !s.qc_passed;
+        }
+      }
+      const release = h('button', {
+        type: 'button', class: 'btn btn-primary', 'data-testid': 'batch-release', disabled: !s.qc_passed,
+        onclick: () => sign('released'),
+      }, 'Release');
+      const reject = h('button', { type: 'button', class: 'btn', 'data-testid': 'batch-reject', onclick: () => sign('rejected') }, 'Reject');
+      buttons.push(release, reject);
+      return h('div', { class: 'batch-decision', 'data-testid': 'batch-decision-form' },
+        h('p', { class: 'sub' }, `Sign as ${me.display_name || me.id} (${me.id}): enter your password again. The signature binds your name, the time and its meaning to this record.`),
+        h('label', { for: 'batch-decision-password' }, 'Password'), password,
+        h('label', { for: 'batch-decision-reason' }, 'Reason'), reason,
+        error,
+        h('div', { class: 'batch-decision-buttons' }, release, ' ', reject));
     }
 
     function renderDetail(b) {

@@ -68,6 +68,7 @@ pub fn router(api: Api) -> Router {
         .route("/api/recipes/{id}/deliveries", get(recipe_deliveries))
         .route("/api/batches", get(batches))
         .route("/api/batches/{id}", get(batch))
+        .route("/api/batches/{id}/decision", post(decide_batch))
         .route("/batches/{id}/record.html", get(batch_document))
         .route("/batches/{id}/record.json", get(batch_export_json))
         .route_layer(middleware::from_fn_with_state(api.clone(), require_session));
@@ -549,6 +550,49 @@ async fn batch(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     allow(&caller, "BatchService/GetBatch")?;
     Ok(Json(nanofleet_api::batch_json(&api.batches.get(&caller, &id).await?)))
+}
+
+#[derive(serde::Deserialize)]
+struct Decision {
+    /// `released` or `rejected`.
+    meaning: String,
+    #[serde(default)]
+    reason: String,
+    user_id: String,
+    password: String,
+}
+
+/// QA releases or rejects a batch, signing with both identification components.
+async fn decide_batch(
+    State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    body: Result<Json<Decision>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    allow(&caller, "BatchService/ReleaseBatch")?;
+    let Json(d) = body.map_err(|e| {
+        ApiError(nanofleet_api::Error::InvalidArgument {
+            field: "body",
+            value: e.body_text(),
+            allowed: "JSON {meaning: released or rejected, reason, user_id, password}".into(),
+        })
+    })?;
+    let meaning = match d.meaning.as_str() {
+        "released" => nanofleet_proto::device::v1::SignatureMeaning::Released,
+        "rejected" => nanofleet_proto::device::v1::SignatureMeaning::Rejected,
+        other => {
+            return Err(ApiError(nanofleet_api::Error::invalid("meaning", other, "released or rejected")));
+        }
+    };
+    let req = pb::ReleaseBatchRequest {
+        batch_id: id,
+        meaning: meaning as i32,
+        reason: d.reason,
+        user_id: d.user_id,
+        password: d.password,
+    };
+    let summary = api.batches.release(&caller, &req).await?;
+    Ok(Json(nanofleet_api::summary_json(&summary)))
 }
 
 /// The printable batch record.
