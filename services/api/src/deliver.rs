@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use nanofleet_proto::Message as _;
 use nanofleet_proto::device::v1::{
-    Ack, AckResult, AckSubject, DeviceState, Envelope, Recipe, RecipeDelivery, TrustRootUpdate,
+    Ack, AckResult, AckSubject, DeviceState, Envelope, Recipe, RecipeDelivery, Targets, TrustRootUpdate,
 };
 use nanofleet_proto::topics::Command;
 use nanofleet_store::{AuditEntry, DeliveryRecord, Store};
@@ -61,6 +61,7 @@ impl Deliveries {
             sink,
             roots: roots.clone(),
             cache: HashMap::new(),
+            released: None,
         };
         tokio::spawn(worker.run(rx, recipes.subscribe()));
         let (answers, answers_rx) = mpsc::channel(ANSWER_QUEUE);
@@ -232,7 +233,17 @@ struct Worker {
     roots: Arc<Mutex<HashMap<String, u64>>>,
     /// Encoded deliveries of released versions (immutable once released).
     cache: HashMap<(String, i64), Arc<Vec<u8>>>,
+    /// The newest released version of each recipe, with its targets, and when it was
+    /// read; cleared by a release here, and read again after a few seconds for the
+    /// releases of other servers sharing the database.
+    released: Option<(std::time::Instant, Arc<Vec<NewestRelease>>)>,
 }
+
+/// A recipe id, its newest released version and that version's targets.
+type NewestRelease = (String, i64, Targets);
+
+/// How long the list of released versions is reused between births.
+const RELEASED_FRESH: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Worker {
     async fn run(
@@ -247,8 +258,12 @@ impl Worker {
                     None => break,
                 },
                 r = released.recv() => match r {
-                    Ok(r) => self.release(&r).await,
+                    Ok(r) => {
+                        self.released = None;
+                        self.release(&r).await
+                    }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        self.released = None;
                         tracing::warn!(missed = n, "releases missed; devices get them at their next connection");
                         Ok(())
                     }
@@ -309,13 +324,11 @@ impl Worker {
         self.roots_for(device_id, root_version).await?;
         // Released versions that target it but were never offered (it enrolled later).
         if let Some(device) = self.store.get_device(device_id).await? {
-            for rec in self.store.list_recipes("", "released").await? {
-                let Ok(recipe) = Recipe::decode(rec.body.as_slice()) else { continue };
-                let t = recipe.targets.unwrap_or_default();
-                if (t.site_ids.contains(&device.site_id) || t.device_ids.iter().any(|d| d == device_id))
-                    && self.newest_released(&rec.recipe_id).await? == rec.version
+            for (recipe_id, version, targets) in self.newest_released().await?.iter() {
+                if targets.site_ids.contains(&device.site_id)
+                    || targets.device_ids.iter().any(|d| d == device_id)
                 {
-                    self.store.ensure_delivery(device_id, &rec.recipe_id, rec.version).await?;
+                    self.store.ensure_delivery(device_id, recipe_id, *version).await?;
                 }
             }
         }
@@ -325,8 +338,28 @@ impl Worker {
         Ok(())
     }
 
-    async fn newest_released(&self, recipe_id: &str) -> Result<i64, Error> {
-        Ok(self.store.list_recipes(recipe_id, "released").await?.first().map_or(0, |r| r.version))
+    /// The newest released version of each recipe and its targets, kept for a few
+    /// seconds: a fleet reconnecting at once asks for it per device.
+    async fn newest_released(&mut self) -> Result<Arc<Vec<NewestRelease>>, Error> {
+        if let Some((read, cached)) = &self.released
+            && read.elapsed() < RELEASED_FRESH
+        {
+            return Ok(cached.clone());
+        }
+        let mut newest: Vec<NewestRelease> = Vec::new();
+        for rec in self.store.list_recipes("", "released").await? {
+            let Ok(recipe) = Recipe::decode(rec.body.as_slice()) else { continue };
+            match newest.iter_mut().find(|(id, ..)| *id == rec.recipe_id) {
+                Some(kept) if kept.1 >= rec.version => {}
+                Some(kept) => {
+                    *kept = (rec.recipe_id.clone(), rec.version, recipe.targets.unwrap_or_default())
+                }
+                None => newest.push((rec.recipe_id.clone(), rec.version, recipe.targets.unwrap_or_default())),
+            }
+        }
+        let newest = Arc::new(newest);
+        self.released = Some((std::time::Instant::now(), newest.clone()));
+        Ok(newest)
     }
 
     async fn release(&mut self, r: &Released) -> Result<(), Error> {
