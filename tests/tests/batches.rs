@@ -344,6 +344,30 @@ async fn a_run_passes_its_interlocks_and_leaves_a_signed_record_that_qa_releases
         .verify_device_cert(&again.certificate, again.record.ended_unix_ms)
         .map_err(anyhow::Error::msg)?;
     assert_eq!(doc["summary"]["disposition"], "released");
+    // `nanofleet batches verify`: the same without the server, from the device intermediates.
+    let bundle = nanofleet_pki::tls::certs_from_file(&sb.server.ca.device_bundle_path())?;
+    let text = String::from_utf8(json.content.clone())?;
+    let check = nanofleet::cli::batches::verify_export(&text, &bundle)?;
+    assert_eq!((check.batch_id.as_str(), check.device_id.as_str()), (id.as_str(), "NF-B-01"));
+    assert!(
+        check.decision.as_deref().is_some_and(|d| d.starts_with("released by Quinn Okafor")),
+        "{check:?}"
+    );
+    let mut edited = doc.clone();
+    let mut record = BatchRecord::decode(again.record.encode_to_vec().as_slice())?;
+    record.patient_pseudonym = "PT-OTHER".into();
+    let mut resigned = SignedBatchRecord::decode(signed.as_slice())?;
+    resigned.envelope.as_mut().unwrap().payload = record.encode_to_vec();
+    edited["signed_record_base64"] =
+        serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(resigned.encode_to_vec()));
+    let e = nanofleet::cli::batches::verify_export(&edited.to_string(), &bundle).unwrap_err();
+    assert!(e.to_string().contains("signature does not verify"), "{e}");
+    let mut restated = doc.clone();
+    restated["record_digest"] = serde_json::Value::String("00".repeat(32));
+    assert!(nanofleet::cli::batches::verify_export(&restated.to_string(), &bundle).is_err());
+    let other_fleet = nanofleet_pki::tls::certs_from_pem("root", &sb.server.ca.root_pem())?;
+    let e = nanofleet::cli::batches::verify_export(&text, &other_fleet).unwrap_err();
+    assert!(e.to_string().contains("not a device certificate of this fleet"), "{e}");
     let html = quinn
         .batches
         .export_batch(pb::ExportBatchRequest { batch_id: id.clone(), format: pb::ExportFormat::Html as i32 })

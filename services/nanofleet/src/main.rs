@@ -214,6 +214,16 @@ enum BatchesCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Checks a JSON export without the server: the device's signature over the record,
+    /// its certificate's chain to the fleet's device intermediates at the record's time,
+    /// and the digest the export states. Exits 1 if anything does not hold.
+    Verify {
+        /// A file written by `nanofleet batches export --format json`.
+        file: PathBuf,
+        /// The fleet's device intermediates (DATA_DIR/pki/devices-bundle.pem on the server).
+        #[arg(long)]
+        devices_ca: PathBuf,
+    },
     /// The record as a document: html (printable, every signature with name, time and
     /// meaning) or json (with the signed record, verifiable later).
     Export {
@@ -1027,6 +1037,24 @@ async fn batches(command: BatchesCommand) -> anyhow::Result<()> {
                 source(password_stdin),
             )
             .await?;
+        }
+        BatchesCommand::Verify { file, devices_ca } => {
+            use anyhow::Context as _;
+            let text = std::fs::read_to_string(&file).with_context(|| format!("{}", file.display()))?;
+            let bundle = nanofleet_pki::tls::certs_from_file(&devices_ca)
+                .map_err(|e| anyhow::anyhow!("--devices-ca {}: {e}", devices_ca.display()))?;
+            let c = nanofleet::cli::batches::verify_export(&text, &bundle)
+                .with_context(|| format!("{}: the batch record does not verify", file.display()))?;
+            nanofleet::outln!(
+                "{}: batch {} verifies\n  signed by   device {} (site {}), certificate {}\n  record      SHA-256 {}\n  QA          {}",
+                file.display(),
+                c.batch_id,
+                c.device_id,
+                c.site_id,
+                c.certificate_serial,
+                c.digest,
+                c.decision.as_deref().unwrap_or("no decision in this export")
+            );
         }
         BatchesCommand::Export { batch_id, format, out, client } => {
             let format = match format.as_str() {

@@ -295,26 +295,7 @@ impl FleetCa {
         der: &[u8],
         at_unix_ms: i64,
     ) -> std::result::Result<DeviceIdentity, String> {
-        let mut roots = rustls::RootCertStore::empty();
-        for c in self.device_client_roots() {
-            roots.add(c.clone()).map_err(|e| format!("device intermediate: {e}"))?;
-        }
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            roots.into(),
-            crate::crypto_provider(),
-        )
-        .build()
-        .map_err(|e| format!("device certificate verifier: {e}"))?;
-        let at = rustls::pki_types::UnixTime::since_unix_epoch(Duration::from_millis(
-            u64::try_from(at_unix_ms).unwrap_or(0),
-        ));
-        let cert = CertificateDer::from(der.to_vec());
-        verifier
-            .verify_client_cert(&cert, &[], at)
-            .map_err(|e| format!("the certificate is not a device certificate of this fleet: {e}"))?;
-        device_identity_of(der)
-            .map(|(who, _)| who)
-            .ok_or_else(|| "the certificate names no device".to_owned())
+        verify_device_cert(self.device_client_roots(), der, at_unix_ms)
     }
 
     /// Signs a device certificate valid for `validity` from now. The CSR must be
@@ -488,6 +469,31 @@ fn random_serial() -> [u8; 16] {
     let mut s: [u8; 16] = rand::random();
     s[0] = (s[0] & 0x7f) | 0x01;
     s
+}
+
+/// The identity of `der` if it chains to one of `intermediates` (a fleet's device
+/// intermediates, as in `devices-bundle.pem`) and was valid at `at_unix_ms`.
+pub fn verify_device_cert(
+    intermediates: &[CertificateDer<'static>],
+    der: &[u8],
+    at_unix_ms: i64,
+) -> std::result::Result<DeviceIdentity, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in intermediates {
+        roots.add(c.clone()).map_err(|e| format!("device intermediate: {e}"))?;
+    }
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), crate::crypto_provider())
+            .build()
+            .map_err(|e| format!("device certificate verifier: {e}"))?;
+    let at = rustls::pki_types::UnixTime::since_unix_epoch(Duration::from_millis(
+        u64::try_from(at_unix_ms).unwrap_or(0),
+    ));
+    let cert = CertificateDer::from(der.to_vec());
+    verifier
+        .verify_client_cert(&cert, &[], at)
+        .map_err(|e| format!("the certificate is not a device certificate of this fleet: {e}"))?;
+    device_identity_of(der).map(|(who, _)| who).ok_or_else(|| "the certificate names no device".to_owned())
 }
 
 /// The identity and serial a (verified) device certificate carries.

@@ -25,7 +25,7 @@ use std::path::PathBuf;
 
 pub use ca::{
     CaSummary, CertSummary, DeviceCert, DeviceIdentity, FleetCa, ServerNames, cert_pem, cert_summary,
-    check_private, device_identity_of, serial_hex, write_private,
+    check_private, device_identity_of, serial_hex, verify_device_cert, write_private,
 };
 pub use token::{EnrollToken, TokenError, secret_matches};
 

@@ -52,6 +52,76 @@ pub fn disposition_arg(s: Option<&str>) -> anyhow::Result<pb::BatchDisposition> 
     })
 }
 
+/// What `batches verify` found in a JSON export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportCheck {
+    pub batch_id: String,
+    pub device_id: String,
+    pub site_id: String,
+    /// Hex SHA-256 of the signed record.
+    pub digest: String,
+    pub certificate_serial: String,
+    pub ended_unix_ms: i64,
+    /// QA's decision as the export states it (not covered by the device's signature;
+    /// bound to the digest in the server's audit chain).
+    pub decision: Option<String>,
+}
+
+/// Checks a `batches export --format json` document without the server: the device's
+/// signature over the record it carries, that the signing certificate chains to one of
+/// `intermediates` (the fleet's `devices-bundle.pem`) at the record's end time and names
+/// the record's device, and that the export's digest is the signed record's.
+pub fn verify_export(
+    text: &str,
+    intermediates: &[rustls::pki_types::CertificateDer<'static>],
+) -> anyhow::Result<ExportCheck> {
+    use base64::Engine as _;
+    use nanofleet_proto::Message as _;
+    let doc: serde_json::Value = serde_json::from_str(text).context("not JSON")?;
+    let b64 = doc["signed_record_base64"]
+        .as_str()
+        .context("no signed_record_base64: not a file from `nanofleet batches export --format json`")?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .map_err(|e| anyhow::anyhow!("signed_record_base64: {e}"))?;
+    // The device the record names; the verification below checks that it signed it.
+    let named = nanofleet_proto::device::v1::SignedBatchRecord::decode(bytes.as_slice())
+        .ok()
+        .and_then(|s| s.envelope)
+        .and_then(|e| nanofleet_proto::device::v1::BatchRecord::decode(e.payload.as_slice()).ok())
+        .map(|r| r.device_id)
+        .context("signed_record_base64 is not a signed batch record")?;
+    let v = nanofleet_recipe::batch::verify(&bytes, &named).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let who = nanofleet_pki::verify_device_cert(intermediates, &v.certificate, v.record.ended_unix_ms)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if who.device_id != v.record.device_id {
+        anyhow::bail!("the certificate names {}, the record {}", who.device_id, v.record.device_id);
+    }
+    let stated = doc["record_digest"].as_str().unwrap_or_default();
+    if stated != v.digest {
+        anyhow::bail!("the export states record digest {stated:?}, the signed record's is {}", v.digest);
+    }
+    let decision = doc["summary"]["decision"].as_object().map(|d| {
+        format!(
+            "{} by {} at {} UTC",
+            d.get("meaning").and_then(|m| m.as_str()).unwrap_or_default(),
+            d.get("printed_name").and_then(|m| m.as_str()).unwrap_or_default(),
+            utc(d.get("signed_unix_ms").and_then(serde_json::Value::as_i64).unwrap_or(0))
+        )
+    });
+    Ok(ExportCheck {
+        batch_id: v.record.batch_id.clone(),
+        device_id: v.record.device_id.clone(),
+        site_id: v.record.site_id.clone(),
+        digest: v.digest,
+        certificate_serial: nanofleet_pki::device_identity_of(&v.certificate)
+            .map(|(_, s)| s)
+            .unwrap_or_default(),
+        ended_unix_ms: v.record.ended_unix_ms,
+        decision,
+    })
+}
+
 /// What `runs start` asks for.
 #[derive(Debug, Clone)]
 pub struct RunArgs {
