@@ -33,7 +33,8 @@ use nanofleet_recipe::verify::{DeviceContext, verify_delivery};
 use rand::Rng as _;
 
 use crate::hal::{Device, DeviceInfo, QcMeasurement, Reading, RunPlan};
-use crate::recipes::{HeldRecipe, RecipeBook};
+pub use crate::recipes::Error;
+use crate::recipes::{HeldRecipe, RecipeBook, io, write_atomic};
 
 /// Refusal codes of a run request (`Ack.code`), besides the recipe verifier's own
 /// (`nanofleet_recipe::verify::code`), which a held recipe that no longer verifies
@@ -110,24 +111,6 @@ fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
-    #[error("{path}: {reason}")]
-    Bad { path: PathBuf, reason: String },
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io { path: path.to_owned(), source }
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
 }
 
 /// What the desk keeps across restarts.

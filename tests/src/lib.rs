@@ -397,18 +397,32 @@ impl Sandbox {
         role: nanofleet_proto::v1::Role,
         site_id: &str,
     ) -> anyhow::Result<nanofleet::cli::Bearer> {
+        Ok(self.person_named(id, &format!("Test {id}"), role, site_id).await?.0)
+    }
+
+    /// Like [`Sandbox::person`], with a printed name; also returns their initial
+    /// password (what they sign with).
+    pub async fn person_named(
+        &self,
+        id: &str,
+        name: &str,
+        role: nanofleet_proto::v1::Role,
+        site_id: &str,
+    ) -> anyhow::Result<(nanofleet::cli::Bearer, String)> {
         use nanofleet_proto::v1 as pb;
         use nanofleet_proto::v1::people_service_client::PeopleServiceClient;
         let mut people = PeopleServiceClient::with_interceptor(self.grpc_channel().await?, self.admin());
-        people
+        let password = people
             .create_person(pb::CreatePersonRequest {
                 id: id.into(),
-                display_name: format!("Test {id}"),
+                display_name: name.into(),
                 role: role as i32,
                 site_id: site_id.into(),
                 reason: "test".into(),
             })
-            .await?;
+            .await?
+            .into_inner()
+            .initial_password;
         let token = people
             .create_api_token(pb::CreateApiTokenRequest {
                 person_id: id.into(),
@@ -417,7 +431,7 @@ impl Sandbox {
             })
             .await?
             .into_inner();
-        nanofleet::cli::Bearer::new(&token.secret_token)
+        Ok((nanofleet::cli::Bearer::new(&token.secret_token)?, password))
     }
 
     /// Enrolls `device_id` into `site_id` (created if missing) the way a device does:

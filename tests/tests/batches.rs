@@ -13,7 +13,6 @@ use nanofleet_proto::device::v1::{
 };
 use nanofleet_proto::v1 as pb;
 use nanofleet_proto::v1::batch_service_client::BatchServiceClient;
-use nanofleet_proto::v1::people_service_client::PeopleServiceClient;
 use nanofleet_proto::v1::recipe_service_client::RecipeServiceClient;
 use nanofleet_tests::{Sandbox, eventually, now_ms};
 use tonic::service::interceptor::InterceptedService;
@@ -30,28 +29,7 @@ struct Person {
 
 async fn person(sb: &Sandbox, id: &str, name: &str, role: pb::Role, site: &str) -> anyhow::Result<Person> {
     let channel = sb.grpc_channel().await?;
-    let mut people = PeopleServiceClient::with_interceptor(channel.clone(), sb.admin());
-    let password = people
-        .create_person(pb::CreatePersonRequest {
-            id: id.into(),
-            display_name: name.into(),
-            role: role as i32,
-            site_id: site.into(),
-            reason: "batch test".into(),
-        })
-        .await?
-        .into_inner()
-        .initial_password;
-    let token = people
-        .create_api_token(pb::CreateApiTokenRequest {
-            person_id: id.into(),
-            expires_in_seconds: 3_600,
-            description: "test".into(),
-        })
-        .await?
-        .into_inner()
-        .secret_token;
-    let bearer = nanofleet::cli::Bearer::new(&token)?;
+    let (bearer, password) = sb.person_named(id, name, role, site).await?;
     Ok(Person {
         id: id.into(),
         password,

@@ -23,29 +23,8 @@ struct Signer {
 }
 
 async fn signer(sb: &Sandbox, id: &str, name: &str, role: pb::Role, site: &str) -> anyhow::Result<Signer> {
-    let channel = sb.grpc_channel().await?;
-    let mut people = PeopleServiceClient::with_interceptor(channel.clone(), sb.admin());
-    let password = people
-        .create_person(pb::CreatePersonRequest {
-            id: id.into(),
-            display_name: name.into(),
-            role: role as i32,
-            site_id: site.into(),
-            reason: "recipe test".into(),
-        })
-        .await?
-        .into_inner()
-        .initial_password;
-    let token = people
-        .create_api_token(pb::CreateApiTokenRequest {
-            person_id: id.into(),
-            expires_in_seconds: 3_600,
-            description: "test".into(),
-        })
-        .await?
-        .into_inner()
-        .secret_token;
-    let recipes = RecipeServiceClient::with_interceptor(channel, nanofleet::cli::Bearer::new(&token)?);
+    let (bearer, password) = sb.person_named(id, name, role, site).await?;
+    let recipes = RecipeServiceClient::with_interceptor(sb.grpc_channel().await?, bearer);
     Ok(Signer { id: id.into(), password, recipes })
 }
 
