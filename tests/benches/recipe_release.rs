@@ -55,7 +55,6 @@ use nanofleet_proto::Message as _;
 use nanofleet_proto::device::v1::{Ack, AckResult, AckSubject, RecipeDelivery, SignatureMeaning, Targets};
 use nanofleet_proto::topics::{self, Channel, Command};
 use nanofleet_proto::v1 as pb;
-use nanofleet_proto::v1::people_service_client::PeopleServiceClient;
 use nanofleet_proto::v1::recipe_service_client::RecipeServiceClient;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::Packet;
@@ -172,28 +171,8 @@ async fn signer(
     role: pb::Role,
     site: &str,
 ) -> anyhow::Result<Signer> {
-    let mut people = PeopleServiceClient::with_interceptor(channel.clone(), admin.clone());
-    let password = people
-        .create_person(pb::CreatePersonRequest {
-            id: id.into(),
-            display_name: name.into(),
-            role: role as i32,
-            site_id: site.into(),
-            reason: "recipe release bench".into(),
-        })
-        .await?
-        .into_inner()
-        .initial_password;
-    let token = people
-        .create_api_token(pb::CreateApiTokenRequest {
-            person_id: id.into(),
-            expires_in_seconds: 3_600,
-            description: "recipe release bench".into(),
-        })
-        .await?
-        .into_inner()
-        .secret_token;
-    let recipes = RecipeServiceClient::with_interceptor(channel.clone(), Bearer::new(&token)?)
+    let (bearer, password) = nanofleet_tests::create_person(channel, admin, id, name, role, site).await?;
+    let recipes = RecipeServiceClient::with_interceptor(channel.clone(), bearer)
         // 10,000 deliveries are about a megabyte.
         .max_decoding_message_size(64 << 20);
     Ok(Signer { id: id.into(), password, recipes })

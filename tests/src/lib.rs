@@ -388,6 +388,42 @@ impl RawDevice {
 
 // === people and enrolled devices ===
 
+/// Creates a person with `role` (bound to `site_id` for site-scoped roles) through the
+/// server at `channel` as `admin`; returns an interceptor carrying a new API token of
+/// theirs (an hour) and their initial password (what they sign with).
+pub async fn create_person(
+    channel: &tonic::transport::Channel,
+    admin: &nanofleet::cli::Bearer,
+    id: &str,
+    name: &str,
+    role: nanofleet_proto::v1::Role,
+    site_id: &str,
+) -> anyhow::Result<(nanofleet::cli::Bearer, String)> {
+    use nanofleet_proto::v1 as pb;
+    use nanofleet_proto::v1::people_service_client::PeopleServiceClient;
+    let mut people = PeopleServiceClient::with_interceptor(channel.clone(), admin.clone());
+    let password = people
+        .create_person(pb::CreatePersonRequest {
+            id: id.into(),
+            display_name: name.into(),
+            role: role as i32,
+            site_id: site_id.into(),
+            reason: "test".into(),
+        })
+        .await?
+        .into_inner()
+        .initial_password;
+    let token = people
+        .create_api_token(pb::CreateApiTokenRequest {
+            person_id: id.into(),
+            expires_in_seconds: 3_600,
+            description: "test".into(),
+        })
+        .await?
+        .into_inner();
+    Ok((nanofleet::cli::Bearer::new(&token.secret_token)?, password))
+}
+
 impl Sandbox {
     /// Creates a person with `role` (bound to `site_id` for site-scoped roles) as the
     /// administrator, and returns an interceptor carrying a new API token of theirs.
@@ -409,29 +445,7 @@ impl Sandbox {
         role: nanofleet_proto::v1::Role,
         site_id: &str,
     ) -> anyhow::Result<(nanofleet::cli::Bearer, String)> {
-        use nanofleet_proto::v1 as pb;
-        use nanofleet_proto::v1::people_service_client::PeopleServiceClient;
-        let mut people = PeopleServiceClient::with_interceptor(self.grpc_channel().await?, self.admin());
-        let password = people
-            .create_person(pb::CreatePersonRequest {
-                id: id.into(),
-                display_name: name.into(),
-                role: role as i32,
-                site_id: site_id.into(),
-                reason: "test".into(),
-            })
-            .await?
-            .into_inner()
-            .initial_password;
-        let token = people
-            .create_api_token(pb::CreateApiTokenRequest {
-                person_id: id.into(),
-                expires_in_seconds: 3_600,
-                description: "test".into(),
-            })
-            .await?
-            .into_inner();
-        Ok((nanofleet::cli::Bearer::new(&token.secret_token)?, password))
+        create_person(&self.grpc_channel().await?, &self.admin(), id, name, role, site_id).await
     }
 
     /// Enrolls `device_id` into `site_id` (created if missing) the way a device does:

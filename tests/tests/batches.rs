@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use nanofleet_proto::Message as _;
 use nanofleet_proto::device::v1::{
-    BatchRecord, Cartridge, Envelope, EnvelopeSignature, ProcedureStep, Recipe, RunPhase, SignatureMeaning,
+    BatchRecord, Cartridge, Envelope, EnvelopeSignature, Recipe, RunPhase, SignatureMeaning,
     SignedBatchRecord, Targets,
 };
 use nanofleet_proto::v1 as pb;
@@ -74,12 +74,7 @@ impl Person {
 fn quick_recipe(id: &str, site: &str) -> Recipe {
     let targets = Targets { site_ids: vec![site.into()], device_ids: vec![] };
     let mut r = nanofleet_recipe::example::example(id, 0, targets, now_ms());
-    let step = |phase: RunPhase, duration_s: u32, total_flow_ml_min: f64| ProcedureStep {
-        phase: phase as i32,
-        duration_s,
-        total_flow_ml_min,
-        temperature_c: 0.0,
-    };
+    use nanofleet_recipe::example::step;
     r.procedure = vec![
         step(RunPhase::SelfTest, 1, 0.0),
         step(RunPhase::CartridgeVerify, 1, 0.0),

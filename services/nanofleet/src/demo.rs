@@ -6,7 +6,7 @@ use nanofleet_agent::fleet::{self, Fleet, FleetEnrollment, FleetOptions, Tokens}
 use nanofleet_agent::link::LinkOptions;
 use nanofleet_agent::runs::AutoRuns;
 use nanofleet_api::{Actor, Caller};
-use nanofleet_proto::device::v1::{Person, ProcedureStep, RunPhase};
+use nanofleet_proto::device::v1::{Person, RunPhase};
 use nanofleet_proto::device::v1::{SignatureMeaning, Targets};
 use nanofleet_proto::v1 as pb;
 
@@ -129,12 +129,7 @@ async fn release_demo_recipe(
     recipe.name = "Flu H5 mRNA-LNP, 100 ug".into();
     // A quicker procedure than the example's, so the demo shows batches within minutes:
     // the same 2 mL collected, buffer exchanged at a higher flow.
-    let step = |phase: RunPhase, duration_s: u32, total_flow_ml_min: f64| ProcedureStep {
-        phase: phase as i32,
-        duration_s,
-        total_flow_ml_min,
-        temperature_c: 0.0,
-    };
+    use nanofleet_recipe::example::step;
     recipe.procedure = vec![
         step(RunPhase::SelfTest, 3, 0.0),
         step(RunPhase::CartridgeVerify, 2, 0.0),

@@ -15,15 +15,14 @@ pub const EXAMPLE_GTIN: &str = "10614141000019";
 const HOUR_MS: i64 = 3_600_000;
 const DAY_MS: i64 = 24 * HOUR_MS;
 
+/// A procedure step at the formula's temperature.
+pub fn step(phase: RunPhase, duration_s: u32, total_flow_ml_min: f64) -> ProcedureStep {
+    ProcedureStep { phase: phase as i32, duration_s, total_flow_ml_min, temperature_c: 0.0 }
+}
+
 /// A valid recipe `recipe_id` version `version` for `targets`, valid from an hour before
 /// `now_unix_ms` for a year.
 pub fn example(recipe_id: &str, version: u32, targets: Targets, now_unix_ms: i64) -> Recipe {
-    let step = |phase: RunPhase, duration_s: u32, total_flow_ml_min: f64| ProcedureStep {
-        phase: phase as i32,
-        duration_s,
-        total_flow_ml_min,
-        temperature_c: 0.0,
-    };
     Recipe {
         recipe_id: recipe_id.to_owned(),
         version,
