@@ -16,6 +16,7 @@ const PROTOS: &[&str] = &[
     "nanofleet/v1/people.proto",
     "nanofleet/v1/audit.proto",
     "nanofleet/v1/recipes.proto",
+    "nanofleet/v1/monitoring.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

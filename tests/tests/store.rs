@@ -291,7 +291,9 @@ async fn batches_work_on_postgresql_as_on_sqlite() -> anyhow::Result<()> {
 /// second batch, another record under the same id is refused), filters, a decision
 /// made once, and the database refusing to edit a record or a decision.
 async fn exercise_batches(url: &str) -> anyhow::Result<()> {
-    use nanofleet_store::{BatchDecision, BatchFilter, BatchRow, Error, RunAnswer, RunRequestRecord};
+    use nanofleet_store::{
+        BatchDecision, BatchFilter, BatchMetrics, BatchRow, Error, QualityLimit, RunAnswer, RunRequestRecord,
+    };
     let store =
         Store::open(&Options { url: url.into(), max_connections: 4, sqlite_sync_full: false }).await?;
     let request = RunRequestRecord {
@@ -345,13 +347,78 @@ async fn exercise_batches(url: &str) -> anyhow::Result<()> {
         envelope: vec![1, 2, 3],
         received_ms: started + 61_000,
     };
-    assert!(store.insert_batch(&row("B-1", "NF-1", "site-a", 10, "d1"), &audit("batch.record")).await?);
-    assert!(!store.insert_batch(&row("B-1", "NF-1", "site-a", 10, "d1"), &audit("batch.record")).await?);
+    let metrics = |id: &str, size: f64| BatchMetrics {
+        seq: 0,
+        batch_id: id.into(),
+        device_id: "NF-1".into(),
+        site_id: "site-a".into(),
+        model: "NF-200".into(),
+        firmware_version: "1.2.0".into(),
+        recipe_id: "r".into(),
+        recipe_version: 1,
+        cartridge_lot: "L1".into(),
+        ended_ms: 60_010,
+        outcome: "complete".into(),
+        qc_passed: true,
+        values: [Some(size), None, None, None, None, None, None, None],
+        alarms: 0,
+    };
+    let limits = vec![QualityLimit {
+        recipe_id: "r".into(),
+        recipe_version: 1,
+        attribute: "size_nm".into(),
+        lo: Some(60.0),
+        hi: Some(100.0),
+    }];
+    assert!(
+        store
+            .insert_batch(
+                &row("B-1", "NF-1", "site-a", 10, "d1"),
+                &metrics("B-1", 81.5),
+                &limits,
+                &audit("batch.record")
+            )
+            .await?
+    );
+    assert!(
+        !store
+            .insert_batch(
+                &row("B-1", "NF-1", "site-a", 10, "d1"),
+                &metrics("B-1", 99.0),
+                &limits,
+                &audit("batch.record")
+            )
+            .await?
+    );
     assert!(matches!(
-        store.insert_batch(&row("B-1", "NF-1", "site-a", 10, "d2"), &audit("batch.record")).await,
+        store
+            .insert_batch(
+                &row("B-1", "NF-1", "site-a", 10, "d2"),
+                &metrics("B-1", 99.0),
+                &limits,
+                &audit("batch.record")
+            )
+            .await,
         Err(Error::Conflict(_))
     ));
-    store.insert_batch(&row("B-2", "NF-2", "site-b", 20, "d3"), &audit("batch.record")).await?;
+    store
+        .insert_batch(
+            &row("B-2", "NF-2", "site-b", 20, "d3"),
+            &metrics("B-2", 83.0),
+            &limits,
+            &audit("batch.record"),
+        )
+        .await?;
+    // Metrics follow the records they come from, in arrival order, once per batch.
+    let m = store.batch_metrics_after(0, 10).await?;
+    assert_eq!(
+        m.iter().map(|m| (m.batch_id.as_str(), m.values[0])).collect::<Vec<_>>(),
+        [("B-1", Some(81.5)), ("B-2", Some(83.0))]
+    );
+    assert_eq!(m[0].values[1], None, "an unmeasured value stays absent");
+    assert_eq!(store.batch_metrics_after(m[0].seq, 10).await?.len(), 1);
+    assert_eq!(store.quality_limits().await?, limits);
+    assert!(store.batches_without_metrics(10).await?.is_empty());
     let all = store.batches(&BatchFilter { limit: 10, ..Default::default() }).await?;
     assert_eq!(
         all.iter().map(|(b, _)| b.batch_id.as_str()).collect::<Vec<_>>(),
@@ -384,5 +451,90 @@ async fn exercise_batches(url: &str) -> anyhow::Result<()> {
         })
         .await?;
     assert_eq!(audited.len(), 2, "a re-sent record is not audited twice");
+    Ok(())
+}
+
+#[tokio::test]
+async fn alerts_work_on_sqlite() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    exercise_alerts(&format!("sqlite://{}?mode=rwc", dir.path().join("a.db").display())).await
+}
+
+#[tokio::test]
+async fn alerts_work_on_postgresql_as_on_sqlite() -> anyhow::Result<()> {
+    let Some((name, url)) = fresh_database().await else { return Ok(()) };
+    let result = exercise_alerts(&url).await;
+    drop_database(&name).await;
+    result
+}
+
+/// One active alert per condition (raising it again counts), acknowledged once with an
+/// audit record, resolved, raised anew after that; evaluator cursors kept.
+async fn exercise_alerts(url: &str) -> anyhow::Result<()> {
+    use nanofleet_store::{AlertFilter, AlertRow, AuditEntry, Error};
+    let store =
+        Store::open(&Options { url: url.into(), max_connections: 4, sqlite_sync_full: false }).await?;
+    let alert = |id: &str, at: i64| AlertRow {
+        alert_id: id.into(),
+        dedup_key: "device_silent/NF-1".into(),
+        kind: "device_silent".into(),
+        state: "open".into(),
+        subject: "NF-1".into(),
+        site_id: "site-a".into(),
+        title: "NF-1 is silent".into(),
+        evidence: vec![1, 2],
+        raised_ms: at,
+        last_seen_ms: at,
+        occurrences: 1,
+        acknowledged_by: String::new(),
+        acknowledged_ms: 0,
+        note: String::new(),
+        resolved_ms: 0,
+    };
+    let (first, new) = store.raise_alert(&alert("AL-1", 10)).await?;
+    assert!(new);
+    let (again, new) = store.raise_alert(&alert("AL-2", 20)).await?;
+    assert!(!new, "the same condition while active is the same alert");
+    assert_eq!((again.alert_id.as_str(), again.occurrences, again.last_seen_ms), ("AL-1", 2, 20));
+    assert_eq!(first.raised_ms, again.raised_ms);
+    let audit = AuditEntry {
+        at_ms: 30,
+        actor: "person:quinn".into(),
+        action: "alert.acknowledge".into(),
+        subject: "AL-1".into(),
+        site_id: Some("site-a".into()),
+        reason: "unplugged".into(),
+        old_value: None,
+        new_value: None,
+    };
+    let acked = store.acknowledge_alert("AL-1", "quinn", "unplugged", 30, &audit).await?.expect("found");
+    assert_eq!((acked.state.as_str(), acked.acknowledged_by.as_str()), ("acknowledged", "quinn"));
+    assert!(matches!(
+        store.acknowledge_alert("AL-1", "quinn", "x", 31, &audit).await,
+        Err(Error::Conflict(_))
+    ));
+    assert!(store.acknowledge_alert("AL-9", "quinn", "x", 31, &audit).await?.is_none());
+    let (still, new) = store.raise_alert(&alert("AL-3", 40)).await?;
+    assert!(!new && still.state == "acknowledged", "an acknowledged alert still absorbs its condition");
+    let resolved = store.resolve_alert("device_silent/NF-1", 50).await?.expect("active");
+    assert_eq!((resolved.state.as_str(), resolved.resolved_ms), ("resolved", 50));
+    assert!(store.resolve_alert("device_silent/NF-1", 51).await?.is_none());
+    let (fresh, new) = store.raise_alert(&alert("AL-4", 60)).await?;
+    assert!(new && fresh.alert_id == "AL-4", "after it resolved, the condition is a new alert");
+    let active = store
+        .alerts(&AlertFilter {
+            states: vec!["open".into(), "acknowledged".into()],
+            limit: 10,
+            ..Default::default()
+        })
+        .await?;
+    assert_eq!(active.iter().map(|a| a.alert_id.as_str()).collect::<Vec<_>>(), ["AL-4"]);
+    let all = store.alerts(&AlertFilter { limit: 10, ..Default::default() }).await?;
+    assert_eq!(all.iter().map(|a| a.alert_id.as_str()).collect::<Vec<_>>(), ["AL-4", "AL-1"], "newest first");
+    assert_eq!(store.active_alert_counts().await?, [("site-a".to_owned(), 1)]);
+    assert_eq!(store.cursor("alerts.spc").await?, 0);
+    store.set_cursor("alerts.spc", 42).await?;
+    store.set_cursor("alerts.spc", 43).await?;
+    assert_eq!(store.cursor("alerts.spc").await?, 43);
     Ok(())
 }

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::{AuditLog, Batches, Fleet, People, Recipes, Trust};
+use crate::{AuditLog, Batches, Fleet, Monitoring, People, Recipes, Trust};
 
 /// Closes a device's live connection (the embedded broker); returns whether one was open.
 #[tonic::async_trait]
@@ -19,7 +19,9 @@ pub struct Api {
     pub audit: AuditLog,
     pub recipes: Recipes,
     pub batches: Batches,
-    disconnect: Option<Arc<dyn Disconnect>>,
+    pub monitoring: Monitoring,
+    /// Closes a device's broker connection (the embedded broker; none with an external one).
+    pub disconnect: Option<Arc<dyn Disconnect>>,
 }
 
 impl std::fmt::Debug for Api {
@@ -29,18 +31,6 @@ impl std::fmt::Debug for Api {
 }
 
 impl Api {
-    pub fn new(
-        fleet: Fleet,
-        trust: Trust,
-        people: People,
-        audit: AuditLog,
-        recipes: Recipes,
-        batches: Batches,
-        disconnect: Option<Arc<dyn Disconnect>>,
-    ) -> Api {
-        Api { fleet, trust, people, audit, recipes, batches, disconnect }
-    }
-
     pub(crate) async fn disconnect(&self, device_id: &str) -> bool {
         match &self.disconnect {
             Some(d) => d.disconnect(device_id).await,

@@ -367,7 +367,8 @@ impl Batches {
                 .to_string(),
             ),
         };
-        match self.store.insert_batch(&row, &audit).await {
+        let (metrics, limits) = crate::monitoring::batch_metrics(r);
+        match self.store.insert_batch(&row, &metrics, &limits, &audit).await {
             Ok(_) => Ok(()),
             Err(nanofleet_store::Error::Conflict(e)) => Err(refuse(e)),
             Err(e) => Err(RecordError::Storage(e.to_string())),

@@ -8,6 +8,7 @@ use nanofleet_proto::v1::audit_service_server::AuditService;
 use nanofleet_proto::v1::batch_service_server::BatchService;
 use nanofleet_proto::v1::enrollment_service_server::EnrollmentService;
 use nanofleet_proto::v1::fleet_service_server::FleetService;
+use nanofleet_proto::v1::monitoring_service_server::MonitoringService;
 use nanofleet_proto::v1::people_service_server::PeopleService;
 use nanofleet_proto::v1::recipe_service_server::RecipeService;
 use nanofleet_proto::v1::telemetry_service_server::TelemetryService;
@@ -404,5 +405,111 @@ impl BatchService for Api {
             pb::ExportFormat::try_from(req.get_ref().format).unwrap_or(pb::ExportFormat::Unspecified);
         let (content_type, content) = self.batches.export(&caller, &req.get_ref().batch_id, format).await?;
         Ok(Response::new(pb::ExportBatchResponse { content_type, content }))
+    }
+}
+
+#[tonic::async_trait]
+impl MonitoringService for Api {
+    async fn get_control_chart(
+        &self,
+        req: Request<pb::GetControlChartRequest>,
+    ) -> Result<Response<pb::GetControlChartResponse>, Status> {
+        let caller = caller(&req)?;
+        Ok(Response::new(self.monitoring.control_chart(&caller, req.into_inner()).await?))
+    }
+
+    async fn compare_strata(
+        &self,
+        req: Request<pb::CompareStrataRequest>,
+    ) -> Result<Response<pb::CompareStrataResponse>, Status> {
+        let caller = caller(&req)?;
+        Ok(Response::new(self.monitoring.compare_strata(&caller, req.into_inner()).await?))
+    }
+
+    async fn compare_cohorts(
+        &self,
+        req: Request<pb::CompareCohortsRequest>,
+    ) -> Result<Response<pb::CompareCohortsResponse>, Status> {
+        let caller = caller(&req)?;
+        Ok(Response::new(self.monitoring.compare_cohorts(&caller, req.into_inner()).await?))
+    }
+
+    async fn get_fleet_health(
+        &self,
+        req: Request<pb::GetFleetHealthRequest>,
+    ) -> Result<Response<pb::GetFleetHealthResponse>, Status> {
+        let caller = caller(&req)?;
+        Ok(Response::new(self.monitoring.fleet_health(&caller, req.into_inner()).await?))
+    }
+
+    async fn list_alerts(
+        &self,
+        req: Request<pb::ListAlertsRequest>,
+    ) -> Result<Response<pb::ListAlertsResponse>, Status> {
+        let caller = caller(&req)?;
+        Ok(Response::new(pb::ListAlertsResponse {
+            alerts: self.monitoring.list_alerts(&caller, req.into_inner()).await?,
+        }))
+    }
+
+    async fn acknowledge_alert(
+        &self,
+        req: Request<pb::AcknowledgeAlertRequest>,
+    ) -> Result<Response<pb::AcknowledgeAlertResponse>, Status> {
+        let caller = caller(&req)?;
+        let pb::AcknowledgeAlertRequest { alert_id, note } = req.into_inner();
+        let alert = self.monitoring.acknowledge(&caller, &alert_id, &note).await?;
+        Ok(Response::new(pb::AcknowledgeAlertResponse { alert: Some(alert) }))
+    }
+
+    type WatchAlertsStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::WatchAlertsResponse, Status>> + Send>>;
+
+    async fn watch_alerts(
+        &self,
+        req: Request<pb::WatchAlertsRequest>,
+    ) -> Result<Response<Self::WatchAlertsStream>, Status> {
+        let caller = caller(&req)?;
+        let pb::WatchAlertsRequest { site_id } = req.into_inner();
+        let site = match caller.site_limit() {
+            Some(own) => {
+                if !site_id.is_empty() {
+                    caller.check_site(&site_id)?;
+                }
+                Some(own.to_owned())
+            }
+            None => (!site_id.is_empty()).then_some(site_id),
+        };
+        let (mut rx, stop) = self.monitoring.watch_alerts();
+        let (tx, out) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tx.closed() => return,
+                    next = rx.recv() => next,
+                };
+                let alert = match next {
+                    Ok(a) => a,
+                    // A watcher that fell behind is told so and may list to catch up.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        let status = Status::data_loss(format!(
+                            "{n} alert changes were missed: list alerts to catch up"
+                        ));
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                if site.as_ref().is_some_and(|s| *s != alert.site_id) {
+                    continue;
+                }
+                if tx.send(Ok(pb::WatchAlertsResponse { alert: Some(alert) })).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut out = out;
+        Ok(Response::new(Box::pin(futures::stream::poll_fn(move |cx| out.poll_recv(cx)))))
     }
 }

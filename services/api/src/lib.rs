@@ -6,6 +6,7 @@
 //! gRPC codes and HTTP statuses in one place.
 #![forbid(unsafe_code)]
 
+mod alerting;
 mod api;
 mod audit;
 pub mod auth_layer;
@@ -16,16 +17,20 @@ mod error;
 mod fleet;
 mod grpc;
 pub mod json;
+pub mod monitoring;
 pub mod people;
 mod recipes;
 mod trust;
+pub mod webhook;
 
+pub use alerting::{AlertOptions, Evaluation, alert_pb};
 pub use api::{Api, Disconnect};
 pub use audit::AuditLog;
 pub use batches::{Batches, RUN_ANSWER_TIMEOUT, batch_json, summary_json};
 pub use deliver::{CommandSink, Deliveries, DeviceCommands};
 pub use error::Error;
 pub use fleet::{DEFAULT_SAMPLE_LIMIT, Fleet, MAX_SAMPLE_LIMIT, TelemetryWindow};
+pub use monitoring::Monitoring;
 pub use people::{Bootstrap, Caller, People, Role};
 pub use recipes::{Recipes, Released};
 pub use trust::{Actor, Trust, TrustOptions, validate_site_id};

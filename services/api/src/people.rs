@@ -97,6 +97,7 @@ const RECIPE_READERS: &[Role] = &[Role::Ops, Role::Pharmacist, Role::Qa, Role::A
 const OPS_PHARMACIST: &[Role] = &[Role::Ops, Role::Pharmacist];
 const SIGNERS: &[Role] = &[Role::Pharmacist, Role::Qa];
 const QA: &[Role] = &[Role::Qa];
+const OPS_QA: &[Role] = &[Role::Ops, Role::Qa];
 const PHARMACIST: &[Role] = &[Role::Pharmacist];
 
 /// Every `nanofleet.v1` method and who may call it. A method missing here is refused.
@@ -134,6 +135,13 @@ pub const GRPC_ACCESS: &[(&str, Access)] = &[
     ("/nanofleet.v1.BatchService/GetBatch", Access::Roles(RECIPE_READERS)),
     ("/nanofleet.v1.BatchService/ReleaseBatch", Access::Roles(QA)),
     ("/nanofleet.v1.BatchService/ExportBatch", Access::Roles(RECIPE_READERS)),
+    ("/nanofleet.v1.MonitoringService/GetControlChart", Access::Roles(EVERYONE)),
+    ("/nanofleet.v1.MonitoringService/CompareStrata", Access::Roles(EVERYONE)),
+    ("/nanofleet.v1.MonitoringService/CompareCohorts", Access::Roles(EVERYONE)),
+    ("/nanofleet.v1.MonitoringService/GetFleetHealth", Access::Roles(EVERYONE)),
+    ("/nanofleet.v1.MonitoringService/ListAlerts", Access::Roles(EVERYONE)),
+    ("/nanofleet.v1.MonitoringService/AcknowledgeAlert", Access::Roles(OPS_QA)),
+    ("/nanofleet.v1.MonitoringService/WatchAlerts", Access::Roles(EVERYONE)),
 ];
 
 /// The access rule of a gRPC path; `None` for paths outside `nanofleet.v1`.

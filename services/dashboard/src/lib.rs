@@ -20,6 +20,13 @@
 //! | `GET /api/recipes[?id=ID&status=S]` | ListRecipes | recipe versions with their signatures, by recipe id, newest version first; `S`: draft, authored, released, rejected |
 //! | `GET /api/recipes/{id}?version=N` | GetRecipe | one version; 0 or none: the newest |
 //! | `GET /api/recipes/{id}/deliveries?version=N` | ListRecipeDeliveries | per-device delivery state and the accepted / refused / pending counts; 0 or none: every version |
+//! | `GET /api/quality/health[?since_ms=]` | GetFleetHealth | sites ranked worst first |
+//! | `GET /api/quality/chart?metric=M[&by=F&site=&device=&firmware=&recipe=&lot=&since_ms=&baseline=&points=]` | GetControlChart | control charts |
+//! | `GET /api/quality/compare?metric=M&by=F[&site=...&alpha=]` | CompareStrata | which stratum differs |
+//! | `GET /api/quality/gate?factor=F&a=LEVEL[&b=LEVEL&since_ms=]` | CompareCohorts | A against B (no b: every other level) |
+//! | `GET /api/quality/levels?factor=F` | GetControlChart | the levels seen for a factor |
+//! | `GET /api/alerts[?state=S&site=&kind=]` | ListAlerts | alerts, newest first |
+//! | `POST /api/alerts/{id}/ack` | AcknowledgeAlert | `{note}` |
 //! | `GET /metrics` | GetIngestStats | Prometheus text format; `Authorization: Bearer <API token>` |
 //! | `GET /healthz` | | liveness, open |
 #![forbid(unsafe_code)]
@@ -71,6 +78,13 @@ pub fn router(api: Api) -> Router {
         .route("/api/batches/{id}/decision", post(decide_batch))
         .route("/batches/{id}/record.html", get(batch_document))
         .route("/batches/{id}/record.json", get(batch_export_json))
+        .route("/api/quality/health", get(quality_health))
+        .route("/api/quality/chart", get(quality_chart))
+        .route("/api/quality/compare", get(quality_compare))
+        .route("/api/quality/gate", get(quality_gate))
+        .route("/api/quality/levels", get(quality_levels))
+        .route("/api/alerts", get(alerts))
+        .route("/api/alerts/{id}/ack", post(ack_alert))
         .route_layer(middleware::from_fn_with_state(api.clone(), require_session));
     Router::new()
         .route("/", get(|| async { static_file(INDEX_HTML, "text/html; charset=utf-8") }))
@@ -117,6 +131,8 @@ pub async fn run(
         let acceptor = acceptor.clone();
         let service = TowerToHyperService::new(app.clone());
         let watcher = graceful.watcher();
+        // Answers go out at once rather than after the browser's delayed ACK.
+        let _ = tcp.set_nodelay(true);
         tokio::spawn(async move {
             // A client that never finishes its handshake must not hold a task forever.
             let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
@@ -692,4 +708,257 @@ mod tests {
             assert!(text.contains(name), "{text} names {name}");
         }
     }
+}
+
+// === Quality and alerts ===
+
+#[derive(serde::Deserialize, Default)]
+struct QualityQuery {
+    metric: Option<String>,
+    by: Option<String>,
+    site: Option<String>,
+    device: Option<String>,
+    firmware: Option<String>,
+    recipe: Option<String>,
+    lot: Option<String>,
+    since_ms: Option<i64>,
+    baseline: Option<u32>,
+    points: Option<u32>,
+    alpha: Option<f64>,
+    factor: Option<String>,
+    a: Option<String>,
+    b: Option<String>,
+}
+
+fn factor_param(field: &'static str, v: Option<&str>) -> Result<pb::Factor, ApiError> {
+    Ok(match v.unwrap_or_default() {
+        "" => pb::Factor::Unspecified,
+        "device" => pb::Factor::Device,
+        "site" => pb::Factor::Site,
+        "firmware" => pb::Factor::Firmware,
+        "recipe" => pb::Factor::Recipe,
+        "lot" => pb::Factor::Lot,
+        other => {
+            return Err(ApiError(nanofleet_api::Error::invalid(
+                field,
+                other,
+                "device, site, firmware, recipe or lot",
+            )));
+        }
+    })
+}
+
+impl QualityQuery {
+    fn selection(&self) -> pb::BatchSelection {
+        let one = |v: &Option<String>| v.iter().filter(|s| !s.is_empty()).cloned().collect::<Vec<_>>();
+        pb::BatchSelection {
+            device_ids: one(&self.device),
+            site_ids: one(&self.site),
+            firmware_versions: one(&self.firmware),
+            recipe_ids: one(&self.recipe),
+            cartridge_lots: one(&self.lot),
+            since_unix_ms: self.since_ms.unwrap_or(0),
+            until_unix_ms: 0,
+        }
+    }
+}
+
+fn pb_json(name: &str, msg: &impl nanofleet_proto::prost::Message) -> Json<serde_json::Value> {
+    Json(nanofleet_recipe::json::to_json(name, msg))
+}
+
+async fn quality_health(
+    State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
+    q: Result<Query<QualityQuery>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    allow(&caller, "MonitoringService/GetFleetHealth")?;
+    let q = query(q)?;
+    let r = api
+        .monitoring
+        .fleet_health(&caller, pb::GetFleetHealthRequest { since_unix_ms: q.since_ms.unwrap_or(0) })
+        .await?;
+    Ok(pb_json("nanofleet.v1.GetFleetHealthResponse", &r))
+}
+
+async fn quality_chart(
+    State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
+    q: Result<Query<QualityQuery>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    allow(&caller, "MonitoringService/GetControlChart")?;
+    let q = query(q)?;
+    let req = pb::GetControlChartRequest {
+        metric: q.metric.clone().unwrap_or_default(),
+        selection: Some(q.selection()),
+        by: factor_param("by", q.by.as_deref())? as i32,
+        baseline_points: q.baseline.unwrap_or(0),
+        max_points: q.points.unwrap_or(0),
+    };
+    let r = api.monitoring.control_chart(&caller, req).await?;
+    Ok(pb_json("nanofleet.v1.GetControlChartResponse", &r))
+}
+
+async fn quality_compare(
+    State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
+    q: Result<Query<QualityQuery>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    allow(&caller, "MonitoringService/CompareStrata")?;
+    let q = query(q)?;
+    let req = pb::CompareStrataRequest {
+        metric: q.metric.clone().unwrap_or_default(),
+        selection: Some(q.selection()),
+        by: factor_param("by", q.by.as_deref())? as i32,
+        alpha: q.alpha.unwrap_or(0.0),
+    };
+    let r = api.monitoring.compare_strata(&caller, req).await?;
+    Ok(pb_json("nanofleet.v1.CompareStrataResponse", &r))
+}
+
+async fn quality_gate(
+    State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
+    q: Result<Query<QualityQuery>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    allow(&caller, "MonitoringService/CompareCohorts")?;
+    let q = query(q)?;
+    let factor = factor_param("factor", q.factor.as_deref())?;
+    let Some(a) = q.a.clone().filter(|a| !a.is_empty()) else {
+        return Err(ApiError(nanofleet_api::Error::invalid(
+            "a",
+            "",
+            "the level of cohort A, e.g. a firmware version",
+        )));
+    };
+    let b: Vec<String> = match q.b.clone().filter(|b| !b.is_empty()) {
+        Some(b) => vec![b],
+        None => api.monitoring.levels(&caller, factor).await?.into_iter().filter(|l| *l != a).collect(),
+    };
+    let cohort = |levels: Vec<String>| {
+        let mut s = pb::BatchSelection { since_unix_ms: q.since_ms.unwrap_or(0), ..Default::default() };
+        match factor {
+            pb::Factor::Device => s.device_ids = levels,
+            pb::Factor::Site => s.site_ids = levels,
+            pb::Factor::Firmware => s.firmware_versions = levels,
+            pb::Factor::Recipe => s.recipe_ids = levels,
+            pb::Factor::Lot => s.cartridge_lots = levels,
+            pb::Factor::Unspecified => {}
+        }
+        s
+    };
+    if factor == pb::Factor::Unspecified {
+        return Err(ApiError(nanofleet_api::Error::invalid(
+            "factor",
+            "",
+            "device, site, firmware, recipe or lot",
+        )));
+    }
+    let req = pb::CompareCohortsRequest {
+        cohort_a: Some(cohort(vec![a])),
+        cohort_b: Some(cohort(b)),
+        ..Default::default()
+    };
+    let r = api.monitoring.compare_cohorts(&caller, req).await?;
+    Ok(pb_json("nanofleet.v1.CompareCohortsResponse", &r))
+}
+
+async fn quality_levels(
+    State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
+    q: Result<Query<QualityQuery>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    allow(&caller, "MonitoringService/GetControlChart")?;
+    let q = query(q)?;
+    let factor = factor_param("factor", q.factor.as_deref())?;
+    if factor == pb::Factor::Unspecified {
+        return Err(ApiError(nanofleet_api::Error::invalid(
+            "factor",
+            "",
+            "device, site, firmware, recipe or lot",
+        )));
+    }
+    Ok(Json(serde_json::json!({ "levels": api.monitoring.levels(&caller, factor).await? })))
+}
+
+#[derive(serde::Deserialize, Default)]
+struct AlertsQuery {
+    state: Option<String>,
+    site: Option<String>,
+    kind: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn alerts(
+    State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
+    q: Result<Query<AlertsQuery>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    allow(&caller, "MonitoringService/ListAlerts")?;
+    let q = query(q)?;
+    let states = match q.state.as_deref().unwrap_or_default() {
+        "" | "active" => vec![],
+        "open" => vec![pb::AlertState::Open as i32],
+        "acknowledged" => vec![pb::AlertState::Acknowledged as i32],
+        "resolved" => vec![pb::AlertState::Resolved as i32],
+        "all" => vec![
+            pb::AlertState::Open as i32,
+            pb::AlertState::Acknowledged as i32,
+            pb::AlertState::Resolved as i32,
+        ],
+        other => {
+            return Err(ApiError(nanofleet_api::Error::invalid(
+                "state",
+                other,
+                "active, open, acknowledged, resolved or all",
+            )));
+        }
+    };
+    let kind = match q.kind.as_deref().unwrap_or_default() {
+        "" => pb::AlertKind::Unspecified,
+        "spc_rule" => pb::AlertKind::SpcRule,
+        "device_silent" => pb::AlertKind::DeviceSilent,
+        "alarm_storm" => pb::AlertKind::AlarmStorm,
+        "site_differs" => pb::AlertKind::SiteDiffers,
+        other => {
+            return Err(ApiError(nanofleet_api::Error::invalid(
+                "kind",
+                other,
+                "spc_rule, device_silent, alarm_storm or site_differs",
+            )));
+        }
+    };
+    let req = pb::ListAlertsRequest {
+        states,
+        site_id: q.site.unwrap_or_default(),
+        kind: kind as i32,
+        limit: q.limit.unwrap_or(200),
+    };
+    let list = api.monitoring.list_alerts(&caller, req).await?;
+    Ok(Json(serde_json::json!({
+        "alerts": list.iter().map(|a| nanofleet_recipe::json::to_json("nanofleet.v1.Alert", a)).collect::<Vec<_>>(),
+    })))
+}
+
+#[derive(serde::Deserialize)]
+struct AckForm {
+    note: String,
+}
+
+async fn ack_alert(
+    State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    body: Result<Json<AckForm>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    allow(&caller, "MonitoringService/AcknowledgeAlert")?;
+    let Json(f) = body.map_err(|e| {
+        ApiError(nanofleet_api::Error::InvalidArgument {
+            field: "body",
+            value: e.body_text(),
+            allowed: "JSON {note}".into(),
+        })
+    })?;
+    let a = api.monitoring.acknowledge(&caller, &id, &f.note).await?;
+    Ok(pb_json("nanofleet.v1.Alert", &a))
 }

@@ -16,6 +16,7 @@ use nanofleet_proto::v1::telemetry_service_client::TelemetryServiceClient;
 use tonic::transport::Channel;
 
 pub mod batches;
+pub mod monitoring;
 pub mod recipes;
 
 /// Prints a line on stdout; a closed pipe (`nanofleet ... | head`) is not an error.

@@ -106,6 +106,180 @@ enum Command {
         #[command(subcommand)]
         command: BatchesCommand,
     },
+    /// Cross-site quality: control charts of every quality attribute and process
+    /// signal, which device, site, firmware, recipe or cartridge lot differs, and
+    /// whether one cohort performs worse than another.
+    #[command(after_help = QUALITY_HELP)]
+    Quality {
+        #[command(subcommand)]
+        command: QualityCommand,
+    },
+    /// Monitoring alerts: control-chart rules that fired on a device, devices gone
+    /// silent, sites that differ from the fleet.
+    Alerts {
+        #[command(subcommand)]
+        command: AlertsCommand,
+    },
+}
+
+const QUALITY_HELP: &str = "\
+Metrics: size_nm, pdi, encapsulation_pct, ph, yield_pct (quality attributes) and
+flow_cv, max_pressure_mbar, frr_error_pct, alarms (process signals, per batch).
+
+  nanofleet quality health                                  # sites ranked, worst first
+  nanofleet quality chart pdi --by device --since 7d        # one I-MR/EWMA/CUSUM chart per device
+  nanofleet quality chart size_nm --device NF-SMH-01        # one chart, newest points drawn
+  nanofleet quality compare encapsulation_pct --by lot      # which lot differs, adjusted for site etc.
+  nanofleet quality gate --a firmware=1.3.0 --b firmware=1.2.0   # exits 1 if A regressed
+
+Limits come from each chart's first --baseline points (default 20). Rules: Western
+Electric 1-4, Nelson trend, alternation, stratification and mixture, moving range,
+EWMA (λ 0.2, L 3) and CUSUM (k 0.5σ, h 5σ).";
+
+#[derive(clap::Args, Debug)]
+struct SelectArgs {
+    /// Only these devices (repeat).
+    #[arg(long)]
+    device: Vec<String>,
+    /// Only these sites (repeat).
+    #[arg(long)]
+    site: Vec<String>,
+    /// Only these firmware versions (repeat).
+    #[arg(long)]
+    firmware: Vec<String>,
+    /// Only these recipes (repeat).
+    #[arg(long)]
+    recipe: Vec<String>,
+    /// Only these cartridge lots (repeat).
+    #[arg(long)]
+    lot: Vec<String>,
+    /// Only runs that ended in this window, e.g. 24h, 7d (default: all).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    since: Option<Duration>,
+}
+
+impl SelectArgs {
+    fn selection(self) -> pb::BatchSelection {
+        pb::BatchSelection {
+            device_ids: self.device,
+            site_ids: self.site,
+            firmware_versions: self.firmware,
+            recipe_ids: self.recipe,
+            cartridge_lots: self.lot,
+            since_unix_ms: since_ms(self.since),
+            until_unix_ms: 0,
+        }
+    }
+}
+
+fn since_ms(since: Option<Duration>) -> i64 {
+    since.map_or(0, |d| now_ms() - d.as_millis() as i64)
+}
+
+#[derive(Subcommand, Debug)]
+enum QualityCommand {
+    /// Individuals / moving-range chart with EWMA and CUSUM, rules marked, Cpk against
+    /// the recipe's release criteria; one chart per stratum with --by.
+    Chart {
+        /// size_nm, pdi, encapsulation_pct, ph, yield_pct, flow_cv, max_pressure_mbar,
+        /// frr_error_pct or alarms.
+        metric: String,
+        /// One chart per device, site, firmware, recipe or lot.
+        #[arg(long)]
+        by: Option<String>,
+        #[command(flatten)]
+        select: SelectArgs,
+        /// Limits from the first this many points of each chart.
+        #[arg(long, default_value_t = 20)]
+        baseline: u32,
+        /// Newest points returned per chart (--output json).
+        #[arg(long, default_value_t = 500)]
+        points: u32,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Which device, site, firmware, recipe or lot differs, by how much, with a 95 %
+    /// interval: an additive model adjusted for the other factors, F test, Bonferroni.
+    Compare {
+        metric: String,
+        /// device, site, firmware, recipe or lot.
+        #[arg(long)]
+        by: String,
+        #[command(flatten)]
+        select: SelectArgs,
+        /// Significance level.
+        #[arg(long, default_value_t = 0.01)]
+        alpha: f64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// The cohort gate: does cohort A perform worse than cohort B? One-sided Welch
+    /// tests per metric and Fisher tests on failed batches and runs with alarms,
+    /// Holm-adjusted. Exits 1 when A regressed.
+    Gate {
+        /// Cohort A as KEY=VALUE (device, site, firmware, recipe, lot; repeat).
+        #[arg(long = "a", required = true)]
+        a: Vec<String>,
+        /// Cohort B, the reference.
+        #[arg(long = "b", required = true)]
+        b: Vec<String>,
+        /// Only runs that ended in this window, e.g. 7d.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<Duration>,
+        /// Family-wise significance level.
+        #[arg(long, default_value_t = 0.01)]
+        alpha: f64,
+        /// Smallest regression that counts, in standard deviations.
+        #[arg(long, default_value_t = 0.5)]
+        min_effect: f64,
+        /// Metrics to compare (repeat; default the quality attributes, flow_cv, frr_error_pct).
+        #[arg(long)]
+        metric: Vec<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Sites ranked worst first by QC pass rate and devices online, with open alerts.
+    Health {
+        /// Batches that ended in this window count.
+        #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+        since: Duration,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AlertsCommand {
+    /// Alerts, newest first (default: open and acknowledged).
+    List {
+        /// open, acknowledged, resolved or all.
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long, default_value = "")]
+        site: String,
+        /// spc_rule, device_silent, alarm_storm or site_differs.
+        #[arg(long)]
+        kind: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Acknowledges an open alert (ops, QA) with what was found or done; audited.
+    Ack {
+        alert_id: String,
+        #[arg(long)]
+        note: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Prints alerts as they are raised, acknowledged or resolved.
+    Watch {
+        #[arg(long, default_value = "")]
+        site: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 const BATCHES_HELP: &str = "\
@@ -543,6 +717,16 @@ struct ListenArgs {
     /// Life of a device certificate; devices renew after two thirds of it.
     #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
     device_cert_validity: Duration,
+    /// POST every new monitoring alert and change of state here as JSON (http:// or
+    /// https://).
+    #[arg(long, env = "NANOFLEET_ALERT_WEBHOOK")]
+    alert_webhook: Option<String>,
+    /// A device with no message for this long raises a "silent" alert.
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    silent_after: Duration,
+    /// Time between evaluations of the alert rules.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    alert_every: Duration,
 }
 
 #[derive(clap::Args, Debug)]
@@ -728,6 +912,24 @@ fn server_options(l: ListenArgs, data_dir: PathBuf) -> server::Options {
         ));
     }
     o.device_cert_validity = l.device_cert_validity;
+    if let Some(url) = &l.alert_webhook {
+        o.alerts.webhook =
+            Some(url.parse().unwrap_or_else(|e| config_error(format!("--alert-webhook: {e}"))));
+    }
+    if l.silent_after < Duration::from_secs(10) || l.silent_after > Duration::from_secs(7 * 86_400) {
+        config_error(format!(
+            "--silent-after {}: allowed 10s to 7d",
+            humantime::format_duration(l.silent_after)
+        ));
+    }
+    o.alerts.silent_after = l.silent_after;
+    if l.alert_every < Duration::from_secs(1) || l.alert_every > Duration::from_secs(3_600) {
+        config_error(format!(
+            "--alert-every {}: allowed 1s to 1h",
+            humantime::format_duration(l.alert_every)
+        ));
+    }
+    o.alerts.evaluate_every = l.alert_every;
     o
 }
 
@@ -903,6 +1105,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Recipes { command } => recipes(command).await?,
         Command::Runs { command } => runs(command).await?,
         Command::Batches { command } => batches(command).await?,
+        Command::Quality { command } => quality(command).await?,
+        Command::Alerts { command } => alerts(command).await?,
         Command::Audit { command: AuditCommand::Verify { checkpoint, save_checkpoint, client } } => {
             client
                 .connect()
@@ -1063,6 +1267,88 @@ async fn batches(command: BatchesCommand) -> anyhow::Result<()> {
                 other => anyhow::bail!("--format {other:?}: allowed: html, json"),
             };
             client.connect().await?.batch_export(&client.server, batch_id, format, out.as_deref()).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn quality(command: QualityCommand) -> anyhow::Result<()> {
+    use nanofleet::cli::monitoring::{factor_arg, selectors};
+    match command {
+        QualityCommand::Chart { metric, by, select, baseline, points, client } => {
+            let by = by.map(|b| factor_arg("--by", &b)).transpose()?.unwrap_or(pb::Factor::Unspecified);
+            let req = pb::GetControlChartRequest {
+                metric,
+                selection: Some(select.selection()),
+                by: by as i32,
+                baseline_points: baseline,
+                max_points: points,
+            };
+            client.connect().await?.quality_chart(&client.server, req).await?;
+        }
+        QualityCommand::Compare { metric, by, select, alpha, client } => {
+            let req = pb::CompareStrataRequest {
+                metric,
+                selection: Some(select.selection()),
+                by: factor_arg("--by", &by)? as i32,
+                alpha,
+            };
+            client.connect().await?.quality_compare(&client.server, req).await?;
+        }
+        QualityCommand::Gate { a, b, since, alpha, min_effect, metric, client } => {
+            let since = since_ms(since);
+            let req = pb::CompareCohortsRequest {
+                cohort_a: Some(selectors("--a", &a, since)?),
+                cohort_b: Some(selectors("--b", &b, since)?),
+                alpha,
+                min_effect_sigma: min_effect,
+                min_samples: 0,
+                metrics: metric,
+            };
+            if client.connect().await?.quality_gate(&client.server, req).await? {
+                std::process::exit(1);
+            }
+        }
+        QualityCommand::Health { since, client } => {
+            client.connect().await?.quality_health(&client.server, since_ms(Some(since))).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn alerts(command: AlertsCommand) -> anyhow::Result<()> {
+    match command {
+        AlertsCommand::List { state, site, kind, limit, client } => {
+            let states = match state.as_deref() {
+                None => vec![],
+                Some("open") => vec![pb::AlertState::Open as i32],
+                Some("acknowledged") => vec![pb::AlertState::Acknowledged as i32],
+                Some("resolved") => vec![pb::AlertState::Resolved as i32],
+                Some("all") => [pb::AlertState::Open, pb::AlertState::Acknowledged, pb::AlertState::Resolved]
+                    .map(|s| s as i32)
+                    .to_vec(),
+                Some(other) => anyhow::bail!("--state {other:?}: allowed open, acknowledged, resolved, all"),
+            };
+            let kind = match kind.as_deref() {
+                None => pb::AlertKind::Unspecified,
+                Some("spc_rule") => pb::AlertKind::SpcRule,
+                Some("device_silent") => pb::AlertKind::DeviceSilent,
+                Some("alarm_storm") => pb::AlertKind::AlarmStorm,
+                Some("site_differs") => pb::AlertKind::SiteDiffers,
+                Some(other) => {
+                    anyhow::bail!(
+                        "--kind {other:?}: allowed spc_rule, device_silent, alarm_storm, site_differs"
+                    )
+                }
+            };
+            let req = pb::ListAlertsRequest { states, site_id: site, kind: kind as i32, limit };
+            client.connect().await?.alerts_list(&client.server, req).await?;
+        }
+        AlertsCommand::Ack { alert_id, note, client } => {
+            client.connect().await?.alerts_ack(&client.server, alert_id, note).await?;
+        }
+        AlertsCommand::Watch { site, client } => {
+            client.connect().await?.alerts_watch(&client.server, site).await?;
         }
     }
     Ok(())

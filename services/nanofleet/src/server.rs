@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nanofleet_api::{
-    Actor, Api, AuditLog, Batches, Bootstrap, CommandSink, Deliveries, DeviceCommands, Fleet, People,
-    Recipes, Trust, TrustOptions,
+    Actor, Api, AuditLog, Batches, Bootstrap, CommandSink, Deliveries, DeviceCommands, Fleet, Monitoring,
+    People, Recipes, Trust, TrustOptions,
 };
 use nanofleet_broker::{Broker, Control};
 use nanofleet_ingest::Ingest;
@@ -16,6 +16,7 @@ use nanofleet_proto::v1::audit_service_server::AuditServiceServer;
 use nanofleet_proto::v1::batch_service_server::BatchServiceServer;
 use nanofleet_proto::v1::enrollment_service_server::EnrollmentServiceServer;
 use nanofleet_proto::v1::fleet_service_server::FleetServiceServer;
+use nanofleet_proto::v1::monitoring_service_server::MonitoringServiceServer;
 use nanofleet_proto::v1::people_service_server::PeopleServiceServer;
 use nanofleet_proto::v1::recipe_service_server::RecipeServiceServer;
 use nanofleet_proto::v1::telemetry_service_server::TelemetryServiceServer;
@@ -49,6 +50,8 @@ pub struct Options {
     pub server_names: ServerNames,
     /// Life of a device certificate.
     pub device_cert_validity: Duration,
+    /// How monitoring alerts are evaluated and delivered.
+    pub alerts: nanofleet_api::AlertOptions,
 }
 
 impl Options {
@@ -63,6 +66,7 @@ impl Options {
             ingest: nanofleet_ingest::Options::default(),
             server_names: ServerNames::default(),
             device_cert_validity: TrustOptions::default().device_cert_validity,
+            alerts: nanofleet_api::AlertOptions::default(),
         }
     }
 
@@ -113,6 +117,7 @@ pub struct Server {
     pub people: People,
     pub audit: AuditLog,
     pub recipes: Recipes,
+    pub monitoring: Monitoring,
     pub ca: Arc<FleetCa>,
     /// The administrator created at the first start (its password and API token are
     /// also in `admin-password` and `admin.token` in the data directory).
@@ -214,15 +219,21 @@ impl Server {
         let deliveries = Deliveries::start(store.clone(), recipes.clone(), sink.clone());
         let batches = Batches::new(store.clone(), people.clone(), fleet.clone(), ca.clone(), sink);
         ingest.set_commands(Arc::new(DeviceCommands { deliveries, batches: batches.clone() }));
-        let api = Api::new(
-            fleet.clone(),
-            trust.clone(),
-            people.clone(),
-            audit.clone(),
-            recipes.clone(),
+        let monitoring = Monitoring::new(store.clone(), fleet.clone());
+        let derived = monitoring.backfill().await?;
+        if derived > 0 {
+            tracing::info!(batches = derived, "monitoring metrics derived from stored batch records");
+        }
+        let api = Api {
+            fleet: fleet.clone(),
+            trust: trust.clone(),
+            people: people.clone(),
+            audit: audit.clone(),
+            recipes: recipes.clone(),
             batches,
-            Some(Arc::new(BrokerDisconnect(broker.control()))),
-        );
+            monitoring: monitoring.clone(),
+            disconnect: Some(Arc::new(BrokerDisconnect(broker.control()))),
+        };
 
         let cancel = CancellationToken::new();
         let mut tasks = Vec::new();
@@ -235,6 +246,7 @@ impl Server {
         health.set_serving::<AuditServiceServer<Api>>().await;
         health.set_serving::<RecipeServiceServer<Api>>().await;
         health.set_serving::<BatchServiceServer<Api>>().await;
+        health.set_serving::<MonitoringServiceServer<Api>>().await;
         // Both reflection versions: older tools (grpcurl before 1.8.8) ask for v1alpha.
         let reflection = || {
             tonic_reflection::server::Builder::configure()
@@ -264,10 +276,13 @@ impl Server {
             .add_service(PeopleServiceServer::new(api.clone()))
             .add_service(AuditServiceServer::new(api.clone()))
             .add_service(RecipeServiceServer::new(api.clone()))
-            .add_service(BatchServiceServer::new(api.clone()));
+            .add_service(BatchServiceServer::new(api.clone()))
+            .add_service(MonitoringServiceServer::new(api.clone()));
         let stop = cancel.clone();
         tasks.push(tokio::spawn(async move {
-            let incoming = tonic::transport::server::TcpIncoming::from(grpc);
+            // Without TCP_NODELAY a response larger than one segment waits for the
+            // client's delayed ACK (40 ms on Linux): a chart took 50 ms instead of 8.
+            let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
             if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()).await {
                 tracing::error!(error = %e, "grpc server stopped");
             }
@@ -282,6 +297,8 @@ impl Server {
                 tracing::error!(error = %e, "dashboard stopped");
             }
         }));
+
+        tasks.push(monitoring.spawn_alerts(opts.alerts.clone(), cancel.clone()));
 
         // Other servers sharing the database may decommission devices: re-read who is
         // blocked now and then.
@@ -319,6 +336,7 @@ impl Server {
             people,
             audit,
             recipes,
+            monitoring,
             ca,
             bootstrap,
             mqtt_plaintext_addr,

@@ -4,7 +4,8 @@
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use crate::{AuditEntry, Error, Result, Store, append_audit_in};
+use crate::metrics::insert_metrics_in;
+use crate::{AuditEntry, BatchMetrics, Error, QualityLimit, Result, Store, append_audit_in};
 
 /// A run a person asked a device for, and the device's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -202,8 +203,14 @@ impl Store {
 
     /// Stores a verified batch record. Returns false when the same record was stored
     /// before (a device re-sends until acknowledged); a different record under the
-    /// same batch id is a conflict.
-    pub async fn insert_batch(&self, b: &BatchRow, audit: &AuditEntry) -> Result<bool> {
+    /// same batch id is a conflict. The record's metrics and limits are written with it.
+    pub async fn insert_batch(
+        &self,
+        b: &BatchRow,
+        metrics: &BatchMetrics,
+        limits: &[QualityLimit],
+        audit: &AuditEntry,
+    ) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
         let done = sqlx::query(
             "INSERT INTO batch_records (batch_id, device_id, site_id, recipe_id, recipe_version, started_ms, \
@@ -247,6 +254,7 @@ impl Store {
                 )))
             };
         }
+        insert_metrics_in(&mut tx, metrics, limits).await?;
         append_audit_in(&mut tx, audit.clone()).await?;
         tx.commit().await?;
         Ok(true)

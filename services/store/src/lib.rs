@@ -12,8 +12,10 @@
 //! hash-chained, with signed checkpoints.
 #![forbid(unsafe_code)]
 
+mod alerts;
 mod audit;
 mod batches;
+mod metrics;
 mod people;
 mod recipes;
 mod records;
@@ -24,8 +26,10 @@ use std::time::Duration;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor, Row};
 
+pub use alerts::*;
 pub use audit::*;
 pub use batches::*;
+pub use metrics::*;
 pub use people::*;
 pub use recipes::*;
 pub use records::*;
