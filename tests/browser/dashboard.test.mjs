@@ -477,6 +477,146 @@ describe('dashboard against a demo fleet', () => {
     assert.deepEqual(pageErrors, [], 'no script or network errors in the page');
   });
 
+  it('quality page charts the demo\'s batches, splits them by device, compares devices and cohorts; alerts page lists and acknowledges', { timeout: 420_000 }, async () => {
+    // The comparisons are asked before the data can answer them (8 devices and 9
+    // batches leave no degrees of freedom); the server refuses those with 409 and the
+    // page says why in the panel. Those refusals are expected, anything else is not.
+    const refusals = [];
+    const onResponse = (res) => {
+      if (res.status() === 409) refusals.push(new URL(res.url()).pathname);
+    };
+    page.on('response', onResponse);
+
+    await page.getByRole('link', { name: 'Quality', exact: true }).click();
+    await page.waitForURL((u) => new URL(u).hash === '#/quality');
+
+    // Fleet health: every site, worst first, with a pass-rate meter.
+    await until('health rows', () => count('[data-testid="health-row"]'), (n) => n === SITES, 10_000);
+    assert.equal(await count('[data-testid="health-row"] [data-testid="pass-meter"]'), SITES);
+
+    // The control chart of PDI (the default metric): points, the centre line and both
+    // control limits, the EWMA and CUSUM panels, capability and rule counts beside it.
+    const chart = page.getByTestId('control-chart');
+    const points = await until('points on the control chart', async () => ((await chart.count()) === 1 ? Number(await chart.getAttribute('data-points')) : 0),
+      (n) => n >= 3, 180_000);
+    assert.equal(await chart.locator('[data-testid="chart-point"]').count(), points, 'one mark per point');
+    for (const line of ['limit-ucl', 'limit-center', 'limit-lcl', 'ewma-line', 'ewma-ucl', 'cusum-upper', 'cusum-lower']) {
+      assert.equal(await chart.getByTestId(line).count(), 1, `${line} is drawn`);
+    }
+    const ucl = Number(await chart.getByTestId('limit-ucl').getAttribute('y1'));
+    const cl = Number(await chart.getByTestId('limit-center').getAttribute('y1'));
+    const lcl = Number(await chart.getByTestId('limit-lcl').getAttribute('y1'));
+    assert.ok(ucl < cl && cl < lcl, `UCL above the centre above LCL (y ${ucl}, ${cl}, ${lcl})`);
+    const side = page.getByTestId('chart-side');
+    assert.match(await side.textContent(), /Capability/);
+    assert.match(await side.textContent(), /Rules fired/);
+    // A point that completes a rule is red and says which rule in its tooltip.
+    for (const signal of await chart.locator('[data-testid="chart-point"][data-rules]').all()) {
+      const rules = (await signal.getAttribute('data-rules')).split(' ');
+      const tip = await signal.locator('title').textContent();
+      for (const r of rules) assert.ok(tip.includes(r), `the tooltip names ${r}: ${tip}`);
+    }
+
+    // A point opens its batch record; Back returns to the chart.
+    const point = chart.locator('[data-testid="chart-point"]').last();
+    const batchId = await point.getAttribute('data-batch-id');
+    await point.click();
+    await page.waitForURL((u) => decodeURIComponent(new URL(u).hash) === `#/batches/${batchId}`);
+    await page.locator(`[data-testid="batch-detail"][data-batch-id="${batchId}"]`).waitFor({ state: 'visible' });
+    await page.goBack();
+    await page.waitForURL((u) => new URL(u).hash === '#/quality');
+    await chart.waitFor({ state: 'visible' });
+
+    // Split by device: one small chart per device that made batches, most signals first.
+    await page.getByTestId('quality-by').selectOption('device');
+    await page.waitForURL((u) => new URL(u).hash === '#/quality?by=device');
+    const small = page.getByTestId('small-chart');
+    await until('small charts', () => small.count(), (n) => n >= 3, 30_000);
+    const signals = await small.evaluateAll((cards) => cards.map((c) => Number(c.dataset.signals)));
+    assert.deepEqual(signals, [...signals].sort((a, b) => b - a), 'the charts with the most signals come first');
+    // A device's chart needs two of its batches for limits; until then its card says so.
+    await until('a drawn small chart', () => count('[data-testid="small-chart"] [data-testid="small-chart-svg"]'), (n) => n >= 1, 180_000);
+    assert.equal(await count('[data-testid="small-chart"] [data-testid="small-chart-svg"], [data-testid="small-chart"] [data-testid="small-chart-note"]'),
+      await small.count(), 'every card has a chart or says why not');
+
+    // Drill down: the site with batches → its devices → one device's chart.
+    // Rows carry their pass rate only when the site made batches.
+    const site = await page.locator('[data-testid="health-row"][data-pass-rate]').first().getAttribute('data-site-id');
+    await page.locator(`[data-testid="health-row"][data-site-id="${site}"]`).click();
+    await page.waitForURL((u) => new URLSearchParams(new URL(u).hash.split('?')[1]).get('site') === site);
+    await until('devices of the site', () => count('[data-testid="site-device"]'), (n) => n === DEVICES_PER_SITE, 10_000);
+    const first = small.first();
+    await first.waitFor({ state: 'visible' });
+    const stratum = await first.getAttribute('data-stratum');
+    const device = stratum.replace(/^device=/, '');
+    await first.click();
+    await page.waitForURL((u) => {
+      const q = new URLSearchParams(new URL(u).hash.split('?')[1]);
+      return q.get('device') === device && q.get('site') === site && !q.get('by');
+    });
+    // A device with a single batch has no limits yet and says so instead of a chart.
+    await until(`the chart of ${device}`, async () => (await chart.count()) + (await count('[data-testid="chart-note"]')), (n) => n === 1, 15_000);
+    assert.match(await page.getByTestId('quality-scope').textContent(), new RegExp(literal(device)));
+    if ((await chart.count()) === 1) {
+      const devices = await chart.locator('[data-testid="chart-point"]').evaluateAll((pts) => pts.map((p) => p.querySelector('title').textContent));
+      assert.ok(devices.every((t) => t.includes(device)), `every point on ${device}'s chart is one of its batches`);
+    }
+
+    // Which device differs: the adjusted comparison of PDI, as a table with intervals.
+    await page.getByTestId('compare-by').selectOption('device');
+    const compareRows = page.getByTestId('compare-row');
+    await until('comparison table', () => compareRows.count(), (n) => n >= 2, 240_000);
+    assert.equal(await page.locator('[data-testid="compare-row"] svg.ci-bar').count(), await compareRows.count(), 'each level has its interval');
+    assert.match(await page.getByTestId('compare-verdict').textContent(), /device differs/i);
+    assert.ok((await page.getByTestId('compare-summary').textContent()).trim().length > 0, 'the summary sentence is shown');
+
+    // Cohort gate: one device against all the others.
+    await page.getByTestId('gate-factor').selectOption('device');
+    const gateA = page.getByTestId('gate-a');
+    await until('cohort A choices', () => gateA.locator('option').count(), (n) => n >= 2, 15_000);
+    const verdict = page.getByTestId('gate-verdict');
+    await verdict.waitFor({ state: 'visible', timeout: 20_000 });
+    assert.match(await verdict.getAttribute('data-verdict'), /^VERDICT_(REGRESSED|NO_REGRESSION|INSUFFICIENT_DATA)$/);
+    await until('gate evidence rows', () => count('[data-testid="gate-row"]'), (n) => n >= 1, 10_000);
+    await shoot('quality.png');
+
+    page.off('response', onResponse);
+    assert.ok(refusals.every((u) => /\/api\/quality\/(compare|gate)$/.test(u)), `only comparisons were refused: ${refusals.join(', ')}`);
+    const unexpected = pageErrors.filter((e) => !/status of 409/.test(e));
+    assert.deepEqual(unexpected, [], 'no script or network errors in the page');
+    pageErrors.length = 0;
+
+    // Alerts: the list renders whether or not the demo raised any yet.
+    await page.getByRole('link', { name: 'Alerts', exact: true }).click();
+    await page.waitForURL((u) => new URL(u).hash === '#/alerts');
+    await page.getByTestId('alert-table').waitFor({ state: 'visible' });
+    await until('alert rows or the empty note', async () => (await count('[data-testid="alert-row"]')) + (await count('[data-testid="alerts-empty"]')),
+      (n) => n > 0, 10_000);
+    await page.getByTestId('alert-state-filter').selectOption('all');
+    const rows = await until('alerts in every state', () => count('[data-testid="alert-row"]'), () => true, 5_000);
+    const open = page.locator('[data-testid="alert-row"][data-state="open"]').first();
+    if ((await open.count()) === 1) {
+      // Acknowledge one as the operator: a note is required, then who and the note show.
+      const alertId = await open.getAttribute('data-alert-id');
+      await open.click();
+      const detail = page.locator(`[data-testid="alert-detail"][data-alert-id="${alertId}"]`);
+      await detail.getByTestId('alert-evidence').waitFor({ state: 'visible' });
+      const form = detail.getByTestId('alert-ack-form');
+      await form.getByTestId('alert-ack-submit').click();
+      await form.getByTestId('alert-ack-error').waitFor({ state: 'visible' });
+      await form.getByTestId('alert-ack-input').fill('browser test: looked at the evidence');
+      await form.getByTestId('alert-ack-submit').click();
+      await until(`alert ${alertId} acknowledged`, () => detail.getAttribute('data-state'), (st) => st === 'acknowledged', 15_000);
+      assert.equal((await detail.getByTestId('alert-ack-by').textContent()).trim(), login.user);
+      assert.equal((await detail.getByTestId('alert-ack-note').textContent()).trim(), 'browser test: looked at the evidence');
+    } else if (rows > 0) {
+      await page.getByTestId('alert-row').first().click();
+      await page.getByTestId('alert-detail').waitFor({ state: 'visible' });
+    }
+    await shoot('alerts.png');
+    assert.deepEqual(pageErrors, [], 'no script or network errors in the page');
+  });
+
   it('enroll page creates a token, shows its secret once and lists it as usable', { timeout: 60_000 }, async () => {
     await page.getByRole('link', { name: 'Enroll a device', exact: true }).click();
     await page.waitForURL((u) => new URL(u).hash === '#/enroll');

@@ -676,6 +676,11 @@ fn side_str(s: nanofleet_monitoring::spc::Side) -> &'static str {
     }
 }
 
+fn capitalise(s: &str) -> String {
+    let mut c = s.chars();
+    c.next().map(|f| f.to_uppercase().chain(c).collect()).unwrap_or_default()
+}
+
 fn finite(v: f64) -> f64 {
     if v.is_finite() { v } else { 0.0 }
 }
@@ -772,25 +777,20 @@ fn strata_pb(ix: &QualityIndex, metric: Metric, c: &compare::FactorComparison) -
         })
         .collect();
     let adjusted = c.adjusted_for.iter().map(|f| f.name()).collect::<Vec<_>>().join(", ");
+    let adjusted = if adjusted.is_empty() { String::new() } else { format!(", adjusted for {adjusted}") };
     let summary = if flagged.is_empty() {
         format!(
-            "no {} differs in {} (F={:.2}, p={:.3}, n={}, adjusted for {})",
+            "No {} differs in {} (F={:.2}, p={:.3}, n={}{adjusted}).",
             c.factor.name(),
             metric.name(),
             c.f_statistic,
             c.p_value,
             c.n,
-            if adjusted.is_empty() { "nothing" } else { &adjusted }
         )
     } else {
-        format!(
-            "{} differs in {}: {} (adjusted for {})",
-            c.factor.name(),
-            metric.name(),
-            flagged.join("; "),
-            if adjusted.is_empty() { "nothing" } else { &adjusted }
-        )
+        format!("{} differs in {}: {}{adjusted}.", c.factor.name(), metric.name(), flagged.join("; "))
     };
+    let summary = capitalise(&summary);
     pb::CompareStrataResponse {
         metric: metric.name().to_owned(),
         by: factor_pb(c.factor) as i32,

@@ -10,6 +10,12 @@
 //   #/batches[/ID]     batch records by disposition; ID selected: QC against the release
 //                      criteria, phases (setpoints vs actuals), alarms, every signature, and
 //                      links to the printable record and the signed JSON
+//   #/quality?metric=M&by=F&window=W&site=&device=&firmware=&recipe=&lot=
+//                      quality: fleet health by site, the control chart of a metric (or one
+//                      small chart per device, site, ... with `by`), which level differs, and
+//                      the cohort gate; every picker is in the address, so Back undoes it
+//   #/alerts[/ID][?site=S] monitoring alerts by state; ID selected: its evidence (the chart's
+//                      points and limits, the test's result) and the acknowledgement
 //
 // Every view polls once a second and updates its DOM in place instead of rebuilding it,
 // so a click, a hover or an open <select> is not lost to a refresh.
@@ -50,6 +56,34 @@
   const DISPOSITIONS = [
     ['awaiting_release', 'Awaiting release'], ['released', 'Released'], ['rejected', 'Rejected'], ['failed', 'Failed'],
   ];
+  // Quality: charts and comparisons change at the pace of batches (a minute or so), so
+  // they are fetched less often than the views poll; a change of picker fetches at once.
+  const QUALITY_CHART_MS = 5000;
+  const QUALITY_COMPARE_MS = 15_000;
+  const ALERT_BADGE_MS = 10_000;
+  // Points per chart: enough to read a trend, few enough to draw and hover quickly.
+  const CHART_POINTS = 300;
+  const SMALL_CHART_POINTS = 120;
+  const CPK_TARGET = 1.33;
+  const DEFAULT_METRIC = 'pdi';
+  const QUALITY_PARAMS = ['metric', 'by', 'window', 'site', 'device', 'firmware', 'recipe', 'lot'];
+  // [code, label, unit, group]: the server's metric names.
+  const METRICS = [
+    ['size_nm', 'Size (Z-average)', 'nm', 'quality'], ['pdi', 'Polydispersity (PDI)', '', 'quality'],
+    ['encapsulation_pct', 'Encapsulation', '%', 'quality'], ['ph', 'pH', '', 'quality'], ['yield_pct', 'Yield', '%', 'quality'],
+    ['flow_cv', 'Flow CV', '', 'process'], ['max_pressure_mbar', 'Max pressure', 'mbar', 'process'],
+    ['frr_error_pct', 'FRR error', '%', 'process'], ['alarms', 'Alarms per run', '', 'process'],
+  ];
+  const FACTORS = [['device', 'Device'], ['site', 'Site'], ['firmware', 'Firmware'], ['recipe', 'Recipe'], ['lot', 'Cartridge lot']];
+  const WINDOWS = [['', 'All batches', 0], ['24h', 'Last 24 hours', 86_400_000], ['7d', 'Last 7 days', 604_800_000]];
+  // AcknowledgeAlert in the server's access table; everyone signed in reads alerts.
+  const ALERT_ACK_ROLES = new Set(['ops', 'qa']);
+  const ALERT_STATES = [['active', 'Active'], ['open', 'Open'], ['acknowledged', 'Acknowledged'], ['resolved', 'Resolved'], ['all', 'All']];
+  const ALERT_KIND_LABEL = {
+    ALERT_KIND_SPC_RULE: 'Control chart', ALERT_KIND_DEVICE_SILENT: 'Device silent',
+    ALERT_KIND_ALARM_STORM: 'Alarm storm', ALERT_KIND_SITE_DIFFERS: 'Site differs',
+  };
+  const ALERT_COLUMNS = ['State', 'Kind', 'Alert', 'Site', 'Raised', 'Last seen', 'Seen'];
 
   // === DOM helpers ===
 
@@ -347,6 +381,8 @@
     enrollNav: null,
     recipesNav: null,
     batchesNav: null,
+    alertsNav: null,
+    alertsBadge: null,
     session: null,
     whoami: null,
     whoamiName: null,
@@ -422,6 +458,7 @@
       if (isCurrent()) {
         markOk();
         state.shownFor = state.me.id;
+        pollAlertBadge();
       }
     } catch (err) {
       if (!isCurrent()) return;
@@ -456,6 +493,8 @@
     if (parts[0] === 'devices' && parts.length === 2) return { name: 'device', id: parts[1] };
     if (parts[0] === 'enroll' && parts.length === 1) return { name: 'enroll' };
     if (parts[0] === 'batches' && parts.length <= 2) return { name: 'batches', id: parts[1] || '' };
+    if (parts[0] === 'quality' && parts.length === 1) return { name: 'quality', params: Object.fromEntries(params) };
+    if (parts[0] === 'alerts' && parts.length <= 2) return { name: 'alerts', id: parts[1] || '', site: params.get('site') || '' };
     if (parts[0] === 'recipes' && parts.length <= 3) {
       const version = parts.length === 3 ? Number(parts[2]) : 0;
       if (!Number.isSafeInteger(version) || version < 0) return { name: 'unknown', path };
@@ -483,6 +522,17 @@
       refreshNow();
       return;
     }
+    // Pickers and drill-downs change the address (so Back works) but keep the page.
+    if (prev && prev.name === 'quality' && route.name === 'quality' && state.view && state.view.setParams) {
+      state.view.setParams(route.params);
+      refreshNow();
+      return;
+    }
+    if (prev && prev.name === 'alerts' && route.name === 'alerts' && state.view && state.view.select) {
+      state.view.select(route.id, route.site);
+      refreshNow();
+      return;
+    }
     if (prev && prev.name === 'recipes' && route.name === 'recipes' && state.view && state.view.select) {
       state.view.select(route.id, route.version);
       refreshNow();
@@ -491,7 +541,7 @@
     if (state.view && state.view.unmount) state.view.unmount();
     const make = {
       overview: overviewView, devices: devicesView, device: deviceView, enroll: enrollView, recipes: recipesView,
-      batches: batchesView,
+      batches: batchesView, quality: qualityView, alerts: alertsView,
     }[route.name] || unknownView;
     state.view = make(route);
     el.view.replaceChildren(state.view.root);
@@ -2456,6 +2506,1502 @@
     };
   }
 
+  // === Quality: shared helpers ===
+
+  /**
+   * A number from the server's proto3 JSON, where 64-bit integers come as strings and
+   * NaN and infinities as "NaN" / "Infinity"; null when it is not a finite number.
+   */
+  function num(v) {
+    if (v == null || v === '') return null;
+    const n = typeof v === 'number' ? v : Number(v);
+    return Number.isFinite(n) ? n : null;
+  }
+
+  function metricInfo(code) {
+    const m = METRICS.find(([c]) => c === code);
+    return m ? { code, label: m[1], unit: m[2], group: m[3] } : { code, label: code || '—', unit: '', group: '' };
+  }
+
+  /** "PDI", "Size (nm)": a metric with its unit, for axis titles and headings. */
+  function metricTitle(code) {
+    const m = metricInfo(code);
+    return m.unit ? `${m.label} (${m.unit})` : m.label;
+  }
+
+  function factorLabel(f) {
+    return (FACTORS.find(([c]) => c === f) || [f, f || '—'])[1];
+  }
+
+  /** A level of a factor as people read it: sites by name, the rest as they are. */
+  function levelText(factor, level) {
+    return factor === 'site' ? siteName(level) : level;
+  }
+
+  /** Decimals that show a metric's variation: three significant digits of 3σ. */
+  function digitsFor(spread) {
+    if (!(spread > 0)) return 2;
+    return Math.min(4, Math.max(0, 1 - Math.floor(Math.log10(spread))));
+  }
+
+  function fmtP(p) {
+    const v = num(p);
+    if (v == null) return '—';
+    if (v < 0.001) return '< 0.001';
+    return fmtNum(v, v < 0.01 ? 3 : 2);
+  }
+
+  function fmtPct(share, digits = 0) {
+    const v = num(share);
+    return v == null ? '—' : `${fmtNum(100 * v, digits)} %`;
+  }
+
+  function fmtSigned(v, digits) {
+    const n = num(v);
+    if (n == null) return '—';
+    const s = fmtNum(Math.abs(n), digits);
+    return Number(s.replace(/[^\d.]/g, '')) === 0 ? s : `${n < 0 ? '−' : '+'}${s}`;
+  }
+
+  /** Axis labels: the time alone today, the day and time otherwise. */
+  function fmtShortTime(ms) {
+    if (!hasTime(ms)) return '';
+    const d = new Date(ms);
+    const time = d.toLocaleTimeString(LOCALE, { hour12: false, hour: '2-digit', minute: '2-digit' });
+    if (d.toDateString() === new Date(serverNow()).toDateString()) return time;
+    return `${d.toLocaleDateString(LOCALE, { day: 'numeric', month: 'short' })} ${time}`;
+  }
+
+  /** "site=st-marys-london" → ['site', 'st-marys-london']; "" is the whole selection. */
+  function parseStratum(stratum) {
+    const s = String(stratum || '');
+    const eq = s.indexOf('=');
+    return eq < 0 ? ['', s] : [s.slice(0, eq), s.slice(eq + 1)];
+  }
+
+  function capital(text) {
+    const s = String(text || '');
+    return s.charAt(0).toUpperCase() + s.slice(1);
+  }
+
+  function ruleChip(code, description) {
+    return h('span', { class: 'rule-chip', title: description || null }, code);
+  }
+
+  function qualityHash(params) {
+    const q = new URLSearchParams();
+    for (const key of QUALITY_PARAMS) {
+      const v = params[key];
+      if (v && !(key === 'metric' && v === DEFAULT_METRIC)) q.set(key, v);
+    }
+    const s = q.toString();
+    return s ? `#/quality?${s}` : '#/quality';
+  }
+
+  function alertHash(id, site) {
+    const q = site ? `?site=${encodeURIComponent(site)}` : '';
+    return id ? `#/alerts/${encodeURIComponent(id)}${q}` : `#/alerts${q}`;
+  }
+
+  /**
+   * Fetches on a schedule of its own: again when its key (the question asked) changes or
+   * when `maxAgeMs` has passed, otherwise keeps the last answer. Views poll every second;
+   * the quality answers change at the pace of batches, a minute or so.
+   */
+  function slot(maxAgeMs) {
+    return {
+      key: null,
+      at: 0,
+      value: null,
+      due(key) {
+        return key !== this.key || Date.now() - this.at >= maxAgeMs;
+      },
+      keep(key, value) {
+        this.key = key;
+        this.at = Date.now();
+        this.value = value;
+      },
+      clear() {
+        this.key = null;
+      },
+    };
+  }
+
+  /** A 4xx answer to a question the data cannot answer yet is shown in place, not as a failure. */
+  function answerOrRefusal(promise) {
+    return promise.catch((err) => {
+      if (err instanceof HttpError && err.status >= 400 && err.status < 500 && err.status !== 401 && err.status !== 403) {
+        return { refused: capital(sentence(err.message)) };
+      }
+      throw err;
+    });
+  }
+
+  // === Quality: SVG charts ===
+
+  const SVG_NS = 'http://www.w3.org/2000/svg';
+
+  /** h() for SVG elements. */
+  function sv(tag, attrs, ...children) {
+    const node = document.createElementNS(SVG_NS, tag);
+    if (attrs) {
+      for (const [k, v] of Object.entries(attrs)) {
+        if (v == null || v === false) continue;
+        if (k === 'text') node.textContent = v;
+        else if (k.startsWith('on') && typeof v === 'function') node.addEventListener(k.slice(2), v);
+        else node.setAttribute(k, v === true ? '' : String(v));
+      }
+    }
+    append(node, children);
+    return node;
+  }
+
+  const SPC = {
+    value: '#1b63b5',
+    center: '#1d8a45',
+    limit: '#d9731a',
+    spec: '#7a4fb3',
+    signal: '#c62828',
+    zone: '#d5dbe3',
+    baseline: '#f0f5fc',
+    cplus: '#1b63b5',
+    cminus: '#0f8b8d',
+  };
+
+  function polyline(points, attrs) {
+    let d = '';
+    let open = false;
+    for (const [x, y] of points) {
+      if (x == null || y == null || !Number.isFinite(y)) {
+        open = false;
+        continue;
+      }
+      d += `${open ? 'L' : 'M'}${x.toFixed(1)},${y.toFixed(1)}`;
+      open = true;
+    }
+    return sv('path', { d: d || 'M0,0', fill: 'none', 'stroke-linejoin': 'round', ...attrs });
+  }
+
+  function hline(x0, x1, y, attrs) {
+    const py = Math.round(y) + 0.5;
+    return sv('line', { x1: x0, x2: x1, y1: py, y2: py, ...attrs });
+  }
+
+  /** Right-margin labels of the horizontal lines, nudged apart so none overlap. */
+  function sideLabels(list, x, minY, maxY) {
+    const sorted = list.filter((l) => Number.isFinite(l.y)).sort((a, b) => a.y - b.y);
+    for (let i = 1; i < sorted.length; i++) sorted[i].y = Math.max(sorted[i].y, sorted[i - 1].y + 12);
+    for (let i = sorted.length - 1; i >= 0; i--) {
+      const limit = i === sorted.length - 1 ? maxY : sorted[i + 1].y - 12;
+      sorted[i].y = Math.min(sorted[i].y, limit);
+    }
+    return sorted.map((l) => sv('text', {
+      x, y: Math.max(minY, l.y) + 4, class: 'spc-side', fill: l.color, 'data-testid': l.testid || null,
+    }, l.text));
+  }
+
+  function yScale(top, height, lo, hi) {
+    return (v) => top + height - ((v - lo) / (hi - lo)) * height;
+  }
+
+  function domainOf(values, pad = 0.08) {
+    let lo = Infinity;
+    let hi = -Infinity;
+    for (const v of values) {
+      if (v == null || !Number.isFinite(v)) continue;
+      if (v < lo) lo = v;
+      if (v > hi) hi = v;
+    }
+    if (!Number.isFinite(lo)) return { lo: 0, hi: 1 };
+    if (hi - lo < 1e-12) {
+      const d = Math.abs(hi) * 0.1 || 1;
+      return { lo: lo - d, hi: hi + d };
+    }
+    const p = (hi - lo) * pad;
+    return { lo: lo - p, hi: hi + p };
+  }
+
+  function gridAndTicks(g, left, plotW, top, height, lo, hi, targetTicks, digits, showLabels) {
+    const y = yScale(top, height, lo, hi);
+    const step = niceStep(hi - lo, targetTicks);
+    const tickDigits = Math.max(stepDigits(step), 0);
+    for (let v = Math.ceil(lo / step) * step; v <= hi + step / 1e6; v += step) {
+      const py = y(v);
+      g.append(hline(left, left + plotW, py, { stroke: CHART.grid }));
+      if (showLabels) {
+        g.append(sv('text', { x: left - 8, y: py + 4, class: 'spc-tick', 'text-anchor': 'end' },
+          fmtNum(Math.abs(v) < step / 1e6 ? 0 : v, Math.min(tickDigits, digits + 1))));
+      }
+    }
+    g.append(sv('line', { x1: left + 0.5, x2: left + 0.5, y1: top, y2: top + height, stroke: CHART.axis }));
+    return y;
+  }
+
+  function panelTitle(g, x, y, text, note) {
+    g.append(sv('text', { x, y, class: 'spc-panel-title' }, text, note ? sv('tspan', { class: 'spc-panel-note', dx: 8 }, note) : null));
+  }
+
+  /** What a point's tooltip says: the batch, where it was made, its value and the rules it completes. */
+  function pointTitle(p, metric, digits, ruleText, extra) {
+    const rules = (p.rules || []).map((r) => `  ${r}: ${ruleText(r)}`);
+    const where = [p.device_id, p.site_id ? siteName(p.site_id) : null, p.firmware_version ? `firmware ${p.firmware_version}` : null,
+      p.cartridge_lot ? `lot ${p.cartridge_lot}` : null].filter(Boolean).join(' · ');
+    const m = metricInfo(metric);
+    return [
+      `Batch ${p.batch_id} (#${fmtNum(num(p.index) + 1)})`,
+      where,
+      `Ended ${fmtDateTime(num(p.ended_unix_ms))}`,
+      `${m.label}: ${fmtNum(num(p.value), digits)}${m.unit ? ` ${m.unit}` : ''}`,
+      ...(rules.length ? ['Rules fired:', ...rules] : ['No rule fired']),
+      extra,
+    ].filter(Boolean).join('\n');
+  }
+
+  /**
+   * A Shewhart individuals chart of `chart` as SVG, `width` pixels wide: the values in
+   * batch order, the centre line and the 3σ control limits (and the recipe's release
+   * limits, dashed, when they are known), points that complete a rule in red. The full
+   * chart adds ±1σ/±2σ zones, the baseline, an EWMA panel and a CUSUM panel below;
+   * the compact one (small multiples, alert evidence) is the individuals panel alone.
+   *
+   *   opts.compact     small multiple: no EWMA/CUSUM, fewer labels
+   *   opts.height      individuals panel height
+   *   opts.onPoint     clicking a point (full chart)
+   *   opts.ruleText    rule code → description
+   *   opts.highlight   a rule code whose points are ringed (alert evidence)
+   */
+  function controlChartSvg(chart, width, opts = {}) {
+    const compact = !!opts.compact;
+    const pts = chart.points || [];
+    const n = pts.length;
+    const ruleText = opts.ruleText || (() => '');
+    const center = num(chart.center);
+    const ucl = num(chart.ucl);
+    const lcl = num(chart.lcl);
+    const sigma = num(chart.sigma);
+    const lsl = num(chart.lsl);
+    const usl = num(chart.usl);
+    const digits = digitsFor(3 * (sigma || 0) || Math.abs(center || 0) / 10);
+    const values = pts.map((p) => num(p.value));
+
+    const left = compact ? 52 : 76;
+    const right = compact ? 14 : 92;
+    const plotW = Math.max(60, width - left - right);
+    const iTop = compact ? 8 : 22;
+    const iH = opts.height || (compact ? 108 : 250);
+    const panelGap = 34;
+    const subH = 92;
+    const ewmaTop = iTop + iH + panelGap;
+    const cusumTop = ewmaTop + subH + panelGap;
+    const bottom = compact ? iTop + iH : cusumTop + subH;
+    const height = bottom + (compact ? 8 : 34);
+    const inset = Math.min(10, plotW / 20);
+    const x = (i) => left + inset + (n <= 1 ? (plotW - 2 * inset) / 2 : (i / (n - 1)) * (plotW - 2 * inset));
+
+    const svg = sv('svg', {
+      class: `spc${compact ? ' spc-compact' : ''}`, width, height, viewBox: `0 0 ${width} ${height}`, role: 'img',
+      'data-testid': compact ? 'small-chart-svg' : 'control-chart', 'data-points': n,
+      'data-signals': pts.filter((p) => (p.rules || []).length).length,
+      'aria-label': `${metricInfo(chart.metric).label} control chart of ${n} batches`,
+    });
+    const defs = sv('defs', null, sv('clipPath', { id: `clip-${opts.id || 'i'}` }, sv('rect', { x: left, y: iTop - 4, width: plotW, height: iH + 8 })));
+    svg.append(defs);
+
+    // --- Individuals panel ---
+    let { lo, hi } = domainOf([...values, ucl, lcl, center], compact ? 0.1 : 0.08);
+    // Release limits far outside the control limits would squash the data into a thin
+    // band; such a limit is named at the edge instead of drawn.
+    const span = hi - lo;
+    const offScale = [];
+    for (const [name, v] of [['LSL', lsl], ['USL', usl]]) {
+      if (v == null) continue;
+      if (v >= lo - span * 0.75 && v <= hi + span * 0.75) {
+        lo = Math.min(lo, v - span * 0.04);
+        hi = Math.max(hi, v + span * 0.04);
+      } else offScale.push([name, v]);
+    }
+    const gI = sv('g', { class: 'spc-panel' });
+    svg.append(gI);
+    const y = gridAndTicks(gI, left, plotW, iTop, iH, lo, hi, compact ? 3 : 5, digits, !compact);
+
+    // The baseline: the first points, from which the centre and limits come.
+    const baseN = num(chart.baseline_points) || 0;
+    const firstIndex = n ? num(pts[0].index) : 0;
+    if (!compact && n > 1 && baseN > firstIndex) {
+      const lastBase = Math.min(n - 1, baseN - 1 - firstIndex);
+      const x0 = left + 1;
+      const x1 = Math.min(left + plotW, (x(lastBase) + x(Math.min(n - 1, lastBase + 1))) / 2);
+      gI.append(sv('rect', { x: x0, y: iTop, width: Math.max(0, x1 - x0), height: iH, fill: SPC.baseline, 'data-testid': 'chart-baseline' }),
+        sv('line', { x1: x0, x2: x1, y1: iTop - 4.5, y2: iTop - 4.5, stroke: '#9fb6d3', 'stroke-width': 3 }),
+        sv('text', { x: x0 + 2, y: iTop - 9, class: 'spc-zone-label' }, `baseline: the first ${fmtNum(baseN)} batches set the limits`));
+    }
+    if (!compact && sigma > 0 && center != null) {
+      for (const k of [-2, -1, 1, 2]) {
+        gI.append(hline(left, left + plotW, y(center + k * sigma), { stroke: SPC.zone, 'stroke-dasharray': '2 4' }));
+      }
+    }
+    const labels = [];
+    const limitLine = (v, color, testid, text, dash) => {
+      if (v == null) return;
+      gI.append(hline(left, left + plotW, y(v), {
+        stroke: color, 'stroke-width': dash ? 1.4 : 1.6, 'stroke-dasharray': dash ? '6 4' : null, 'data-testid': testid,
+      }));
+      labels.push({ y: y(v), color, text: compact ? text : `${text} ${fmtNum(v, digits)}`, testid: `${testid}-label` });
+    };
+    limitLine(ucl, SPC.limit, 'limit-ucl', 'UCL');
+    limitLine(center, SPC.center, 'limit-center', 'CL');
+    limitLine(lcl, SPC.limit, 'limit-lcl', 'LCL');
+    if (!offScale.some(([k]) => k === 'USL')) limitLine(usl, SPC.spec, 'limit-usl', 'USL', true);
+    if (!offScale.some(([k]) => k === 'LSL')) limitLine(lsl, SPC.spec, 'limit-lsl', 'LSL', true);
+    if (compact) {
+      // Left of the axis there is room for the limits' values, which is what a small chart needs.
+      for (const l of [[ucl, SPC.limit], [center, SPC.center], [lcl, SPC.limit]]) {
+        if (l[0] != null) gI.append(sv('text', { x: left - 6, y: y(l[0]) + 4, class: 'spc-tick', 'text-anchor': 'end', fill: l[1] }, fmtNum(l[0], digits)));
+      }
+    } else {
+      gI.append(...sideLabels(labels, left + plotW + 8, iTop + 4, iTop + iH));
+      for (const [name, v] of offScale) {
+        gI.append(sv('text', {
+          x: left + plotW - 4, y: name === 'USL' ? iTop + 12 : iTop + iH - 6, class: 'spc-side', 'text-anchor': 'end', fill: SPC.spec,
+        }, `${name} ${fmtNum(v, digits)} ${name === 'USL' ? '↑' : '↓'} off scale`));
+      }
+      // Axis title along the left edge.
+      gI.append(sv('text', { class: 'spc-axis-title', transform: `translate(16 ${iTop + iH / 2}) rotate(-90)`, 'text-anchor': 'middle' },
+        metricTitle(chart.metric)));
+    }
+
+    const series = sv('g', { 'clip-path': `url(#clip-${opts.id || 'i'})` });
+    gI.append(series);
+    series.append(polyline(values.map((v, i) => [x(i), v == null ? null : y(v)]), {
+      stroke: SPC.value, 'stroke-width': compact ? 1.2 : 1.5, 'stroke-opacity': 0.85,
+    }));
+    const dense = n > 150;
+    // Each point owns the strip of the chart around it (up to 14 px each side) for hover and click.
+    const half = n > 1 ? Math.min(14, Math.max(2, (x(1) - x(0)) / 2)) : 14;
+    const pointLayer = sv('g', { class: 'spc-points' });
+    gI.append(pointLayer);
+    pts.forEach((p, i) => {
+      const v = values[i];
+      if (v == null) return;
+      const rules = p.rules || [];
+      const signal = rules.length > 0;
+      const ringed = opts.highlight && rules.includes(opts.highlight);
+      const cx = x(i);
+      const cy = Math.min(iTop + iH + 4, Math.max(iTop - 4, y(v)));
+      if (compact && !opts.onPoint) {
+        pointLayer.append(sv('circle', {
+          cx, cy, r: signal ? 3 : 1.7, class: signal ? 'pt signal' : 'pt', 'data-testid': signal ? 'small-signal' : null,
+        }, signal ? sv('title', null, pointTitle(p, chart.metric, digits, ruleText)) : null));
+        return;
+      }
+      const g = sv('g', {
+        class: `qpt${signal ? ' signal' : ''}`, 'data-testid': 'chart-point', 'data-batch-id': p.batch_id,
+        'data-rules': rules.join(' ') || null, tabindex: opts.onPoint ? 0 : null, role: opts.onPoint ? 'link' : null,
+      });
+      g.append(
+        sv('rect', { class: 'qpt-hit', x: Math.max(left + 1, cx - half), y: iTop, width: Math.min(left + plotW, cx + half) - Math.max(left + 1, cx - half), height: iH }),
+        ringed ? sv('circle', { class: 'pt-ring', cx, cy, r: 8 }) : null,
+        sv('circle', { class: signal ? 'pt signal' : 'pt', cx, cy, r: signal ? (dense ? 3.5 : 4.5) : (dense ? 2.2 : 3.2) }),
+        sv('title', null, pointTitle(p, chart.metric, digits, ruleText, opts.onPoint ? 'Click to open the batch record.' : null)));
+      if (opts.onPoint) {
+        g.addEventListener('click', () => opts.onPoint(p));
+        g.addEventListener('keydown', (ev) => {
+          if (ev.key === 'Enter') opts.onPoint(p);
+        });
+      }
+      pointLayer.append(g);
+    });
+    // Signals drawn last so that no neighbour's dot covers them.
+    for (const g of Array.from(pointLayer.querySelectorAll('.signal'))) pointLayer.append(g.closest('g.qpt') || g);
+
+    if (compact) return svg;
+
+    // --- EWMA panel ---
+    const gE = sv('g', { class: 'spc-panel' });
+    svg.append(gE);
+    const ew = pts.map((p) => num(p.ewma));
+    const ewU = pts.map((p) => num(p.ewma_ucl));
+    const ewL = pts.map((p) => num(p.ewma_lcl));
+    const dE = domainOf([...ew, ...ewU, ...ewL, center], 0.12);
+    const yE = gridAndTicks(gE, left, plotW, ewmaTop, subH, dE.lo, dE.hi, 4, digits, true);
+    panelTitle(gE, left, ewmaTop - 8, 'EWMA', `λ = ${fmtQty(chart.ewma_lambda, 2)}, limits ±${fmtQty(chart.ewma_l, 2)}σ: catches small sustained shifts`);
+    if (center != null) gE.append(hline(left, left + plotW, yE(center), { stroke: SPC.center, 'stroke-width': 1.2 }));
+    gE.append(
+      polyline(ewU.map((v, i) => [x(i), v == null ? null : yE(v)]), { stroke: SPC.limit, 'stroke-width': 1.3, 'data-testid': 'ewma-ucl' }),
+      polyline(ewL.map((v, i) => [x(i), v == null ? null : yE(v)]), { stroke: SPC.limit, 'stroke-width': 1.3 }),
+      polyline(ew.map((v, i) => [x(i), v == null ? null : yE(v)]), { stroke: SPC.value, 'stroke-width': 1.8, 'data-testid': 'ewma-line' }));
+    ew.forEach((v, i) => {
+      if (v == null) return;
+      if ((ewU[i] != null && v > ewU[i]) || (ewL[i] != null && v < ewL[i])) {
+        gE.append(sv('circle', { cx: x(i), cy: yE(v), r: 2.8, class: 'pt signal' }));
+      }
+    });
+    gE.append(...sideLabels([
+      { y: yE(ewU[n - 1]), color: SPC.limit, text: 'UCL' },
+      { y: yE(ew[n - 1]), color: SPC.value, text: 'EWMA' },
+      { y: yE(ewL[n - 1]), color: SPC.limit, text: 'LCL' },
+    ].filter((l) => Number.isFinite(l.y)), left + plotW + 8, ewmaTop + 4, ewmaTop + subH));
+
+    // --- CUSUM panel: C⁺ upwards, C⁻ mirrored downwards, against ±H ---
+    const gC = sv('g', { class: 'spc-panel' });
+    svg.append(gC);
+    const H = (num(chart.cusum_h) || 0) * (sigma || 0);
+    const up = pts.map((p) => num(p.cusum_upper));
+    const down = pts.map((p) => { const v = num(p.cusum_lower); return v == null ? null : -v; });
+    const reach = Math.max(H, ...up.filter((v) => v != null), ...down.filter((v) => v != null).map((v) => -v)) * 1.12 || 1;
+    const yC = gridAndTicks(gC, left, plotW, cusumTop, subH, -reach, reach, 4, digits, true);
+    panelTitle(gC, left, cusumTop - 8, 'CUSUM', `C⁺ above, C⁻ below, decision interval H = ${fmtQty(chart.cusum_h, 2)}σ`);
+    gC.append(hline(left, left + plotW, yC(0), { stroke: CHART.axis }));
+    if (H > 0) {
+      gC.append(hline(left, left + plotW, yC(H), { stroke: SPC.limit, 'stroke-width': 1.3, 'data-testid': 'cusum-h' }),
+        hline(left, left + plotW, yC(-H), { stroke: SPC.limit, 'stroke-width': 1.3 }));
+    }
+    gC.append(
+      polyline(up.map((v, i) => [x(i), v == null ? null : yC(v)]), { stroke: SPC.cplus, 'stroke-width': 1.8, 'data-testid': 'cusum-upper' }),
+      polyline(down.map((v, i) => [x(i), v == null ? null : yC(v)]), { stroke: SPC.cminus, 'stroke-width': 1.8, 'data-testid': 'cusum-lower' }));
+    pts.forEach((p, i) => {
+      if (H > 0 && up[i] != null && up[i] > H) gC.append(sv('circle', { cx: x(i), cy: yC(up[i]), r: 2.8, class: 'pt signal' }));
+      if (H > 0 && down[i] != null && -down[i] > H) gC.append(sv('circle', { cx: x(i), cy: yC(down[i]), r: 2.8, class: 'pt signal' }));
+    });
+    gC.append(...sideLabels([
+      { y: yC(H), color: SPC.limit, text: '+H' },
+      { y: yC(-H), color: SPC.limit, text: '−H' },
+      { y: yC(up[n - 1]) - 0.1, color: SPC.cplus, text: 'C⁺' },
+      { y: yC(down[n - 1]) + 0.1, color: SPC.cminus, text: 'C⁻' },
+    ].filter((l) => Number.isFinite(l.y) && (H > 0 || !l.text.includes('H'))), left + plotW + 8, cusumTop + 4, cusumTop + subH));
+
+    // --- Batch axis: when the runs ended, at a few points ---
+    const axisY = bottom;
+    const ticks = Math.max(2, Math.min(n, Math.floor(plotW / 130)));
+    const seen = new Set();
+    for (let k = 0; k < ticks && n > 0; k++) {
+      const i = n === 1 ? 0 : Math.round((k * (n - 1)) / (ticks - 1));
+      if (seen.has(i)) continue;
+      seen.add(i);
+      const px = Math.round(x(i)) + 0.5;
+      for (const [top, hgt] of [[iTop, iH], [ewmaTop, subH], [cusumTop, subH]]) {
+        svg.insertBefore(sv('line', { x1: px, x2: px, y1: top, y2: top + hgt, stroke: CHART.grid }), gI);
+      }
+      svg.append(sv('line', { x1: px, x2: px, y1: axisY, y2: axisY + 4, stroke: CHART.axis }),
+        sv('text', { x: px, y: axisY + 17, class: 'spc-tick', 'text-anchor': k === 0 ? 'start' : k === ticks - 1 ? 'end' : 'middle' },
+          `#${fmtNum(num(pts[i].index) + 1)} · ${fmtShortTime(num(pts[i].ended_unix_ms))}`));
+    }
+    svg.append(sv('text', { x: left - 8, y: axisY + 17, class: 'spc-tick', 'text-anchor': 'end' }, 'batch'));
+    return svg;
+  }
+
+  /** The effect of a level with its 95 % interval, on a scale shared by the table's rows. */
+  function intervalBar(s, scale, significant) {
+    const W = 170;
+    const H = 20;
+    const mid = W / 2;
+    const px = (v) => mid + (v / scale) * (W / 2 - 6);
+    const lo = num(s.ci_low);
+    const hi = num(s.ci_high);
+    const eff = num(s.effect);
+    const color = significant ? SPC.limit : '#7d8b99';
+    return sv('svg', { class: 'ci-bar', width: W, height: H, viewBox: `0 0 ${W} ${H}`, role: 'img', 'aria-label': `effect ${fmtQty(eff, 4)}, 95 % interval ${fmtQty(lo, 4)} to ${fmtQty(hi, 4)}` },
+      sv('line', { x1: mid + 0.5, x2: mid + 0.5, y1: 1, y2: H - 1, stroke: CHART.axis, 'stroke-dasharray': '2 2' }),
+      lo != null && hi != null ? sv('line', { x1: px(lo), x2: px(hi), y1: H / 2, y2: H / 2, stroke: color, 'stroke-width': 3, 'stroke-linecap': 'round', 'stroke-opacity': 0.55 }) : null,
+      eff != null ? sv('circle', { cx: px(eff), cy: H / 2, r: 4, fill: color }) : null);
+  }
+
+  // === Quality page ===
+
+  function qualityParams(raw) {
+    const p = {};
+    for (const key of QUALITY_PARAMS) p[key] = (raw && raw[key]) || '';
+    if (!METRICS.some(([c]) => c === p.metric)) p.metric = DEFAULT_METRIC;
+    if (p.by && !FACTORS.some(([c]) => c === p.by)) p.by = '';
+    if (!WINDOWS.some(([c]) => c === p.window)) p.window = '';
+    return p;
+  }
+
+  function windowSince(win) {
+    const w = WINDOWS.find(([c]) => c === win);
+    return w && w[2] ? Math.floor(serverNow() - w[2]) : 0;
+  }
+
+  function qualityView(route) {
+    let p = qualityParams(route.params);
+    // What each part of the page last fetched: health every second like other views,
+    // the chart every few seconds, the comparisons every 15 s.
+    const healthSlot = slot(POLL_MS);
+    const devicesSlot = slot(POLL_MS);
+    const chartSlot = slot(QUALITY_CHART_MS);
+    const compareSlot = slot(QUALITY_COMPARE_MS);
+    const gateSlot = slot(QUALITY_COMPARE_MS);
+    const levelsSlot = slot(QUALITY_COMPARE_MS);
+    // The levels of the compared factor: with fewer than two there is nothing to ask.
+    const compareLevelsSlot = slot(QUALITY_COMPARE_MS);
+    let compareBy = p.by || 'device';
+    // The gate's choices live here rather than in the address: they are a question asked
+    // beside the chart, not a view of it.
+    const gate = { factor: 'firmware', a: '', b: '' };
+    let lastCharts = null;
+
+    // --- Fleet health ---
+    const healthBody = h('tbody');
+    const healthMeta = h('span', { class: 'muted' });
+    const siteDevices = h('div', { class: 'site-devices', hidden: true, 'data-testid': 'site-devices' });
+    const healthSection = h('section', { class: 'section' },
+      h('div', { class: 'section-head' }, h('h2', null, 'Fleet health'), healthMeta),
+      h('div', { class: 'card' },
+        h('div', { class: 'table-wrap' }, h('table', { class: 'grid health-table', 'data-testid': 'health-table' },
+          h('thead', null, h('tr', null,
+            h('th', null, 'Site'), h('th', null, 'QC pass rate'), h('th', { class: 'num' }, 'Passed / batches'),
+            h('th', null, 'Devices online'), h('th', { class: 'num', title: 'Open and acknowledged alerts' }, 'Active alerts'))),
+          healthBody)),
+        siteDevices));
+
+    // --- Pickers ---
+    const metricSelect = h('select', { id: 'quality-metric', 'data-testid': 'quality-metric' },
+      [['quality', 'Quality attributes'], ['process', 'Process signals']].map(([group, label]) => h('optgroup', { label },
+        METRICS.filter((m) => m[3] === group).map(([code, name, unit]) => h('option', { value: code }, unit ? `${name} (${unit})` : name)))));
+    const bySelect = h('select', { id: 'quality-by', 'data-testid': 'quality-by' },
+      h('option', { value: '' }, 'None: one chart'), FACTORS.map(([code, label]) => h('option', { value: code }, label)));
+    const windowSelect = h('select', { id: 'quality-window', 'data-testid': 'quality-window' },
+      WINDOWS.map(([code, label]) => h('option', { value: code }, label)));
+    const go = (changes) => navigate(qualityHash({ ...p, ...changes }));
+    metricSelect.addEventListener('change', () => go({ metric: metricSelect.value }));
+    bySelect.addEventListener('change', () => go({ by: bySelect.value }));
+    windowSelect.addEventListener('change', () => go({ window: windowSelect.value }));
+    const scope = h('div', { class: 'scope', 'data-testid': 'quality-scope' });
+    const controls = h('section', { class: 'card quality-controls' },
+      h('div', { class: 'control-row' },
+        field(metricSelect, 'Metric'), field(bySelect, 'Split by'), field(windowSelect, 'Batches')),
+      scope);
+
+    // --- The chart ---
+    const chartTitle = h('h2');
+    const chartMeta = h('span', { class: 'muted' });
+    const legend = h('div', { class: 'legend spc-legend' });
+    const chartArea = h('div', { class: 'spc-area' });
+    const side = h('aside', { class: 'spc-side-panel', 'data-testid': 'chart-side' });
+    const chartBody = h('div', { class: 'spc-layout' }, chartArea, side);
+    const chartCard = h('section', { class: 'card chart-card spc-card', 'data-testid': 'quality-chart' },
+      h('div', { class: 'card-head' }, h('div', { class: 'spc-heading' }, chartTitle, chartMeta), legend),
+      chartBody);
+
+    // --- Which level differs ---
+    const compareSelect = h('select', { id: 'compare-by', 'data-testid': 'compare-by' },
+      FACTORS.map(([code, label]) => h('option', { value: code }, label.toLowerCase())));
+    compareSelect.addEventListener('change', () => {
+      compareBy = compareSelect.value;
+      compareSlot.clear();
+      compareLevelsSlot.clear();
+      refreshNow();
+    });
+    const compareMetric = h('span');
+    const compareBody = h('div', { class: 'compare-body' });
+    const compareCard = h('section', { class: 'card', 'data-testid': 'compare-card' },
+      h('div', { class: 'card-head' },
+        h('h2', { class: 'inline-pick' }, 'Which ', compareSelect, ' differs?'),
+        h('span', { class: 'muted' }, 'in ', compareMetric, ', adjusted for the other factors')),
+      compareBody);
+
+    // --- Cohort gate ---
+    const gateFactor = h('select', { id: 'gate-factor', 'data-testid': 'gate-factor' },
+      FACTORS.map(([code, label]) => h('option', { value: code, selected: code === gate.factor }, label)));
+    const gateA = h('select', { id: 'gate-a', 'data-testid': 'gate-a' });
+    const gateB = h('select', { id: 'gate-b', 'data-testid': 'gate-b' });
+    gateFactor.addEventListener('change', () => {
+      gate.factor = gateFactor.value;
+      gate.a = '';
+      gate.b = '';
+      levelsSlot.clear();
+      gateSlot.clear();
+      refreshNow();
+    });
+    for (const [sel, key] of [[gateA, 'a'], [gateB, 'b']]) {
+      sel.addEventListener('change', () => {
+        gate[key] = sel.value;
+        gateSlot.clear();
+        refreshNow();
+      });
+    }
+    const gateBody = h('div', { class: 'gate-body' });
+    const gateCard = h('section', { class: 'card', 'data-testid': 'gate-card' },
+      h('div', { class: 'card-head' }, h('h2', null, 'Cohort gate'),
+        h('span', { class: 'muted' }, 'Does cohort A perform worse than cohort B?')),
+      h('div', { class: 'card-body control-row' },
+        field(gateFactor, 'Factor'), field(gateA, 'Cohort A (under test)'), field(gateB, 'Cohort B (reference)')),
+      gateBody);
+
+    const root = h('div', { class: 'quality' },
+      h('div', { class: 'page-title' }, h('h1', null, 'Quality'),
+        h('span', { class: 'muted' }, 'Continued process verification: every batch of the fleet on control charts')),
+      healthSection,
+      h('section', { class: 'section' },
+        h('div', { class: 'section-head' }, h('h2', null, 'Control chart')),
+        controls, chartCard),
+      h('section', { class: 'section' },
+        h('div', { class: 'section-head' }, h('h2', null, 'Comparisons'),
+          h('span', { class: 'muted' }, 'Refreshed every 15 s and when a choice changes')),
+        h('div', { class: 'compare-grid' }, compareCard, gateCard)));
+
+    function renderPickers() {
+      if (metricSelect.value !== p.metric) metricSelect.value = p.metric;
+      if (bySelect.value !== p.by) bySelect.value = p.by;
+      if (windowSelect.value !== p.window) windowSelect.value = p.window;
+      if (compareSelect.value !== compareBy) compareSelect.value = compareBy;
+      setText(compareMetric, metricInfo(p.metric).label);
+      const chips = [];
+      if (p.site) chips.push(['site', `Site: ${siteName(p.site)}`]);
+      if (p.device) chips.push(['device', `Device: ${p.device}`]);
+      for (const f of ['firmware', 'recipe', 'lot']) if (p[f]) chips.push([f, `${factorLabel(f)}: ${p[f]}`]);
+      setChildren(scope, JSON.stringify(chips), () => [
+        h('span', { class: 'scope-label' }, 'Batches from'),
+        chips.length === 0 ? h('span', { class: 'scope-all' }, 'the whole fleet')
+          : chips.map(([key, text]) => h('span', { class: 'scope-chip', 'data-testid': 'scope-chip', 'data-factor': key }, text,
+            h('a', {
+              href: qualityHash({ ...p, [key]: '', ...(key === 'site' ? { device: '' } : {}) }),
+              class: 'scope-remove', title: 'Remove this filter', 'aria-label': `Remove ${text}`,
+            }, '×'))),
+        chips.length > 1 ? h('a', { class: 'scope-clear', href: qualityHash({ metric: p.metric, by: p.by, window: p.window }) }, 'Whole fleet') : null,
+      ]);
+    }
+
+    // --- Fleet health ---
+
+    function meter(share, cls, testid) {
+      const v = num(share);
+      return h('span', { class: 'meter-cell' },
+        h('span', { class: 'meter', 'data-testid': testid },
+          h('span', { class: `meter-fill ${cls}`, style: `width:${v == null ? 0 : Math.max(0, Math.min(100, 100 * v))}%` })),
+        h('span', { class: 'meter-text' }, v == null ? 'no batches' : fmtPct(v)));
+    }
+
+    function passClass(rate) {
+      return rate >= 0.95 ? 'ok' : rate >= 0.8 ? 'warn' : 'bad';
+    }
+
+    function createHealthRow(s) {
+      const cells = Array.from({ length: 5 }, (_, i) => h('td', { class: i === 2 || i === 4 ? 'num' : i === 0 ? 'site' : null }));
+      const row = h('tr', { class: 'link', 'data-testid': 'health-row', 'data-site-id': s.site_id }, cells);
+      row.addEventListener('click', (ev) => {
+        if (ev.target.closest('a')) return;
+        // A second click on the selected site goes back to the whole fleet.
+        if (p.site === s.site_id) go({ site: '', device: '' });
+        else go({ site: s.site_id, device: '', by: p.by === 'site' || !p.by ? 'device' : p.by });
+      });
+      row._cells = cells;
+      return row;
+    }
+
+    function updateHealthRow(row, s) {
+      const [site, pass, batches, online, alerts] = row._cells;
+      const n = num(s.batches) || 0;
+      const passed = num(s.batches_passed) || 0;
+      const rate = n ? passed / n : null;
+      const devices = num(s.devices) || 0;
+      const up = num(s.devices_online) || 0;
+      const open = num(s.open_alerts) || 0;
+      setClass(row, `link${s.site_id === p.site ? ' selected' : ''}`);
+      setAttr(row, 'data-pass-rate', rate == null ? null : rate.toFixed(3));
+      setChildren(site, `${s.site_id}|${s.site_name}`, () => [
+        h('a', { href: qualityHash({ ...p, site: s.site_id, device: '', by: p.by === 'site' || !p.by ? 'device' : p.by }) }, s.site_name || s.site_id),
+        s.site_name && s.site_name !== s.site_id ? h('span', { class: 'sub mono' }, s.site_id) : null]);
+      setChildren(pass, `${n}|${passed}`, () => meter(rate, rate == null ? '' : passClass(rate), 'pass-meter'));
+      setAttr(pass, 'title', n ? `${passed} of ${n} batches passed QC` : 'No batches in this window');
+      setText(batches, n ? `${fmtNum(passed)} / ${fmtNum(n)}` : '0');
+      setChildren(online, `${devices}|${up}`, () => [
+        meter(devices ? up / devices : null, devices && up === devices ? 'ok' : up === 0 ? 'bad' : 'warn', 'uptime-meter'),
+        h('span', { class: 'sub' }, `${fmtNum(up)} of ${fmtNum(devices)} device${devices === 1 ? '' : 's'}`)]);
+      setChildren(alerts, String(open), () => (open
+        ? h('a', { class: 'count-badge attention', href: alertHash('', s.site_id), 'data-testid': 'site-open-alerts' }, fmtNum(open))
+        : h('span', { class: 'muted' }, '0')));
+    }
+
+    function renderHealth(res) {
+      const sites = Array.isArray(res.sites) ? res.sites : [];
+      for (const s of sites) {
+        if (!state.sites.has(s.site_id) && s.site_name) state.sites.set(s.site_id, { id: s.site_id, name: s.site_name });
+      }
+      const windowLabel = (WINDOWS.find(([c]) => c === p.window) || WINDOWS[0])[1].toLowerCase();
+      setText(healthMeta, sites.length ? `worst first · QC pass rate over ${windowLabel} · click a site to see its devices` : '');
+      if (sites.length === 0) {
+        setChildren(healthBody, 'empty', () => h('tr', null, h('td', { class: 'empty', colspan: 5 }, 'No sites yet.')));
+        return;
+      }
+      delete healthBody.dataset.sig;
+      reconcile(healthBody, sites, (s) => s.site_id, createHealthRow, updateHealthRow);
+    }
+
+    function renderSiteDevices(devs) {
+      siteDevices.hidden = !p.site;
+      if (!p.site || !devs) return;
+      const list = (devs.devices || []).slice().sort(byId);
+      setChildren(siteDevices, `${p.site}|${p.device}|${list.map((d) => `${d.id}:${d.online}`).join(',')}`, () => [
+        h('span', { class: 'site-devices-label' }, `Devices at ${siteName(p.site)}`),
+        list.length === 0 ? h('span', { class: 'muted' }, 'none registered')
+          : list.map((d) => h('a', {
+            class: `device-chip${d.id === p.device ? ' selected' : ''}`, href: qualityHash({ ...p, device: d.id, by: p.by === 'device' ? '' : p.by }),
+            'data-testid': 'site-device', 'data-device-id': d.id, title: `${d.id}: its own control chart`,
+          }, h('span', { class: d.online ? 'dot on' : 'dot' }), d.id)),
+      ]);
+    }
+
+    // --- Chart ---
+
+    function selectionQuery(except) {
+      const q = new URLSearchParams();
+      for (const f of ['site', 'device', 'firmware', 'recipe', 'lot']) if (p[f] && f !== except) q.set(f, p[f]);
+      const since = windowSince(p.window);
+      if (since) q.set('since_ms', since);
+      return q;
+    }
+
+    function chartKey() {
+      const q = selectionQuery(null);
+      q.delete('since_ms');
+      return `${p.metric}|${p.by}|${p.window}|${q}`;
+    }
+
+    function chartWidth(el, fallback) {
+      const w = Math.floor(el.getBoundingClientRect().width);
+      return w > 100 ? w : fallback;
+    }
+
+    function ruleTextOf(chart) {
+      const map = new Map((chart.rule_counts || []).map((r) => [r.rule, r.description]));
+      for (const v of chart.violations || []) if (!map.has(v.rule)) map.set(v.rule, v.description);
+      return (code) => map.get(code) || '';
+    }
+
+    function signalCount(chart) {
+      return (chart.rule_counts || []).reduce((sum, r) => sum + (num(r.count) || 0), 0);
+    }
+
+    function scopeText() {
+      if (p.device) return p.device;
+      const parts = [];
+      if (p.site) parts.push(siteName(p.site));
+      for (const f of ['firmware', 'recipe', 'lot']) if (p[f]) parts.push(`${factorLabel(f).toLowerCase()} ${p[f]}`);
+      return parts.length ? parts.join(' · ') : 'whole fleet';
+    }
+
+    function renderLegend(chart, split) {
+      const spec = chart && (num(chart.lsl) != null || num(chart.usl) != null);
+      setChildren(legend, `${split}|${spec}`, () => [
+        h('span', { style: `color:${SPC.value}` }, h('i', { class: 'dotline' }), 'Batch'),
+        h('span', { style: `color:${SPC.signal}` }, h('i', { class: 'dotonly' }), 'Rule fired'),
+        h('span', { style: `color:${SPC.center}` }, h('i'), 'Centre'),
+        h('span', { style: `color:${SPC.limit}` }, h('i'), 'Control limits ±3σ'),
+        spec ? h('span', { style: `color:${SPC.spec}` }, h('i', { class: 'dashed' }), 'Release limits') : null,
+        split ? null : h('span', { style: 'color:#9fb6d3' }, h('i', { class: 'block' }), 'Baseline'),
+      ]);
+    }
+
+    function emptyNote(text, testid = 'chart-note') {
+      return h('div', { class: 'spc-empty', 'data-testid': testid }, text);
+    }
+
+    /** Why a chart with batches has no limits, in words for the page. */
+    function problemText(chart) {
+      const n = num(chart.n) || 0;
+      if (n === 1) return 'One batch so far: control limits need at least two.';
+      return `No chart yet: ${sentence(chart.problem || 'no points to draw')}`;
+    }
+
+    function noBatchesText() {
+      return p.window || p.site || p.device || p.firmware || p.recipe || p.lot
+        ? 'No batches in this selection yet. Widen the window or remove a filter.'
+        : 'No batches yet: the charts fill in as devices finish runs and send their signed records.';
+    }
+
+    function renderSingle(chart) {
+      chartBody.classList.remove('split');
+      side.hidden = false;
+      const m = metricInfo(p.metric);
+      setText(chartTitle, `${m.label} · ${scopeText()}`);
+      const n = num(chart.n) || 0;
+      const shown = (chart.points || []).length;
+      setText(chartMeta, n
+        ? `${fmtNum(n)} batch${n === 1 ? '' : 'es'}${shown < n ? `, newest ${fmtNum(shown)} shown` : ''} · limits from the first ${fmtNum(num(chart.baseline_points))}`
+        : '');
+      renderLegend(chart, false);
+      const width = chartWidth(chartArea, 900);
+      const last = (chart.points || [])[shown - 1];
+      const sig = [width, chartKey(), n, shown, last && last.batch_id, chart.center, chart.ucl, chart.problem, signalCount(chart)].join('|');
+      setChildren(chartArea, sig, () => {
+        if (n === 0) return emptyNote(noBatchesText());
+        if (chart.problem || shown === 0) return emptyNote(problemText(chart));
+        return controlChartSvg(chart, width, {
+          id: 'main', ruleText: ruleTextOf(chart), onPoint: (pt) => navigate(batchHash(pt.batch_id)),
+        });
+      });
+      setChildren(side, `${sig}`, () => sidePanel(chart));
+    }
+
+    function sidePanel(chart) {
+      const n = num(chart.n) || 0;
+      if (n === 0 || chart.problem) return h('div', { class: 'muted spc-side-empty' }, 'Capability and rules appear with the chart.');
+      const sigma = num(chart.sigma);
+      const digits = digitsFor(3 * (sigma || 0));
+      const cpk = num(chart.cpk);
+      const cp = num(chart.cp);
+      const lsl = num(chart.lsl);
+      const usl = num(chart.usl);
+      const cpkClass = cpk == null ? '' : cpk >= CPK_TARGET ? 'ok' : cpk >= 1 ? 'warn' : 'bad';
+      const counts = (chart.rule_counts || []).slice().sort((a, b) => (num(b.count) || 0) - (num(a.count) || 0));
+      const unit = metricInfo(chart.metric).unit;
+      const ewmaAt = num(chart.first_ewma_signal);
+      const cusumAt = num(chart.first_cusum_signal);
+      return [
+        h('div', { class: 'side-block' },
+          h('div', { class: 'side-title' }, 'Capability'),
+          cpk == null
+            ? h('p', { class: 'muted side-note' }, lsl == null && usl == null
+              ? 'No release limits: capability needs a selection of one recipe with limits on this metric.'
+              : 'Not computable for this selection.')
+            : [
+              h('div', { class: `cpk ${cpkClass}`, 'data-testid': 'cpk' },
+                h('span', { class: 'cpk-label' }, 'Cpk'), h('span', { class: 'cpk-value' }, fmtNum(cpk, 2)),
+                h('span', { class: 'cpk-target' }, cpk >= CPK_TARGET ? `meets ${CPK_TARGET}` : `below ${CPK_TARGET}`)),
+              h('div', { class: 'cpk-scale', title: `Cpk ${fmtNum(cpk, 2)} against the target ${CPK_TARGET}` },
+                h('span', { class: `cpk-fill ${cpkClass}`, style: `width:${Math.min(100, (100 * Math.max(0, cpk)) / 2)}%` }),
+                h('span', { class: 'cpk-mark', style: `left:${(100 * CPK_TARGET) / 2}%` })),
+              h('div', { class: 'cpk-axis' }, h('span', null, '0'), h('span', null, '1.33'), h('span', null, '2')),
+            ],
+          h('dl', { class: 'side-facts' },
+            cp != null ? spec('Cp', fmtNum(cp, 2)) : null,
+            lsl != null || usl != null ? spec('Release limits', lsl != null && usl != null ? `${fmtNum(lsl, digits)} to ${fmtNum(usl, digits)}`
+              : lsl != null ? `at least ${fmtNum(lsl, digits)}` : `at most ${fmtNum(usl, digits)}`, unit) : null,
+            spec('Mean ± sd', `${fmtNum(num(chart.mean), digits)} ± ${fmtNum(num(chart.sd), digits)}`, unit),
+            spec('Centre, σ', `${fmtNum(num(chart.center), digits)}, ${fmtNum(sigma, digits)}`, unit))),
+        h('div', { class: 'side-block' },
+          h('div', { class: 'side-title' }, 'Rules fired', h('span', { class: 'muted' }, ` over all ${fmtNum(n)} batches`)),
+          counts.length === 0
+            ? h('p', { class: 'side-note in-control' }, h('span', { class: 'dot on' }), 'None: the process is in control.')
+            : h('ul', { class: 'rule-counts', 'data-testid': 'rule-counts' }, counts.map((r) => h('li', { 'data-rule': r.rule },
+              ruleChip(r.rule), h('span', { class: 'rule-desc' }, r.description), h('span', { class: 'rule-count' }, fmtNum(num(r.count)))))),
+          ewmaAt != null || cusumAt != null
+            ? h('p', { class: 'side-note' }, [
+              ewmaAt != null ? `EWMA first signalled at batch #${fmtNum(ewmaAt + 1)}` : null,
+              cusumAt != null ? `CUSUM at #${fmtNum(cusumAt + 1)}` : null].filter(Boolean).join(' · '), '.')
+            : null),
+      ];
+    }
+
+    function renderSplit(charts) {
+      chartBody.classList.add('split');
+      side.hidden = true;
+      setText(chartTitle, `${metricInfo(p.metric).label} by ${factorLabel(p.by).toLowerCase()} · ${scopeText()}`);
+      const drawn = charts.filter((c) => (num(c.n) || 0) > 0);
+      setText(chartMeta, drawn.length
+        ? `${fmtNum(drawn.length)} chart${drawn.length === 1 ? '' : 's'}, each against its own baseline · most signals first · click one to open it`
+        : '');
+      renderLegend(null, true);
+      if (drawn.length === 0) {
+        setChildren(chartArea, `empty|${chartKey()}`, () => emptyNote(noBatchesText()));
+        return;
+      }
+      let grid = chartArea.querySelector('.small-multiples');
+      if (!grid) {
+        delete chartArea.dataset.sig;
+        grid = h('div', { class: 'small-multiples', 'data-testid': 'small-multiples' });
+        chartArea.replaceChildren(grid);
+      }
+      const sorted = drawn.slice().sort((a, b) => signalCount(b) - signalCount(a)
+        || Number(Boolean(a.problem)) - Number(Boolean(b.problem))
+        || parseStratum(a.stratum)[1].localeCompare(parseStratum(b.stratum)[1], LOCALE, { numeric: true }));
+      reconcile(grid, sorted, (c) => c.stratum, createSmall, updateSmall);
+      // New cards are measured once they are in the page, so they draw at their width.
+      if (sorted.some((c) => !grid.querySelector(`[data-key="${CSS.escape(c.stratum)}"] svg, [data-key="${CSS.escape(c.stratum)}"] .spc-empty`))) {
+        reconcile(grid, sorted, (c) => c.stratum, createSmall, updateSmall);
+      }
+    }
+
+    function createSmall(c) {
+      const [factor, level] = parseStratum(c.stratum);
+      const name = h('span', { class: 'small-name' });
+      const meta = h('span', { class: 'small-meta' });
+      const badge = h('span', { class: 'small-badge' });
+      const plot = h('div', { class: 'small-plot' });
+      const drill = () => go({ [factor]: level, by: factor === 'site' ? 'device' : '' });
+      const card = h('article', {
+        class: 'small-chart', 'data-testid': 'small-chart', 'data-stratum': c.stratum, tabindex: 0, role: 'link',
+        title: `Open the chart of ${levelText(factor, level)}`,
+        onclick: drill,
+        onkeydown: (ev) => {
+          if (ev.key === 'Enter') drill();
+        },
+      }, h('div', { class: 'small-head' }, name, badge), meta, plot);
+      card._parts = { name, meta, badge, plot, factor, level };
+      return card;
+    }
+
+    function updateSmall(card, c) {
+      const pp = card._parts;
+      const n = num(c.n) || 0;
+      const signals = signalCount(c);
+      const cpk = num(c.cpk);
+      setText(pp.name, levelText(pp.factor, pp.level) || '—');
+      setChildren(pp.meta, `${n}|${cpk}`, () => [`${fmtNum(n)} batch${n === 1 ? '' : 'es'}`,
+        cpk != null ? [' · ', h('span', { class: cpk < CPK_TARGET ? 'cpk-low' : null, title: `capability against the release limits; target ${CPK_TARGET}` }, `Cpk ${fmtNum(cpk, 2)}`)] : null]);
+      setText(pp.badge, c.problem ? 'no limits yet' : signals ? `${fmtNum(signals)} signal${signals === 1 ? '' : 's'}` : 'in control');
+      setClass(pp.badge, `small-badge ${c.problem ? 'none' : signals ? 'attention' : 'calm'}`);
+      setAttr(card, 'data-signals', signals);
+      if (!card.isConnected) return;
+      const width = chartWidth(pp.plot, 320);
+      const shown = (c.points || []).length;
+      const last = (c.points || [])[shown - 1];
+      setChildren(pp.plot, [width, chartKey(), n, shown, last && last.batch_id, c.center, c.problem, signals].join('|'), () => {
+        if (c.problem || shown === 0) return h('div', { class: 'spc-empty small', 'data-testid': 'small-chart-note' }, problemText(c));
+        return controlChartSvg(c, width, { compact: true, id: `s-${c.stratum.replace(/[^A-Za-z0-9_-]/g, '_')}`, ruleText: ruleTextOf(c) });
+      });
+    }
+
+    function renderCharts(res) {
+      const charts = Array.isArray(res.charts) ? res.charts : [];
+      lastCharts = res;
+      if (p.by) renderSplit(charts);
+      else renderSingle(charts[0] || { n: 0, points: [] });
+    }
+
+    // --- Which level differs ---
+
+    function compareKey() {
+      const q = selectionQuery(compareBy);
+      q.delete('since_ms');
+      return `${p.metric}|${compareBy}|${p.window}|${q}`;
+    }
+
+    function fewLevelsNote(factor, levels) {
+      const what = factorLabel(factor).toLowerCase();
+      return levels.length === 0
+        ? `No batches yet, so no ${what} to compare.`
+        : `All batches so far share one ${what} (${levelText(factor, levels[0])}): there is nothing to compare it with. Pick another factor.`;
+    }
+
+    function renderCompare(res, levels) {
+      if (levels && levels.length < 2) {
+        setChildren(compareBody, `few|${compareBy}|${levels.length}`, () => h('p', { class: 'panel-note', 'data-testid': 'compare-note' }, fewLevelsNote(compareBy, levels)));
+        return;
+      }
+      if (!res) return;
+      if (res.refused) {
+        setChildren(compareBody, `refused|${res.refused}`, () => h('p', { class: 'panel-note', 'data-testid': 'compare-note' }, res.refused));
+        return;
+      }
+      const strata = Array.isArray(res.strata) ? res.strata : [];
+      const digits = digitsFor(3 * (num(res.residual_sigma) || 0));
+      const scale = Math.max(1e-12, ...strata.flatMap((s) => [num(s.ci_low), num(s.ci_high), num(s.effect)]).filter((v) => v != null).map(Math.abs));
+      const adjusted = (res.adjusted_for || []).map((f) => factorLabel(enumValue(f, 'FACTOR_').toLowerCase()).toLowerCase());
+      const sig = JSON.stringify([res.n, res.f_statistic, res.summary, strata.map((s) => [s.level, s.n, s.effect, s.p_value])]);
+      setChildren(compareBody, sig, () => [
+        h('div', { class: 'verdict-line' },
+          h('span', { class: `verdict ${res.significant ? 'verdict-bad' : 'verdict-ok'}`, 'data-testid': 'compare-verdict' },
+            res.significant ? `A ${compareBy} differs` : `No ${compareBy} differs`),
+          h('span', { class: 'muted' }, `F(${fmtQty(res.df_num, 1)}, ${fmtQty(res.df_den, 1)}) = ${fmtQty(res.f_statistic, 2)}, p ${fmtP(res.p_value).startsWith('<') ? '' : '= '}${fmtP(res.p_value)}`
+            + ` · α = ${fmtQty(res.alpha, 3)} · ${fmtNum(num(res.n))} batches · adjusted for ${adjusted.length ? adjusted.join(', ') : 'nothing'}`)),
+        h('p', { class: 'summary', 'data-testid': 'compare-summary' }, capital(sentence(String(res.summary || '').replace(/\s+/g, ' ')))),
+        h('div', { class: 'table-wrap' }, h('table', { class: 'grid compare-table compact', 'data-testid': 'compare-table' },
+          h('thead', null, h('tr', null,
+            h('th', null, factorLabel(compareBy)), h('th', { class: 'num' }, 'n'), h('th', { class: 'num' }, 'Mean'),
+            h('th', { class: 'num' }, 'Effect'), h('th', { class: 'ci-head' }, 'Effect, 95 % CI', h('span', { class: 'unit' }, ' around 0')),
+            h('th', { class: 'num' }, 'p'), h('th', null, ''))),
+          h('tbody', null, strata.map((s) => h('tr', {
+            'data-testid': 'compare-row', 'data-level': s.level, 'data-significant': String(!!s.significant), class: s.significant ? 'differs' : null,
+          },
+          h('td', { class: 'mono' }, levelText(compareBy, s.level)),
+          h('td', { class: 'num' }, fmtNum(num(s.n))),
+          h('td', { class: 'num' }, fmtNum(num(s.mean), digits)),
+          h('td', { class: 'num' }, fmtSigned(s.effect, digits)),
+          h('td', { class: 'ci-cell', title: `95 % interval ${fmtSigned(s.ci_low, digits)} to ${fmtSigned(s.ci_high, digits)}` }, intervalBar(s, scale, s.significant)),
+          h('td', { class: 'num' }, fmtP(s.p_value)),
+          h('td', null, s.significant ? h('span', { class: 'differs-badge' }, 'differs') : null)))))),
+      ]);
+    }
+
+    // --- Cohort gate ---
+
+    function renderGatePickers(levels) {
+      if (gateFactor.value !== gate.factor) gateFactor.value = gate.factor;
+      const list = levels || [];
+      if (!gate.a || !list.includes(gate.a)) gate.a = list[0] || '';
+      if (gate.b && (!list.includes(gate.b) || gate.b === gate.a)) gate.b = '';
+      const aOptions = list.length ? list.map((l) => ({ v: l, t: levelText(gate.factor, l) })) : [{ v: '', t: 'no batches yet' }];
+      reconcile(gateA, aOptions, (o) => o.v || '*', (o) => h('option', { value: o.v }), (opt, o) => setText(opt, o.t));
+      const bOptions = [{ v: '', t: `All other ${factorLabel(gate.factor).toLowerCase()}s` },
+        ...list.filter((l) => l !== gate.a).map((l) => ({ v: l, t: levelText(gate.factor, l) }))];
+      reconcile(gateB, bOptions, (o) => o.v || '*', (o) => h('option', { value: o.v }), (opt, o) => setText(opt, o.t));
+      if (gateA.value !== gate.a) gateA.value = gate.a;
+      if (gateB.value !== gate.b) gateB.value = gate.b;
+      gateA.disabled = list.length === 0;
+      gateB.disabled = list.length < 2;
+    }
+
+    function gateKey() {
+      return `${gate.factor}|${gate.a}|${gate.b}|${p.window}`;
+    }
+
+    const VERDICT = {
+      VERDICT_REGRESSED: ['Regressed', 'verdict-bad'],
+      VERDICT_NO_REGRESSION: ['No regression', 'verdict-ok'],
+      VERDICT_INSUFFICIENT_DATA: ['Insufficient data', 'verdict-none'],
+    };
+
+    function directionText(d) {
+      const s = String(d || '');
+      if (s === 'higher-is-worse') return 'higher';
+      if (s === 'lower-is-worse') return 'lower';
+      if (s.startsWith('away-from:')) return `away from ${s.slice(10)}`;
+      return s || '—';
+    }
+
+    function renderGate(res, levels) {
+      if (!levels || levels.length < 2) {
+        setChildren(gateBody, `few|${gate.factor}|${(levels || []).length}`, () => h('p', { class: 'panel-note', 'data-testid': 'gate-note' },
+          fewLevelsNote(gate.factor, levels || [])));
+        return;
+      }
+      if (!res) return;
+      if (res.refused) {
+        setChildren(gateBody, `refused|${res.refused}`, () => h('p', { class: 'panel-note', 'data-testid': 'gate-note' }, res.refused));
+        return;
+      }
+      const [label, cls] = VERDICT[res.verdict] || [enumLabel(res.verdict, 'VERDICT_'), 'verdict-none'];
+      const metrics = Array.isArray(res.metrics) ? res.metrics : [];
+      const counts = Array.isArray(res.counts) ? res.counts : [];
+      const aName = levelText(gate.factor, gate.a);
+      const bName = gate.b ? levelText(gate.factor, gate.b) : 'the others';
+      const result = (e) => (!e.enough_data ? h('span', { class: 'muted' }, 'too few')
+        : e.regressed ? h('span', { class: 'differs-badge' }, 'worse') : h('span', { class: 'qc-pass' }, 'ok'));
+      const sig = JSON.stringify([gateKey(), res.verdict, res.summary, res.batches_a, res.batches_b]);
+      setChildren(gateBody, sig, () => [
+        h('div', { class: 'verdict-line' },
+          h('span', { class: `verdict ${cls}`, 'data-testid': 'gate-verdict', 'data-verdict': res.verdict }, label),
+          h('span', { class: 'muted' }, `A: ${aName}, ${fmtNum(num(res.batches_a))} batches · B: ${bName}, ${fmtNum(num(res.batches_b))} batches`)),
+        h('p', { class: 'summary', 'data-testid': 'gate-summary' }, capital(sentence(String(res.summary || '').replace(/\s+/g, ' ')))),
+        h('div', { class: 'table-wrap' }, h('table', { class: 'grid gate-table compact', 'data-testid': 'gate-table' },
+          h('thead', null, h('tr', null, ['Metric', 'n A / B', 'Mean A / B', 'A worse by', 'Effect', 'p', '']
+            .map((c, i) => h('th', { class: i >= 1 && i <= 5 ? 'num' : null }, c)))),
+          h('tbody', null, metrics.map((e) => {
+            const d = digitsFor(Math.max(num(e.sd_a) || 0, num(e.sd_b) || 0));
+            const m = metricInfo(e.metric);
+            return h('tr', { 'data-testid': 'gate-row', 'data-metric': e.metric, class: e.regressed ? 'differs' : null },
+              h('td', null, m.label, h('span', { class: 'sub' }, `worse when ${directionText(e.direction)}`)),
+              h('td', { class: 'num' }, `${fmtNum(num(e.n_a))} / ${fmtNum(num(e.n_b))}`),
+              h('td', { class: 'num', title: `sd ${fmtNum(num(e.sd_a), d)} / ${fmtNum(num(e.sd_b), d)}` },
+                `${fmtNum(num(e.mean_a), d)} / ${fmtNum(num(e.mean_b), d)}`, m.unit ? h('span', { class: 'unit' }, ` ${m.unit}`) : null),
+              h('td', { class: 'num' }, fmtSigned(e.worse_by, d)),
+              h('td', { class: 'num' }, `${fmtSigned(e.effect_sigma, 2)}σ`),
+              h('td', { class: 'num' }, fmtP(e.p_value)),
+              h('td', null, result(e)));
+          })))),
+        counts.length ? h('div', { class: 'table-wrap' }, h('table', { class: 'grid gate-table compact', 'data-testid': 'gate-counts' },
+          h('thead', null, h('tr', null, ['Events', 'A', 'B', 'Rate ratio', 'p', '']
+            .map((c, i) => h('th', { class: i >= 1 && i <= 4 ? 'num' : null }, c)))),
+          h('tbody', null, counts.map((e) => h('tr', { 'data-testid': 'gate-count-row', class: e.regressed ? 'differs' : null },
+            h('td', null, String(e.name || '').replace(/_/g, ' ')),
+            h('td', { class: 'num' }, `${fmtNum(num(e.events_a))} of ${fmtNum(num(e.trials_a))} (${fmtPct(e.rate_a)})`),
+            h('td', { class: 'num' }, `${fmtNum(num(e.events_b))} of ${fmtNum(num(e.trials_b))} (${fmtPct(e.rate_b)})`),
+            h('td', { class: 'num' }, fmtQty(e.rate_ratio, 2)),
+            h('td', { class: 'num' }, fmtP(e.p_value)),
+            h('td', null, result(e))))))) : null,
+      ]);
+    }
+
+    // Charts are drawn to the pixel width of their box; a resize redraws from the last answer.
+    let lastWidth = 0;
+    const resize = new ResizeObserver(() => {
+      const w = Math.floor(chartArea.getBoundingClientRect().width);
+      if (!lastCharts || Math.abs(w - lastWidth) < 8) return;
+      lastWidth = w;
+      renderCharts(lastCharts);
+    });
+    resize.observe(chartArea);
+
+    renderPickers();
+    return {
+      root,
+      title: 'Quality · Nanofleet',
+      unmount() {
+        resize.disconnect();
+      },
+      setParams(raw) {
+        const next = qualityParams(raw);
+        if (next.by !== p.by && next.by) compareBy = next.by;
+        p = next;
+        renderPickers();
+        // Drawn afresh for the new selection rather than showing the old one under new pickers.
+        chartSlot.clear();
+        compareSlot.clear();
+        healthSlot.clear();
+      },
+      async refresh(isCurrent) {
+        const since = windowSince(p.window);
+        const hKey = `${p.window}|${p.site}`;
+        const cKey = chartKey();
+        const cmpKey = compareKey();
+        const wantHealth = healthSlot.due(hKey);
+        const wantDevices = p.site && devicesSlot.due(p.site);
+        const wantChart = chartSlot.due(cKey);
+        const lKey = gate.factor;
+        const wantLevels = levelsSlot.due(lKey);
+        const wantCompareLevels = compareLevelsSlot.due(compareBy);
+
+        const chartQuery = selectionQuery(null);
+        chartQuery.set('metric', p.metric);
+        if (p.by) chartQuery.set('by', p.by);
+        chartQuery.set('points', p.by ? SMALL_CHART_POINTS : CHART_POINTS);
+        const cmpQuery = selectionQuery(compareBy);
+        cmpQuery.set('metric', p.metric);
+        cmpQuery.set('by', compareBy);
+
+        const levelsOf = (factor) => api(`api/quality/levels?factor=${encodeURIComponent(factor)}`);
+        const [health, devs, charts, levels, compareLevels] = await Promise.all([
+          wantHealth ? api(`api/quality/health?since_ms=${since || 1}`) : null,
+          wantDevices ? api(`api/devices?site=${encodeURIComponent(p.site)}`) : null,
+          wantChart ? api(`api/quality/chart?${chartQuery}`) : null,
+          wantLevels ? levelsOf(gate.factor) : null,
+          wantCompareLevels ? levelsOf(compareBy) : null,
+        ]);
+        if (!isCurrent()) return;
+        if (health) healthSlot.keep(hKey, health);
+        if (devs) devicesSlot.keep(p.site, devs);
+        if (charts) chartSlot.keep(cKey, charts);
+        if (levels) levelsSlot.keep(lKey, levels);
+        if (compareLevels) compareLevelsSlot.keep(compareBy, compareLevels);
+
+        // The comparisons wait for the levels they depend on: a question the data cannot
+        // answer yet (one lot so far) is not asked.
+        const listOf = (sl) => (sl.value && Array.isArray(sl.value.levels) ? sl.value.levels : []);
+        const levelList = listOf(levelsSlot);
+        const compareList = listOf(compareLevelsSlot);
+        renderGatePickers(levelList);
+        const gKey = gateKey();
+        const wantGate = levelList.length >= 2 && gate.a && gateSlot.due(gKey);
+        const wantCompare = compareList.length >= 2 && compareSlot.due(cmpKey);
+        if (wantGate || wantCompare) {
+          const q = new URLSearchParams({ factor: gate.factor, a: gate.a });
+          if (gate.b) q.set('b', gate.b);
+          if (since) q.set('since_ms', since);
+          const [g, c] = await Promise.all([
+            wantGate ? answerOrRefusal(api(`api/quality/gate?${q}`)) : null,
+            wantCompare ? answerOrRefusal(api(`api/quality/compare?${cmpQuery}`)) : null,
+          ]);
+          if (!isCurrent()) return;
+          if (g) gateSlot.keep(gKey, g);
+          if (c) compareSlot.keep(cmpKey, c);
+        }
+
+        renderPickers();
+        if (healthSlot.value) renderHealth(healthSlot.value);
+        renderSiteDevices(devicesSlot.value);
+        if (chartSlot.value && chartSlot.key === cKey) renderCharts(chartSlot.value);
+        renderCompare(compareSlot.key === cmpKey ? compareSlot.value : null, compareLevelsSlot.key === compareBy ? compareList : null);
+        renderGate(gateSlot.key === gateKey() ? gateSlot.value : null, levelList);
+      },
+    };
+  }
+
+  // === Alerts ===
+
+  function alertKind(kind) {
+    return ALERT_KIND_LABEL[kind] || enumLabel(kind, 'ALERT_KIND_');
+  }
+
+  function alertStateName(st) {
+    return enumValue(st, 'ALERT_STATE_').toLowerCase() || 'unknown';
+  }
+
+  function alertStateBadge(st) {
+    const name = alertStateName(st);
+    return h('span', { class: `alert-state state-${name}`, 'data-testid': 'alert-state' }, name);
+  }
+
+  /** The alert's subject as a link: a device to its chart page, a site to its quality view. */
+  function alertSubject(a) {
+    const subject = a.subject || '';
+    if (!subject) return '—';
+    if (a.kind === 'ALERT_KIND_SITE_DIFFERS') return h('a', { href: qualityHash({ site: subject, metric: (a.evidence || {}).metric || '' }) }, siteName(subject));
+    return h('a', { class: 'mono', href: deviceHash(subject) }, subject);
+  }
+
+  function alertsView(route) {
+    let selected = route.id || '';
+    let site = route.site || '';
+    let filter = 'active';
+
+    const stateFilter = h('select', {
+      id: 'alert-state-filter',
+      'data-testid': 'alert-state-filter',
+      onchange: () => {
+        filter = stateFilter.value;
+        refreshNow();
+      },
+    }, ALERT_STATES.map(([value, label]) => h('option', { value }, label)));
+    const siteChip = h('span');
+    const count = h('span', { class: 'count', 'data-testid': 'alert-count' });
+    const tbody = h('tbody');
+    const detail = h('section', { class: 'alert-detail', 'aria-label': 'Selected alert' });
+    const root = h('div', { class: 'alerts' },
+      h('div', { class: 'page-title' }, h('h1', null, 'Alerts'),
+        h('span', { class: 'muted' }, 'Control-chart signals, silent devices and sites that differ, with their evidence')),
+      h('div', { class: 'toolbar' }, h('label', { for: 'alert-state-filter' }, 'State'), stateFilter, siteChip, count),
+      h('div', { class: 'card table-wrap' },
+        h('table', { class: 'grid', 'data-testid': 'alert-table' },
+          h('thead', null, h('tr', null, ALERT_COLUMNS.map((name) => h('th', { class: name === 'Seen' ? 'num' : null }, name)))),
+          tbody)),
+      detail);
+
+    function renderSiteChip() {
+      setChildren(siteChip, site, () => (site
+        ? h('span', { class: 'scope-chip' }, `Site: ${siteName(site)}`,
+          h('a', { class: 'scope-remove', href: alertHash(selected, ''), title: 'Show every site' }, '×'))
+        : null));
+    }
+
+    function createRow(a) {
+      const cells = ALERT_COLUMNS.map((name) => h('td', { class: { Seen: 'num', Alert: 'wrap', Site: 'site' }[name] || null }));
+      const row = h('tr', { class: 'link', 'data-testid': 'alert-row', 'data-alert-id': a.alert_id }, cells);
+      row.addEventListener('click', (ev) => {
+        if (ev.target.closest('a')) return;
+        navigate(alertHash(a.alert_id, site));
+      });
+      row._cells = cells;
+      return row;
+    }
+
+    function updateRow(row, a) {
+      const [st, kind, title, siteCell, raised, lastSeen, seen] = row._cells;
+      const name = alertStateName(a.state);
+      setClass(row, `link${a.alert_id === selected ? ' selected' : ''}${name === 'resolved' ? ' inactive' : ''}${name === 'open' ? ' alert-open' : ''}`);
+      setAttr(row, 'data-state', name);
+      setChildren(st, a.state, () => alertStateBadge(a.state));
+      setText(kind, alertKind(a.kind));
+      setText(title, a.title || '—');
+      setText(siteCell, a.site_id ? siteName(a.site_id) : '—');
+      setText(raised, fmtDateTime(num(a.raised_unix_ms)));
+      setText(lastSeen, fmtAgo(num(a.last_seen_unix_ms)));
+      setClass(lastSeen, 'muted');
+      setText(seen, `${fmtNum(num(a.occurrences) || 1)}×`);
+    }
+
+    function renderList(list) {
+      const open = list.filter((a) => a.state === 'ALERT_STATE_OPEN').length;
+      setText(count, `${fmtNum(list.length)} alert${list.length === 1 ? '' : 's'}${open ? ` · ${fmtNum(open)} open` : ''}`);
+      if (list.length === 0) {
+        const what = (ALERT_STATES.find(([v]) => v === filter) || ['', ''])[1].toLowerCase();
+        setChildren(tbody, `empty|${filter}|${site}`, () => h('tr', null, h('td', { class: 'empty', colspan: ALERT_COLUMNS.length, 'data-testid': 'alerts-empty' },
+          filter === 'active' || filter === 'open'
+            ? [h('span', { class: 'dot on' }), ` No ${what} alerts${site ? ' at this site' : ''}: every chart is in control and every device is reporting.`]
+            : `No ${what} alerts${site ? ' at this site' : ''}.`)));
+        return;
+      }
+      delete tbody.dataset.sig;
+      reconcile(tbody, list, (a) => a.alert_id, createRow, updateRow);
+    }
+
+    function renderDetail(a) {
+      const name = alertStateName(a.state);
+      setAttr(detail, 'data-testid', 'alert-detail');
+      setAttr(detail, 'data-alert-id', a.alert_id);
+      setAttr(detail, 'data-state', name);
+      // Built once per alert and state, so a note being typed survives the refreshes.
+      setChildren(detail, `${a.alert_id}|${a.state}|${state.me ? state.me.role : ''}`, () => {
+        const seen = h('span', { class: 'alert-seen' });
+        const evidenceSlot = h('div', { class: 'evidence-slot' });
+        const ev = a.evidence || {};
+        const head = h('section', { class: 'card recipe-head alert-head' },
+          h('div', { class: 'recipe-title' },
+            h('h2', null, a.title || alertKind(a.kind)), alertStateBadge(a.state),
+            h('span', { class: 'alert-kind' }, alertKind(a.kind))),
+          h('dl', { class: 'facts' },
+            spec('Subject', alertSubject(a)),
+            spec('Site', a.site_id ? h('a', { href: qualityHash({ site: a.site_id, by: 'device', metric: ev.metric || '' }) }, siteName(a.site_id)) : '—'),
+            spec('Raised', fmtDateTime(num(a.raised_unix_ms))),
+            spec('Last seen', seen),
+            hasTime(num(a.resolved_unix_ms)) ? spec('Resolved', fmtDateTime(num(a.resolved_unix_ms))) : null),
+          h('p', { class: 'alert-id muted' }, 'Alert ', h('span', { class: 'mono' }, a.alert_id)));
+        head._seen = seen;
+        return [head,
+          h('div', { class: 'alert-grid' },
+            h('section', { class: 'card', 'data-testid': 'alert-evidence' },
+              h('div', { class: 'card-head' }, h('h2', null, 'Evidence'),
+                ev.rule ? ruleChip(ev.rule, ev.description) : null,
+                ev.description ? h('span', { class: 'muted' }, ev.description) : null,
+                ev.metric ? h('a', {
+                  class: 'card-head-link',
+                  href: qualityHash({ metric: ev.metric, ...(a.kind === 'ALERT_KIND_SITE_DIFFERS' ? { site: a.site_id, by: 'lot' } : { device: a.subject }) }),
+                }, 'Open in Quality ›') : null),
+              evidenceSlot),
+            ackCard(a))];
+      });
+      const head = detail.querySelector('.alert-head');
+      if (head && head._seen) {
+        setText(head._seen, `${fmtDateTime(num(a.last_seen_unix_ms))} · ${fmtNum(num(a.occurrences) || 1)}× raised`);
+      }
+      const slotEl = detail.querySelector('.evidence-slot');
+      if (slotEl) renderEvidence(slotEl, a);
+    }
+
+    function renderEvidence(slotEl, a) {
+      const ev = a.evidence || {};
+      const pts = ev.points || [];
+      const width = Math.max(320, Math.floor(slotEl.getBoundingClientRect().width) - 24) || 600;
+      setChildren(slotEl, `${a.alert_id}|${a.occurrences}|${a.last_seen_unix_ms}|${width}`, () => {
+        const chart = {
+          metric: ev.metric, center: ev.center, ucl: ev.ucl, lcl: ev.lcl, sigma: ev.sigma, points: pts, baseline_points: 0,
+        };
+        const m = metricInfo(ev.metric);
+        return [
+          pts.length
+            ? h('div', { class: 'evidence-chart' },
+              h('div', { class: 'evidence-caption' }, `${m.label}${m.unit ? ` (${m.unit})` : ''}: the newest ${fmtNum(pts.length)} batches of ${a.subject || 'the chart'}`,
+                h('span', { class: 'legend' },
+                  h('span', { style: `color:${SPC.center}` }, h('i'), `centre ${fmtNum(num(ev.center), digitsFor(3 * (num(ev.sigma) || 0)))}`),
+                  h('span', { style: `color:${SPC.limit}` }, h('i'), 'UCL / LCL'),
+                  h('span', { style: `color:${SPC.signal}` }, h('i', { class: 'dotonly' }), 'rule fired'))),
+              controlChartSvg(chart, width, {
+                compact: true, height: 170, id: 'evidence', highlight: ev.rule,
+                ruleText: (code) => (code === ev.rule ? ev.description || '' : ''),
+                onPoint: (pt) => navigate(batchHash(pt.batch_id)),
+              }))
+            : null,
+          ev.detail ? h('p', { class: 'evidence-detail', 'data-testid': 'alert-evidence-detail' }, sentence(ev.detail)) : null,
+          !pts.length && !ev.detail ? h('p', { class: 'empty' }, 'No chart for this kind of alert.') : null,
+        ];
+      });
+    }
+
+    function ackCard(a) {
+      const name = alertStateName(a.state);
+      const head = h('div', { class: 'card-head' }, h('h2', null, 'Acknowledgement'));
+      if (name === 'acknowledged' || a.acknowledged_by) {
+        return h('section', { class: 'card', 'data-testid': 'alert-ack' }, head,
+          h('div', { class: 'card-body' },
+            h('dl', { class: 'spec' },
+              spec('By', h('span', { 'data-testid': 'alert-ack-by' }, a.acknowledged_by || '—')),
+              spec('At', fmtDateTime(num(a.acknowledged_unix_ms))),
+              spec('Note', h('span', { class: 'ack-note', 'data-testid': 'alert-ack-note' }, a.note || '—')))));
+      }
+      if (name === 'resolved') {
+        return h('section', { class: 'card', 'data-testid': 'alert-ack' }, head,
+          h('p', { class: 'card-body muted' }, `Resolved ${fmtDateTime(num(a.resolved_unix_ms))} without an acknowledgement: the condition cleared.`));
+      }
+      if (!can(ALERT_ACK_ROLES)) {
+        const role = state.me ? state.me.role : '';
+        return h('section', { class: 'card', 'data-testid': 'alert-ack' }, head,
+          h('p', { class: 'card-body muted', 'data-testid': 'alert-ack-role-note' },
+            `Operations and QA acknowledge alerts; your role (${ROLE_LABEL[role] || role}) can read them.`));
+      }
+      const note = h('textarea', {
+        id: 'alert-ack-note-input', rows: 3, required: true, 'data-testid': 'alert-ack-input',
+        placeholder: 'What was found or done, e.g. "pump head replaced, next batches watched"',
+      });
+      const submit = h('button', { type: 'submit', class: 'btn btn-primary', 'data-testid': 'alert-ack-submit' }, 'Acknowledge');
+      const error = h('p', { class: 'form-error', role: 'alert', 'data-testid': 'alert-ack-error', hidden: true });
+      const form = h('form', {
+        class: 'card-body ack-form', 'data-testid': 'alert-ack-form',
+        onsubmit: async (ev) => {
+          ev.preventDefault();
+          const text = note.value.trim();
+          error.hidden = true;
+          if (!text) {
+            setText(error, 'Write a note: what was found or done. It goes into the audit trail.');
+            error.hidden = false;
+            note.focus();
+            return;
+          }
+          submit.disabled = true;
+          setText(submit, 'Acknowledging…');
+          try {
+            await api(`api/alerts/${encodeURIComponent(a.alert_id)}/ack`, { method: 'POST', body: { note: text } });
+            // The next refresh shows who acknowledged it and the note; the badge counts one fewer.
+            alertBadge.at = 0;
+            refreshNow();
+          } catch (err) {
+            if (isSignedOutError(err)) {
+              showLogin(SESSION_ENDED);
+              return;
+            }
+            setText(error, err instanceof UnreachableError ? `Server unreachable (${err.message}): not acknowledged.` : sentence(err.message));
+            error.hidden = false;
+            submit.disabled = false;
+            setText(submit, 'Acknowledge');
+          }
+        },
+      },
+      h('label', { for: 'alert-ack-note-input' }, 'Note'),
+      note,
+      h('p', { class: 'hint' }, `Signed as ${state.me ? state.me.display_name || state.me.id : ''}; recorded with the time in the audit trail.`),
+      error,
+      h('div', null, submit));
+      return h('section', { class: 'card', 'data-testid': 'alert-ack' }, head, form);
+    }
+
+    return {
+      root,
+      title: 'Alerts · Nanofleet',
+      select(id, nextSite) {
+        selected = id || '';
+        site = nextSite || '';
+        detail.replaceChildren();
+        delete detail.dataset.sig;
+      },
+      async refresh(isCurrent) {
+        const q = new URLSearchParams({ state: filter });
+        if (site) q.set('site', site);
+        const sel = selected;
+        const [fleet, res] = await Promise.all([api('api/fleet'), api(`api/alerts?${q}`)]);
+        if (!isCurrent()) return;
+        rememberSites(fleet);
+        const list = Array.isArray(res.alerts) ? res.alerts : [];
+        if (filter === 'active' && !site) noteOpenAlerts(list.filter((a) => a.state === 'ALERT_STATE_OPEN').length);
+        let chosen = sel ? list.find((a) => a.alert_id === sel) : null;
+        if (sel && !chosen) {
+          // Selected but filtered out (acknowledged while the list shows open ones).
+          const all = await api('api/alerts?state=all');
+          if (!isCurrent()) return;
+          chosen = (all.alerts || []).find((a) => a.alert_id === sel) || null;
+        }
+        renderSiteChip();
+        if (stateFilter.value !== filter) stateFilter.value = filter;
+        renderList(list);
+        if (!sel) {
+          setChildren(detail, 'hint', () => h('p', { class: 'card note', 'data-testid': 'alert-hint' },
+            list.length ? 'Select an alert to see its evidence and to acknowledge it.' : 'Alerts appear here when a device\'s chart signals, a device goes silent or a site differs from the fleet.'));
+          setAttr(detail, 'data-testid', null);
+        } else if (!chosen) {
+          setChildren(detail, `missing|${sel}`, () => h('section', { class: 'card notice', 'data-testid': 'alert-missing' },
+            h('h1', null, `Alert ${sel} not found`), h('p', null, h('a', { href: '#/alerts' }, 'Back to all alerts'))));
+        } else {
+          renderDetail(chosen);
+        }
+      },
+    };
+  }
+
+  // === Open-alert count in the navigation ===
+
+  const alertBadge = { at: 0, busy: false };
+
+  function noteOpenAlerts(n) {
+    alertBadge.at = Date.now();
+    const badge = el.alertsBadge;
+    if (!badge) return;
+    badge.hidden = !(n > 0);
+    setText(badge, n >= 200 ? '200+' : String(n));
+    setAttr(badge, 'data-count', n);
+    setAttr(el.alertsNav, 'title', n ? `${n} open alert${n === 1 ? '' : 's'}` : 'No open alerts');
+  }
+
+  /** Refreshes the badge every so often, whatever page is shown; a failure leaves it as it was. */
+  function pollAlertBadge() {
+    if (alertBadge.busy || Date.now() - alertBadge.at < ALERT_BADGE_MS || state.signedOut || !state.me) return;
+    alertBadge.busy = true;
+    api('api/alerts?state=open')
+      .then((res) => noteOpenAlerts(Array.isArray(res.alerts) ? res.alerts.length : 0))
+      .catch(() => {})
+      .finally(() => {
+        alertBadge.busy = false;
+      });
+  }
+
   // === Unknown route ===
 
   function unknownView(route) {
@@ -2479,6 +4025,8 @@
     el.enrollNav = el.nav.querySelector('[data-nav="enroll"]');
     el.recipesNav = el.nav.querySelector('[data-nav="recipes"]');
     el.batchesNav = el.nav.querySelector('[data-nav="batches"]');
+    el.alertsNav = el.nav.querySelector('[data-nav="alerts"]');
+    el.alertsBadge = el.alertsNav.querySelector('.nav-badge');
     el.session = document.querySelector('.session');
     el.whoami = el.session.querySelector('[data-testid="whoami"]');
     el.whoamiName = el.whoami.querySelector('.whoami-name');

@@ -273,6 +273,11 @@ pub fn spc_findings(
         let Some(&last) = rows.last() else { continue };
         for &metric in metrics {
             let (values, kept) = ix.series(metric, &rows);
+            // No alert before the device has a full baseline: limits from a handful
+            // of batches fire on noise.
+            if values.len() <= baseline_points {
+                continue;
+            }
             let q = ChartQuery {
                 metric,
                 selection: Selection::default(),

@@ -1412,6 +1412,11 @@ fn summarize(
                 .filter(|s| s.1 < need as u64);
             match shortfalls.min_by_key(|s| s.1) {
                 Some((cohort, have, unit, name)) => {
+                    let unit = match (unit, have) {
+                        ("batches", 1) => "batch",
+                        ("trials", 1) => "trial",
+                        (u, _) => u,
+                    };
                     format!("insufficient data: cohort {cohort} has {have} {unit}, needs {need} ({name})")
                 }
                 None => "insufficient data: no metrics or counts to test".into(),
