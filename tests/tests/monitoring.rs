@@ -525,3 +525,69 @@ async fn a_drifting_device_raises_one_alert_per_rule_that_survives_a_restart() -
     sb.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alarm_storm_is_one_alert_that_clears_when_the_alarms_stop() -> anyhow::Result<()> {
+    use nanofleet_proto::device::v1::{Alarm, AlarmCode, AlarmPriority, Event, EventBatch, event};
+    let sb = Sandbox::start_with(|o| o.alerts.evaluate_every = Duration::from_secs(3_600)).await?;
+    let mut device = SigningDevice::enroll(&sb, "site-a", "NF-A-09", "1.2.0").await?;
+    let now = now_ms();
+    let alarm = |i: i64| Event {
+        time_unix_ms: now - 60_000 + i * 1_000,
+        kind: Some(event::Kind::Alarm(Alarm {
+            code: if i % 2 == 0 { AlarmCode::AirInLine } else { AlarmCode::Occlusion } as i32,
+            priority: AlarmPriority::High as i32,
+            active: true,
+            detail: String::new(),
+            line: 0,
+        })),
+    };
+    // Nine alarms are not a storm; twelve are.
+    let calm = EventBatch {
+        device_id: "NF-A-09".into(),
+        seq: 1,
+        events: (0..9).map(alarm).collect(),
+        boot_id: "b".into(),
+    };
+    device.mqtt.publish("nf/v1/NF-A-09/events", calm.encode_to_vec()).await?;
+    let opts = nanofleet_api::AlertOptions {
+        silent_after: Duration::from_secs(1 << 30),
+        site_every: Duration::from_secs(1 << 30),
+        ..Default::default()
+    };
+    let monitoring = sb.server.monitoring.clone();
+    eventually("events stored", Duration::from_secs(10), || async {
+        let n = sb.server.store.events_since(now - 120_000, 100).await.ok()?.len();
+        (n == 1).then_some(())
+    })
+    .await?;
+    assert!(monitoring.evaluate_alerts(&opts, now).await?.raised.is_empty());
+    let storm = EventBatch {
+        device_id: "NF-A-09".into(),
+        seq: 2,
+        events: (9..12).map(alarm).collect(),
+        boot_id: "b".into(),
+    };
+    device.mqtt.publish("nf/v1/NF-A-09/events", storm.encode_to_vec()).await?;
+    eventually("events stored", Duration::from_secs(10), || async {
+        let n = sb.server.store.events_since(now - 120_000, 100).await.ok()?.len();
+        (n == 2).then_some(())
+    })
+    .await?;
+    let e = monitoring.evaluate_alerts(&opts, now).await?;
+    assert_eq!(e.raised.len(), 1, "{e:?}");
+    let a = &e.raised[0];
+    assert_eq!(
+        (a.kind, a.subject.as_str(), a.site_id.as_str()),
+        (pb::AlertKind::AlarmStorm as i32, "NF-A-09", "site-a")
+    );
+    let detail = a.evidence.as_ref().map(|e| e.detail.clone()).unwrap_or_default();
+    assert!(detail.contains("12 alarms") && detail.contains("air_in_line ×6"), "{detail}");
+    assert!(monitoring.evaluate_alerts(&opts, now + 1_000).await?.raised.is_empty(), "one alert per storm");
+    // Ten minutes later the alarms are out of the window: the storm is over.
+    let e = monitoring.evaluate_alerts(&opts, now + 600_000).await?;
+    assert_eq!(e.resolved.len(), 1, "{e:?}");
+    device.mqtt.close().await;
+    sb.stop().await;
+    Ok(())
+}

@@ -37,6 +37,10 @@ pub struct AlertOptions {
     pub site_alpha: f64,
     /// Time between site comparisons (they read every batch of the window).
     pub site_every: Duration,
+    /// A device raising at least this many alarms within `storm_window` is in an alarm
+    /// storm.
+    pub storm_alarms: usize,
+    pub storm_window: Duration,
     /// Where every new alert and change of state is POSTed as JSON (http or https).
     pub webhook: Option<crate::webhook::WebhookUrl>,
 }
@@ -61,6 +65,8 @@ impl Default for AlertOptions {
             site_window: Duration::from_secs(7 * 86_400),
             site_alpha: 0.001,
             site_every: Duration::from_secs(300),
+            storm_alarms: 10,
+            storm_window: Duration::from_secs(300),
             webhook: None,
         }
     }
@@ -175,6 +181,7 @@ impl Monitoring {
         let mut out = Evaluation::default();
         self.evaluate_spc(opts, now, &mut out).await?;
         self.evaluate_silent(opts, now, &mut out).await?;
+        self.evaluate_storms(opts, now, &mut out).await?;
         let due = {
             let mut last = self.inner().sites_compared_ms.lock().unwrap_or_else(|e| e.into_inner());
             let due = now.saturating_sub(*last) >= opts.site_every.as_millis() as i64;
@@ -324,6 +331,63 @@ impl Monitoring {
                 && let Some(r) = self.inner().store.resolve_alert(&key, now).await?
             {
                 tracing::info!(alert_id = %r.alert_id, device_id = %d.id, "silent device is back");
+                out.resolved.push(alert_pb(&r));
+            }
+        }
+        Ok(())
+    }
+
+    async fn evaluate_storms(&self, opts: &AlertOptions, now: i64, out: &mut Evaluation) -> Result<(), Error> {
+        use nanofleet_proto::device::v1::{EventBatch, event};
+        let window = opts.storm_window.as_millis() as i64;
+        let mut raised: HashMap<String, Vec<String>> = HashMap::new();
+        for (device, payload) in self.inner().store.events_since(now - window, 200_000).await? {
+            let Ok(batch) = EventBatch::decode(payload.as_slice()) else { continue };
+            for e in batch.events.iter().filter(|e| e.time_unix_ms >= now - window && e.time_unix_ms <= now) {
+                if let Some(event::Kind::Alarm(a)) = &e.kind
+                    && a.active
+                {
+                    let code = nanofleet_proto::device::v1::AlarmCode::try_from(a.code).unwrap_or_default();
+                    raised.entry(device.clone()).or_default().push(
+                        code.as_str_name().trim_start_matches("ALARM_CODE_").to_lowercase(),
+                    );
+                }
+            }
+        }
+        let active = self.active_keys(pb::AlertKind::AlarmStorm).await?;
+        let mut storming = HashSet::new();
+        for (device, codes) in raised.into_iter().filter(|(_, c)| c.len() >= opts.storm_alarms) {
+            let key = format!("alarm_storm/{device}");
+            storming.insert(key.clone());
+            if active.contains(&key) {
+                continue;
+            }
+            let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
+            for c in &codes {
+                *counts.entry(c).or_default() += 1;
+            }
+            let site = self.inner().fleet.device(&device).await.map(|d| d.site_id).unwrap_or_default();
+            let evidence = pb::AlertEvidence {
+                rule: "alarm-storm".into(),
+                description: format!(
+                    "at least {} alarms within {} s",
+                    opts.storm_alarms,
+                    opts.storm_window.as_secs()
+                ),
+                detail: format!(
+                    "{} alarms raised in the last {} s: {}",
+                    codes.len(),
+                    opts.storm_window.as_secs(),
+                    counts.iter().map(|(c, n)| format!("{c} ×{n}")).collect::<Vec<_>>().join(", ")
+                ),
+                ..Default::default()
+            };
+            let title = format!("{device}: alarm storm ({} alarms in {} s)", codes.len(), opts.storm_window.as_secs());
+            let row = new_alert(pb::AlertKind::AlarmStorm, key, &device, &site, title, &evidence, now);
+            self.record(row, out).await?;
+        }
+        for key in active.difference(&storming) {
+            if let Some(r) = self.inner().store.resolve_alert(key, now).await? {
                 out.resolved.push(alert_pb(&r));
             }
         }

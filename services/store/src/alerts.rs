@@ -218,6 +218,19 @@ impl Store {
             .collect()
     }
 
+    /// Event batches stored with a time at or after `since_ms`: `(device_id, encoded
+    /// EventBatch)`, at most `limit`.
+    pub async fn events_since(&self, since_ms: i64, limit: i64) -> Result<Vec<(String, Vec<u8>)>> {
+        sqlx::query("SELECT device_id, payload FROM events WHERE time_ms >= $1 LIMIT $2")
+            .bind(since_ms)
+            .bind(limit.clamp(1, 1_000_000))
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect()
+    }
+
     /// A background evaluator's position (0 when it never ran).
     pub async fn cursor(&self, name: &str) -> Result<i64> {
         Ok(sqlx::query("SELECT value FROM monitor_cursors WHERE name = $1")
