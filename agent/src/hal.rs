@@ -52,6 +52,9 @@ pub struct RunPlan {
     pub np_ratio: f64,
     pub batch_volume_ml: f64,
     pub temperature_c: f64,
+    /// Lot of the cartridge loaded for the run (its lipids go into the product);
+    /// empty when unknown.
+    pub cartridge_lot: String,
 }
 
 impl RunPlan {
@@ -91,7 +94,14 @@ impl RunPlan {
             np_ratio: f.np_ratio,
             batch_volume_ml: f.batch_volume_ml,
             temperature_c: f.temperature_c,
+            cartridge_lot: String::new(),
         }
+    }
+
+    /// The plan with the lot of the cartridge loaded for it.
+    pub fn with_cartridge_lot(mut self, lot: &str) -> RunPlan {
+        lot.clone_into(&mut self.cartridge_lot);
+        self
     }
 }
 

@@ -115,7 +115,30 @@ struct RunArgs {
     #[arg(long, value_enum)]
     fault: Option<Fault>,
     #[command(flatten)]
+    ageing: AgeingArgs,
+    #[command(flatten)]
     link: LinkArgs,
+}
+
+#[derive(clap::Args, Debug)]
+struct AgeingArgs {
+    /// Age faults this many times faster than real time: pump wear and slow drift then
+    /// start at nothing and grow over simulated weeks (pump worn out after 21 simulated
+    /// days, chamber 0.5 °C warmer per simulated week), while timestamps stay real.
+    /// E.g. 2000: a real minute is about 33 simulated hours. Allowed 1 to 100000.
+    /// Default: faults at full severity from the start.
+    #[arg(long, value_name = "N")]
+    time_scale: Option<f64>,
+}
+
+impl AgeingArgs {
+    fn time_scale(&self) -> Option<f64> {
+        let scale = self.time_scale?;
+        if !(1.0..=100_000.0).contains(&scale) {
+            usage_error(format!("--time-scale {scale}: allowed 1 to 100000"));
+        }
+        Some(scale)
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -126,9 +149,12 @@ struct SimulateArgs {
     /// Devices in each hospital.
     #[arg(long, default_value_t = 8)]
     devices_per_site: usize,
-    /// Fraction of devices (0 to 1) given a random fault.
+    /// Fraction of devices (0 to 1) given a random fault. With --time-scale, at least
+    /// one device of the first site also gets pump wear and one slow drift.
     #[arg(long, default_value_t = 0.15)]
     fault_rate: f64,
+    #[command(flatten)]
+    ageing: AgeingArgs,
     /// New connections per second while the fleet starts.
     #[arg(long, default_value_t = 2_000.0)]
     connect_rate: f64,
@@ -301,6 +327,7 @@ fn print_enrolled(c: &Credentials, dir: &Path, output: Output) {
 // === run ===
 
 async fn run_one(a: RunArgs) -> anyhow::Result<()> {
+    let time_scale = a.ageing.time_scale();
     let dir = enroll::identity_dir(&a.state_dir);
     let creds = Credentials::load(&dir).context("loading the device credentials")?;
     let cancel = CancellationToken::new();
@@ -375,6 +402,9 @@ async fn run_one(a: RunArgs) -> anyhow::Result<()> {
         DeviceInfo { device_id: device_id.clone(), site_id, model: a.model, firmware_version: a.firmware };
     let seqs = SeqCounter::load(&a.state_dir, &device_id).context("loading sequence numbers")?;
     let mut sim = SimDevice::new(info, rand::random());
+    if let Some(scale) = time_scale {
+        sim.set_time_scale(scale);
+    }
     if let Some(f) = a.fault {
         sim.inject(f);
     }
@@ -394,6 +424,7 @@ async fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
     if a.sites == 0 || a.devices_per_site == 0 {
         usage_error("--sites and --devices-per-site must be at least 1".into());
     }
+    let time_scale = a.ageing.time_scale();
     let enrollment = match (a.enroll_server, a.token) {
         (Some(server), Some(token)) => {
             check_server("--enroll-server", &server);
@@ -406,6 +437,7 @@ async fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
         sites: a.sites,
         devices_per_site: a.devices_per_site,
         fault_rate: a.fault_rate,
+        time_scale,
         connect_rate: a.connect_rate,
         link: link_options(&a.link, DEV_BROKER),
         state_dir: a.state_dir,

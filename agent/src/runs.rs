@@ -27,10 +27,10 @@ use bytes::Bytes;
 use nanofleet_proto::Message as _;
 use nanofleet_proto::device::v1::{
     Ack, AckResult, AckSubject, AlarmPriority, AlarmRecord, BatchRecord, Cartridge, Person, PhaseChange,
-    PhaseRecord, RecipeDelivery, RunOutcome, RunPhase, RunRequest, event,
+    PhaseRecord, Recipe, RecipeDelivery, RunOutcome, RunPhase, RunRequest, event,
 };
 use nanofleet_recipe::verify::{DeviceContext, verify_delivery};
-use rand::Rng as _;
+use rand::Rng;
 
 use crate::hal::{Device, DeviceInfo, QcMeasurement, Reading, RunPlan};
 pub use crate::recipes::Error;
@@ -205,7 +205,10 @@ fn compact_utc(ms: i64) -> String {
     format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
-fn valid_id(field: &str, value: &str) -> Result<(), String> {
+/// Checks an identifier a run request carries (request, prescription, patient
+/// pseudonym, lot, serial): 1 to [`MAX_ID_LEN`] characters of `A-Z a-z 0-9 - _ . / :`.
+/// The error names `field` and the value.
+pub fn valid_id(field: &str, value: &str) -> Result<(), String> {
     if value.is_empty() {
         return Err(format!("{field} is missing"));
     }
@@ -336,7 +339,8 @@ impl RunDesk {
         now_ms: i64,
     ) -> ActiveRun {
         let batch_id = format!("{}-{}", info.device_id, compact_utc(now_ms));
-        let plan = RunPlan::from_recipe(&batch_id, &held.recipe);
+        let lot = request.cartridge.as_ref().map(|c| c.lot.as_str()).unwrap_or_default();
+        let plan = RunPlan::from_recipe(&batch_id, &held.recipe).with_cartridge_lot(lot);
         ActiveRun {
             seq,
             request,
@@ -706,6 +710,9 @@ pub struct AutoRuns {
     /// Time the device stays idle between runs, ms (from, to).
     pub idle_ms: (i64, i64),
     pub operator: Person,
+    /// Cartridge lots the site holds; each run loads one of them at random. Empty:
+    /// every run of a month loads that month's lot, `L{YYMM}`.
+    pub lots: Vec<String>,
     next_ms: Option<i64>,
     count: u64,
 }
@@ -714,7 +721,13 @@ impl AutoRuns {
     pub fn new(idle: (std::time::Duration, std::time::Duration), operator: Person) -> AutoRuns {
         let ms = |d: std::time::Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
         let (a, b) = (ms(idle.0), ms(idle.1));
-        AutoRuns { idle_ms: (a.min(b), a.max(b)), operator, next_ms: None, count: 0 }
+        AutoRuns { idle_ms: (a.min(b), a.max(b)), operator, lots: Vec::new(), next_ms: None, count: 0 }
+    }
+
+    /// The same pharmacist at a site that holds `lots`.
+    pub fn with_lots(mut self, lots: Vec<String>) -> AutoRuns {
+        self.lots = lots;
+        self
     }
 
     /// A run request when one is due: the device is idle, holds a recipe, and has been
@@ -744,16 +757,27 @@ impl AutoRuns {
         held.sort_by(|a, b| a.recipe.recipe_id.cmp(&b.recipe.recipe_id));
         let recipe = &held.get(usize::try_from(self.count).unwrap_or(0) % held.len().max(1))?.recipe;
         self.count += 1;
+        Some(self.request(recipe, info, now_ms, &mut rng))
+    }
+
+    /// The request for run number `self.count` of `recipe`, with a cartridge of one of
+    /// the site's lots.
+    fn request(&self, recipe: &Recipe, info: &DeviceInfo, now_ms: i64, rng: &mut impl Rng) -> RunRequest {
         let n = self.count;
         let stamp = compact_utc(now_ms);
+        let lot = if self.lots.is_empty() {
+            format!("L{}", &stamp[2..6])
+        } else {
+            self.lots[rng.random_range(0..self.lots.len())].clone()
+        };
         const DAY_MS: i64 = 86_400_000;
-        Some(RunRequest {
+        RunRequest {
             request_id: format!("{}-{stamp}-{n}", info.device_id),
             recipe_id: recipe.recipe_id.clone(),
             recipe_version: recipe.version,
             cartridge: Some(Cartridge {
                 gtin: recipe.cartridge_gtin.clone(),
-                lot: format!("L{}", &stamp[2..6]),
+                lot,
                 serial: format!("{}-{stamp}", info.device_id),
                 expires_unix_ms: now_ms + 120 * DAY_MS,
             }),
@@ -763,7 +787,7 @@ impl AutoRuns {
             dispensing_site_id: info.site_id.clone(),
             started_by: Some(self.operator.clone()),
             requested_unix_ms: now_ms,
-        })
+        }
     }
 }
 
@@ -776,6 +800,8 @@ fn refuse(mut ack: Ack, code: &str, reason: &str) -> Ack {
 
 #[cfg(test)]
 mod tests {
+    use rand::SeedableRng as _;
+
     use super::*;
 
     #[test]
@@ -792,5 +818,62 @@ mod tests {
         assert!(e.contains("patient_pseudonym") && e.contains("Jane Doe"), "{e}");
         assert!(valid_id("request_id", "").expect_err("empty").contains("missing"));
         assert!(valid_id("request_id", &"x".repeat(65)).is_err());
+    }
+
+    fn pharmacist() -> AutoRuns {
+        let operator = Person { user_id: "ph.one".into(), printed_name: "P. One".into() };
+        AutoRuns::new((std::time::Duration::from_secs(1), std::time::Duration::from_secs(2)), operator)
+    }
+
+    fn info() -> DeviceInfo {
+        DeviceInfo {
+            device_id: "NF-T-01".into(),
+            site_id: "test".into(),
+            model: "NF-200".into(),
+            firmware_version: "1.0.0".into(),
+        }
+    }
+
+    fn lot_of(r: &RunRequest) -> String {
+        r.cartridge.as_ref().map(|c| c.lot.clone()).unwrap_or_default()
+    }
+
+    #[test]
+    fn auto_runs_load_cartridges_only_from_the_lots_the_site_holds() {
+        let recipe = nanofleet_recipe::example::example("flu", 1, Default::default(), 1_700_000_000_000);
+        let auto = pharmacist().with_lots(vec!["L2611-A".into(), "L2611-B".into(), "L2611-X".into()]);
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(3);
+        let mut seen = std::collections::BTreeMap::<String, u32>::new();
+        for i in 0..300 {
+            let r = auto.request(&recipe, &info(), 1_795_000_000_000 + i * 60_000, &mut rng);
+            *seen.entry(lot_of(&r)).or_default() += 1;
+        }
+        assert_eq!(seen.keys().collect::<Vec<_>>(), ["L2611-A", "L2611-B", "L2611-X"], "{seen:?}");
+        // Uniform choice: each lot in about a third of the runs.
+        assert!(seen.values().all(|n| (70..=130).contains(n)), "{seen:?}");
+    }
+
+    #[test]
+    fn auto_runs_without_lots_load_the_lot_of_the_month() {
+        let recipe = nanofleet_recipe::example::example("flu", 1, Default::default(), 1_700_000_000_000);
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(3);
+        let r = pharmacist().request(&recipe, &info(), 1_795_000_000_123, &mut rng);
+        assert_eq!(lot_of(&r), "L2611");
+    }
+
+    #[test]
+    fn the_desk_plans_a_run_with_the_lot_of_the_requested_cartridge() {
+        use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair};
+        let key = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING).expect("key");
+        let desk = RunDesk::open(None, Arc::new(Mutex::new(BatchSigner { key, certificate: Vec::new() })))
+            .expect("a desk in memory");
+        let recipe = nanofleet_recipe::example::example("flu", 1, Default::default(), 1_700_000_000_000);
+        let held = HeldRecipe { recipe, digest: String::new(), delivery: Vec::new() };
+        let request = RunRequest {
+            cartridge: Some(Cartridge { lot: "L2611-X".into(), ..Cartridge::default() }),
+            ..RunRequest::default()
+        };
+        let run = desk.active_run(1, request, held, &info(), 1_795_000_000_000);
+        assert_eq!(run.plan.cartridge_lot, "L2611-X");
     }
 }

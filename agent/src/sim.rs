@@ -4,13 +4,21 @@
 //!
 //! Pure logic: no clock, no I/O. The caller passes the time of each reading.
 //!
+//! Faults that build up over weeks (pump wear, slow drift) can age faster than real
+//! time: with [`SimDevice::set_time_scale`], their severity grows from nothing with
+//! the *simulated* time since they were injected (real elapsed time × scale), while
+//! every reading keeps its real timestamp. Without a time scale every fault is at full
+//! severity from the start. A batch made from a cartridge lot the device was told is
+//! bad ([`SimDevice::set_bad_lots`]) comes out larger and less well encapsulated.
+//!
 //! Nominal recipe: total flow rate (TFR) 12 mL/min at a flow-rate ratio (FRR,
 //! aqueous:ethanol) of 3:1, so 9,000 µL/min aqueous and 3,000 µL/min ethanol; 20 to
 //! 25 °C. The pressure controller holds each line's pressure within about ±1 % of what
 //! the line's resistance needs for its flow setpoint; flow sensors read with a
 //! coefficient of variation of 0.07 that pump wear raises towards 0.3.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
 
 use nanofleet_proto::device::v1::{
     Alarm, AlarmCode, AlarmPriority, Event, FluidLine, LineReading, PhaseChange, QualityAttribute, RunPhase,
@@ -36,6 +44,20 @@ pub const TEMPERATURE_RANGE_C: (f64, f64) = (20.0, 25.0);
 pub const FLOW_CV: f64 = 0.07;
 /// Flow sensor coefficient of variation of a worn pump.
 pub const WORN_FLOW_CV: f64 = 0.3;
+/// Fraction of its setpoint a worn pump delivers.
+pub const WORN_DELIVERY: f64 = 0.92;
+/// Simulated days a pump takes to wear from new to [`WORN_FLOW_CV`] (with a time scale).
+pub const PUMP_WEAR_DAYS: f64 = 21.0;
+/// Chamber warming of a slowly drifting device per simulated week (with a time
+/// scale), °C, up to [`MAX_DRIFT_C`].
+pub const DRIFT_C_PER_WEEK: f64 = 0.5;
+pub const MAX_DRIFT_C: f64 = 4.0;
+/// Chamber warming of a slowly drifting device per run, without a time scale, °C.
+const DRIFT_C_PER_RUN: f64 = 0.15;
+/// A bad cartridge lot (degraded lipid) makes particles this much larger, nm...
+pub const BAD_LOT_SIZE_NM: f64 = 8.0;
+/// ... and encapsulates this many percentage points less.
+pub const BAD_LOT_ENCAPSULATION_PCT: f64 = 6.0;
 /// A flow more than this far off its setpoint on every sample for over a second
 /// raises an alarm.
 pub const FLOW_TOLERANCE: f64 = 0.05;
@@ -54,17 +76,22 @@ pub enum Fault {
     PartialClog,
     /// Flow dropouts with air-in-line flags.
     Bubbles,
-    /// Flow CV grows from 0.07 to 0.3 and the pump delivers 8 % less.
+    /// Flow CV grows from 0.07 to 0.3 and the pump delivers 8 % less: at once, or
+    /// over 21 simulated days with a time scale.
     PumpWear,
     /// The ethanol line delivers 15 % less: FRR shifts.
     EthanolLineFault,
     /// Occasional flow-sensor CRC errors.
     SensorCrc,
-    /// The chamber runs slowly warmer, run after run.
+    /// The chamber runs slowly warmer: 0.15 °C a run, or with a time scale 0.5 °C
+    /// per simulated week (up to 4 °C).
     SlowDrift,
 }
 
 impl Fault {
+    /// Faults that build up over weeks; the others are acute.
+    pub const AGEING: [Fault; 2] = [Fault::PumpWear, Fault::SlowDrift];
+
     pub const ALL: [Fault; 6] = [
         Fault::PartialClog,
         Fault::Bubbles,
@@ -122,12 +149,27 @@ struct LineState {
     air_streak: u32,
 }
 
+/// An injected fault and when the device first saw it (its first reading or run
+/// start after the injection), ms.
+#[derive(Debug, Clone, Copy)]
+struct Injected {
+    fault: Fault,
+    since_ms: Option<i64>,
+}
+
 /// A simulated formulation device.
 #[derive(Debug)]
 pub struct SimDevice {
     info: DeviceInfo,
     rng: SmallRng,
-    faults: Vec<Fault>,
+    faults: Vec<Injected>,
+    /// Simulated time per real time for the ageing of faults; `None`: every fault at
+    /// full severity from the start.
+    time_scale: Option<f64>,
+    /// Pump wear, 0 (new) to 1 (worn), as of the last reading.
+    wear: f64,
+    /// Cartridge lots whose batches come out degraded.
+    bad_lots: Arc<HashSet<String>>,
     phase: RunPhase,
     phase_started_ms: i64,
     phase_len_ms: i64,
@@ -161,6 +203,9 @@ impl SimDevice {
             info,
             rng,
             faults: Vec::new(),
+            time_scale: None,
+            wear: 0.0,
+            bad_lots: Arc::default(),
             phase: RunPhase::Idle,
             phase_started_ms: 0,
             phase_len_ms: 0,
@@ -182,17 +227,37 @@ impl SimDevice {
         }
     }
 
+    /// Injects `fault`. With a time scale, an ageing fault starts from nothing at the
+    /// device's next reading or run start.
     pub fn inject(&mut self, fault: Fault) {
-        if !self.faults.contains(&fault) {
-            self.faults.push(fault);
+        if !self.has(fault) {
+            self.faults.push(Injected { fault, since_ms: None });
         }
     }
 
     pub fn clear_faults(&mut self) {
         self.faults.clear();
+        self.wear = 0.0;
         self.aqueous.resistance = 1.0;
         self.ethanol.resistance = 1.0;
         self.drift_c = 0.0;
+    }
+
+    /// Ages pump wear and slow drift `scale` times faster than the real time between
+    /// readings (2,000: a real minute is about 33 simulated hours); the timestamps of
+    /// readings stay real. Pump wear then grows linearly over [`PUMP_WEAR_DAYS`]
+    /// simulated days and slow drift warms the chamber by [`DRIFT_C_PER_WEEK`] per
+    /// simulated week, both from the time the fault was injected. A scale that is not
+    /// a positive number turns ageing off: faults at full severity from the start.
+    pub fn set_time_scale(&mut self, scale: f64) {
+        self.time_scale = (scale.is_finite() && scale > 0.0).then_some(scale);
+    }
+
+    /// Cartridge lots with a degraded lipid: a batch made from one comes out about
+    /// [`BAD_LOT_SIZE_NM`] larger and [`BAD_LOT_ENCAPSULATION_PCT`] points less
+    /// encapsulated. Shared, as a fleet's devices all know the same bad lots.
+    pub fn set_bad_lots(&mut self, lots: Arc<HashSet<String>>) {
+        self.bad_lots = lots;
     }
 
     pub fn phase(&self) -> RunPhase {
@@ -200,7 +265,31 @@ impl SimDevice {
     }
 
     fn has(&self, f: Fault) -> bool {
-        self.faults.contains(&f)
+        self.faults.iter().any(|i| i.fault == f)
+    }
+
+    /// Simulated days since `fault` was first seen (None when it is not injected or
+    /// there is no time scale).
+    fn simulated_days(&self, fault: Fault, now_ms: i64) -> Option<f64> {
+        let scale = self.time_scale?;
+        let since = self.faults.iter().find(|i| i.fault == fault)?.since_ms?;
+        Some(now_ms.saturating_sub(since).max(0) as f64 * scale / 86_400_000.0)
+    }
+
+    /// Marks when injected faults are first seen and ages them to `now_ms`.
+    fn age(&mut self, now_ms: i64) {
+        for i in &mut self.faults {
+            i.since_ms.get_or_insert(now_ms);
+        }
+        if self.time_scale.is_none() {
+            self.wear = if self.has(Fault::PumpWear) { 1.0 } else { 0.0 };
+            return;
+        }
+        self.wear =
+            self.simulated_days(Fault::PumpWear, now_ms).map_or(0.0, |d| (d / PUMP_WEAR_DAYS).min(1.0));
+        if let Some(days) = self.simulated_days(Fault::SlowDrift, now_ms) {
+            self.drift_c = (DRIFT_C_PER_WEEK * days / 7.0).min(MAX_DRIFT_C);
+        }
     }
 
     fn normal(&mut self) -> f64 {
@@ -268,8 +357,8 @@ impl SimDevice {
         self.enter(RunPhase::Idle, 0, now_ms, events);
         self.run_id.clear();
         self.set_c = 22.0;
-        if self.has(Fault::SlowDrift) {
-            self.drift_c += 0.15;
+        if self.has(Fault::SlowDrift) && self.time_scale.is_none() {
+            self.drift_c += DRIFT_C_PER_RUN;
         }
         // Cleaning between runs clears a partial clog.
         self.aqueous.resistance = 1.0;
@@ -306,16 +395,23 @@ impl SimDevice {
         let resistance = c.resistance_sum / n;
         let temperature = c.temperature_sum / n;
         let lipid = if plan.lipid_concentration_mg_ml > 0.0 { plan.lipid_concentration_mg_ml } else { 10.0 };
-        let size = 80.0
+        // A degraded lipid assembles into larger particles that hold less payload.
+        let (lot_nm, lot_pct) = if self.bad_lots.contains(&plan.cartridge_lot) {
+            (BAD_LOT_SIZE_NM, BAD_LOT_ENCAPSULATION_PCT)
+        } else {
+            (0.0, 0.0)
+        };
+        let size = (80.0
             * (12.0 / tfr_ml.max(0.5)).powf(0.3)
             * (3.0 / frr.max(0.5)).powf(0.5)
             * (lipid / 10.0).powf(0.3)
             * (1.0 + 0.02 * (temperature - 22.0))
             * (1.0 + 0.25 * (resistance - 1.0))
+            + lot_nm)
             * (1.0 + 0.03 * self.normal());
         let pdi = (0.08 + 0.6 * (cv - FLOW_CV).max(0.0) + 1.5 * air + 0.01 * self.normal()).max(0.02);
         let frr_error = (frr / plan.flow_rate_ratio.max(0.1) - 1.0).abs();
-        let encapsulation = (95.0 - 80.0 * frr_error - 6.0 * (4.0 - plan.np_ratio).max(0.0)
+        let encapsulation = (95.0 - 80.0 * frr_error - 6.0 * (4.0 - plan.np_ratio).max(0.0) - lot_pct
             + 1.0 * self.normal())
         .clamp(0.0, 100.0);
         // Three exchange volumes bring the product to the storage buffer's pH.
@@ -337,12 +433,14 @@ impl SimDevice {
     }
 
     fn line(&mut self, line: FluidLine, setpoint: f64, nominal_mbar: f64, dt_ms: i64) -> LineReading {
-        let cv = if self.has(Fault::PumpWear) { WORN_FLOW_CV } else { FLOW_CV };
+        // A wearing pump pulsates more and delivers less (`a * (1 - t) + b * t` is exact
+        // at both ends, so a new or fully worn pump gives exactly FLOW_CV or WORN_FLOW_CV).
+        let wear = self.wear;
+        let cv = FLOW_CV * (1.0 - wear) + WORN_FLOW_CV * wear;
         let clog = self.has(Fault::PartialClog) && line == FluidLine::Aqueous && setpoint > 0.0;
         let bubbles = self.has(Fault::Bubbles) && setpoint > 0.0;
         let crc = self.has(Fault::SensorCrc) && self.rng.random_bool(0.05);
         let ethanol_fault = self.has(Fault::EthanolLineFault) && line == FluidLine::Ethanol;
-        let worn = self.has(Fault::PumpWear);
         let (n1, n2) = (self.normal(), self.normal());
         let air = bubbles && self.rng.random_bool(0.04);
         let state = if line == FluidLine::Aqueous { &mut self.aqueous } else { &mut self.ethanol };
@@ -350,12 +448,7 @@ impl SimDevice {
             // About +1.5 % resistance per second of flow.
             state.resistance *= 1.0 + 0.015 * dt_ms as f64 / 1000.0;
         }
-        // A worn pump delivers less and pulsates more.
-        let delivered = match (ethanol_fault, worn) {
-            (true, _) => 0.85,
-            (false, true) => 0.92,
-            (false, false) => 1.0,
-        };
+        let delivered = if ethanol_fault { 0.85 } else { 1.0 - wear + WORN_DELIVERY * wear };
         let mut flow = if setpoint > 0.0 { setpoint * delivered * (1.0 + cv * n1) } else { 0.3 * n1 };
         if air {
             flow *= 0.1;
@@ -519,6 +612,7 @@ impl Device for SimDevice {
 
     fn read(&mut self, now_ms: i64, dt_ms: i64) -> Reading {
         let mut events = std::mem::take(&mut self.started_events);
+        self.age(now_ms);
         self.advance_phase(now_ms, &mut events);
         let (aq_sp, et_sp) = self.setpoints();
         // Slow thermal wander of the chamber around the temperature it is set to.
@@ -571,6 +665,7 @@ impl Device for SimDevice {
         let Some(first) = plan.steps.first().cloned() else {
             return Err("the run has no phases".into());
         };
+        self.age(now_ms);
         self.run_id.clone_from(&plan.run_id);
         self.collect = CollectStats::default();
         self.exchanged_ul = 0.0;
@@ -583,6 +678,97 @@ impl Device for SimDevice {
         self.started_events.extend(events);
         Ok(())
     }
+}
+
+// === one batch, synchronously ===
+
+/// The readings of one simulated batch, from its start until the device is idle again.
+#[derive(Debug, Clone)]
+pub struct SimulatedRun {
+    pub readings: Vec<Reading>,
+    /// Time of the last reading, ms: the device is idle from here.
+    pub ended_ms: i64,
+}
+
+impl SimulatedRun {
+    /// Whether the run reached COMPLETE (not ABORTED).
+    pub fn completed(&self) -> bool {
+        self.readings.iter().any(|r| r.sample.phase == RunPhase::Complete as i32)
+    }
+
+    /// The QC module's measurement of `attribute` (None when the run was aborted).
+    pub fn qc(&self, attribute: QualityAttribute) -> Option<f64> {
+        self.readings.iter().flat_map(|r| &r.qc).find(|m| m.attribute == attribute).map(|m| m.value)
+    }
+
+    /// Coefficient of variation of the aqueous flow over the COLLECT phase (standard
+    /// deviation over mean), as the batch record reports it.
+    pub fn collect_flow_cv(&self) -> Option<f64> {
+        let flows: Vec<f64> = self
+            .readings
+            .iter()
+            .filter(|r| r.sample.phase == RunPhase::Collect as i32)
+            .filter_map(|r| r.sample.lines.first().map(|l| l.flow_ul_min))
+            .collect();
+        if flows.len() < 2 {
+            return None;
+        }
+        let n = flows.len() as f64;
+        let mean = flows.iter().sum::<f64>() / n;
+        let var = flows.iter().map(|f| (f - mean).powi(2)).sum::<f64>() / n;
+        (mean > 0.0).then(|| var.sqrt() / mean)
+    }
+}
+
+/// Runs `plan` on an idle `device` without an agent or a clock: starts it at
+/// `start_ms` and reads the device every `step_ms` until it is idle again. Times are
+/// real times (ageing faults age by `time scale ×` the time between runs), so a test
+/// can drive a device through weeks of simulated use in a loop:
+///
+/// ```
+/// # use nanofleet_agent::{hal::{DeviceInfo, RunPlan}, sim::{Fault, SimDevice, simulate_run}};
+/// # use nanofleet_proto::device::v1::QualityAttribute;
+/// # let info = DeviceInfo { device_id: "NF-T-01".into(), site_id: "t".into(), model: "NF-200".into(), firmware_version: "1".into() };
+/// # let recipe = nanofleet_recipe::example::example("flu", 1, Default::default(), 0);
+/// let mut device = SimDevice::new(info, 7);
+/// device.set_time_scale(2_000.0);
+/// device.inject(Fault::PumpWear);
+/// let mut start_ms = 1_700_000_000_000;
+/// for n in 0..3 {
+///     let plan = RunPlan::from_recipe(&format!("R{n}"), &recipe);
+///     let run = simulate_run(&mut device, plan, start_ms, 100).expect("idle device");
+///     let (pdi, cv) = (run.qc(QualityAttribute::Pdi), run.collect_flow_cv());
+///     assert!(pdi.is_some() && cv.is_some(), "a worn pump still completes its runs");
+///     start_ms = run.ended_ms + 3_600_000;
+/// }
+/// ```
+///
+/// Refused (with the device's reason) while a run is under way, or when `step_ms` is
+/// not positive.
+pub fn simulate_run(
+    device: &mut SimDevice,
+    plan: RunPlan,
+    start_ms: i64,
+    step_ms: i64,
+) -> Result<SimulatedRun, String> {
+    if step_ms <= 0 {
+        return Err(format!("step_ms {step_ms}: must be at least 1"));
+    }
+    // Every phase, the end state and a second of slack: a bound, not a timeout a
+    // healthy run could meet.
+    let run_ms: i64 = plan.steps.iter().map(|s| s.duration_ms.max(0)).sum();
+    let max_reads = (run_ms + (COMPLETE_SECONDS + ABORTED_SECONDS + 1) * 1000) / step_ms + 2;
+    device.start_run(plan, start_ms)?;
+    let mut readings = Vec::new();
+    let mut now = start_ms;
+    for _ in 0..max_reads {
+        now += step_ms;
+        readings.push(device.read(now, step_ms));
+        if !device.busy() {
+            break;
+        }
+    }
+    Ok(SimulatedRun { readings, ended_ms: now })
 }
 
 #[cfg(test)]
@@ -704,5 +890,112 @@ mod tests {
         assert!(alarms(&readings).contains(&AlarmCode::FrrDrift));
         let ee = qc(&readings, QualityAttribute::EncapsulationPct).expect("the run completes");
         assert!(ee < 85.0, "encapsulation {ee}");
+    }
+
+    /// Runs `plan` every `every_ms` of real time, `n` times; per run (PDI, COLLECT flow CV).
+    fn runs(d: &mut SimDevice, n: usize, every_ms: i64, plan: impl Fn(usize) -> RunPlan) -> Vec<(f64, f64)> {
+        (0..n)
+            .map(|i| {
+                let start = 1_700_000_000_000 + i as i64 * every_ms;
+                let r = simulate_run(d, plan(i), start, 100).expect("idle between runs");
+                assert!(r.completed(), "run {i} completes");
+                (r.qc(QualityAttribute::Pdi).expect("pdi"), r.collect_flow_cv().expect("flow cv"))
+            })
+            .collect()
+    }
+
+    fn mean(xs: impl Iterator<Item = f64>) -> f64 {
+        let (sum, n) = xs.fold((0.0, 0.0), |(s, n), x| (s + x, n + 1.0));
+        sum / n
+    }
+
+    #[test]
+    fn with_a_time_scale_pump_wear_grows_over_simulated_weeks_until_pdi_fails() {
+        let mut d = device();
+        // A run every 3 real minutes at x500 is 25 simulated hours: worn out after about
+        // 20 runs.
+        d.set_time_scale(500.0);
+        d.inject(Fault::PumpWear);
+        let per_run = runs(&mut d, 28, 180_000, |_| plan());
+        let pdi: Vec<f64> = per_run.iter().map(|r| r.0).collect();
+        let cv: Vec<f64> = per_run.iter().map(|r| r.1).collect();
+        assert!(pdi[0] < 0.2 && cv[0] < 0.1, "a new pump passes: pdi {} cv {}", pdi[0], cv[0]);
+        let (first, last) = (mean(pdi[..5].iter().copied()), mean(pdi[pdi.len() - 5..].iter().copied()));
+        assert!(last - first > 0.08, "pdi grows: first 5 {first:.3}, last 5 {last:.3} ({pdi:.3?})");
+        assert!(last > 0.2, "a worn pump fails the PDI criterion: {pdi:.3?}");
+        let (cv_first, cv_last) = (mean(cv[..5].iter().copied()), mean(cv[cv.len() - 5..].iter().copied()));
+        assert!(cv_first < 0.12 && (0.27..0.33).contains(&cv_last), "flow cv {cv_first:.3} -> {cv_last:.3}");
+    }
+
+    #[test]
+    fn with_a_time_scale_a_fault_injected_later_starts_new() {
+        let mut d = device();
+        d.set_time_scale(500.0);
+        runs(&mut d, 3, 3_600_000, |_| plan());
+        d.inject(Fault::PumpWear);
+        let (pdi, cv) = runs(&mut d, 1, 0, |_| plan())[0];
+        assert!(pdi < 0.2 && cv < 0.1, "the wear counts from the injection: pdi {pdi} cv {cv}");
+    }
+
+    #[test]
+    fn with_a_time_scale_slow_drift_warms_half_a_degree_per_simulated_week_up_to_four() {
+        let mut d = device();
+        d.set_time_scale(1_000.0);
+        d.inject(Fault::SlowDrift);
+        let week_ms = 7 * 86_400_000 / 1_000;
+        d.read(0, 100);
+        assert_eq!(d.drift_c, 0.0);
+        d.read(week_ms, 100);
+        assert!((d.drift_c - 0.5).abs() < 1e-9, "one week: {}", d.drift_c);
+        d.read(3 * week_ms, 100);
+        assert!((d.drift_c - 1.5).abs() < 1e-9, "three weeks: {}", d.drift_c);
+        let capped = d.read(20 * week_ms, 100);
+        assert_eq!(d.drift_c, MAX_DRIFT_C, "capped");
+        // Runs do not add to a time-scaled drift.
+        let mut r = simulate_run(&mut d, plan(), 20 * week_ms, 100).expect("idle");
+        assert_eq!(d.drift_c, MAX_DRIFT_C);
+        let chamber = mean(r.readings.iter().map(|r| r.sample.chamber_temperature_c));
+        assert!(chamber > 25.0, "22 °C set, 4 °C of drift: {chamber:.1} °C");
+        r.readings.insert(0, capped);
+        assert!(
+            alarms(&r.readings).contains(&AlarmCode::TemperatureOutOfRange),
+            "{chamber:.1} °C is out of range"
+        );
+    }
+
+    #[test]
+    fn without_a_time_scale_slow_drift_warms_the_chamber_run_after_run() {
+        let mut d = device();
+        d.inject(Fault::SlowDrift);
+        runs(&mut d, 3, 3_600_000, |_| plan());
+        assert!((d.drift_c - 3.0 * 0.15).abs() < 1e-9, "{}", d.drift_c);
+    }
+
+    #[test]
+    fn a_bad_cartridge_lot_makes_larger_particles_with_less_payload() {
+        let mut d = device();
+        d.set_bad_lots(Arc::new(HashSet::from(["L2611-X".to_owned()])));
+        let (mut good, mut bad) = (Vec::new(), Vec::new());
+        for i in 0..20 {
+            let lot = if i % 2 == 0 { "L2611-A" } else { "L2611-X" };
+            let start = 1_700_000_000_000 + i * 600_000;
+            let r = simulate_run(&mut d, plan().with_cartridge_lot(lot), start, 100).expect("idle");
+            let size = r.qc(QualityAttribute::SizeNm).expect("size");
+            let ee = r.qc(QualityAttribute::EncapsulationPct).expect("encapsulation");
+            if i % 2 == 0 { good.push((size, ee)) } else { bad.push((size, ee)) }
+        }
+        let size = |v: &[(f64, f64)]| mean(v.iter().map(|x| x.0));
+        let ee = |v: &[(f64, f64)]| mean(v.iter().map(|x| x.1));
+        let (ds, de) = (size(&bad) - size(&good), ee(&bad) - ee(&good));
+        assert!((5.0..11.0).contains(&ds), "size +{ds:.1} nm");
+        assert!((-8.0..-4.0).contains(&de), "encapsulation {de:+.1} points");
+    }
+
+    #[test]
+    fn simulate_run_refuses_a_busy_device_and_a_zero_step() {
+        let mut d = device();
+        assert!(simulate_run(&mut d, plan(), 0, 0).expect_err("zero step").contains("step_ms"));
+        d.start_run(plan(), 0).expect("idle");
+        assert!(simulate_run(&mut d, plan(), 100, 100).expect_err("busy").contains("under way"));
     }
 }

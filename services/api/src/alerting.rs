@@ -337,7 +337,12 @@ impl Monitoring {
         Ok(())
     }
 
-    async fn evaluate_storms(&self, opts: &AlertOptions, now: i64, out: &mut Evaluation) -> Result<(), Error> {
+    async fn evaluate_storms(
+        &self,
+        opts: &AlertOptions,
+        now: i64,
+        out: &mut Evaluation,
+    ) -> Result<(), Error> {
         use nanofleet_proto::device::v1::{EventBatch, event};
         let window = opts.storm_window.as_millis() as i64;
         let mut raised: HashMap<String, Vec<String>> = HashMap::new();
@@ -348,9 +353,10 @@ impl Monitoring {
                     && a.active
                 {
                     let code = nanofleet_proto::device::v1::AlarmCode::try_from(a.code).unwrap_or_default();
-                    raised.entry(device.clone()).or_default().push(
-                        code.as_str_name().trim_start_matches("ALARM_CODE_").to_lowercase(),
-                    );
+                    raised
+                        .entry(device.clone())
+                        .or_default()
+                        .push(code.as_str_name().trim_start_matches("ALARM_CODE_").to_lowercase());
                 }
             }
         }
@@ -382,7 +388,11 @@ impl Monitoring {
                 ),
                 ..Default::default()
             };
-            let title = format!("{device}: alarm storm ({} alarms in {} s)", codes.len(), opts.storm_window.as_secs());
+            let title = format!(
+                "{device}: alarm storm ({} alarms in {} s)",
+                codes.len(),
+                opts.storm_window.as_secs()
+            );
             let row = new_alert(pb::AlertKind::AlarmStorm, key, &device, &site, title, &evidence, now);
             self.record(row, out).await?;
         }

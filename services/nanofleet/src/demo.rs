@@ -5,6 +5,7 @@ use std::time::Duration;
 use nanofleet_agent::fleet::{self, Fleet, FleetEnrollment, FleetOptions, Tokens};
 use nanofleet_agent::link::LinkOptions;
 use nanofleet_agent::runs::AutoRuns;
+use nanofleet_agent::sim::{self, Fault};
 use nanofleet_api::{Actor, Caller};
 use nanofleet_proto::device::v1::{Person, RunPhase};
 use nanofleet_proto::device::v1::{SignatureMeaning, Targets};
@@ -20,6 +21,12 @@ pub struct Options {
     pub devices_per_site: usize,
     /// Fraction of simulated devices with an injected fault.
     pub fault_rate: f64,
+    /// Simulated time per real time for the ageing of faults (pump wear, slow drift);
+    /// `None`: faults at full severity from the start.
+    pub time_scale: Option<f64>,
+    /// A degraded cartridge lot the first hospital holds and uses in about a third of
+    /// its runs.
+    pub bad_lot: Option<String>,
     pub sample_interval: Duration,
     pub batch_interval: Duration,
 }
@@ -31,6 +38,8 @@ pub struct Demo {
     pub fleet: Fleet,
     pub people: DemoPeople,
     data_dir: std::path::PathBuf,
+    time_scale: Option<f64>,
+    bad_lot: Option<String>,
 }
 
 /// The demo's pharmacist (of the first hospital) and QA reviewer, with their
@@ -158,6 +167,36 @@ async fn release_demo_recipe(
     Ok(())
 }
 
+/// What `fault` does, with how fast it grows at `time_scale`.
+fn fault_line(fault: Fault, time_scale: Option<f64>) -> String {
+    // Real time that `days` of simulated time take.
+    let real =
+        |days: f64, x: f64| humantime::format_duration(Duration::from_secs((days * 86_400.0 / x) as u64));
+    match (fault, time_scale) {
+        (Fault::PumpWear, Some(x)) => format!(
+            "pump wear (flow CV {} to {}, PDI past 0.2, over {} simulated days = {} real)",
+            sim::FLOW_CV,
+            sim::WORN_FLOW_CV,
+            sim::PUMP_WEAR_DAYS,
+            real(sim::PUMP_WEAR_DAYS, x)
+        ),
+        (Fault::SlowDrift, Some(x)) => format!(
+            "slow drift (chamber +{} °C per simulated week = {} real, up to +{} °C; particles grow)",
+            sim::DRIFT_C_PER_WEEK,
+            real(7.0, x),
+            sim::MAX_DRIFT_C
+        ),
+        (Fault::PumpWear, None) => format!("pump wear (flow CV {}, PDI past 0.2)", sim::WORN_FLOW_CV),
+        (Fault::SlowDrift, None) => "slow drift (chamber warmer run after run)".into(),
+        (Fault::PartialClog, _) => {
+            "partial clog (pressure creeps up until an occlusion aborts the run)".into()
+        }
+        (Fault::Bubbles, _) => "bubbles (air in line aborts runs)".into(),
+        (Fault::EthanolLineFault, _) => "ethanol line fault (FRR drift, encapsulation drops)".into(),
+        (Fault::SensorCrc, _) => "sensor CRC errors (low-priority alarms)".into(),
+    }
+}
+
 fn read_secret(path: &std::path::Path) -> String {
     std::fs::read_to_string(path)
         .map(|s| s.trim().to_owned())
@@ -203,6 +242,8 @@ impl Demo {
             sites: opts.sites,
             devices_per_site: opts.devices_per_site,
             fault_rate: opts.fault_rate,
+            time_scale: opts.time_scale,
+            bad_lot: opts.bad_lot.clone(),
             link: LinkOptions {
                 sample_interval: opts.sample_interval,
                 batch_interval: opts.batch_interval,
@@ -231,7 +272,14 @@ impl Demo {
                 tracing::warn!(error = %e, "demo recipe not released");
             }
         });
-        Ok(Demo { server, fleet, people, data_dir: opts.server.data_dir.clone() })
+        Ok(Demo {
+            server,
+            fleet,
+            people,
+            data_dir: opts.server.data_dir.clone(),
+            time_scale: opts.time_scale,
+            bad_lot: opts.bad_lot.clone(),
+        })
     }
 
     /// What to tell the person who started the demo.
@@ -254,6 +302,7 @@ impl Demo {
              nanofleet devices list --output json\n  \
              nanofleet recipes list\n  nanofleet recipes show {DEMO_RECIPE}\n  nanofleet recipes deliveries {DEMO_RECIPE}\n  \
              nanofleet batches list   (runs at {site} end every few minutes)\n\
+             {}\
              \nCtrl-C stops everything.",
             self.fleet
                 .devices
@@ -274,7 +323,50 @@ impl Demo {
             self.people.qa_password,
             s.ca.root_path().display(),
             self.admin_token(),
+            self.to_find(),
         )
+    }
+
+    /// What the dashboard should reveal: which devices have which fault, and where the
+    /// bad lot is; one line each.
+    fn to_find(&self) -> String {
+        let mut by_fault: std::collections::BTreeMap<String, Vec<&str>> = Default::default();
+        let mut idle = false;
+        for d in &self.fleet.devices {
+            if let Some(f) = d.fault {
+                by_fault.entry(fault_line(f, self.time_scale)).or_default().push(&d.info.device_id);
+                idle |= d.info.site_id != self.people.site;
+            }
+        }
+        let mut lines: Vec<String> =
+            by_fault.into_iter().map(|(what, ids)| format!("  {}: {what}\n", ids.join(", "))).collect();
+        if let Some(lot) = &self.bad_lot {
+            for site in self.fleet.sites_holding(lot) {
+                lines.push(format!(
+                    "  {site}: bad cartridge lot {lot} (about a third of its runs; \
+                     size +{} nm, encapsulation -{} points)\n",
+                    sim::BAD_LOT_SIZE_NM,
+                    sim::BAD_LOT_ENCAPSULATION_PCT
+                ));
+            }
+        }
+        if lines.is_empty() {
+            return String::new();
+        }
+        if idle {
+            lines.push(format!(
+                "  (devices outside {} stay idle: the demo recipe goes to that site only)\n",
+                self.people.site
+            ));
+        }
+        let clock = match self.time_scale {
+            Some(x) => format!(
+                "simulated time x{x}: a real minute is {} of device ageing",
+                humantime::format_duration(Duration::from_secs((60.0 * x).round() as u64))
+            ),
+            None => "faults at full severity from the start".into(),
+        };
+        format!("\nWhat the dashboard should reveal ({clock}):\n{}", lines.concat())
     }
 
     /// The initial administrator's password (this run's, or the one an earlier run on

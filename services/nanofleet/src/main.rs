@@ -746,8 +746,23 @@ struct DemoArgs {
     #[arg(long, default_value_t = 8)]
     devices_per_site: usize,
     /// Fraction of devices (0 to 1) with an injected fault (clog, bubbles, pump wear, ...).
+    /// With a time scale, the first hospital also always has one device with pump wear
+    /// and one with slow drift. The banner names them.
     #[arg(long, default_value_t = 0.15)]
     fault_rate: f64,
+    /// Weeks in minutes: devices age this many times faster than real time, so a pump
+    /// wears out (flow CV 0.07 to 0.3 over 21 simulated days) and a chamber drifts
+    /// warmer (0.5 °C per simulated week) while you watch. 2000: a real minute is about
+    /// 33 simulated hours, a pump wears out in about 15 minutes. Timestamps stay real.
+    /// Allowed 1 to 100000.
+    #[arg(long, default_value_t = 2_000.0, value_name = "N")]
+    time_scale: f64,
+    /// A degraded cartridge lot (particles about 8 nm larger, encapsulation about 6
+    /// points lower) that the first hospital holds besides its good lots and loads in
+    /// about a third of its runs: the lot comparison should single it out. `none`: no
+    /// bad lot.
+    #[arg(long, default_value = "L2611-X", value_name = "LOT")]
+    bad_lot: String,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -968,6 +983,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if a.sites == 0 || a.devices_per_site == 0 || a.sites * a.devices_per_site > 10_000 {
                 config_error("--sites x --devices-per-site: allowed 1 to 10,000 devices");
             }
+            if !(1.0..=100_000.0).contains(&a.time_scale) {
+                config_error(format!("--time-scale {}: allowed 1 to 100000", a.time_scale));
+            }
+            let bad_lot = match a.bad_lot.as_str() {
+                "none" => None,
+                lot => match nanofleet_agent::runs::valid_id("--bad-lot", lot) {
+                    Ok(()) => Some(lot.to_owned()),
+                    Err(e) => config_error(format!("{e} (or none for no bad lot)")),
+                },
+            };
             let started = Instant::now();
             let (dir, _temp) = match a.listen.data_dir.clone() {
                 Some(d) => (d, None),
@@ -981,6 +1006,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 sites: a.sites,
                 devices_per_site: a.devices_per_site,
                 fault_rate: a.fault_rate,
+                time_scale: Some(a.time_scale),
+                bad_lot,
                 sample_interval: Duration::from_millis(100),
                 batch_interval: Duration::from_secs(1),
             };
