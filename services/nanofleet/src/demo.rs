@@ -301,7 +301,9 @@ impl Demo {
              nanofleet telemetry {first} --since 1m\n  nanofleet enroll-token create --site {site} --expires 1h\n  \
              nanofleet devices list --output json\n  \
              nanofleet recipes list\n  nanofleet recipes show {DEMO_RECIPE}\n  nanofleet recipes deliveries {DEMO_RECIPE}\n  \
-             nanofleet batches list   (runs at {site} end every few minutes)\n\
+             nanofleet batches list   (runs at {site} end every few minutes)\n  \
+             nanofleet quality chart pdi --by device   (control charts; the dashboard's Quality page)\n  \
+             nanofleet quality compare size_nm --by lot\n  nanofleet alerts list\n\
              {}\
              \nCtrl-C stops everything.",
             self.fleet

@@ -282,7 +282,7 @@ impl Client {
         for a in &alerts {
             t.add_row(alert_row(a));
         }
-        outln!("{t}\n{} alerts", alerts.len());
+        outln!("{t}\n{} alert{}", alerts.len(), if alerts.len() == 1 { "" } else { "s" });
         Ok(())
     }
 
