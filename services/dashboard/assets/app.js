@@ -3895,8 +3895,9 @@
       });
       const submit = h('button', { type: 'submit', class: 'btn btn-primary', 'data-testid': 'alert-ack-submit' }, 'Acknowledge');
       const error = h('p', { class: 'form-error', role: 'alert', 'data-testid': 'alert-ack-error', hidden: true });
+      // novalidate: the page says why an empty note is refused, in its own words.
       const form = h('form', {
-        class: 'card-body ack-form', 'data-testid': 'alert-ack-form',
+        class: 'card-body ack-form', 'data-testid': 'alert-ack-form', novalidate: true,
         onsubmit: async (ev) => {
           ev.preventDefault();
           const text = note.value.trim();
