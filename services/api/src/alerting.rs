@@ -105,6 +105,23 @@ fn state_str(s: pb::AlertState) -> &'static str {
     }
 }
 
+/// An alert kind by its name (`spc_rule`, `device_silent`, `alarm_storm`,
+/// `site_differs`), as stored and as the CLI and dashboard take it.
+pub fn alert_kind_named(name: &str) -> Option<pb::AlertKind> {
+    Some(kind_of(name)).filter(|k| *k != pb::AlertKind::Unspecified)
+}
+
+/// Alert states by name for a listing: `open`, `acknowledged`, `resolved`, `all`, or
+/// `active` (open and acknowledged, also what an empty list means).
+pub fn alert_states_named(name: &str) -> Option<Vec<pb::AlertState>> {
+    use pb::AlertState::{Acknowledged, Open, Resolved};
+    match name {
+        "active" => Some(vec![Open, Acknowledged]),
+        "all" => Some(vec![Open, Acknowledged, Resolved]),
+        s => Some(vec![state_of(s)]).filter(|v| v[0] != pb::AlertState::Unspecified),
+    }
+}
+
 fn state_of(s: &str) -> pb::AlertState {
     match s {
         "open" => pb::AlertState::Open,

@@ -23,14 +23,14 @@ mod recipes;
 mod trust;
 pub mod webhook;
 
-pub use alerting::{AlertOptions, Evaluation, alert_pb};
+pub use alerting::{AlertOptions, Evaluation, alert_kind_named, alert_pb, alert_states_named};
 pub use api::{Api, Disconnect};
 pub use audit::AuditLog;
 pub use batches::{Batches, RUN_ANSWER_TIMEOUT, batch_json, summary_json};
 pub use deliver::{CommandSink, Deliveries, DeviceCommands};
 pub use error::Error;
 pub use fleet::{DEFAULT_SAMPLE_LIMIT, Fleet, MAX_SAMPLE_LIMIT, TelemetryWindow};
-pub use monitoring::Monitoring;
+pub use monitoring::{Monitoring, factor_named};
 pub use people::{Bootstrap, Caller, People, Role};
 pub use recipes::{Recipes, Released};
 pub use trust::{Actor, Trust, TrustOptions, validate_site_id};

@@ -195,6 +195,12 @@ fn factor_of(f: i32) -> Option<Factor> {
     }
 }
 
+/// A factor by its name (`device`, `site`, `firmware`, `recipe`, `lot`), as the CLI and
+/// the dashboard take it.
+pub fn factor_named(name: &str) -> Option<pb::Factor> {
+    Factor::from_name(name).map(factor_pb)
+}
+
 fn factor_pb(f: Factor) -> pb::Factor {
     match f {
         Factor::Device => pb::Factor::Device,

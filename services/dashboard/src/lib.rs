@@ -731,21 +731,12 @@ struct QualityQuery {
 }
 
 fn factor_param(field: &'static str, v: Option<&str>) -> Result<pb::Factor, ApiError> {
-    Ok(match v.unwrap_or_default() {
-        "" => pb::Factor::Unspecified,
-        "device" => pb::Factor::Device,
-        "site" => pb::Factor::Site,
-        "firmware" => pb::Factor::Firmware,
-        "recipe" => pb::Factor::Recipe,
-        "lot" => pb::Factor::Lot,
-        other => {
-            return Err(ApiError(nanofleet_api::Error::invalid(
-                field,
-                other,
-                "device, site, firmware, recipe or lot",
-            )));
-        }
-    })
+    match v.unwrap_or_default() {
+        "" => Ok(pb::Factor::Unspecified),
+        name => nanofleet_api::factor_named(name).ok_or_else(|| {
+            ApiError(nanofleet_api::Error::invalid(field, name, "device, site, firmware, recipe or lot"))
+        }),
+    }
 }
 
 impl QualityQuery {
@@ -897,36 +888,28 @@ async fn alerts(
     allow(&caller, "MonitoringService/ListAlerts")?;
     let q = query(q)?;
     let states = match q.state.as_deref().unwrap_or_default() {
-        "" | "active" => vec![],
-        "open" => vec![pb::AlertState::Open as i32],
-        "acknowledged" => vec![pb::AlertState::Acknowledged as i32],
-        "resolved" => vec![pb::AlertState::Resolved as i32],
-        "all" => vec![
-            pb::AlertState::Open as i32,
-            pb::AlertState::Acknowledged as i32,
-            pb::AlertState::Resolved as i32,
-        ],
-        other => {
-            return Err(ApiError(nanofleet_api::Error::invalid(
-                "state",
-                other,
-                "active, open, acknowledged, resolved or all",
-            )));
-        }
+        "" => vec![],
+        name => nanofleet_api::alert_states_named(name)
+            .ok_or_else(|| {
+                ApiError(nanofleet_api::Error::invalid(
+                    "state",
+                    name,
+                    "active, open, acknowledged, resolved or all",
+                ))
+            })?
+            .into_iter()
+            .map(|s| s as i32)
+            .collect(),
     };
     let kind = match q.kind.as_deref().unwrap_or_default() {
         "" => pb::AlertKind::Unspecified,
-        "spc_rule" => pb::AlertKind::SpcRule,
-        "device_silent" => pb::AlertKind::DeviceSilent,
-        "alarm_storm" => pb::AlertKind::AlarmStorm,
-        "site_differs" => pb::AlertKind::SiteDiffers,
-        other => {
-            return Err(ApiError(nanofleet_api::Error::invalid(
+        name => nanofleet_api::alert_kind_named(name).ok_or_else(|| {
+            ApiError(nanofleet_api::Error::invalid(
                 "kind",
-                other,
+                name,
                 "spc_rule, device_silent, alarm_storm or site_differs",
-            )));
-        }
+            ))
+        })?,
     };
     let req = pb::ListAlertsRequest {
         states,

@@ -1348,25 +1348,21 @@ async fn alerts(command: AlertsCommand) -> anyhow::Result<()> {
         AlertsCommand::List { state, site, kind, limit, client } => {
             let states = match state.as_deref() {
                 None => vec![],
-                Some("open") => vec![pb::AlertState::Open as i32],
-                Some("acknowledged") => vec![pb::AlertState::Acknowledged as i32],
-                Some("resolved") => vec![pb::AlertState::Resolved as i32],
-                Some("all") => [pb::AlertState::Open, pb::AlertState::Acknowledged, pb::AlertState::Resolved]
+                Some(s) => nanofleet_api::alert_states_named(s)
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("--state {s:?}: allowed open, acknowledged, resolved, all")
+                    })?
+                    .into_iter()
                     .map(|s| s as i32)
-                    .to_vec(),
-                Some(other) => anyhow::bail!("--state {other:?}: allowed open, acknowledged, resolved, all"),
+                    .collect(),
             };
             let kind = match kind.as_deref() {
                 None => pb::AlertKind::Unspecified,
-                Some("spc_rule") => pb::AlertKind::SpcRule,
-                Some("device_silent") => pb::AlertKind::DeviceSilent,
-                Some("alarm_storm") => pb::AlertKind::AlarmStorm,
-                Some("site_differs") => pb::AlertKind::SiteDiffers,
-                Some(other) => {
-                    anyhow::bail!(
-                        "--kind {other:?}: allowed spc_rule, device_silent, alarm_storm, site_differs"
+                Some(k) => nanofleet_api::alert_kind_named(k).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--kind {k:?}: allowed spc_rule, device_silent, alarm_storm, site_differs"
                     )
-                }
+                })?,
             };
             let req = pb::ListAlertsRequest { states, site_id: site, kind: kind as i32, limit };
             client.connect().await?.alerts_list(&client.server, req).await?;

@@ -10,14 +10,8 @@ use crate::outln;
 
 /// A factor name as the API's enum.
 pub fn factor_arg(flag: &str, s: &str) -> anyhow::Result<pb::Factor> {
-    Ok(match s {
-        "device" => pb::Factor::Device,
-        "site" => pb::Factor::Site,
-        "firmware" => pb::Factor::Firmware,
-        "recipe" => pb::Factor::Recipe,
-        "lot" => pb::Factor::Lot,
-        other => anyhow::bail!("{flag} {other:?}: allowed device, site, firmware, recipe, lot"),
-    })
+    nanofleet_api::factor_named(s)
+        .ok_or_else(|| anyhow::anyhow!("{flag} {s:?}: allowed device, site, firmware, recipe, lot"))
 }
 
 /// `KEY=VALUE` selectors (`firmware=1.3.0`, `site=st-marys`) as a batch selection.
