@@ -8,6 +8,7 @@
 //!   EWMA, CUSUM and process capability.
 //! - [`chart`]: control charts over a selection of batches, split by a factor.
 //! - [`index`]: the in-memory column index of batch measurements charts read.
+//! - [`sketch`]: a mergeable quantile sketch and the summaries telemetry rollups keep.
 //! - [`compare`]: which stratum differs and by how much, adjusted for the other
 //!   factors, and the cohort gate.
 
@@ -16,4 +17,5 @@
 pub mod chart;
 pub mod compare;
 pub mod index;
+pub mod sketch;
 pub mod spc;
