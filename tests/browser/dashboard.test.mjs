@@ -322,6 +322,20 @@ describe('dashboard against a demo fleet', () => {
     const later = await until(`telemetry points after ${first}`, points, (n) => n > first, 10_000);
     assert.ok(later > first);
 
+    // History from the rollups: the last hour of the chamber temperature, per minute.
+    const history = page.getByTestId('series-card');
+    await history.getByTestId('series-metric').selectOption('chamber_temperature');
+    await history.getByTestId('series-window').selectOption(String(3600e3));
+    const seriesChart = history.getByTestId('series-chart');
+    const drawn = await until(
+      'the hour of chamber temperature drawn',
+      async () => ({ points: Number(await seriesChart.getAttribute('data-points')), meta: await history.getByTestId('series-meta').textContent() }),
+      (v) => v.points > 0 && /minute rollups · 1 min buckets · °C/.test(v.meta),
+      20_000,
+    );
+    assert.ok(drawn.points >= 1 && drawn.points <= 61, `one point per minute of the hour, got ${drawn.points}`);
+    assert.equal(await history.getByTestId('series-median').count(), 1, 'the median is drawn');
+
     assert.equal(await page.evaluate(() => window.nanofleetTestMark), true, 'the page was never reloaded');
     assert.deepEqual(pageErrors, [], 'no script or network errors in the page');
     await shoot('device.png');
@@ -332,7 +346,8 @@ describe('dashboard against a demo fleet', () => {
     await page.waitForURL((u) => new URL(u).hash === '#/recipes');
 
     // "printed name — meaning — UTC time" for each signature, in the list already.
-    const row = page.locator(`[data-testid="recipe-row"][data-recipe-id="${DEMO_RECIPE}"]`);
+    // Version 1 is the first hospital's (each hospital's pharmacist releases their own).
+    const row = page.locator(`[data-testid="recipe-row"][data-recipe-id="${DEMO_RECIPE}"][data-version="1"]`);
     const listed = await until(
       `${DEMO_RECIPE} in the recipe list`,
       async () => ((await row.count()) === 1

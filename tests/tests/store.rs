@@ -86,7 +86,7 @@ async fn exercise(url: &str) -> anyhow::Result<()> {
     assert_eq!(again.telemetry_inserted, 1);
     assert_eq!(store.telemetry_seqs("NF-PG-01").await?, vec![1, 2, 3, 4]);
     // Landed rows move to the main table; a re-send is still recognised after the move.
-    assert_eq!(store.settle_telemetry().await?, 4);
+    assert_eq!(store.settle_telemetry(None).await?, 4);
     let after =
         store.write_batch(&WriteBatch { telemetry: vec![rec(4), rec(5)], ..Default::default() }).await?;
     assert_eq!(after.telemetry_inserted, 1, "4 is in the main table, 5 is new");
@@ -536,5 +536,115 @@ async fn exercise_alerts(url: &str) -> anyhow::Result<()> {
     store.set_cursor("alerts.spc", 42).await?;
     store.set_cursor("alerts.spc", 43).await?;
     assert_eq!(store.cursor("alerts.spc").await?, 43);
+    Ok(())
+}
+
+#[tokio::test]
+async fn rollups_work_on_sqlite() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    exercise_rollups(&format!("sqlite://{}?mode=rwc", dir.path().join("r.db").display())).await
+}
+
+#[tokio::test]
+async fn rollups_work_on_postgresql_as_on_sqlite() -> anyhow::Result<()> {
+    let Some((name, url)) = fresh_database().await else { return Ok(()) };
+    let result = exercise_rollups(&url).await;
+    drop_database(&name).await;
+    result
+}
+
+/// Telemetry folded into minute and hour rollups once per stored row (a re-sent
+/// batch counts once), merged across settles, and expired by retention.
+async fn exercise_rollups(url: &str) -> anyhow::Result<()> {
+    use nanofleet_ingest::rollup::{Metric, Rollup, TelemetryFold};
+    use nanofleet_proto::Message as _;
+    use nanofleet_proto::device::v1::TelemetryBatch;
+    use nanofleet_store::{Retention, Tier};
+
+    let store =
+        Store::open(&Options { url: url.into(), max_connections: 4, sqlite_sync_full: false }).await?;
+    store
+        .apply_birth(&Birth {
+            device_id: "NF-R-01".into(),
+            site_id: "site-r".into(),
+            model: "NF-200".into(),
+            firmware_version: "2.3.1".into(),
+            session_id: "s1".into(),
+            time_ms: 1_000,
+        })
+        .await?;
+    // Half past an hour; 40 samples a second apart per batch, aqueous flow 9000 + i.
+    let t0 = 3_600_000 * 490_000 + 1_800_000;
+    let flow = |i: i64| 9_000.0 + i as f64;
+    let rec = |seq: i64| {
+        let samples: Vec<_> = (0..40)
+            .map(|k| {
+                let i = (seq - 1) * 40 + k;
+                let mut s = nanofleet_tests::sample(t0 + i * 1_000);
+                s.lines[0].flow_ul_min = flow(i);
+                s
+            })
+            .collect();
+        TelemetryRecord {
+            device_id: "NF-R-01".into(),
+            seq,
+            first_ms: samples[0].time_unix_ms,
+            last_ms: samples[39].time_unix_ms,
+            samples: 40,
+            payload: TelemetryBatch {
+                device_id: "NF-R-01".into(),
+                seq: seq as u64,
+                samples,
+                boot_id: "b".into(),
+            }
+            .encode_to_vec(),
+        }
+    };
+    let mut fold = TelemetryFold;
+    store.write_batch(&WriteBatch { telemetry: vec![rec(1), rec(2)], ..Default::default() }).await?;
+    assert_eq!(store.settle_telemetry(Some(&mut fold)).await?, 2);
+    // Batch 2 again (a re-send after a lost PUBACK) with batch 3: 2 is not counted twice.
+    store.write_batch(&WriteBatch { telemetry: vec![rec(2), rec(3)], ..Default::default() }).await?;
+    assert_eq!(store.settle_telemetry(Some(&mut fold)).await?, 1);
+    assert_eq!(store.settle_telemetry(Some(&mut fold)).await?, 0, "nothing left to move");
+
+    let minutes = store.rollups("NF-R-01", Tier::Minute, t0 - 3_600_000, t0 + 3_600_000).await?;
+    assert_eq!(
+        minutes.iter().map(|m| (m.start_ms - t0, m.samples)).collect::<Vec<_>>(),
+        vec![(0, 60), (60_000, 60)]
+    );
+    for (m, first) in minutes.iter().zip([0i64, 60]) {
+        let r = Rollup::decode(&m.data, m.samples).map_err(anyhow::Error::msg)?;
+        let s = r.summary(Metric::AqueousFlow).expect("flow summary");
+        let values: Vec<f64> = (first..first + 60).map(flow).collect();
+        assert_eq!((s.count, s.min, s.max), (60, values[0], values[59]));
+        assert!((s.mean().unwrap() - values.iter().sum::<f64>() / 60.0).abs() < 1e-9);
+        let p50 = s.quantile(0.5).unwrap();
+        assert!((p50 - values[29]).abs() <= 0.01 * values[29], "p50 {p50} vs {}", values[29]);
+    }
+    let hours = store.rollups("NF-R-01", Tier::Hour, t0 - 3_600_000, t0 + 3_600_000).await?;
+    assert_eq!(hours.len(), 1);
+    assert_eq!((hours[0].start_ms, hours[0].samples), (t0 - 1_800_000, 120));
+    let h = Rollup::decode(&hours[0].data, hours[0].samples).map_err(anyhow::Error::msg)?;
+    assert_eq!(
+        h.summary(Metric::AqueousFlow).map(|s| (s.count, s.min, s.max)),
+        Some((120, flow(0), flow(119)))
+    );
+
+    // Retention: now is 2 h after t0; raw kept 1h59m keeps batches 2 and 3 (their
+    // newest sample is at t0+79 s, t0+119 s) and drops batch 1 (t0+39 s); minutes kept
+    // 1h59m keep the second minute only; hours kept 3 h keep the hour.
+    let now = t0 + 7_200_000;
+    let expired = store
+        .expire_telemetry(
+            Retention { raw_ms: 7_200_000 - 60_000, minute_ms: 7_200_000 - 60_000, hour_ms: 3 * 3_600_000 },
+            now,
+        )
+        .await?;
+    assert_eq!((expired.raw, expired.minute, expired.hour), (1, 1, 0));
+    assert_eq!(store.telemetry_seqs("NF-R-01").await?, vec![2, 3]);
+    let left = store.rollups("NF-R-01", Tier::Minute, 0, i64::MAX).await?;
+    assert_eq!(left.iter().map(|m| m.start_ms - t0).collect::<Vec<_>>(), vec![60_000]);
+    store.close().await;
     Ok(())
 }

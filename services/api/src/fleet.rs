@@ -17,7 +17,7 @@ pub const MAX_SAMPLE_LIMIT: u32 = 100_000;
 /// Read access to the fleet; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Fleet {
-    store: Store,
+    pub(crate) store: Store,
     ingest: nanofleet_ingest::Ingest,
 }
 
@@ -116,7 +116,7 @@ impl Fleet {
     }
 }
 
-fn check_device_id(id: &str) -> Result<(), Error> {
+pub(crate) fn check_device_id(id: &str) -> Result<(), Error> {
     validate_device_id(id).map_err(|reason| Error::InvalidArgument {
         field: "device_id",
         value: id.to_owned(),

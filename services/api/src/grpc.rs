@@ -197,6 +197,30 @@ impl TelemetryService for Api {
         }))
     }
 
+    async fn query_series(
+        &self,
+        req: Request<pb::QuerySeriesRequest>,
+    ) -> Result<Response<pb::QuerySeriesResponse>, Status> {
+        let caller = caller(&req)?;
+        let r = req.into_inner();
+        self.check_device_site(&caller, &r.device_id).await?;
+        let resolution =
+            pb::Resolution::try_from(r.resolution).map_err(|_| crate::Error::InvalidArgument {
+                field: "resolution",
+                value: r.resolution.to_string(),
+                allowed: "0 (choose), 1 (raw), 2 (minute) or 3 (hour)".into(),
+            })?;
+        let q = crate::series::SeriesQuery {
+            device_id: &r.device_id,
+            metric: &r.metric,
+            since_ms: r.since_unix_ms,
+            until_ms: if r.until_unix_ms == 0 { now_ms() + 1 } else { r.until_unix_ms },
+            resolution,
+            max_points: r.max_points,
+        };
+        Ok(Response::new(self.fleet.series(q).await?))
+    }
+
     async fn get_ingest_stats(
         &self,
         _: Request<pb::GetIngestStatsRequest>,

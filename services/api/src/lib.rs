@@ -20,6 +20,7 @@ pub mod json;
 pub mod monitoring;
 pub mod people;
 mod recipes;
+pub mod series;
 mod trust;
 pub mod webhook;
 

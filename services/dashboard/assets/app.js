@@ -1004,6 +1004,7 @@
   function deviceView(route) {
     const deviceId = route.id;
     const telemetry = { samples: [], lastTime: null, loaded: false };
+    const history = seriesCard(deviceId);
 
     const presence = h('span', { class: 'presence' });
     const facts = {};
@@ -1064,7 +1065,8 @@
           alarmList)),
       h('section', { class: 'card chart-card' },
         h('div', { class: 'card-head' }, h('h2', null, 'Live telemetry'), chartMeta, legend),
-        h('div', { class: 'chart-box' }, canvas, chartNote)));
+        h('div', { class: 'chart-box' }, canvas, chartNote)),
+      history.node);
 
     const root = h('div', { class: 'device' },
       h('nav', { class: 'crumbs' }, h('a', { href: '#/' }, 'Overview'), h('span', { class: 'sep' }, '›'),
@@ -1216,9 +1218,110 @@
         renderProcess(d.last_sample);
         renderAlarms(d);
         if (await pullTelemetry(d, isCurrent)) redraw();
+        await history.refresh(isCurrent);
       },
     };
   }
+
+  // === Telemetry history: one metric from the rollups ===
+
+  const SERIES_METRICS = [
+    ['total_flow', 'Total flow (µL/min)'], ['flow_ratio', 'Flow-rate ratio'],
+    ['aqueous_flow', 'Aqueous flow (µL/min)'], ['ethanol_flow', 'Ethanol flow (µL/min)'],
+    ['aqueous_pressure', 'Aqueous pressure (mbar)'], ['ethanol_pressure', 'Ethanol pressure (mbar)'],
+    ['mixer_pressure_drop', 'Mixer pressure drop (mbar)'],
+    ['chamber_temperature', 'Chamber temperature (°C)'], ['cartridge_temperature', 'Cartridge temperature (°C)'],
+  ];
+  const SERIES_WINDOWS = [['1h', 3600e3], ['24h', 86400e3], ['7d', 7 * 86400e3], ['30d', 30 * 86400e3]];
+  /** The history refreshes at most this often (it reads rollups, not the live stream). */
+  const SERIES_EVERY_MS = 10000;
+
+  /**
+   * A card with one metric of a device over a window: per bucket, the min–max range as
+   * a band, the median as a line and the 90th percentile dashed; hovering a bucket names
+   * its figures.
+   */
+  function seriesCard(deviceId) {
+    const state = { metric: 'total_flow', windowMs: 86400e3, fetched: 0, key: '' };
+    const metricSel = h('select', { 'data-testid': 'series-metric', 'aria-label': 'Metric',
+      onchange: (e) => { state.metric = e.target.value; state.fetched = 0; } },
+    SERIES_METRICS.map(([v, label]) => h('option', { value: v, selected: v === state.metric }, label)));
+    const windowSel = h('select', { 'data-testid': 'series-window', 'aria-label': 'Window',
+      onchange: (e) => { state.windowMs = Number(e.target.value); state.fetched = 0; } },
+    SERIES_WINDOWS.map(([label, ms]) => h('option', { value: ms, selected: ms === state.windowMs }, `last ${label}`)));
+    const meta = h('span', { class: 'muted', 'data-testid': 'series-meta' });
+    const box = h('div', { class: 'chart-box series-box' });
+    const legend = h('div', { class: 'legend' },
+      h('span', { style: `color: ${SPC.value}` }, h('i'), 'Median'),
+      h('span', { style: `color: ${SPC.limit}` }, h('i', { class: 'dashed' }), '90th percentile'),
+      h('span', { style: 'color: #9cc0ea' }, h('i', { class: 'band' }), 'Min – max'));
+    const node = h('section', { class: 'card chart-card', 'data-testid': 'series-card' },
+      h('div', { class: 'card-head' }, h('h2', null, 'History'), metricSel, windowSel, meta, legend), box);
+
+    function draw(res) {
+      const pts = (res.points || []).filter((p) => Number.isFinite(p.start_unix_ms));
+      const width = Math.max(320, box.clientWidth - 24 || 900);
+      const height = 260;
+      const left = 64; const right = 16; const top = 12; const bottom = 28;
+      const now = serverNow();
+      const x0 = now - state.windowMs; const x1 = now;
+      const X = (t) => left + ((t - x0) / (x1 - x0)) * (width - left - right);
+      const svg = sv('svg', { width, height, viewBox: `0 0 ${width} ${height}`, class: 'series-chart',
+        'data-testid': 'series-chart', 'data-points': pts.length, role: 'img',
+        'aria-label': `${res.metric} of ${deviceId}, ${pts.length} points` });
+      if (pts.length === 0) {
+        box.replaceChildren(svg, h('div', { class: 'chart-note' }, 'No samples of this metric in the window.'));
+        return;
+      }
+      let lo = Math.min(...pts.map((p) => p.min)); let hi = Math.max(...pts.map((p) => p.max));
+      if (!(hi > lo)) { hi = lo + Math.max(1, Math.abs(lo) * 0.01); lo -= (hi - lo) / 2; }
+      const pad = (hi - lo) * 0.06; lo -= pad; hi += pad;
+      const Y = (v) => top + (1 - (v - lo) / (hi - lo)) * (height - top - bottom);
+      for (let i = 0; i <= 4; i++) {
+        const v = lo + ((hi - lo) * i) / 4;
+        svg.append(hline(left, width - right, Y(v), { stroke: CHART.grid }),
+          sv('text', { x: left - 6, y: Y(v) + 4, class: 'spc-tick', 'text-anchor': 'end' }, fmtQty(v, 4)));
+      }
+      for (let i = 0; i <= 4; i++) {
+        const t = x0 + ((x1 - x0) * i) / 4;
+        const label = state.windowMs > 86400e3 ? fmtDateTime(t).slice(0, 10) : fmtClock(t);
+        svg.append(sv('text', { x: X(t), y: height - 8, class: 'spc-tick', 'text-anchor': 'middle' }, label));
+      }
+      const mid = (p) => p.start_unix_ms + (p.width_ms || 0) / 2;
+      const band = pts.map((p) => `${X(mid(p)).toFixed(1)},${Y(p.max).toFixed(1)}`)
+        .concat(pts.slice().reverse().map((p) => `${X(mid(p)).toFixed(1)},${Y(p.min).toFixed(1)}`));
+      svg.append(sv('polygon', { points: band.join(' '), fill: '#9cc0ea', 'fill-opacity': 0.45, stroke: 'none' }));
+      svg.append(polyline(pts.map((p) => [X(mid(p)), Y(p.p90)]), { stroke: SPC.limit, 'stroke-width': 1.2, 'stroke-dasharray': '4 3' }));
+      svg.append(polyline(pts.map((p) => [X(mid(p)), Y(p.p50)]), { stroke: SPC.value, 'stroke-width': 1.6, 'data-testid': 'series-median' }));
+      const slot = Math.max(2, (width - left - right) / Math.max(pts.length, 1));
+      for (const p of pts) {
+        const tip = `${fmtDateTime(p.start_unix_ms)}${p.width_ms ? ` + ${fmtDuration(p.width_ms)}` : ''}\n`
+          + `${fmtNum(p.count)} samples · min ${fmtQty(p.min, 4)} · median ${fmtQty(p.p50, 4)} · mean ${fmtQty(p.mean, 4)}`
+          + ` · p90 ${fmtQty(p.p90, 4)} · p99 ${fmtQty(p.p99, 4)} · max ${fmtQty(p.max, 4)}`;
+        svg.append(sv('rect', { x: X(mid(p)) - slot / 2, y: top, width: slot, height: height - top - bottom,
+          fill: 'transparent', class: 'series-hit' }, sv('title', { text: tip })));
+      }
+      box.replaceChildren(svg);
+    }
+
+    return {
+      node,
+      async refresh(isCurrent) {
+        const key = `${state.metric}|${state.windowMs}`;
+        if (key === state.key && Date.now() - state.fetched < SERIES_EVERY_MS) return;
+        const since = Math.floor(serverNow() - state.windowMs);
+        const res = await api(`api/devices/${encodeURIComponent(deviceId)}/series?metric=${state.metric}&since_ms=${since}&points=240`);
+        if (!isCurrent()) return;
+        state.key = key;
+        state.fetched = Date.now();
+        const res_ = RESOLUTIONS[res.resolution] || res.resolution;
+        setText(meta, `${res_}${res.bucket_ms ? ` · ${fmtDuration(res.bucket_ms)} buckets` : ''} · ${res.unit || ''}`);
+        draw(res);
+      },
+    };
+  }
+
+  const RESOLUTIONS = { raw: 'raw samples', minute: 'minute rollups', hour: 'hour rollups' };
 
   // === Telemetry chart ===
 

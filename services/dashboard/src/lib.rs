@@ -15,6 +15,7 @@
 //! | `GET /api/devices[?site=ID]` | ListDevices | devices with presence, last values, active alarms |
 //! | `GET /api/devices/{id}` | GetDevice | one device |
 //! | `GET /api/devices/{id}/telemetry?since_ms=&until_ms=&limit=` | QueryTelemetry | samples, oldest first |
+//! | `GET /api/devices/{id}/series?metric=M[&since_ms=&until_ms=&resolution=&points=]` | QuerySeries | one metric: raw samples or minute / hour rollups; `resolution`: auto, raw, minute, hour |
 //! | `GET /api/enroll-tokens[?site=ID]` | ListEnrollTokens | enrollment tokens |
 //! | `POST /api/enroll-tokens` | CreateEnrollToken | a new token, its secret shown once |
 //! | `GET /api/recipes[?id=ID&status=S]` | ListRecipes | recipe versions with their signatures, by recipe id, newest version first; `S`: draft, authored, released, rejected |
@@ -69,6 +70,7 @@ pub fn router(api: Api) -> Router {
         .route("/api/devices", get(devices))
         .route("/api/devices/{id}", get(device))
         .route("/api/devices/{id}/telemetry", get(telemetry))
+        .route("/api/devices/{id}/series", get(series))
         .route("/api/enroll-tokens", get(list_tokens).post(create_token))
         .route("/api/recipes", get(recipes))
         .route("/api/recipes/{id}", get(recipe))
@@ -426,6 +428,78 @@ async fn telemetry(
     })))
 }
 
+#[derive(serde::Deserialize)]
+struct SeriesQuery {
+    metric: String,
+    since_ms: Option<i64>,
+    until_ms: Option<i64>,
+    resolution: Option<String>,
+    points: Option<u32>,
+}
+
+async fn series(
+    State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    q: Result<Query<SeriesQuery>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    allow(&caller, "TelemetryService/QuerySeries")?;
+    if caller.site_limit().is_some() {
+        caller.check_device_site(&id, &api.fleet.device(&id).await?.site_id)?;
+    }
+    let q = query(q)?;
+    let resolution = match q.resolution.as_deref().unwrap_or("auto") {
+        "auto" => pb::Resolution::Unspecified,
+        "raw" => pb::Resolution::Raw,
+        "minute" => pb::Resolution::Minute,
+        "hour" => pb::Resolution::Hour,
+        other => {
+            return Err(nanofleet_api::Error::InvalidArgument {
+                field: "resolution",
+                value: other.to_owned(),
+                allowed: "auto, raw, minute or hour".into(),
+            }
+            .into());
+        }
+    };
+    let now = now_ms();
+    let r = api
+        .fleet
+        .series(nanofleet_api::series::SeriesQuery {
+            device_id: &id,
+            metric: &q.metric,
+            since_ms: q.since_ms.unwrap_or(now - 86_400_000),
+            until_ms: q.until_ms.unwrap_or(now + 1),
+            resolution,
+            max_points: q.points.unwrap_or(0),
+        })
+        .await?;
+    let resolution = match pb::Resolution::try_from(r.resolution).unwrap_or_default() {
+        pb::Resolution::Raw => "raw",
+        pb::Resolution::Minute => "minute",
+        _ => "hour",
+    };
+    Ok(Json(serde_json::json!({
+        "device_id": r.device_id,
+        "metric": r.metric,
+        "unit": r.unit,
+        "resolution": resolution,
+        "bucket_ms": r.bucket_ms,
+        "truncated": r.truncated,
+        "points": r.points.iter().map(|p| serde_json::json!({
+            "start_unix_ms": p.start_unix_ms,
+            "width_ms": p.width_ms,
+            "count": p.count,
+            "min": p.min,
+            "max": p.max,
+            "mean": p.mean,
+            "p50": p.p50,
+            "p90": p.p90,
+            "p99": p.p99,
+        })).collect::<Vec<_>>(),
+    })))
+}
+
 // === Recipes ===
 
 /// The `status` values of the recipe list, as the JSON shapes name them.
@@ -673,6 +747,25 @@ async fn metrics(State(api): State<Api>, headers: HeaderMap) -> Result<Response,
     );
     let _ = writeln!(out, "# TYPE nanofleet_ingest_storage_errors_total counter");
     let _ = writeln!(out, "nanofleet_ingest_storage_errors_total {}", s.storage_errors);
+    let _ = writeln!(
+        out,
+        "# HELP nanofleet_ingest_commit_seconds Time from a telemetry message's arrival at ingest to its commit."
+    );
+    let _ = writeln!(out, "# TYPE nanofleet_ingest_commit_seconds histogram");
+    let mut cumulative = 0;
+    for (i, n) in s.commit_latency.iter().enumerate() {
+        cumulative += n;
+        match nanofleet_ingest::stats::LATENCY_BOUNDS.get(i) {
+            Some(le) => {
+                let _ = writeln!(out, "nanofleet_ingest_commit_seconds_bucket{{le=\"{le}\"}} {cumulative}");
+            }
+            None => {
+                let _ = writeln!(out, "nanofleet_ingest_commit_seconds_bucket{{le=\"+Inf\"}} {cumulative}");
+            }
+        }
+    }
+    let _ = writeln!(out, "nanofleet_ingest_commit_seconds_sum {}", s.commit_latency_sum_s);
+    let _ = writeln!(out, "nanofleet_ingest_commit_seconds_count {cumulative}");
     let _ = writeln!(out, "# HELP nanofleet_devices_online Devices connected, by site.");
     let _ = writeln!(out, "# TYPE nanofleet_devices_online gauge");
     for site in &sites {

@@ -15,9 +15,11 @@
 //! # Layout
 //! - `validate`: pure checks on decoded payloads.
 //! - `stats`: counters.
-//! - `writer`: the batching writer task.
+//! - `writer`: the batching writer task; it also folds stored telemetry into rollups.
+//! - `rollup`: telemetry metrics, their per-minute and per-hour rollups.
 #![forbid(unsafe_code)]
 
+pub mod rollup;
 pub mod stats;
 pub mod validate;
 mod writer;
@@ -29,7 +31,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use nanofleet_proto::Message as _;
 use nanofleet_proto::device::v1::{self as pb, Ack, DeviceState, EventBatch, TelemetryBatch, event};
 use nanofleet_proto::topics::{self, Channel, TopicError};
-use nanofleet_store::{AlarmChange, Birth, Death, EventRecord, PresenceChange, Store, TelemetryRecord};
+use nanofleet_store::{
+    AlarmChange, Birth, Death, EventRecord, PresenceChange, Retention, Store, TelemetryRecord,
+};
 use tokio::sync::{mpsc, oneshot};
 
 pub use stats::{Stats, StatsSnapshot};
@@ -58,18 +62,27 @@ pub enum RecordError {
 }
 
 /// Ingest settings.
-#[derive(Debug, Clone, serde::Deserialize)]
-#[serde(rename_all = "kebab-case", default)]
+#[derive(Debug, Clone)]
 pub struct Options {
     /// Most messages in one storage transaction.
     pub max_batch: usize,
     /// Messages waiting for the writer before publishers are slowed down.
     pub queue: usize,
+    /// How long raw telemetry and its rollups are kept.
+    pub retention: Retention,
+    /// Time between retention passes.
+    pub expire_every: Duration,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { max_batch: 2_000, queue: 20_000 }
+        const DAY: i64 = 86_400_000;
+        Options {
+            max_batch: 2_000,
+            queue: 20_000,
+            retention: Retention { raw_ms: 30 * DAY, minute_ms: 90 * DAY, hour_ms: 5 * 365 * DAY },
+            expire_every: Duration::from_secs(3_600),
+        }
     }
 }
 
@@ -241,6 +254,7 @@ impl Ingest {
             let _alive = alive;
             std::future::pending::<()>().await
         });
+        tokio::spawn(expire(store.clone(), opts.retention, opts.expire_every, Arc::downgrade(&inner)));
         let task = tokio::task::spawn_blocking(move || {
             runtime.block_on(async {
                 tokio::select! {
@@ -295,11 +309,14 @@ impl Ingest {
         let now = now_ms();
         match channel {
             Channel::Telemetry => {
+                let arrived = std::time::Instant::now();
                 let batch = TelemetryBatch::decode(msg.payload).map_err(malformed)?;
                 let seq = validate::telemetry(&batch, device, now)?;
                 self.known(device)?;
                 let item = telemetry_item(device, seq, batch, msg.payload);
-                self.write(item).await
+                self.write(item).await?;
+                self.inner.stats.commit_took(arrived.elapsed());
+                Ok(())
             }
             Channel::Events => {
                 let batch = EventBatch::decode(msg.payload).map_err(malformed)?;
@@ -492,4 +509,28 @@ fn event_item(device: &str, seq: i64, b: &EventBatch, payload: &[u8]) -> writer:
         EventRecord { device_id: device.to_owned(), seq, time_ms, payload: payload.to_vec() },
         alarms,
     )
+}
+
+/// Deletes telemetry past its retention, one pass every `every` (the first a minute
+/// after start), while ingest runs.
+async fn expire(store: Store, retention: Retention, every: Duration, inner: std::sync::Weak<Inner>) {
+    let mut wait = every.min(Duration::from_secs(60));
+    loop {
+        tokio::time::sleep(wait).await;
+        wait = every;
+        if inner.upgrade().is_none() {
+            return;
+        }
+        let started = std::time::Instant::now();
+        match store.expire_telemetry(retention, now_ms()).await {
+            Ok(e) => tracing::info!(
+                raw = e.raw,
+                minute = e.minute,
+                hour = e.hour,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "telemetry past its retention deleted"
+            ),
+            Err(e) => tracing::warn!(error = %e, "telemetry retention pass failed; will retry"),
+        }
+    }
 }

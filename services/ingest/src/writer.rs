@@ -46,6 +46,7 @@ pub(crate) async fn run(store: Store, mut rx: mpsc::Receiver<Item>, max_batch: u
     // device → (highest seq, newest sample), not yet written
     let mut last: HashMap<String, (i64, Newest)> = HashMap::new();
     let mut last_written = Instant::now();
+    let mut fold = crate::rollup::TelemetryFold;
     loop {
         let received = if last.is_empty() {
             rx.recv_many(&mut items, max_batch).await
@@ -135,8 +136,9 @@ pub(crate) async fn run(store: Store, mut rx: mpsc::Receiver<Item>, max_batch: u
                 }
             }
         }
-        // Move landed telemetry into the main table in key order (see the store).
-        if periodic && let Err(e) = store.settle_telemetry().await {
+        // Move landed telemetry into the main table in key order (see the store), and
+        // fold it into the rollups.
+        if periodic && let Err(e) = store.settle_telemetry(Some(&mut fold)).await {
             tracing::warn!(error = %e, "telemetry not moved to the main table; will retry");
         }
         if closed {

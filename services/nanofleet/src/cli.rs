@@ -470,7 +470,7 @@ impl Client {
         FleetServiceClient::with_interceptor(self.channel.clone(), self.bearer.clone())
     }
 
-    fn telemetry_client(&self) -> TelemetryServiceClient<Authed> {
+    pub(crate) fn telemetry_client(&self) -> TelemetryServiceClient<Authed> {
         TelemetryServiceClient::with_interceptor(self.channel.clone(), self.bearer.clone())
     }
 

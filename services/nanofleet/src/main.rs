@@ -727,6 +727,15 @@ struct ListenArgs {
     /// Time between evaluations of the alert rules.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     alert_every: Duration,
+    /// Keep raw telemetry (every sample) this long; older batches are deleted.
+    #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+    retain_raw: Duration,
+    /// Keep per-minute telemetry rollups this long (at least --retain-raw).
+    #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+    retain_minutes: Duration,
+    /// Keep per-hour telemetry rollups this long (at least --retain-minutes).
+    #[arg(long, default_value = "5years", value_parser = humantime::parse_duration)]
+    retain_hours: Duration,
 }
 
 #[derive(clap::Args, Debug)]
@@ -847,15 +856,32 @@ enum DevicesCommand {
 }
 
 #[derive(clap::Args, Debug)]
+#[command(after_help = "Examples:\n  \
+    nanofleet telemetry NF-SMH-01 --since 30s                 the raw samples\n  \
+    nanofleet telemetry NF-SMH-01 --metric total_flow --since 24h\n                                                            one metric, per-minute rollups\n  \
+    nanofleet telemetry NF-SMH-01 --metric aqueous_pressure --since 30d --resolution hour --output json")]
 struct TelemetryArgs {
     /// Device id, e.g. NF-SMH-01.
     id: String,
-    /// How far back, e.g. 30s, 5m, 2h.
+    /// How far back, e.g. 30s, 5m, 2h, 30d.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     since: Duration,
     /// At most this many samples (the newest); 0 means the server default (10,000).
     #[arg(long, default_value_t = 0)]
     limit: u32,
+    /// Show one metric as a series (count, min, percentiles, mean, max per point)
+    /// instead of the raw samples: aqueous_flow, ethanol_flow, total_flow, flow_ratio,
+    /// aqueous_pressure, ethanol_pressure, mixer_pressure_drop, chamber_temperature,
+    /// cartridge_temperature.
+    #[arg(long)]
+    metric: Option<String>,
+    /// With --metric: auto (the finest whose points fit --points), raw, minute or hour.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "raw", "minute", "hour"])]
+    resolution: String,
+    /// With --metric: at most this many points; wider windows merge rollups into wider
+    /// buckets.
+    #[arg(long, default_value_t = 200)]
+    points: u32,
     #[command(flatten)]
     client: ClientArgs,
 }
@@ -945,6 +971,29 @@ fn server_options(l: ListenArgs, data_dir: PathBuf) -> server::Options {
         ));
     }
     o.alerts.evaluate_every = l.alert_every;
+    let fmt = |d: Duration| humantime::format_duration(d).to_string();
+    if l.retain_raw < Duration::from_secs(3_600) || l.retain_raw > Duration::from_secs(100 * 365 * 86_400) {
+        config_error(format!("--retain-raw {}: allowed 1h to 100 years", fmt(l.retain_raw)));
+    }
+    if l.retain_minutes < l.retain_raw || l.retain_minutes > Duration::from_secs(100 * 365 * 86_400) {
+        config_error(format!(
+            "--retain-minutes {}: allowed from --retain-raw ({}) to 100 years",
+            fmt(l.retain_minutes),
+            fmt(l.retain_raw)
+        ));
+    }
+    if l.retain_hours < l.retain_minutes || l.retain_hours > Duration::from_secs(100 * 365 * 86_400) {
+        config_error(format!(
+            "--retain-hours {}: allowed from --retain-minutes ({}) to 100 years",
+            fmt(l.retain_hours),
+            fmt(l.retain_minutes)
+        ));
+    }
+    o.ingest.retention = nanofleet_store::Retention {
+        raw_ms: l.retain_raw.as_millis() as i64,
+        minute_ms: l.retain_minutes.as_millis() as i64,
+        hour_ms: l.retain_hours.as_millis() as i64,
+    };
     o
 }
 
@@ -1049,7 +1098,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Telemetry(a) => {
             let c = a.client.connect().await?;
-            c.telemetry(&a.client.server, &a.id, a.since, a.limit).await?;
+            match &a.metric {
+                None => c.telemetry(&a.client.server, &a.id, a.since, a.limit).await?,
+                Some(metric) => {
+                    let resolution = match a.resolution.as_str() {
+                        "raw" => pb::Resolution::Raw,
+                        "minute" => pb::Resolution::Minute,
+                        "hour" => pb::Resolution::Hour,
+                        _ => pb::Resolution::Unspecified,
+                    };
+                    let req = pb::QuerySeriesRequest {
+                        device_id: a.id.clone(),
+                        metric: metric.clone(),
+                        since_unix_ms: now_ms() - a.since.as_millis() as i64,
+                        until_unix_ms: 0,
+                        resolution: resolution as i32,
+                        max_points: a.points,
+                    };
+                    c.series(&a.client.server, req).await?;
+                }
+            }
         }
         Command::EnrollToken {
             command: TokenCommand::Create { site, expires, uses, device_id, reason, client },

@@ -19,6 +19,7 @@ mod metrics;
 mod people;
 mod recipes;
 mod records;
+mod rollups;
 mod trust;
 
 use std::time::Duration;
@@ -33,6 +34,7 @@ pub use metrics::*;
 pub use people::*;
 pub use recipes::*;
 pub use records::*;
+pub use rollups::*;
 pub use trust::*;
 
 /// How to reach the database.
@@ -376,40 +378,57 @@ impl Store {
         Ok(out)
     }
 
-    /// Moves telemetry from the landing table into the main one, in key order. Run by
-    /// the single writer, between its commits. Returns the rows moved.
-    pub async fn settle_telemetry(&self) -> Result<u64> {
-        match self.backend {
+    /// Moves telemetry from the landing table into the main one, in key order, and
+    /// folds the moved rows into the rollups (when `fold` is given) in the same
+    /// transaction: each row is summarised exactly once. Run by the single writer,
+    /// between its commits. Returns the rows moved.
+    pub async fn settle_telemetry(&self, fold: Option<&mut dyn RollupFold>) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        let moved: Vec<TelemetryRecord> = match self.backend {
             // One writer per SQLite file: between the copy and the delete nothing
             // else can land.
             Backend::Sqlite => {
-                let mut tx = self.pool.begin().await?;
-                let moved = sqlx::query(
+                let rows = sqlx::query(
                     "INSERT INTO telemetry (device_id, seq, first_ms, last_ms, samples, payload) \
                      SELECT device_id, seq, first_ms, last_ms, samples, payload FROM telemetry_recent \
                      WHERE true ORDER BY device_id, seq \
-                     ON CONFLICT (device_id, seq) DO NOTHING",
+                     ON CONFLICT (device_id, seq) DO NOTHING \
+                     RETURNING device_id, seq, first_ms, last_ms, samples, payload",
                 )
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
+                .fetch_all(&mut *tx)
+                .await?;
                 sqlx::query("DELETE FROM telemetry_recent").execute(&mut *tx).await?;
-                tx.commit().await?;
-                Ok(moved)
+                rows.iter().map(TelemetryRecord::from_row).collect::<Result<_>>()?
             }
             // Several servers may share a PostgreSQL database: move exactly the rows
             // this statement deletes, so a row landed meanwhile by another server
-            // stays for the next move.
-            Backend::Postgres => Ok(sqlx::query(
-                "WITH moved AS (DELETE FROM telemetry_recent RETURNING *) \
-                 INSERT INTO telemetry (device_id, seq, first_ms, last_ms, samples, payload) \
-                 SELECT device_id, seq, first_ms, last_ms, samples, payload FROM moved \
-                 ORDER BY device_id, seq ON CONFLICT (device_id, seq) DO NOTHING",
-            )
-            .execute(&self.pool)
-            .await?
-            .rows_affected()),
+            // stays for the next move; and fold one server at a time, since a merge
+            // reads the stored rollup before it writes it.
+            Backend::Postgres => {
+                if fold.is_some() {
+                    sqlx::query("SELECT pg_advisory_xact_lock(7314600001)").execute(&mut *tx).await?;
+                }
+                let rows = sqlx::query(
+                    "WITH moved AS (DELETE FROM telemetry_recent RETURNING *), \
+                     inserted AS (INSERT INTO telemetry (device_id, seq, first_ms, last_ms, samples, payload) \
+                        SELECT device_id, seq, first_ms, last_ms, samples, payload FROM moved \
+                        ORDER BY device_id, seq ON CONFLICT (device_id, seq) DO NOTHING \
+                        RETURNING device_id, seq, first_ms, last_ms, samples, payload) \
+                     SELECT device_id, seq, first_ms, last_ms, samples, payload FROM inserted",
+                )
+                .fetch_all(&mut *tx)
+                .await?;
+                rows.iter().map(TelemetryRecord::from_row).collect::<Result<_>>()?
+            }
+        };
+        if let Some(fold) = fold
+            && !moved.is_empty()
+        {
+            let partials = fold.summarize(&moved);
+            self.merge_rollups(&mut tx, partials, fold).await?;
         }
+        tx.commit().await?;
+        Ok(moved.len() as u64)
     }
 
     /// Telemetry batches of one device overlapping `[since_ms, until_ms)`, oldest first:

@@ -336,3 +336,65 @@ fn alert_row(a: &pb::Alert) -> [String; 7] {
         if a.occurrences > 1 { format!("{}×", a.occurrences) } else { "once".into() },
     ]
 }
+
+impl Client {
+    /// `nanofleet telemetry ID --metric M`: one metric as a series of points.
+    pub async fn series(&self, server: &str, req: pb::QuerySeriesRequest) -> anyhow::Result<()> {
+        let r = self
+            .telemetry_client()
+            .query_series(req)
+            .await
+            .map_err(|s| status_error(server, s))?
+            .into_inner();
+        if self.output == Output::Json {
+            self.print_json(to_json("nanofleet.v1.QuerySeriesResponse", &r));
+            return Ok(());
+        }
+        let resolution = match pb::Resolution::try_from(r.resolution).unwrap_or_default() {
+            pb::Resolution::Raw => "raw samples".to_owned(),
+            _ => format!(
+                "{} buckets",
+                humantime::format_duration(std::time::Duration::from_millis(r.bucket_ms as u64))
+            ),
+        };
+        if r.points.is_empty() {
+            outln!("{} {}: no samples in the window", r.device_id, r.metric);
+            return Ok(());
+        }
+        let lo = r.points.iter().map(|p| p.min).fold(f64::INFINITY, f64::min);
+        let hi = r.points.iter().map(|p| p.max).fold(f64::NEG_INFINITY, f64::max);
+        let span = if hi > lo { hi - lo } else { 1.0 };
+        let newest = &r.points[r.points.len().saturating_sub(72)..];
+        let line: String = newest
+            .iter()
+            .map(|p| BARS[(((p.p50 - lo) / span) * 7.0).round().clamp(0.0, 7.0) as usize])
+            .collect();
+        outln!(
+            "{} {} ({}), {} points of {resolution}; median per point, scaled {}..{}:\n  {line}",
+            r.device_id,
+            r.metric,
+            r.unit,
+            r.points.len(),
+            num(lo),
+            num(hi)
+        );
+        let mut t = table(["START (UTC)", "SAMPLES", "MIN", "P50", "MEAN", "P90", "P99", "MAX"]);
+        for p in &r.points {
+            t.add_row([
+                utc(p.start_unix_ms),
+                p.count.to_string(),
+                num(p.min),
+                num(p.p50),
+                num(p.mean),
+                num(p.p90),
+                num(p.p99),
+                num(p.max),
+            ]);
+        }
+        outln!("{t}");
+        if r.truncated {
+            outln!("(truncated to the newest points: raise --points or use a coarser --resolution)");
+        }
+        Ok(())
+    }
+}
