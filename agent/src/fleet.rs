@@ -94,6 +94,9 @@ pub struct FleetOptions {
     pub seed: u64,
     pub model: String,
     pub firmware_version: String,
+    /// Every fourth device of each site (the 4th, 8th, …) runs this firmware instead:
+    /// a canary group on a newer release, for cohort comparisons.
+    pub newer_firmware: Option<String>,
     /// Devices enroll (or load the credentials they saved in `state_dir`) and connect
     /// over mutual TLS; `None` connects in plaintext (development listener).
     pub enrollment: Option<FleetEnrollment>,
@@ -102,6 +105,9 @@ pub struct FleetOptions {
     pub broker_from_enrollment: bool,
     /// Simulated pharmacists start runs on devices that hold a recipe.
     pub auto_runs: Option<crate::runs::AutoRuns>,
+    /// With `auto_runs`: the pharmacist who starts the runs at a site, by site id
+    /// (others: `auto_runs`' operator).
+    pub site_operators: std::collections::HashMap<String, nanofleet_proto::device::v1::Person>,
 }
 
 /// How simulated devices get their certificates.
@@ -144,9 +150,11 @@ impl Default for FleetOptions {
             seed: 42,
             model: "NF-200".into(),
             firmware_version: "2.3.1".into(),
+            newer_firmware: None,
             enrollment: None,
             broker_from_enrollment: false,
             auto_runs: None,
+            site_operators: std::collections::HashMap::new(),
         }
     }
 }
@@ -261,7 +269,10 @@ impl Fleet {
                     device_id: device_id(&site, n),
                     site_id: site.id.clone(),
                     model: opts.model.clone(),
-                    firmware_version: opts.firmware_version.clone(),
+                    firmware_version: match &opts.newer_firmware {
+                        Some(newer) if n % 4 == 0 => newer.clone(),
+                        _ => opts.firmware_version.clone(),
+                    },
                 };
                 let fault = rng.random_bool(opts.fault_rate.clamp(0.0, 1.0)).then(|| {
                     let i = rng.random_range(0..Fault::ALL.len());
@@ -293,7 +304,13 @@ impl Fleet {
             let state_dir = opts.state_dir.clone();
             let enrollment = opts.enrollment.clone();
             let broker_from_enrollment = opts.broker_from_enrollment;
-            let auto_runs = opts.auto_runs.clone().map(|a| a.with_lots(lots));
+            let auto_runs = opts.auto_runs.clone().map(|a| {
+                let a = a.with_lots(lots);
+                match opts.site_operators.get(&info.site_id) {
+                    Some(p) => a.with_operator(p.clone()),
+                    None => a,
+                }
+            });
             let time_scale = opts.time_scale;
             let bad_lots = bad_lots.clone();
             let cancel = cancel.clone();

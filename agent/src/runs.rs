@@ -730,6 +730,12 @@ impl AutoRuns {
         self
     }
 
+    /// Another pharmacist (of another site) with the same habits.
+    pub fn with_operator(mut self, operator: Person) -> AutoRuns {
+        self.operator = operator;
+        self
+    }
+
     /// A run request when one is due: the device is idle, holds a recipe, and has been
     /// idle long enough.
     pub fn due(

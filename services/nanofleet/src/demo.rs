@@ -42,36 +42,58 @@ pub struct Demo {
     bad_lot: Option<String>,
 }
 
-/// The demo's pharmacist (of the first hospital) and QA reviewer, with their
-/// passwords: they sign the demo's recipe, and anyone trying the demo may sign as them.
+/// The demo's pharmacists (one per hospital) and QA reviewer, with their passwords:
+/// they sign the demo's recipe, and anyone trying the demo may sign as them.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct DemoPeople {
+    /// The first hospital's pharmacist.
     pub pharmacist: String,
     pub pharmacist_password: String,
     pub qa: String,
     pub qa_password: String,
+    /// The first hospital.
     pub site: String,
+    /// The other hospitals' pharmacists (data directories of earlier versions lack
+    /// them; they are added at the next start).
+    #[serde(default)]
+    pub other_pharmacists: Vec<SitePharmacist>,
 }
 
-/// Printed name of the demo's pharmacist.
-const DEMO_PHARMACIST_NAME: &str = "Alice Martin, PharmD";
+/// A hospital's pharmacist in the demo.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SitePharmacist {
+    pub site: String,
+    pub user_id: String,
+    pub password: String,
+    pub printed_name: String,
+}
 
-/// The recipe the demo releases to its first hospital.
+/// Printed name of the first hospital's pharmacist.
+const DEMO_PHARMACIST_NAME: &str = "Alice Martin, PharmD";
+/// Printed names of the other hospitals' pharmacists, in site order.
+const OTHER_PHARMACIST_NAMES: [&str; 5] = [
+    "Ben Okoro, PharmD",
+    "Chiara Rossi, PharmD",
+    "Dmitri Volkov, PharmD",
+    "Esther Lindqvist, PharmD",
+    "Farah Haddad, PharmD",
+];
+
+/// The recipe the demo releases to each hospital (one version per hospital, signed by
+/// its own pharmacist).
 pub const DEMO_RECIPE: &str = "flu-h5-mrna";
+
+/// The firmware every fourth device runs in the demo: a canary group to compare.
+pub const DEMO_NEWER_FIRMWARE: &str = "2.4.0";
 
 impl DemoPeople {
     /// Created on the first run; read back (DATA_DIR/demo-people.json, 0600) after.
     async fn ensure(
         server: &Server,
         data_dir: &std::path::Path,
-        site: &str,
+        sites: &[String],
     ) -> Result<DemoPeople, server::Error> {
         let path = data_dir.join("demo-people.json");
-        if let Ok(text) = std::fs::read_to_string(&path)
-            && let Ok(p) = serde_json::from_str::<DemoPeople>(&text)
-        {
-            return Ok(p);
-        }
         let admin = Caller {
             person_id: "system".into(),
             display_name: "Nanofleet demo".into(),
@@ -86,84 +108,130 @@ impl DemoPeople {
             site_id: site.into(),
             reason: "demo: signs the demo's recipe".into(),
         };
-        let (_, pharmacist_password) = server
-            .people
-            .create_person(
-                &admin,
-                &create("demo.pharmacist", DEMO_PHARMACIST_NAME, pb::Role::Pharmacist, site),
-            )
-            .await?;
-        let (_, qa_password) = server
-            .people
-            .create_person(&admin, &create("demo.qa", "Quinn Okafor (QA)", pb::Role::Qa, ""))
-            .await?;
-        let people = DemoPeople {
-            pharmacist: "demo.pharmacist".into(),
-            pharmacist_password,
-            qa: "demo.qa".into(),
-            qa_password,
-            site: site.into(),
+        let first = sites.first().cloned().unwrap_or_default();
+        let mut people = match std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|text| serde_json::from_str::<DemoPeople>(&text).ok())
+        {
+            Some(p) => p,
+            None => {
+                let (_, pharmacist_password) = server
+                    .people
+                    .create_person(
+                        &admin,
+                        &create("demo.pharmacist", DEMO_PHARMACIST_NAME, pb::Role::Pharmacist, &first),
+                    )
+                    .await?;
+                let (_, qa_password) = server
+                    .people
+                    .create_person(&admin, &create("demo.qa", "Quinn Okafor (QA)", pb::Role::Qa, ""))
+                    .await?;
+                DemoPeople {
+                    pharmacist: "demo.pharmacist".into(),
+                    pharmacist_password,
+                    qa: "demo.qa".into(),
+                    qa_password,
+                    site: first,
+                    other_pharmacists: Vec::new(),
+                }
+            }
         };
-        nanofleet_pki::write_private(
-            &path,
-            serde_json::to_string_pretty(&people).unwrap_or_default().as_bytes(),
-        )?;
+        let mut added = false;
+        for (i, site) in sites.iter().enumerate().skip(1) {
+            if *site == people.site || people.other_pharmacists.iter().any(|p| p.site == *site) {
+                continue;
+            }
+            let user_id = format!("demo.pharmacist{}", i + 1);
+            let printed_name = OTHER_PHARMACIST_NAMES[(i - 1) % OTHER_PHARMACIST_NAMES.len()].to_owned();
+            let (_, password) = server
+                .people
+                .create_person(&admin, &create(&user_id, &printed_name, pb::Role::Pharmacist, site))
+                .await?;
+            people.other_pharmacists.push(SitePharmacist {
+                site: site.clone(),
+                user_id,
+                password,
+                printed_name,
+            });
+            added = true;
+        }
+        if added || !path.exists() {
+            nanofleet_pki::write_private(
+                &path,
+                serde_json::to_string_pretty(&people).unwrap_or_default().as_bytes(),
+            )?;
+        }
         Ok(people)
+    }
+
+    /// Every hospital's pharmacist, the first hospital's first.
+    pub fn pharmacists(&self) -> Vec<SitePharmacist> {
+        let first = SitePharmacist {
+            site: self.site.clone(),
+            user_id: self.pharmacist.clone(),
+            password: self.pharmacist_password.clone(),
+            printed_name: DEMO_PHARMACIST_NAME.into(),
+        };
+        std::iter::once(first).chain(self.other_pharmacists.iter().cloned()).collect()
     }
 }
 
-/// Drafts, signs and approves the demo recipe as the two demo people (once per data
-/// directory), the way a pharmacist and a QA reviewer would.
+/// Drafts, signs and approves the demo recipe for each hospital that has no version
+/// of it yet, as that hospital's pharmacist and the QA reviewer would: a pharmacist
+/// may target only their own site, so each hospital gets its own version.
 async fn release_demo_recipe(
     recipes: nanofleet_api::Recipes,
     staff: nanofleet_api::People,
     people: DemoPeople,
 ) -> Result<(), nanofleet_api::Error> {
-    if !recipes.list(&pb::ListRecipesRequest { recipe_id: DEMO_RECIPE.into(), status: 0 }).await?.is_empty() {
-        return Ok(());
-    }
-    let pharmacist =
-        staff.verify_password(&people.pharmacist, &people.pharmacist_password, "demo recipe").await?;
+    let existing = recipes.list(&pb::ListRecipesRequest { recipe_id: DEMO_RECIPE.into(), status: 0 }).await?;
+    let covered: std::collections::BTreeSet<String> = existing
+        .iter()
+        .filter_map(|v| v.recipe.as_ref())
+        .filter_map(|r| r.targets.as_ref())
+        .flat_map(|t| t.site_ids.iter().cloned())
+        .collect();
     let qa = staff.verify_password(&people.qa, &people.qa_password, "demo recipe").await?;
-    let targets = Targets { site_ids: vec![people.site.clone()], device_ids: vec![] };
-    let mut recipe = nanofleet_recipe::example::example(
-        DEMO_RECIPE,
-        0,
-        targets,
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0),
-    );
-    recipe.name = "Flu H5 mRNA-LNP, 100 ug".into();
-    // A quicker procedure than the example's, so the demo shows batches within minutes:
-    // the same 2 mL collected, buffer exchanged at a higher flow.
-    use nanofleet_recipe::example::step;
-    recipe.procedure = vec![
-        step(RunPhase::SelfTest, 3, 0.0),
-        step(RunPhase::CartridgeVerify, 2, 0.0),
-        step(RunPhase::Prime, 5, 2.0),
-        step(RunPhase::Equilibrate, 5, 0.0),
-        step(RunPhase::StartWaste, 3, 12.0),
-        step(RunPhase::Collect, 10, 12.0),
-        step(RunPhase::EndWaste, 3, 12.0),
-        step(RunPhase::BufferExchange, 20, 18.0),
-        step(RunPhase::Flush, 5, 6.0),
-        step(RunPhase::QcSample, 5, 0.0),
-    ];
-    recipes.save_draft(&pharmacist, recipe).await?;
-    let sign = |who: &Caller, password: &str, meaning: SignatureMeaning| pb::SignRecipeRequest {
-        recipe_id: DEMO_RECIPE.into(),
-        version: 1,
-        meaning: meaning as i32,
-        user_id: who.person_id.clone(),
-        password: password.into(),
-    };
-    recipes
-        .sign(&pharmacist, &sign(&pharmacist, &people.pharmacist_password, SignatureMeaning::Authored))
-        .await?;
-    recipes.sign(&qa, &sign(&qa, &people.qa_password, SignatureMeaning::Approved)).await?;
-    tracing::info!(recipe = DEMO_RECIPE, site = %people.site, "demo recipe released");
+    for p in people.pharmacists().into_iter().filter(|p| !covered.contains(&p.site)) {
+        let pharmacist = staff.verify_password(&p.user_id, &p.password, "demo recipe").await?;
+        let targets = Targets { site_ids: vec![p.site.clone()], device_ids: vec![] };
+        let mut recipe = nanofleet_recipe::example::example(
+            DEMO_RECIPE,
+            0,
+            targets,
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0),
+        );
+        recipe.name = "Flu H5 mRNA-LNP, 100 ug".into();
+        // A quicker procedure than the example's, so the demo shows batches within
+        // minutes: the same 2 mL collected, buffer exchanged at a higher flow.
+        use nanofleet_recipe::example::step;
+        recipe.procedure = vec![
+            step(RunPhase::SelfTest, 3, 0.0),
+            step(RunPhase::CartridgeVerify, 2, 0.0),
+            step(RunPhase::Prime, 5, 2.0),
+            step(RunPhase::Equilibrate, 5, 0.0),
+            step(RunPhase::StartWaste, 3, 12.0),
+            step(RunPhase::Collect, 10, 12.0),
+            step(RunPhase::EndWaste, 3, 12.0),
+            step(RunPhase::BufferExchange, 20, 18.0),
+            step(RunPhase::Flush, 5, 6.0),
+            step(RunPhase::QcSample, 5, 0.0),
+        ];
+        let version = recipes.save_draft(&pharmacist, recipe).await?.recipe.map_or(0, |r| r.version);
+        let sign = |who: &Caller, password: &str, meaning: SignatureMeaning| pb::SignRecipeRequest {
+            recipe_id: DEMO_RECIPE.into(),
+            version,
+            meaning: meaning as i32,
+            user_id: who.person_id.clone(),
+            password: password.into(),
+        };
+        recipes.sign(&pharmacist, &sign(&pharmacist, &p.password, SignatureMeaning::Authored)).await?;
+        recipes.sign(&qa, &sign(&qa, &people.qa_password, SignatureMeaning::Approved)).await?;
+        tracing::info!(recipe = DEMO_RECIPE, version, site = %p.site, "demo recipe released");
+    }
     Ok(())
 }
 
@@ -237,7 +305,8 @@ impl Demo {
                 tokens.insert(id, secret);
             }
         }
-        let people = DemoPeople::ensure(&server, &opts.server.data_dir, &first_site).await?;
+        let site_ids: Vec<String> = fleet::sites(opts.sites.max(1)).into_iter().map(|s| s.id).collect();
+        let people = DemoPeople::ensure(&server, &opts.server.data_dir, &site_ids).await?;
         let fleet = Fleet::start(&FleetOptions {
             sites: opts.sites,
             devices_per_site: opts.devices_per_site,
@@ -262,6 +331,12 @@ impl Demo {
                 (Duration::from_secs(10), Duration::from_secs(40)),
                 Person { user_id: people.pharmacist.clone(), printed_name: DEMO_PHARMACIST_NAME.into() },
             )),
+            site_operators: people
+                .pharmacists()
+                .into_iter()
+                .map(|p| (p.site, Person { user_id: p.user_id, printed_name: p.printed_name }))
+                .collect(),
+            newer_firmware: Some(DEMO_NEWER_FIRMWARE.into()),
             ..FleetOptions::default()
         });
         // Released while the fleet connects: devices online get it at once, the others
@@ -293,7 +368,7 @@ impl Demo {
              \n  dashboard  https://{}/\n  grpc       {grpc}\n  mqtt       mqtts://{} (client certificates)\n  \
              fleet CA   {} (sha256 {})\n\
              \n  login      admin / {}   (dashboard)\n  \
-             pharmacist {} / {}   (site {}; signs recipes as author)\n  \
+             pharmacist {} / {}   (site {}; signs recipes as author; the other sites' in demo-people.json)\n  \
              qa         {} / {}   (approves recipes, releases batches)\n\
              \nTry, in another terminal:\n  export NANOFLEET_SERVER={grpc} NANOFLEET_CA_FILE={}\n  \
              export NANOFLEET_TOKEN={}\n  nanofleet whoami\n  \
@@ -301,9 +376,11 @@ impl Demo {
              nanofleet telemetry {first} --since 1m\n  nanofleet enroll-token create --site {site} --expires 1h\n  \
              nanofleet devices list --output json\n  \
              nanofleet recipes list\n  nanofleet recipes show {DEMO_RECIPE}\n  nanofleet recipes deliveries {DEMO_RECIPE}\n  \
-             nanofleet batches list   (runs at {site} end every few minutes)\n  \
+             nanofleet batches list   (runs end every few minutes at every hospital)\n  \
              nanofleet quality chart pdi --by device   (control charts; the dashboard's Quality page)\n  \
-             nanofleet quality compare size_nm --by lot\n  nanofleet alerts list\n\
+             nanofleet quality compare size_nm --by lot\n  \
+             nanofleet quality gate --a firmware={DEMO_NEWER_FIRMWARE} --b firmware=2.3.1   (every 4th device runs {DEMO_NEWER_FIRMWARE})\n  \
+             nanofleet telemetry {first} --metric total_flow --since 1h\n  nanofleet alerts list\n\
              {}\
              \nCtrl-C stops everything.",
             self.fleet
@@ -333,11 +410,9 @@ impl Demo {
     /// bad lot is; one line each.
     fn to_find(&self) -> String {
         let mut by_fault: std::collections::BTreeMap<String, Vec<&str>> = Default::default();
-        let mut idle = false;
         for d in &self.fleet.devices {
             if let Some(f) = d.fault {
                 by_fault.entry(fault_line(f, self.time_scale)).or_default().push(&d.info.device_id);
-                idle |= d.info.site_id != self.people.site;
             }
         }
         let mut lines: Vec<String> =
@@ -354,12 +429,6 @@ impl Demo {
         }
         if lines.is_empty() {
             return String::new();
-        }
-        if idle {
-            lines.push(format!(
-                "  (devices outside {} stay idle: the demo recipe goes to that site only)\n",
-                self.people.site
-            ));
         }
         let clock = match self.time_scale {
             Some(x) => format!(
