@@ -25,24 +25,56 @@ pub const MAX_CLOCK_AHEAD_MS: i64 = 24 * 3600 * 1000;
 /// No device reported before this instant (2020-01-01T00:00:00Z).
 pub const EARLIEST_TIME_MS: i64 = 1_577_836_800_000;
 
-fn range(field: &str, value: f64, (lo, hi): (f64, f64), unit: &str) -> Result<(), Reject> {
+/// A field's name in a refusal, spelt out only when a check fails: a batch of a
+/// hundred samples has over a thousand fields to check.
+#[derive(Debug, Clone, Copy)]
+enum Field<'a> {
+    Name(&'a str),
+    Sample(usize, &'a str),
+    Line(usize, usize, &'a str),
+    Event(usize, &'a str),
+}
+
+impl<'a> From<&'a str> for Field<'a> {
+    fn from(name: &'a str) -> Field<'a> {
+        Field::Name(name)
+    }
+}
+
+impl std::fmt::Display for Field<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Field::Name(n) => write!(f, "{n}"),
+            Field::Sample(i, n) => write!(f, "samples[{i}].{n}"),
+            Field::Line(i, j, n) => write!(f, "samples[{i}].lines[{j}].{n}"),
+            Field::Event(i, n) => write!(f, "events[{i}].{n}"),
+        }
+    }
+}
+
+fn range<'a>(
+    field: impl Into<Field<'a>>,
+    value: f64,
+    (lo, hi): (f64, f64),
+    unit: &str,
+) -> Result<(), Reject> {
     if value.is_finite() && (lo..=hi).contains(&value) {
         Ok(())
     } else {
         Err(Reject::OutOfRange {
-            field: field.to_owned(),
+            field: field.into().to_string(),
             value: value.to_string(),
             allowed: format!("{lo} to {hi} {unit}"),
         })
     }
 }
 
-fn time(field: &str, ms: i64, now_ms: i64) -> Result<(), Reject> {
+fn time<'a>(field: impl Into<Field<'a>>, ms: i64, now_ms: i64) -> Result<(), Reject> {
     if (EARLIEST_TIME_MS..=now_ms.saturating_add(MAX_CLOCK_AHEAD_MS)).contains(&ms) {
         Ok(())
     } else {
         Err(Reject::OutOfRange {
-            field: field.to_owned(),
+            field: field.into().to_string(),
             value: ms.to_string(),
             allowed: format!(
                 "{EARLIEST_TIME_MS} to {} (ms since the Unix epoch)",
@@ -57,17 +89,17 @@ pub const MAX_TEXT_LEN: usize = 512;
 
 /// Short printable text: no control characters (a NUL in a text column is refused by
 /// PostgreSQL and would fail the whole group commit it is in).
-fn text(field: &str, value: &str, max: usize) -> Result<(), Reject> {
+fn text<'a>(field: impl Into<Field<'a>>, value: &str, max: usize) -> Result<(), Reject> {
     if value.len() > max {
         return Err(Reject::OutOfRange {
-            field: field.to_owned(),
+            field: field.into().to_string(),
             value: format!("{} bytes", value.len()),
             allowed: format!("0 to {max} bytes"),
         });
     }
     if let Some(c) = value.chars().find(|c| c.is_control()) {
         return Err(Reject::OutOfRange {
-            field: field.to_owned(),
+            field: field.into().to_string(),
             value: format!("{c:?} in {value:?}"),
             allowed: "printable text, no control characters".into(),
         });
@@ -97,12 +129,12 @@ fn seq(seq: u64) -> Result<i64, Reject> {
     }
 }
 
-fn count(field: &str, n: usize, max: usize) -> Result<(), Reject> {
+fn count<'a>(field: impl Into<Field<'a>>, n: usize, max: usize) -> Result<(), Reject> {
     if (1..=max).contains(&n) {
         Ok(())
     } else {
         Err(Reject::OutOfRange {
-            field: field.to_owned(),
+            field: field.into().to_string(),
             value: n.to_string(),
             allowed: format!("1 to {max} entries"),
         })
@@ -122,40 +154,40 @@ pub fn telemetry(b: &TelemetryBatch, topic_device: &str, now_ms: i64) -> Result<
 }
 
 fn sample(s: &Sample, i: usize, now_ms: i64) -> Result<(), Reject> {
-    let f = |name: &str| format!("samples[{i}].{name}");
-    time(&f("time_unix_ms"), s.time_unix_ms, now_ms)?;
-    text(&f("run_id"), &s.run_id, 64)?;
+    let f = |name| Field::Sample(i, name);
+    time(f("time_unix_ms"), s.time_unix_ms, now_ms)?;
+    text(f("run_id"), &s.run_id, 64)?;
     if RunPhase::try_from(s.phase).is_err() {
         return Err(Reject::OutOfRange {
-            field: f("phase"),
+            field: f("phase").to_string(),
             value: s.phase.to_string(),
             allowed: "a RunPhase".into(),
         });
     }
     if s.lines.len() > 4 {
         return Err(Reject::OutOfRange {
-            field: f("lines"),
+            field: f("lines").to_string(),
             value: s.lines.len().to_string(),
             allowed: "0 to 4 lines".into(),
         });
     }
     for (j, l) in s.lines.iter().enumerate() {
-        let g = |name: &str| format!("samples[{i}].lines[{j}].{name}");
+        let g = |name| Field::Line(i, j, name);
         if FluidLine::try_from(l.line).is_err() {
             return Err(Reject::OutOfRange {
-                field: g("line"),
+                field: g("line").to_string(),
                 value: l.line.to_string(),
                 allowed: "a FluidLine".into(),
             });
         }
-        range(&g("flow_ul_min"), l.flow_ul_min, FLOW_RANGE_UL_MIN, "µL/min")?;
-        range(&g("flow_setpoint_ul_min"), l.flow_setpoint_ul_min, FLOW_RANGE_UL_MIN, "µL/min")?;
-        range(&g("pressure_mbar"), l.pressure_mbar, PRESSURE_RANGE_MBAR, "mbar")?;
-        range(&g("temperature_c"), l.temperature_c, TEMPERATURE_RANGE_C, "°C")?;
+        range(g("flow_ul_min"), l.flow_ul_min, FLOW_RANGE_UL_MIN, "µL/min")?;
+        range(g("flow_setpoint_ul_min"), l.flow_setpoint_ul_min, FLOW_RANGE_UL_MIN, "µL/min")?;
+        range(g("pressure_mbar"), l.pressure_mbar, PRESSURE_RANGE_MBAR, "mbar")?;
+        range(g("temperature_c"), l.temperature_c, TEMPERATURE_RANGE_C, "°C")?;
     }
-    range(&f("chamber_temperature_c"), s.chamber_temperature_c, TEMPERATURE_RANGE_C, "°C")?;
-    range(&f("cartridge_temperature_c"), s.cartridge_temperature_c, TEMPERATURE_RANGE_C, "°C")?;
-    range(&f("mixer_pressure_drop_mbar"), s.mixer_pressure_drop_mbar, PRESSURE_RANGE_MBAR, "mbar")?;
+    range(f("chamber_temperature_c"), s.chamber_temperature_c, TEMPERATURE_RANGE_C, "°C")?;
+    range(f("cartridge_temperature_c"), s.cartridge_temperature_c, TEMPERATURE_RANGE_C, "°C")?;
+    range(f("mixer_pressure_drop_mbar"), s.mixer_pressure_drop_mbar, PRESSURE_RANGE_MBAR, "mbar")?;
     Ok(())
 }
 
@@ -166,7 +198,7 @@ pub fn events(b: &EventBatch, topic_device: &str, now_ms: i64) -> Result<i64, Re
     text("boot_id", &b.boot_id, 64)?;
     count("events", b.events.len(), MAX_EVENTS_PER_BATCH)?;
     for (i, e) in b.events.iter().enumerate() {
-        time(&format!("events[{i}].time_unix_ms"), e.time_unix_ms, now_ms)?;
+        time(Field::Event(i, "time_unix_ms"), e.time_unix_ms, now_ms)?;
         match &e.kind {
             None => {
                 return Err(Reject::OutOfRange {
@@ -176,7 +208,7 @@ pub fn events(b: &EventBatch, topic_device: &str, now_ms: i64) -> Result<i64, Re
                 });
             }
             Some(event::Kind::Alarm(a)) => {
-                text(&format!("events[{i}].alarm.detail"), &a.detail, MAX_TEXT_LEN)?;
+                text(Field::Event(i, "alarm.detail"), &a.detail, MAX_TEXT_LEN)?;
                 if AlarmCode::try_from(a.code).unwrap_or_default() == AlarmCode::Unspecified {
                     return Err(Reject::OutOfRange {
                         field: format!("events[{i}].alarm.code"),
@@ -192,9 +224,7 @@ pub fn events(b: &EventBatch, topic_device: &str, now_ms: i64) -> Result<i64, Re
                     });
                 }
             }
-            Some(event::Kind::PhaseChange(p)) => {
-                text(&format!("events[{i}].phase_change.run_id"), &p.run_id, 64)?
-            }
+            Some(event::Kind::PhaseChange(p)) => text(Field::Event(i, "phase_change.run_id"), &p.run_id, 64)?,
         }
     }
     Ok(s)
