@@ -82,17 +82,7 @@ impl Fleet {
                 allowed: format!("after since_unix_ms ({since_ms})"),
             });
         }
-        let limit = match limit {
-            0 => DEFAULT_SAMPLE_LIMIT,
-            n if n > MAX_SAMPLE_LIMIT => {
-                return Err(Error::InvalidArgument {
-                    field: "limit",
-                    value: n.to_string(),
-                    allowed: format!("0 (default {DEFAULT_SAMPLE_LIMIT}) to {MAX_SAMPLE_LIMIT}"),
-                });
-            }
-            n => n,
-        };
+        let limit = count_arg("limit", limit, DEFAULT_SAMPLE_LIMIT, MAX_SAMPLE_LIMIT)?;
         if self.store.get_device(device_id).await?.is_none() {
             return Err(Error::NotFound { what: "device", id: device_id.to_owned() });
         }
@@ -113,6 +103,19 @@ impl Fleet {
             samples.drain(..samples.len() - limit as usize);
         }
         Ok(TelemetryWindow { samples, truncated })
+    }
+}
+
+/// A count argument where 0 means `default`: at most `max`.
+pub(crate) fn count_arg(field: &'static str, n: u32, default: u32, max: u32) -> Result<u32, Error> {
+    match n {
+        0 => Ok(default),
+        n if n > max => Err(Error::InvalidArgument {
+            field,
+            value: n.to_string(),
+            allowed: format!("0 (default {default}) to {max}"),
+        }),
+        n => Ok(n),
     }
 }
 

@@ -6,7 +6,7 @@ use nanofleet_proto::v1::{self as pb, Resolution};
 use nanofleet_store::Tier;
 
 use crate::Error;
-use crate::fleet::{Fleet, check_device_id};
+use crate::fleet::{Fleet, check_device_id, count_arg};
 
 /// Points returned when the caller sets no maximum.
 pub const DEFAULT_POINTS: u32 = 1_000;
@@ -42,17 +42,7 @@ impl Fleet {
                 allowed: format!("after since_unix_ms ({})", q.since_ms),
             });
         }
-        let max_points = match q.max_points {
-            0 => DEFAULT_POINTS,
-            n if n > MAX_POINTS => {
-                return Err(Error::InvalidArgument {
-                    field: "max_points",
-                    value: n.to_string(),
-                    allowed: format!("0 (default {DEFAULT_POINTS}) to {MAX_POINTS}"),
-                });
-            }
-            n => n,
-        };
+        let max_points = count_arg("max_points", q.max_points, DEFAULT_POINTS, MAX_POINTS)?;
         if self.store.get_device(q.device_id).await?.is_none() {
             return Err(Error::NotFound { what: "device", id: q.device_id.to_owned() });
         }

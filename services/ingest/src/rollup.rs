@@ -303,7 +303,12 @@ mod tests {
         assert_eq!(a.samples, all.samples);
         for m in Metric::ALL {
             let (x, y) = (a.summary(m).unwrap(), all.summary(m).unwrap());
-            assert_eq!((x.count, x.min, x.max, &x.sketch), (y.count, y.min, y.max, &y.sketch), "{}", m.name());
+            assert_eq!(
+                (x.count, x.min, x.max, &x.sketch),
+                (y.count, y.min, y.max, &y.sketch),
+                "{}",
+                m.name()
+            );
             assert!((x.sum - y.sum).abs() <= 1e-9 * y.sum.abs(), "{}", m.name());
         }
         let flow = all.summary(Metric::AqueousFlow).unwrap();
