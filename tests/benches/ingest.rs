@@ -6,7 +6,14 @@
 //! cargo bench -p nanofleet-tests --bench ingest
 //! NF_BENCH_QUICK=1 cargo bench -p nanofleet-tests --bench ingest     # smoke run
 //! NF_BENCH_DEVICES=500 NF_BENCH_WINDOW_SECS=20 cargo bench ...       # other loads
+//! NF_BENCH_TLS=1 cargo bench ...                                     # mutual TLS on both brokers
+//! NF_BENCH_SAMPLES=100 cargo bench ...                               # 100 samples per message
 //! ```
+//!
+//! With `NF_BENCH_TLS=1` each publisher enrolls with the server first (its own key and
+//! certificate, as a device does) and connects to the mutual-TLS listener; the
+//! reference Mosquitto then runs the TLS settings of `deploy/mosquitto` on the same
+//! server certificate and fleet CA, and the same client certificates connect to it.
 //!
 //! Each publisher is one MQTT 5 connection whose client id is its device id. It
 //! announces itself (birth), then publishes one-sample telemetry batches at QoS 1 with
@@ -25,6 +32,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use nanofleet_proto::Message as _;
+use nanofleet_proto::device::v1::TelemetryBatch;
 use nanofleet_proto::topics::{Channel, device_topic};
 use nanofleet_tests::{Sandbox, birth, telemetry};
 use rumqttc::Outgoing;
@@ -44,6 +53,10 @@ const TELEMETRY_FILTER: &str = "nf/v1/+/telemetry";
 struct Settings {
     quick: bool,
     devices: usize,
+    /// Samples per telemetry message.
+    samples: usize,
+    /// Mutual TLS for every connection (both brokers), else plaintext.
+    tls: bool,
     warmup: Duration,
     window: Duration,
 }
@@ -66,6 +79,8 @@ impl Settings {
         Settings {
             quick,
             devices: env_num("NF_BENCH_DEVICES").map_or(devices, |n| n.clamp(1, 10_000) as usize),
+            samples: env_num("NF_BENCH_SAMPLES").map_or(1, |n| n.clamp(1, 1_000) as usize),
+            tls: env_num("NF_BENCH_TLS").is_some_and(|n| n != 0),
             warmup: Duration::from_secs_f64(warmup),
             window: env_num("NF_BENCH_WINDOW_SECS")
                 .map_or(Duration::from_secs_f64(window), |s| Duration::from_secs(s.clamp(1, 600))),
@@ -108,14 +123,22 @@ fn device_id(i: usize) -> String {
 impl Publishers {
     /// Connects every publisher and returns once each birth is acknowledged; telemetry
     /// starts right after a device's birth.
-    async fn start(addr: SocketAddr, count: usize) -> anyhow::Result<Publishers> {
+    /// With `tls` (one client configuration per device, index = device), over mutual
+    /// TLS.
+    async fn start(
+        addr: SocketAddr,
+        count: usize,
+        samples: usize,
+        tls: &[rustls::ClientConfig],
+    ) -> anyhow::Result<Publishers> {
         let stop = CancellationToken::new();
         let mut counters = Vec::with_capacity(count);
         let mut tasks = Vec::with_capacity(count);
         for i in 0..count {
             let c = Arc::new(Counters::default());
             counters.push(c.clone());
-            tasks.push(tokio::spawn(publish(addr, device_id(i), c, stop.clone())));
+            let config = tls.get(i).cloned();
+            tasks.push(tokio::spawn(publish(addr, device_id(i), samples, config, c, stop.clone())));
         }
         let p = Publishers { counters, stop, tasks };
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -163,16 +186,47 @@ struct Outcome {
     errors: Vec<String>,
 }
 
+/// A device's telemetry messages: its `samples` samples are encoded once, and each
+/// message is the device id and sequence number followed by them (protobuf fields
+/// may come in any order), so the publishers spend little CPU on encoding.
+struct Messages {
+    id: String,
+    tail: Vec<u8>,
+}
+
+impl Messages {
+    fn new(id: &str, samples: usize) -> Messages {
+        let whole = telemetry(id, 1, samples);
+        let batch = TelemetryBatch::decode(whole.as_slice()).expect("own encoding");
+        let tail = TelemetryBatch { samples: batch.samples, boot_id: batch.boot_id, ..Default::default() }
+            .encode_to_vec();
+        Messages { id: id.to_owned(), tail }
+    }
+
+    fn message(&self, seq: u64) -> Vec<u8> {
+        let mut out =
+            TelemetryBatch { device_id: self.id.clone(), seq, ..Default::default() }.encode_to_vec();
+        out.extend_from_slice(&self.tail);
+        out
+    }
+}
+
 async fn publish(
     addr: SocketAddr,
     id: String,
+    samples: usize,
+    tls: Option<rustls::ClientConfig>,
     counters: Arc<Counters>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut opts = MqttOptions::new(&id, addr.ip().to_string(), addr.port());
     opts.set_keep_alive(Duration::from_secs(30))
         .set_clean_start(true)
+        .set_max_packet_size(Some(1 << 20))
         .set_outgoing_inflight_upper_limit(WINDOW);
+    if let Some(config) = tls {
+        opts.set_transport(rumqttc::Transport::tls_with_config(config.into()));
+    }
     let (client, mut eventloop) = AsyncClient::new(opts, 2 * WINDOW as usize);
     let acks = counters.clone();
     let conn: JoinHandle<anyhow::Result<()>> = tokio::spawn(async move {
@@ -202,11 +256,12 @@ async fn publish(
     }
 
     let topic = device_topic(&id, Channel::Telemetry);
+    let messages = Messages::new(&id, samples);
     let mut seq = 0;
     // `publish` is never cancelled half-way: a message either is counted or was not sent.
     while !stop.is_cancelled() && !conn.is_finished() {
         seq += 1;
-        client.publish(topic.clone(), QoS::AtLeastOnce, false, telemetry(&id, seq, 1)).await?;
+        client.publish(topic.clone(), QoS::AtLeastOnce, false, messages.message(seq)).await?;
         counters.sent.fetch_add(1, Relaxed);
         counters.last_seq.store(seq, Relaxed);
     }
@@ -320,9 +375,14 @@ struct NanofleetRun {
     rejected: u64,
 }
 
-async fn run_nanofleet(s: &Settings, ticks: f64) -> anyhow::Result<NanofleetRun> {
-    let sandbox = Sandbox::start().await?;
-    let publishers = Publishers::start(sandbox.mqtt_addr(), s.devices).await?;
+async fn run_nanofleet(
+    s: &Settings,
+    ticks: f64,
+    sandbox: &Sandbox,
+    tls: &[rustls::ClientConfig],
+) -> anyhow::Result<NanofleetRun> {
+    let addr = if s.tls { sandbox.mqtts_addr() } else { sandbox.mqtt_addr() };
+    let publishers = Publishers::start(addr, s.devices, s.samples, tls).await?;
     let ingest = sandbox.server.ingest.clone();
     let rates = measure(s, || {
         let st = ingest.stats();
@@ -339,7 +399,6 @@ async fn run_nanofleet(s: &Settings, ticks: f64) -> anyhow::Result<NanofleetRun>
     let outcome = publishers.stop().await;
     let stats = ingest.stats();
     let stored = sandbox.server.store.telemetry_count().await?;
-    sandbox.stop().await;
     Ok(NanofleetRun {
         rates,
         stored,
@@ -347,6 +406,20 @@ async fn run_nanofleet(s: &Settings, ticks: f64) -> anyhow::Result<NanofleetRun>
         duplicates: stats.duplicates,
         rejected: stats.rejected_total(),
     })
+}
+
+/// Client configurations for mutual TLS: one per device, enrolled with the sandbox as a
+/// device would be, and one for the reference's subscriber.
+async fn enroll_all(
+    sandbox: &Sandbox,
+    devices: usize,
+) -> anyhow::Result<(Vec<rustls::ClientConfig>, rustls::ClientConfig)> {
+    let mut configs = Vec::with_capacity(devices);
+    for i in 0..devices {
+        configs.push(sandbox.enroll_device("bench", &device_id(i)).await?.client_config()?);
+    }
+    let subscriber = sandbox.enroll_device("bench", "BENCH-SUBSCRIBER").await?.client_config()?;
+    Ok((configs, subscriber))
 }
 
 // === mosquitto ===
@@ -359,14 +432,23 @@ struct Mosquitto {
     process: Option<MosquittoProcess>,
 }
 
+/// What limits Mosquitto would otherwise put on a fast publisher.
+const MOSQUITTO_UNLIMITED: &str = "max_inflight_messages 0\nmax_queued_messages 0\n";
+
 impl Mosquitto {
-    fn start() -> Result<Mosquitto, String> {
-        let spawned = MosquittoProcess::spawn(|_, port| {
-            Ok(format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\nmax_inflight_messages 0\n\
-                 max_queued_messages 0\npersistence false\n"
-            ))
-        });
+    /// Plaintext, or with `pki_dir` mutual TLS on a Nanofleet server's certificates.
+    fn start(pki_dir: Option<&std::path::Path>) -> Result<Mosquitto, String> {
+        let spawned = match pki_dir {
+            Some(dir) => MosquittoProcess::spawn_mtls(dir, MOSQUITTO_UNLIMITED),
+            None => MosquittoProcess::spawn(|_, port| {
+                Ok(format!(
+                    "listener {port} 127.0.0.1\nallow_anonymous true\n{MOSQUITTO_UNLIMITED}persistence false\n"
+                ))
+            }),
+        };
+        if let (Err(e), Some(_)) = (&spawned, pki_dir) {
+            return Err(format!("could not start {MOSQUITTO} with TLS ({e:#})"));
+        }
         match spawned {
             Ok(p) => Ok(Mosquitto { addr: p.addr, version: p.version.clone(), process: Some(p) }),
             Err(e) => {
@@ -393,9 +475,14 @@ impl Mosquitto {
 /// One subscriber to every device's telemetry, counting what it receives.
 async fn subscriber(
     addr: SocketAddr,
+    tls: Option<rustls::ClientConfig>,
 ) -> anyhow::Result<(AsyncClient, Arc<AtomicU64>, JoinHandle<anyhow::Result<()>>)> {
-    let mut opts = MqttOptions::new("bench-subscriber", addr.ip().to_string(), addr.port());
-    opts.set_keep_alive(Duration::from_secs(30)).set_clean_start(true);
+    let mut opts = MqttOptions::new("BENCH-SUBSCRIBER", addr.ip().to_string(), addr.port());
+    // Batched messages exceed rumqttc's default packet limit (10 KiB).
+    opts.set_keep_alive(Duration::from_secs(30)).set_clean_start(true).set_max_packet_size(Some(1 << 20));
+    if let Some(config) = tls {
+        opts.set_transport(rumqttc::Transport::tls_with_config(config.into()));
+    }
     let (client, mut eventloop) = AsyncClient::new(opts, 64);
     let received = Arc::new(AtomicU64::new(0));
     let count = received.clone();
@@ -430,14 +517,20 @@ struct MosquittoRun {
     outcome: Outcome,
 }
 
-async fn run_mosquitto(s: &Settings, ticks: f64) -> anyhow::Result<Result<MosquittoRun, String>> {
-    let broker = match Mosquitto::start() {
+async fn run_mosquitto(
+    s: &Settings,
+    ticks: f64,
+    pki_dir: Option<&std::path::Path>,
+    tls: &[rustls::ClientConfig],
+    subscriber_tls: Option<rustls::ClientConfig>,
+) -> anyhow::Result<Result<MosquittoRun, String>> {
+    let broker = match Mosquitto::start(pki_dir) {
         Ok(b) => b,
         Err(reason) => return Ok(Err(reason)),
     };
     let run = async {
-        let (sub, received, sub_task) = subscriber(broker.addr).await?;
-        let publishers = Publishers::start(broker.addr, s.devices).await?;
+        let (sub, received, sub_task) = subscriber(broker.addr, subscriber_tls).await?;
+        let publishers = Publishers::start(broker.addr, s.devices, s.samples, tls).await?;
         let broker_pid = broker.pid();
         let rates = measure(s, || Point {
             at: Instant::now(),
@@ -467,12 +560,13 @@ async fn run_mosquitto(s: &Settings, ticks: f64) -> anyhow::Result<Result<Mosqui
 // === report ===
 
 /// Cost of building one message in the publishers, so their share of the CPU is known.
-fn encode_cost() -> Duration {
+fn encode_cost(samples: usize) -> Duration {
     let n = 20_000u32;
+    let messages = Messages::new("BENCH-0001", samples);
     let started = Instant::now();
     let mut bytes = 0usize;
     for seq in 1..=n {
-        bytes += telemetry("BENCH-0001", u64::from(seq), 1).len();
+        bytes += messages.message(u64::from(seq)).len();
     }
     std::hint::black_box(bytes);
     started.elapsed() / n
@@ -493,20 +587,38 @@ async fn run() -> anyhow::Result<()> {
     let ticks = clock_ticks();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let load_before = load_average();
-    let message_bytes = telemetry("BENCH-0001", 1, 1).len();
-    let encode = encode_cost();
+    let message_bytes = Messages::new("BENCH-0001", s.samples).message(1).len();
+    let encode = encode_cost(s.samples);
 
     println!(
-        "ingest: {} device connections, QoS 1, {} unacknowledged per connection, 1 sample per message \
-         ({message_bytes} bytes); warm-up {:?}, window {:?}{}",
+        "ingest: {} device connections, QoS 1, {} unacknowledged per connection, {} samples per message \
+         ({message_bytes} bytes), {}; warm-up {:?}, window {:?}{}",
         s.devices,
         WINDOW,
+        s.samples,
+        if s.tls { "mutual TLS" } else { "plaintext" },
         s.warmup,
         s.window,
         if s.quick { " (quick)" } else { "" }
     );
-    let nf = run_nanofleet(&s, ticks).await?;
-    let mq = run_mosquitto(&s, ticks).await?;
+    let sandbox = Sandbox::start().await?;
+    let (tls, subscriber_tls) = if s.tls {
+        let started = Instant::now();
+        let (devices, sub) = enroll_all(&sandbox, s.devices).await?;
+        println!(
+            "  enrolled {} devices for mutual TLS in {:.1} s",
+            devices.len(),
+            started.elapsed().as_secs_f64()
+        );
+        (devices, Some(sub))
+    } else {
+        (Vec::new(), None)
+    };
+    let nf = run_nanofleet(&s, ticks, &sandbox, &tls).await?;
+    // The server's certificates stay for the reference broker.
+    let data_dir = sandbox.stop().await;
+    let pki_dir = data_dir.path().join("pki");
+    let mq = run_mosquitto(&s, ticks, s.tls.then_some(pki_dir.as_path()), &tls, subscriber_tls).await?;
     let load_after = load_average();
 
     let check_ok = nf.stored >= 0
@@ -519,7 +631,11 @@ async fn run() -> anyhow::Result<()> {
     println!("  message encoding   {:.2} µs each, inside the publishers", encode.as_secs_f64() * 1e6);
     println!();
     println!("  nanofleet: embedded broker -> ingest -> SQLite, counted when committed");
-    println!("    committed        {:>10} msg/s", thousands(nf.rates.delivered));
+    println!(
+        "    committed        {:>10} msg/s = {} samples/s",
+        thousands(nf.rates.delivered),
+        thousands(nf.rates.delivered * s.samples as f64)
+    );
     println!("    acknowledged     {:>10} msg/s (PUBACKs at the publishers)", thousands(nf.rates.acked));
     println!(
         "    commits          {:>10.1} /s, {:.1} messages per commit",
@@ -595,6 +711,9 @@ async fn run() -> anyhow::Result<()> {
         "bench": "ingest",
         "quick": s.quick,
         "devices": s.devices,
+        "samples_per_message": s.samples,
+        "transport": if s.tls { "mtls" } else { "plaintext" },
+        "committed_samples_per_s": (nf.rates.delivered * s.samples as f64).round(),
         "window_s": (nf.rates.secs * 100.0).round() / 100.0,
         "inflight_per_connection": WINDOW,
         "message_bytes": message_bytes,

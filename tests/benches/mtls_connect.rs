@@ -379,28 +379,9 @@ async fn measure(
 
 // === Mosquitto ===
 
-/// A Mosquitto child process with the device rules, on a free port.
 /// Mosquitto with the TLS settings of deploy/mosquitto, on the server's certificates.
 fn start_mosquitto(pki_dir: &Path) -> anyhow::Result<MosquittoProcess> {
-    MosquittoProcess::spawn(|dir, port| {
-        // OpenSSL wants the chain to end at a self-signed certificate: root first.
-        let ca = dir.join("ca.pem");
-        std::fs::write(
-            &ca,
-            std::fs::read_to_string(pki_dir.join("root.pem"))?
-                + &std::fs::read_to_string(pki_dir.join("devices-bundle.pem"))?,
-        )?;
-        Ok(format!(
-            "user root\npersistence false\nlog_dest stderr\nlog_type error\nlog_type warning\n\
-             listener {port} 127.0.0.1\nprotocol mqtt\nmax_connections -1\n\
-             cafile {}\ncertfile {}\nkeyfile {}\ntls_version tlsv1.2\n\
-             require_certificate true\nuse_identity_as_username true\nuse_username_as_clientid true\n\
-             allow_anonymous false\n",
-            ca.display(),
-            pki_dir.join("server.pem").display(),
-            pki_dir.join("server.key").display(),
-        ))
-    })
+    MosquittoProcess::spawn_mtls(pki_dir, "")
 }
 
 // === the bench ===

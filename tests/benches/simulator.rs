@@ -25,6 +25,11 @@
 //! client's default table. They show how much of a simulated device's memory is its
 //! MQTT client.
 //!
+//! `NF_BENCH_RUN_SECS` makes it a soak (the issue's case: 10,000 devices for 600 s): the
+//! server's resident memory is sampled every 10 s of the run, and the time from a
+//! telemetry message's arrival at ingest to its commit is read from the server's
+//! `/metrics` histogram at the start and the end of the run.
+//!
 //! The simulator stops ramping up early, and says so, if its resident memory passes
 //! `NF_BENCH_MAX_RSS_MB` (default: 30 % of the memory available at start), so that a
 //! run never drives the machine out of memory.
@@ -81,7 +86,9 @@ impl Settings {
             quick,
             sites: devices.div_ceil(devices_per_site),
             devices_per_site,
-            run: Duration::from_secs(if quick { 6 } else { 15 }),
+            run: Duration::from_secs(
+                env_count("NF_BENCH_RUN_SECS", if quick { 6 } else { 15 }, 1..=3_600) as u64
+            ),
             connect_rate: 2_000.0,
             max_rss,
         }
@@ -264,7 +271,29 @@ async fn run() -> anyhow::Result<()> {
     // Past the memory guard the devices still waiting to connect must not start: stop
     // the fleet now and report what was reached.
     let run_for = if guard_hit.is_some() { Duration::ZERO } else { s.run };
-    tokio::time::sleep(run_for).await;
+    const LATENCY: &str = "nanofleet_ingest_commit_seconds";
+    let metrics_before = tokio::task::block_in_place(|| server.metrics()).unwrap_or_default();
+    let run_started = Instant::now();
+    // (seconds into the run, server RSS)
+    let mut server_rss: Vec<(f64, u64)> = vec![(0.0, server.rss().unwrap_or(0))];
+    while run_started.elapsed() < run_for {
+        tokio::time::sleep((run_for - run_started.elapsed()).min(Duration::from_secs(10))).await;
+        server_rss.push((run_started.elapsed().as_secs_f64(), server.rss().unwrap_or(0)));
+    }
+    let metrics_after = tokio::task::block_in_place(|| server.metrics()).unwrap_or_default();
+    let (lat_before, lat_after) =
+        (histogram_buckets(&metrics_before, LATENCY), histogram_buckets(&metrics_after, LATENCY));
+    let commits = lat_after.last().map_or(0, |b| b.1).saturating_sub(lat_before.last().map_or(0, |b| b.1));
+    let p50 = histogram_quantile(&lat_before, &lat_after, 0.5);
+    let p99 = histogram_quantile(&lat_before, &lat_after, 0.99);
+    // Memory growth over the second half of the run (the first holds the warm-up:
+    // caches and the database's pages filling).
+    let half: Vec<&(f64, u64)> =
+        server_rss.iter().filter(|(t, _)| *t >= run_for.as_secs_f64() / 2.0).collect();
+    let growth_mib_per_min = match (half.first(), half.last()) {
+        (Some(a), Some(b)) if b.0 > a.0 => (mib(b.1) - mib(a.1)) / ((b.0 - a.0) / 60.0),
+        _ => 0.0,
+    };
     let connected = fleet.connected();
     let totals = fleet.totals();
     let self_after = nanofleet_agent::resident_bytes().unwrap_or(0);
@@ -337,6 +366,22 @@ async fn run() -> anyhow::Result<()> {
         mib(server_loaded),
         per_connection / 1024.0
     );
+    let bound = |v: Option<f64>| v.map_or("?".into(), |s| format!("≤ {:.0} ms", s * 1000.0));
+    println!(
+        "  ingest latency     arrival to commit over the run: p50 {}, p99 {} ({commits} telemetry messages)",
+        bound(p50),
+        bound(p99)
+    );
+    println!(
+        "  server memory run  {} samples: first {:.1} MiB, min {:.1}, max {:.1}, last {:.1}; \
+         second half {:+.2} MiB/min",
+        server_rss.len(),
+        mib(server_rss.first().map_or(0, |r| r.1)),
+        mib(server_rss.iter().map(|r| r.1).min().unwrap_or(0)),
+        mib(server_rss.iter().map(|r| r.1).max().unwrap_or(0)),
+        mib(server_rss.last().map_or(0, |r| r.1)),
+        growth_mib_per_min
+    );
     println!(
         "  telemetry          {} batches made, {} messages acked, {} refused, {} re-sent, {} reconnects",
         totals.telemetry_batches,
@@ -395,6 +440,11 @@ async fn run() -> anyhow::Result<()> {
         "connections_per_s": connect_rate.round(),
         "connect_rate_limit": s.connect_rate,
         "run_s": run_for.as_secs(),
+        "ingest_commit_p50_s_at_most": p50,
+        "ingest_commit_p99_s_at_most": p99,
+        "ingest_commits_measured": commits,
+        "server_rss_series": server_rss.iter().map(|(t, b)| json!([t.round(), b])).collect::<Vec<_>>(),
+        "server_rss_growth_second_half_mib_per_min": (growth_mib_per_min * 100.0).round() / 100.0,
         "simulator_rss_before_bytes": self_before,
         "simulator_rss_after_bytes": self_after,
         "simulator_rss_peak_bytes": self_peak,

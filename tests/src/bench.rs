@@ -79,6 +79,11 @@ pub fn https_get_json(
     root_pem: &Path,
     bearer: Option<&str>,
 ) -> anyhow::Result<serde_json::Value> {
+    Ok(serde_json::from_str(&https_get(addr, path, root_pem, bearer)?)?)
+}
+
+/// GET over HTTPS: the body of a 200 answer.
+pub fn https_get(addr: &str, path: &str, root_pem: &Path, bearer: Option<&str>) -> anyhow::Result<String> {
     nanofleet_pki::install_crypto_provider();
     let roots = nanofleet_pki::tls::certs_from_file(root_pem)?;
     let config = nanofleet_pki::tls::client_config(&roots, None)?;
@@ -99,19 +104,47 @@ pub fn https_get_json(
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
         Err(e) => return Err(e.into()),
     }
-    json_response(path, raw)
+    response_body(path, raw)
 }
 
-fn json_response(path: &str, raw: Vec<u8>) -> anyhow::Result<serde_json::Value> {
+fn response_body(path: &str, raw: Vec<u8>) -> anyhow::Result<String> {
     let text = String::from_utf8(raw)?;
     let (head, body) = text.split_once("\r\n\r\n").context("no end of headers")?;
     anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "GET {path}: {}", head.lines().next().unwrap_or(""));
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        dechunk(body)?
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(body)
     } else {
-        body.to_owned()
-    };
-    Ok(serde_json::from_str(&body)?)
+        Ok(body.to_owned())
+    }
+}
+
+/// The cumulative buckets `(le, count)` of Prometheus histogram `name` in `text`, in
+/// order, `+Inf` last.
+pub fn histogram_buckets(text: &str, name: &str) -> Vec<(f64, u64)> {
+    let prefix = format!("{name}_bucket{{le=\"");
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(&prefix)?;
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The `q` quantile of the observations between two readings of one histogram, as the
+/// upper bound of the bucket holding it.
+pub fn histogram_quantile(before: &[(f64, u64)], after: &[(f64, u64)], q: f64) -> Option<f64> {
+    let delta: Vec<(f64, u64)> = after
+        .iter()
+        .map(|&(le, n)| (le, n.saturating_sub(before.iter().find(|b| b.0 == le).map_or(0, |b| b.1))))
+        .collect();
+    let total = delta.last()?.1;
+    if total == 0 {
+        return None;
+    }
+    let want = (q * total as f64).ceil().max(1.0) as u64;
+    delta.iter().find(|&&(_, n)| n >= want).map(|&(le, _)| le)
 }
 
 fn dechunk(mut rest: &str) -> anyhow::Result<String> {
@@ -291,6 +324,11 @@ impl ServerProcess {
         https_get_json(&self.http, path, &self.root_pem(), Some(&self.admin_token))
     }
 
+    /// The server's `/metrics` text.
+    pub fn metrics(&self) -> anyhow::Result<String> {
+        https_get(&self.http, "/metrics", &self.root_pem(), Some(&self.admin_token))
+    }
+
     pub fn devices_online(&self) -> Option<u64> {
         self.api_get("/api/fleet").ok()?.get("devices_online")?.as_u64()
     }
@@ -467,6 +505,32 @@ pub struct MosquittoProcess {
 }
 
 impl MosquittoProcess {
+    /// Mosquitto with the TLS settings of `deploy/mosquitto` (client certificate
+    /// required, chaining to the fleet root and device intermediate; the common name as
+    /// user name and client id) on a Nanofleet server's certificates in `pki_dir`, plus
+    /// the configuration lines `extra`.
+    pub fn spawn_mtls(pki_dir: &Path, extra: &str) -> anyhow::Result<MosquittoProcess> {
+        MosquittoProcess::spawn(|dir, port| {
+            // OpenSSL wants the chain to end at a self-signed certificate: root first.
+            let ca = dir.join("ca.pem");
+            std::fs::write(
+                &ca,
+                std::fs::read_to_string(pki_dir.join("root.pem"))?
+                    + &std::fs::read_to_string(pki_dir.join("devices-bundle.pem"))?,
+            )?;
+            Ok(format!(
+                "user root\npersistence false\nlog_dest stderr\nlog_type error\nlog_type warning\n\
+                 listener {port} 127.0.0.1\nprotocol mqtt\nmax_connections -1\n\
+                 cafile {}\ncertfile {}\nkeyfile {}\ntls_version tlsv1.2\n\
+                 require_certificate true\nuse_identity_as_username true\nuse_username_as_clientid true\n\
+                 allow_anonymous false\n{extra}",
+                ca.display(),
+                pki_dir.join("server.pem").display(),
+                pki_dir.join("server.key").display(),
+            ))
+        })
+    }
+
     pub fn spawn(
         config: impl FnOnce(&Path, u16) -> anyhow::Result<String>,
     ) -> anyhow::Result<MosquittoProcess> {
