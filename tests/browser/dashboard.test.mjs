@@ -408,14 +408,18 @@ describe('dashboard against a demo fleet', () => {
     await page.waitForURL((u) => new URL(u).hash === '#/batches');
     await page.getByTestId('batch-table').waitFor({ state: 'visible' });
 
-    // The demo's pharmacist starts runs on the devices that accepted the recipe; a run
-    // takes about a minute, then the device's signed record arrives.
+    // Each hospital's pharmacist starts runs on the devices that accepted its recipe; a
+    // run takes about a minute, then the device's signed record arrives.
     const rows = page.getByTestId('batch-row');
     await until('a batch record', () => rows.count(), (n) => n > 0, 180_000);
     const legendTotal = await page.locator('.legend-item').evaluateAll((items) => items.reduce((sum, i) => sum + Number(i.dataset.count), 0));
     assert.equal(legendTotal, await rows.count(), 'the disposition bar counts every listed batch');
 
-    const row = rows.first();
+    // One of the first hospital's: its version of the recipe is the one Alice Martin
+    // authored (each hospital's pharmacist starts its runs and authored its version).
+    const ours = rows.filter({ hasText: DEMO_SIGNATURES[0][0] });
+    await until('a batch record of the first hospital', () => ours.count(), (n) => n > 0, 180_000);
+    const row = ours.first();
     const batchId = await row.getAttribute('data-batch-id');
     await row.click();
     await page.waitForURL((u) => decodeURIComponent(new URL(u).hash) === `#/batches/${batchId}`);
