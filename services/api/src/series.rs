@@ -15,6 +15,29 @@ pub const MAX_POINTS: u32 = 10_000;
 /// The sample interval the automatic choice assumes (devices report at 1 Hz).
 const SAMPLE_MS: i64 = 1_000;
 
+/// The resolutions by the names the CLI and the dashboard use; `auto` lets the server
+/// choose.
+pub const RESOLUTIONS: [(&str, Resolution); 4] = [
+    ("auto", Resolution::Unspecified),
+    ("raw", Resolution::Raw),
+    ("minute", Resolution::Minute),
+    ("hour", Resolution::Hour),
+];
+
+/// A resolution by its name; the error lists the names allowed.
+pub fn resolution_named(name: &str) -> Result<Resolution, Error> {
+    RESOLUTIONS.iter().find(|(n, _)| *n == name).map(|(_, r)| *r).ok_or_else(|| Error::InvalidArgument {
+        field: "resolution",
+        value: name.to_owned(),
+        allowed: "auto, raw, minute or hour".into(),
+    })
+}
+
+/// The name of a resolution (`auto` for one the server did not set).
+pub fn resolution_name(r: i32) -> &'static str {
+    RESOLUTIONS.iter().find(|(_, x)| *x as i32 == r).map_or("auto", |(n, _)| n)
+}
+
 /// A series query, checked.
 #[derive(Debug, Clone, Copy)]
 pub struct SeriesQuery<'a> {

@@ -398,6 +398,15 @@ async fn device(
     Ok(Json(json::device(&d)))
 }
 
+/// `allow`, and for a site-scoped caller, that the device is of their site.
+async fn allow_device(api: &Api, caller: &Caller, method: &str, id: &str) -> Result<(), ApiError> {
+    allow(caller, method)?;
+    if caller.site_limit().is_some() {
+        caller.check_device_site(id, &api.fleet.device(id).await?.site_id)?;
+    }
+    Ok(())
+}
+
 #[derive(serde::Deserialize)]
 struct TelemetryQuery {
     since_ms: Option<i64>,
@@ -411,10 +420,7 @@ async fn telemetry(
     Path(id): Path<String>,
     q: Result<Query<TelemetryQuery>, QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    allow(&caller, "TelemetryService/QueryTelemetry")?;
-    if caller.site_limit().is_some() {
-        caller.check_device_site(&id, &api.fleet.device(&id).await?.site_id)?;
-    }
+    allow_device(&api, &caller, "TelemetryService/QueryTelemetry", &id).await?;
     let fleet = &api.fleet;
     let q = query(q)?;
     let now = now_ms();
@@ -443,25 +449,9 @@ async fn series(
     Path(id): Path<String>,
     q: Result<Query<SeriesQuery>, QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    allow(&caller, "TelemetryService/QuerySeries")?;
-    if caller.site_limit().is_some() {
-        caller.check_device_site(&id, &api.fleet.device(&id).await?.site_id)?;
-    }
+    allow_device(&api, &caller, "TelemetryService/QuerySeries", &id).await?;
     let q = query(q)?;
-    let resolution = match q.resolution.as_deref().unwrap_or("auto") {
-        "auto" => pb::Resolution::Unspecified,
-        "raw" => pb::Resolution::Raw,
-        "minute" => pb::Resolution::Minute,
-        "hour" => pb::Resolution::Hour,
-        other => {
-            return Err(nanofleet_api::Error::InvalidArgument {
-                field: "resolution",
-                value: other.to_owned(),
-                allowed: "auto, raw, minute or hour".into(),
-            }
-            .into());
-        }
-    };
+    let resolution = nanofleet_api::series::resolution_named(q.resolution.as_deref().unwrap_or("auto"))?;
     let now = now_ms();
     let r = api
         .fleet
@@ -474,11 +464,7 @@ async fn series(
             max_points: q.points.unwrap_or(0),
         })
         .await?;
-    let resolution = match pb::Resolution::try_from(r.resolution).unwrap_or_default() {
-        pb::Resolution::Raw => "raw",
-        pb::Resolution::Minute => "minute",
-        _ => "hour",
-    };
+    let resolution = nanofleet_api::series::resolution_name(r.resolution);
     Ok(Json(serde_json::json!({
         "device_id": r.device_id,
         "metric": r.metric,

@@ -876,7 +876,7 @@ struct TelemetryArgs {
     #[arg(long)]
     metric: Option<String>,
     /// With --metric: auto (the finest whose points fit --points), raw, minute or hour.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "raw", "minute", "hour"])]
+    #[arg(long, default_value = "auto", value_parser = nanofleet_api::series::RESOLUTIONS.map(|(n, _)| n))]
     resolution: String,
     /// With --metric: at most this many points; wider windows merge rollups into wider
     /// buckets.
@@ -1101,12 +1101,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             match &a.metric {
                 None => c.telemetry(&a.client.server, &a.id, a.since, a.limit).await?,
                 Some(metric) => {
-                    let resolution = match a.resolution.as_str() {
-                        "raw" => pb::Resolution::Raw,
-                        "minute" => pb::Resolution::Minute,
-                        "hour" => pb::Resolution::Hour,
-                        _ => pb::Resolution::Unspecified,
-                    };
+                    let resolution = nanofleet_api::series::resolution_named(&a.resolution)?;
                     let req = pb::QuerySeriesRequest {
                         device_id: a.id.clone(),
                         metric: metric.clone(),

@@ -91,7 +91,7 @@ impl Store {
         conn: &mut sqlx::AnyConnection,
         partials: Vec<RollupRow>,
         fold: &dyn RollupFold,
-    ) -> Result<usize> {
+    ) -> Result<()> {
         for tier in Tier::ALL {
             // One row per key, in key order (stable statement shapes, ordered writes).
             let mut merged: HashMap<(String, i64), RollupRow> = HashMap::new();
@@ -147,7 +147,7 @@ impl Store {
                 q.execute(&mut *conn).await?;
             }
         }
-        Ok(partials.len())
+        Ok(())
     }
 
     /// Rollup rows of one device and tier with `since_ms <= start_ms < until_ms`, oldest
