@@ -7,8 +7,8 @@ use crate::Reason;
 
 /// Upper bounds (seconds) of the buckets of the time from a telemetry message's
 /// arrival at ingest to its commit.
-pub const LATENCY_BOUNDS: [f64; 13] =
-    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+pub const LATENCY_BOUNDS: [f64; 15] =
+    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
 #[derive(Debug, Default)]
 pub struct Stats {

@@ -41,14 +41,30 @@ pub(crate) struct Item {
 /// update per device per commit touches as many pages as the telemetry itself.
 const LAST_VALUES_EVERY: Duration = Duration::from_secs(1);
 
+/// Landed telemetry rows moved (and folded) per step. Commits queued meanwhile wait
+/// for one step, not for the whole second's worth of rows: with 10,000 devices a
+/// second's move folds thousands of rollup rows.
+const SETTLE_STEP: usize = 256;
+
 pub(crate) async fn run(store: Store, mut rx: mpsc::Receiver<Item>, max_batch: usize, inner: Weak<Inner>) {
     let mut items = Vec::with_capacity(max_batch);
     // device → (highest seq, newest sample), not yet written
     let mut last: HashMap<String, (i64, Newest)> = HashMap::new();
     let mut last_written = Instant::now();
     let mut fold = crate::rollup::TelemetryFold;
+    // Landed rows wait to be moved: a step runs after each commit until none are left.
+    let mut settling = false;
     loop {
-        let received = if last.is_empty() {
+        let received = if settling {
+            // Between steps: take what is queued, without waiting for more.
+            while items.len() < max_batch {
+                match rx.try_recv() {
+                    Ok(item) => items.push(item),
+                    Err(_) => break,
+                }
+            }
+            usize::MAX
+        } else if last.is_empty() {
             rx.recv_many(&mut items, max_batch).await
         } else {
             let due = LAST_VALUES_EVERY.saturating_sub(last_written.elapsed());
@@ -137,11 +153,27 @@ pub(crate) async fn run(store: Store, mut rx: mpsc::Receiver<Item>, max_batch: u
             }
         }
         // Move landed telemetry into the main table in key order (see the store), and
-        // fold it into the rollups.
-        if periodic && let Err(e) = store.settle_telemetry(Some(&mut fold)).await {
-            tracing::warn!(error = %e, "telemetry not moved to the main table; will retry");
+        // fold it into the rollups, one step between commits.
+        settling |= periodic;
+        if settling {
+            let started = Instant::now();
+            match store.settle_telemetry(Some(&mut fold), SETTLE_STEP).await {
+                Ok(step) => {
+                    settling = step.more;
+                    tracing::trace!(
+                        taken = step.taken,
+                        elapsed_us = started.elapsed().as_micros() as u64,
+                        "landed telemetry moved"
+                    );
+                }
+                Err(e) => {
+                    settling = false;
+                    tracing::warn!(error = %e, "telemetry not moved to the main table; will retry");
+                }
+            }
         }
-        if closed {
+        // At shutdown, landed rows are moved before the writer ends.
+        if closed && !settling {
             break;
         }
     }

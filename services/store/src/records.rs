@@ -180,3 +180,14 @@ pub struct WriteOutcome {
     /// Deaths that marked a device offline (the others named an older session).
     pub deaths_applied: u64,
 }
+
+/// What one step of [`crate::Store::settle_telemetry`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Settled {
+    /// Landed rows taken out of the landing table.
+    pub taken: u64,
+    /// Of those, the rows that were new to the main table (and were folded).
+    pub moved: u64,
+    /// The step took as many rows as it was allowed: more may be waiting.
+    pub more: bool,
+}
