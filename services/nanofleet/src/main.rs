@@ -11,6 +11,14 @@ use nanofleet::server::{self, DEFAULT_GRPC, DEFAULT_HTTP, DEFAULT_MQTT, Server};
 use nanofleet_agent::process;
 use nanofleet_proto::v1 as pb;
 
+/// jemalloc, not the system's allocator: under a steady stream of messages from
+/// thousands of connections, glibc's per-thread arenas keep freed memory, and the
+/// server's resident memory grows for as long as it runs while its live heap stays
+/// flat. jemalloc hands unused pages back after a few seconds. See
+/// docs/decisions/0010-memory-allocator.md.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Nanofleet: the fleet platform for point-of-care LNP formulation devices.
 ///
 /// Start with `nanofleet demo`: a server, its embedded MQTT broker, SQLite, the web
