@@ -2,7 +2,9 @@
 //! latter against a real server.
 //! Skips (with the reason) where no PostgreSQL answers; CI always provides one.
 
-use nanofleet_store::{Birth, LastValues, Options, Store, TelemetryRecord, WriteBatch};
+use nanofleet_store::{Birth, LastValues, Options, SettleStep, Store, TelemetryRecord, WriteBatch};
+
+const STEP: SettleStep = SettleStep { rows: 1_000, devices: 1_000 };
 use nanofleet_tests::skip_or_fail;
 use sqlx::Connection as _;
 
@@ -87,11 +89,13 @@ async fn exercise(url: &str) -> anyhow::Result<()> {
     assert_eq!(store.telemetry_seqs("NF-PG-01").await?, vec![1, 2, 3, 4]);
     // Landed rows move to the main table; a re-send is still recognised after the move.
     // A bounded step takes the first rows in key order and says more are waiting.
-    let step = store.settle_telemetry(None, 3).await?;
+    let step = store.settle_telemetry(None, SettleStep { rows: 3, devices: 10 }).await?;
     assert_eq!((step.taken, step.moved, step.more), (3, 3, true));
     assert_eq!(store.telemetry_seqs("NF-PG-01").await?, vec![1, 2, 3, 4], "nothing lost between tables");
-    let step = store.settle_telemetry(None, 3).await?;
-    assert_eq!((step.taken, step.moved, step.more), (1, 1, false));
+    let step = store.settle_telemetry(None, SettleStep { rows: 3, devices: 10 }).await?;
+    assert_eq!((step.taken, step.moved), (1, 1));
+    let step = store.settle_telemetry(None, SettleStep { rows: 3, devices: 10 }).await?;
+    assert_eq!((step.taken, step.more), (0, false), "nothing left");
     let after =
         store.write_batch(&WriteBatch { telemetry: vec![rec(4), rec(5)], ..Default::default() }).await?;
     assert_eq!(after.telemetry_inserted, 1, "4 is in the main table, 5 is new");
@@ -106,6 +110,22 @@ async fn exercise(url: &str) -> anyhow::Result<()> {
     let newest = store.query_telemetry("NF-PG-01", 0, 10_000, 2).await?;
     assert_eq!(newest.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![4, 5], "the newest within the limit");
     assert_eq!(window[0].payload, vec![1, 0, 1], "payload bytes round-trip");
+    // A step also ends after its last device: NF-PG-01's batch 5 and NF-Q-1's two
+    // batches, then NF-Q-2's.
+    let other = |device: &str, seq: i64| TelemetryRecord { device_id: device.into(), ..rec(seq) };
+    store
+        .write_batch(&WriteBatch {
+            telemetry: vec![other("NF-Q-2", 1), other("NF-Q-1", 2), other("NF-Q-1", 1)],
+            ..Default::default()
+        })
+        .await?;
+    let two_devices = SettleStep { rows: 100, devices: 2 };
+    let step = store.settle_telemetry(None, two_devices).await?;
+    assert_eq!((step.taken, step.more), (3, true));
+    assert_eq!(store.telemetry_seqs("NF-Q-2").await?, vec![1], "still landed, not lost");
+    assert_eq!(store.settle_telemetry(None, two_devices).await?.taken, 1);
+    assert_eq!(store.settle_telemetry(None, two_devices).await?.taken, 0);
+    assert_eq!(store.telemetry_count().await?, 8);
 
     let d = store.get_device("NF-PG-01").await?.expect("device");
     assert!(d.online);
@@ -607,11 +627,11 @@ async fn exercise_rollups(url: &str) -> anyhow::Result<()> {
     };
     let mut fold = TelemetryFold;
     store.write_batch(&WriteBatch { telemetry: vec![rec(1), rec(2)], ..Default::default() }).await?;
-    assert_eq!(store.settle_telemetry(Some(&mut fold), 1_000).await?.moved, 2);
+    assert_eq!(store.settle_telemetry(Some(&mut fold), STEP).await?.moved, 2);
     // Batch 2 again (a re-send after a lost PUBACK) with batch 3: 2 is not counted twice.
     store.write_batch(&WriteBatch { telemetry: vec![rec(2), rec(3)], ..Default::default() }).await?;
-    assert_eq!(store.settle_telemetry(Some(&mut fold), 1_000).await?.moved, 1);
-    assert_eq!(store.settle_telemetry(Some(&mut fold), 1_000).await?.taken, 0, "nothing left to move");
+    assert_eq!(store.settle_telemetry(Some(&mut fold), STEP).await?.moved, 1);
+    assert_eq!(store.settle_telemetry(Some(&mut fold), STEP).await?.taken, 0, "nothing left to move");
 
     let minutes = store.rollups("NF-R-01", Tier::Minute, t0 - 3_600_000, t0 + 3_600_000).await?;
     assert_eq!(
@@ -687,7 +707,7 @@ async fn the_sqlite_log_stays_bounded_under_steady_writes() -> anyhow::Result<()
             })
             .collect();
         store.write_batch(&WriteBatch { telemetry, ..Default::default() }).await?;
-        store.settle_telemetry(None, 1_000).await?;
+        store.settle_telemetry(None, STEP).await?;
         largest = largest.max(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0));
     }
     assert_eq!(store.telemetry_count().await?, 2_048);

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use nanofleet_proto::Message as _;
 use nanofleet_proto::device::v1::Sample;
 use nanofleet_store::{
-    AlarmChange, EventRecord, LastValues, PresenceChange, Store, TelemetryRecord, WriteBatch,
+    AlarmChange, EventRecord, LastValues, PresenceChange, SettleStep, Store, TelemetryRecord, WriteBatch,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -41,10 +41,11 @@ pub(crate) struct Item {
 /// update per device per commit touches as many pages as the telemetry itself.
 const LAST_VALUES_EVERY: Duration = Duration::from_secs(1);
 
-/// Landed telemetry rows moved (and folded) per step. Commits queued meanwhile wait
-/// for one step, not for the whole second's worth of rows: with 10,000 devices a
-/// second's move folds thousands of rollup rows.
-const SETTLE_STEP: usize = 256;
+/// How much landed telemetry one step moves (and folds). Commits queued meanwhile
+/// wait for one step, not for a whole second's worth: with 10,000 devices a second's
+/// move folds thousands of rollup rows. The fold's cost follows the devices in a step,
+/// the move's the rows; each step is a transaction of its own.
+const SETTLE_STEP: SettleStep = SettleStep { rows: 8_192, devices: 256 };
 
 pub(crate) async fn run(store: Store, mut rx: mpsc::Receiver<Item>, max_batch: usize, inner: Weak<Inner>) {
     let mut items = Vec::with_capacity(max_batch);

@@ -69,7 +69,7 @@ impl Store {
     /// `a.occurrences` to it and takes `a`'s evidence and time as the newest. Returns
     /// the stored alert and whether it is new.
     pub async fn raise_alert(&self, a: &AlertRow) -> Result<(AlertRow, bool)> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let updated = sqlx::query(
             "UPDATE alerts SET occurrences = occurrences + $2, last_seen_ms = $3, evidence = $4, title = $5 \
              WHERE dedup_key = $1 AND state <> 'resolved'",
@@ -121,7 +121,7 @@ impl Store {
         at_ms: i64,
         audit: &AuditEntry,
     ) -> Result<Option<AlertRow>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let done = sqlx::query(
             "UPDATE alerts SET state = 'acknowledged', acknowledged_by = $2, acknowledged_ms = $3, note = $4 \
              WHERE alert_id = $1 AND state = 'open'",
@@ -150,7 +150,7 @@ impl Store {
 
     /// Resolves the active alert with this dedup key, if any.
     pub async fn resolve_alert(&self, dedup_key: &str, at_ms: i64) -> Result<Option<AlertRow>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let row = sqlx::query(&format!(
             "SELECT {COLUMNS} FROM alerts WHERE dedup_key = $1 AND state <> 'resolved'"
         ))

@@ -384,7 +384,7 @@ pub fn verify_chain<'a>(
 impl Store {
     /// Appends one record in a transaction of its own.
     pub async fn append_audit(&self, entry: AuditEntry) -> Result<AuditRecord> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let record = append_audit_in(&mut tx, entry).await?;
         tx.commit().await?;
         Ok(record)

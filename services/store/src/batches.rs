@@ -129,7 +129,7 @@ fn batch_from_row(r: &AnyRow) -> Result<(BatchRow, Option<BatchDecision>)> {
 impl Store {
     /// Records a run request before it is sent to the device.
     pub async fn insert_run_request(&self, r: &RunRequestRecord, audit: &AuditEntry) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let done = sqlx::query(
             "INSERT INTO run_requests (request_id, device_id, site_id, recipe_id, recipe_version, requested_by, \
              requested_ms, state) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (request_id) DO NOTHING",
@@ -155,7 +155,7 @@ impl Store {
     /// Stores a device's answer to a run request it was sent (one the cloud did not
     /// send, e.g. started at the device screen, is only audited).
     pub async fn answer_run_request(&self, a: &RunAnswer, audit: &AuditEntry) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         sqlx::query(
             "UPDATE run_requests SET state = $3, code = $4, reason = $5, batch_id = $6, answered_ms = $7 \
              WHERE request_id = $1 AND device_id = $2",
@@ -211,7 +211,7 @@ impl Store {
         limits: &[QualityLimit],
         audit: &AuditEntry,
     ) -> Result<bool> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let done = sqlx::query(
             "INSERT INTO batch_records (batch_id, device_id, site_id, recipe_id, recipe_version, started_ms, \
              ended_ms, outcome, qc_passed, started_by, started_by_name, cartridge_lot, prescription_id, \
@@ -299,7 +299,7 @@ impl Store {
 
     /// Records QA's decision; a batch is decided once.
     pub async fn decide_batch(&self, d: &BatchDecision, audit: &AuditEntry) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let done = sqlx::query(
             "INSERT INTO batch_decisions (batch_id, meaning, signer_id, printed_name, reason, signed_ms, \
              record_digest) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (batch_id) DO NOTHING",

@@ -147,9 +147,15 @@ impl Store {
     }
 
     /// Starts a transaction, for a change of state and its audit record
-    /// ([`append_audit_in`]) to commit together.
+    /// ([`append_audit_in`]) to commit together. On SQLite it takes the write lock at
+    /// once (`BEGIN IMMEDIATE`): a transaction that reads before it writes would
+    /// otherwise fail, not wait, when another writer or a restarting checkpoint holds
+    /// the lock at its first write.
     pub async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>> {
-        Ok(self.pool.begin().await?)
+        Ok(match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
+        })
     }
 
     /// Waits for open connections to finish and closes the pool.
@@ -200,7 +206,7 @@ impl Store {
     /// Records a birth: the device is online in a new session. Creates the device (and
     /// its site, named after its id, if unknown).
     pub async fn apply_birth(&self, b: &Birth) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         birth_in(&mut tx, b).await?;
         tx.commit().await?;
         Ok(())
@@ -211,7 +217,7 @@ impl Store {
     /// applied.
     pub async fn apply_death(&self, device_id: &str, session_id: &str, time_ms: i64) -> Result<bool> {
         let death = Death { device_id: device_id.into(), session_id: session_id.into(), time_ms };
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let applied = death_in(&mut tx, &death).await?;
         tx.commit().await?;
         Ok(applied)
@@ -285,7 +291,7 @@ impl Store {
     /// sequence number) are skipped; the outcome counts what was new.
     pub async fn write_batch(&self, batch: &WriteBatch) -> Result<WriteOutcome> {
         let mut out = WriteOutcome::default();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         // Presence first and in order: a birth and a death of one device may share a batch.
         for change in &batch.presence {
             match change {
@@ -380,39 +386,73 @@ impl Store {
         Ok(out)
     }
 
-    /// Moves the first `limit` landed telemetry rows (in key order) from the landing
-    /// table into the main one, and folds the rows that were new into the rollups (when
-    /// `fold` is given) in the same transaction: each row is summarised exactly once.
-    /// Run by the single writer between its commits, a bounded step at a time, so
-    /// that the commits waiting behind a step wait only for that step.
-    pub async fn settle_telemetry(&self, fold: Option<&mut dyn RollupFold>, limit: usize) -> Result<Settled> {
-        let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
-        let mut tx = self.pool.begin().await?;
-        let (taken, moved): (u64, Vec<TelemetryRecord>) = match self.backend {
+    /// Moves the first landed telemetry rows (in key order) from the landing table into
+    /// the main one, at most `step.rows` rows of at most `step.devices` devices, and
+    /// folds the rows that were new into the rollups (when `fold` is given) in the same
+    /// transaction: each row is summarised exactly once. Run by the single writer
+    /// between its commits, a bounded step at a time, so that the commits waiting
+    /// behind a step wait only for that step. The fold's work grows with the devices
+    /// in a step (two rollup rows each), the move's with the rows.
+    pub async fn settle_telemetry(
+        &self,
+        fold: Option<&mut dyn RollupFold>,
+        step: SettleStep,
+    ) -> Result<Settled> {
+        let limit = i64::try_from(step.rows.max(1)).unwrap_or(i64::MAX);
+        let devices = i64::try_from(step.devices.max(1)).unwrap_or(i64::MAX);
+        let mut tx = self.begin().await?;
+        let (taken, moved, more): (u64, Vec<TelemetryRecord>, bool) = match self.backend {
             // One writer per SQLite file: between the copy and the delete nothing
             // else can land, so both statements see the same first rows.
             Backend::Sqlite => {
-                let rows = sqlx::query(
+                // The step ends at the `limit`th key or at the last row of the
+                // `devices`th device, whichever comes first: a range along the primary
+                // key (not `IN (… LIMIT n)`, which SQLite checks row by row over the
+                // whole landing table, for every step).
+                let by_rows = sqlx::query(
+                    "SELECT device_id, seq FROM telemetry_recent ORDER BY device_id, seq LIMIT 1 OFFSET $1",
+                )
+                .bind(limit - 1)
+                .fetch_optional(&mut *tx)
+                .await?
+                .map(|r| Ok::<_, Error>((r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)?)))
+                .transpose()?;
+                // The `devices`th device, if that many have landed.
+                let by_devices = sqlx::query(
+                    "SELECT max(device_id), count(*) FROM (SELECT DISTINCT device_id FROM telemetry_recent \
+                     ORDER BY device_id LIMIT $1) AS d",
+                )
+                .bind(devices)
+                .fetch_one(&mut *tx)
+                .await?;
+                let by_devices = match by_devices.try_get::<i64, _>(1)? {
+                    n if n >= devices => Some(by_devices.try_get::<String, _>(0)?),
+                    _ => None,
+                };
+                let bound = match (by_rows, by_devices) {
+                    (Some(k), Some(d)) if d < k.0 => Some((d, i64::MAX)),
+                    (Some(k), _) => Some(k),
+                    (None, Some(d)) => Some((d, i64::MAX)),
+                    (None, None) => None,
+                };
+                // SQLite needs a WHERE before ON CONFLICT in an INSERT … SELECT.
+                let range = if bound.is_some() { "(device_id, seq) <= ($1, $2)" } else { "true" };
+                let insert = format!(
                     "INSERT INTO telemetry (device_id, seq, first_ms, last_ms, samples, payload) \
                      SELECT device_id, seq, first_ms, last_ms, samples, payload FROM telemetry_recent \
-                     WHERE (device_id, seq) IN \
-                        (SELECT device_id, seq FROM telemetry_recent ORDER BY device_id, seq LIMIT $1) \
-                     ORDER BY device_id, seq \
+                     WHERE {range} ORDER BY device_id, seq \
                      ON CONFLICT (device_id, seq) DO NOTHING \
-                     RETURNING device_id, seq, first_ms, last_ms, samples, payload",
-                )
-                .bind(limit)
-                .fetch_all(&mut *tx)
-                .await?;
-                let taken = sqlx::query(
-                    "DELETE FROM telemetry_recent WHERE (device_id, seq) IN \
-                        (SELECT device_id, seq FROM telemetry_recent ORDER BY device_id, seq LIMIT $1)",
-                )
-                .bind(limit)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-                (taken, rows.iter().map(TelemetryRecord::from_row).collect::<Result<_>>()?)
+                     RETURNING device_id, seq, first_ms, last_ms, samples, payload"
+                );
+                let delete = format!("DELETE FROM telemetry_recent WHERE {range}");
+                let (mut insert, mut delete) = (sqlx::query(&insert), sqlx::query(&delete));
+                if let Some((device, seq)) = &bound {
+                    insert = insert.bind(device).bind(*seq);
+                    delete = delete.bind(device).bind(*seq);
+                }
+                let rows = insert.fetch_all(&mut *tx).await?;
+                let taken = delete.execute(&mut *tx).await?.rows_affected();
+                (taken, rows.iter().map(TelemetryRecord::from_row).collect::<Result<_>>()?, bound.is_some())
             }
             // Several servers may share a PostgreSQL database: move exactly the rows
             // this statement deletes (rows another server is moving are skipped), and
@@ -424,8 +464,10 @@ impl Store {
                 }
                 let rows = sqlx::query(
                     "WITH moved AS (DELETE FROM telemetry_recent WHERE (device_id, seq) IN \
-                        (SELECT device_id, seq FROM telemetry_recent ORDER BY device_id, seq LIMIT $1 \
-                         FOR UPDATE SKIP LOCKED) RETURNING *), \
+                        (SELECT device_id, seq FROM telemetry_recent WHERE device_id <= \
+                            (SELECT max(device_id) FROM (SELECT DISTINCT device_id FROM telemetry_recent \
+                             ORDER BY device_id LIMIT $2) AS d) \
+                         ORDER BY device_id, seq LIMIT $1 FOR UPDATE SKIP LOCKED) RETURNING *), \
                      inserted AS (INSERT INTO telemetry (device_id, seq, first_ms, last_ms, samples, payload) \
                         SELECT device_id, seq, first_ms, last_ms, samples, payload FROM moved \
                         ORDER BY device_id, seq ON CONFLICT (device_id, seq) DO NOTHING \
@@ -435,6 +477,7 @@ impl Store {
                      FROM moved m LEFT JOIN inserted i ON i.device_id = m.device_id AND i.seq = m.seq",
                 )
                 .bind(limit)
+                .bind(devices)
                 .fetch_all(&mut *tx)
                 .await?;
                 let mut moved = Vec::with_capacity(rows.len());
@@ -443,7 +486,8 @@ impl Store {
                         moved.push(TelemetryRecord::from_row(r)?);
                     }
                 }
-                (rows.len() as u64, moved)
+                // Until a step finds nothing left.
+                (rows.len() as u64, moved, true)
             }
         };
         if let Some(fold) = fold
@@ -453,7 +497,7 @@ impl Store {
             self.merge_rollups(&mut tx, partials, fold).await?;
         }
         tx.commit().await?;
-        Ok(Settled { taken, moved: moved.len() as u64, more: taken >= limit as u64 })
+        Ok(Settled { taken, moved: moved.len() as u64, more: taken > 0 && more })
     }
 
     /// Telemetry batches of one device overlapping `[since_ms, until_ms)`, oldest first:
@@ -543,11 +587,13 @@ impl Store {
 
     /// Number of telemetry rows stored.
     pub async fn telemetry_count(&self) -> Result<i64> {
-        let main: i64 =
-            sqlx::query("SELECT COUNT(*) FROM telemetry").fetch_one(&self.pool).await?.try_get(0)?;
-        let recent: i64 =
-            sqlx::query("SELECT COUNT(*) FROM telemetry_recent").fetch_one(&self.pool).await?.try_get(0)?;
-        Ok(main + recent)
+        // One statement, one snapshot: a move between two counts would hide its rows.
+        let n: i64 =
+            sqlx::query("SELECT (SELECT COUNT(*) FROM telemetry) + (SELECT COUNT(*) FROM telemetry_recent)")
+                .fetch_one(&self.pool)
+                .await?
+                .try_get(0)?;
+        Ok(n)
     }
 }
 

@@ -174,7 +174,7 @@ impl Store {
 
     /// Writes the metrics of a batch stored before metrics were kept.
     pub async fn insert_metrics(&self, m: &BatchMetrics, limits: &[QualityLimit]) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         insert_metrics_in(&mut tx, m, limits).await?;
         tx.commit().await?;
         Ok(())

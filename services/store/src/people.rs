@@ -73,7 +73,7 @@ impl Store {
 
     /// Creates a person; an existing id is a conflict.
     pub async fn create_person(&self, p: &PersonRecord, audit: &AuditEntry) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let done = sqlx::query(&format!(
             "INSERT INTO people ({PERSON_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
              ON CONFLICT (id) DO NOTHING"
@@ -114,7 +114,7 @@ impl Store {
 
     /// Sets a person's role and site.
     pub async fn set_role(&self, id: &str, role: &str, site_id: &str, audit: &AuditEntry) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let done = sqlx::query("UPDATE people SET role = $2, site_id = $3 WHERE id = $1")
             .bind(id)
             .bind(role)
@@ -131,7 +131,7 @@ impl Store {
 
     /// Disables a person and revokes their tokens and sessions.
     pub async fn disable_person(&self, id: &str, now_ms: i64, audit: &AuditEntry) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let done = sqlx::query("UPDATE people SET disabled_ms = $2 WHERE id = $1 AND disabled_ms = 0")
             .bind(id)
             .bind(now_ms)
@@ -165,7 +165,7 @@ impl Store {
         lock_until_ms: i64,
         audit: &AuditEntry,
     ) -> Result<i64> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let row = sqlx::query(
             // A lockout that has run out starts the count afresh.
             "UPDATE people SET \
@@ -194,7 +194,7 @@ impl Store {
 
     /// A successful login: failures reset, the session stored, audited.
     pub async fn record_login(&self, session: &CredentialRecord, audit: &AuditEntry) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         sqlx::query("UPDATE people SET failed_logins = 0, locked_until_ms = 0 WHERE id = $1")
             .bind(&session.person_id)
             .execute(&mut *tx)
@@ -216,7 +216,7 @@ impl Store {
         c: &CredentialRecord,
         audit: &AuditEntry,
     ) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         insert_credential_in(&mut tx, kind, c).await?;
         append_audit_in(&mut tx, audit.clone()).await?;
         tx.commit().await?;
@@ -255,7 +255,7 @@ impl Store {
         now_ms: i64,
         audit: Option<&AuditEntry>,
     ) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let done = sqlx::query(&format!(
             "UPDATE {} SET revoked_ms = $2 WHERE id = $1 AND revoked_ms = 0",
             kind.table()

@@ -109,7 +109,7 @@ impl Store {
     pub async fn save_recipe_draft(&self, rec: &RecipeRecord, audit: &AuditEntry) -> Result<()> {
         // The write comes first: a transaction that reads before it writes can be
         // refused at once (SQLite) when another writer went ahead of it.
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let saved = sqlx::query(&format!(
             "INSERT INTO recipes ({RECIPE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
              ON CONFLICT (recipe_id, version) DO UPDATE SET name = excluded.name, body = excluded.body, \
@@ -212,7 +212,7 @@ impl Store {
     /// the signer saw; a release also creates the pending deliveries.
     pub async fn sign_recipe(&self, c: &SignCommit) -> Result<()> {
         let s = &c.signature;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let moved = sqlx::query(
             "UPDATE recipes SET status = $3, released_ms = $4 WHERE recipe_id = $1 AND version = $2 AND status = $5",
         )
@@ -273,7 +273,7 @@ impl Store {
         reason: &str,
         audit: &AuditEntry,
     ) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let done = sqlx::query(
             "UPDATE recipes SET status = 'rejected', rejected_by = $3, rejected_reason = $4 \
              WHERE recipe_id = $1 AND version = $2 AND status IN ('draft', 'authored')",
@@ -326,7 +326,7 @@ impl Store {
         root_document: &str,
         audit: &[AuditEntry],
     ) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         sqlx::query(
             "INSERT INTO signing_keys (key_id, person_id, role, public_key, sealed_key, created_ms, revoked_ms) \
              VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -456,7 +456,7 @@ impl Store {
         sent: &[String],
         at_ms: i64,
     ) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         for chunk in crate::chunks(targets) {
             let sql = crate::multi_row_insert(
                 self.backend,
@@ -495,7 +495,7 @@ impl Store {
         &self,
         answers: &[(DeliveryRecord, Option<AuditEntry>)],
     ) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         for chunk in crate::chunks(answers) {
             let sql = crate::multi_row_insert(
                 self.backend,

@@ -181,6 +181,15 @@ pub struct WriteOutcome {
     pub deaths_applied: u64,
 }
 
+/// How much one step of [`crate::Store::settle_telemetry`] may move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SettleStep {
+    /// Most landed rows.
+    pub rows: usize,
+    /// Most devices (each adds two rollup rows to the fold).
+    pub devices: usize,
+}
+
 /// What one step of [`crate::Store::settle_telemetry`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Settled {

@@ -96,7 +96,7 @@ impl Store {
     pub async fn create_site(&self, site: &SiteRecord, audit: &AuditEntry) -> Result<()> {
         // Write first: on SQLite a transaction that read before writing may find the
         // database locked when it tries to write.
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let done = sqlx::query(
             "INSERT INTO sites (id, name, created_ms, time_zone) VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO NOTHING",
         )
@@ -131,7 +131,7 @@ impl Store {
     }
 
     pub async fn insert_enroll_token(&self, token: &EnrollTokenRecord, audit: &AuditEntry) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         insert_token_in(&mut tx, token).await?;
         append_audit_in(&mut tx, audit.clone()).await?;
         tx.commit().await?;
@@ -173,7 +173,7 @@ impl Store {
         now_ms: i64,
         audit: &AuditEntry,
     ) -> Result<EnrollTokenRecord> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let done = sqlx::query("UPDATE enroll_tokens SET revoked_ms = $2 WHERE id = $1 AND revoked_ms = 0")
             .bind(id)
             .bind(now_ms)
@@ -197,7 +197,7 @@ impl Store {
     /// (or re-activates the one being replaced), records its certificate and the
     /// audit record. All or nothing.
     pub async fn commit_enrollment(&self, e: &EnrollCommit) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let took = sqlx::query(
             "UPDATE enroll_tokens SET uses_left = uses_left - 1 \
              WHERE id = $1 AND uses_left > 0 AND revoked_ms = 0 AND expires_ms > $2",
@@ -257,7 +257,7 @@ impl Store {
 
     /// Records a renewed certificate of an active device.
     pub async fn record_renewal(&self, cert: &CertRecord, audit: &AuditEntry) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let done =
             sqlx::query("UPDATE devices SET cert_not_after_ms = $2 WHERE id = $1 AND status = 'active'")
                 .bind(&cert.device_id)
@@ -276,7 +276,7 @@ impl Store {
     /// Decommissions a device and revokes its certificates. Refused if it is
     /// decommissioned already.
     pub async fn decommission_device(&self, device_id: &str, now_ms: i64, audit: &AuditEntry) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let done = sqlx::query(
             "UPDATE devices SET status = 'decommissioned', online = 0 WHERE id = $1 AND status <> 'decommissioned'",
         )
@@ -302,7 +302,7 @@ impl Store {
         now_ms: i64,
         audit: &AuditEntry,
     ) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let done = sqlx::query(
             "UPDATE devices SET status = 'replacing', online = 0 WHERE id = $1 AND status IN ('active', 'replacing')",
         )
