@@ -125,7 +125,8 @@ impl Store {
                         // writer's commits.
                         conn.execute("PRAGMA wal_autocheckpoint = 0").await?;
                         // The log file is cut back to this size when it starts over.
-                        conn.execute("PRAGMA journal_size_limit = 67108864").await?;
+                        conn.execute(format!("PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}").as_str())
+                            .await?;
                     }
                     Ok(())
                 })
@@ -646,7 +647,7 @@ async fn death_in(conn: &mut sqlx::AnyConnection, d: &Death) -> Result<bool> {
 /// A passive checkpoint never starts the log over either: under a steady stream of
 /// commits the writer always appends, and the log grows without end (measured: 5 GB in
 /// four minutes with 10,000 devices). So once the log holds more than
-/// [`WAL_RESTART_FRAMES`], a restarting checkpoint waits for the writer's current
+/// [`WAL_LIMIT_BYTES`], a restarting checkpoint waits for the writer's current
 /// transaction and the readers still on the old log, and the next commit writes from
 /// the start of the file again; `journal_size_limit` then trims the file.
 async fn checkpoint_wal(pool: AnyPool) {
@@ -667,7 +668,7 @@ async fn checkpoint_wal(pool: AnyPool) {
                 continue;
             }
         };
-        if frames > WAL_RESTART_FRAMES {
+        if frames > WAL_LIMIT_BYTES / WAL_FRAME_BYTES {
             match sqlx::query("PRAGMA wal_checkpoint(RESTART)").fetch_one(&pool).await {
                 Ok(row) if row.try_get::<i64, _>(0).unwrap_or(1) == 0 => {
                     tracing::debug!(frames, "sqlite log started over");
@@ -680,8 +681,10 @@ async fn checkpoint_wal(pool: AnyPool) {
     }
 }
 
-/// Log frames (pages of 4 KiB) above which the write-ahead log is started over: 64 MiB.
-const WAL_RESTART_FRAMES: i64 = 16_384;
+/// The write-ahead log is started over above this size, and its file cut back to it.
+const WAL_LIMIT_BYTES: i64 = 64 << 20;
+/// A log frame holds one database page (SQLite's default page size).
+const WAL_FRAME_BYTES: i64 = 4_096;
 
 /// `head VALUES (..), (..) tail` for `rows` rows of `cols` placeholders.
 fn multi_row_insert(backend: Backend, head: &str, cols: usize, rows: usize, tail: &str) -> String {
