@@ -89,12 +89,12 @@ async fn exercise(url: &str) -> anyhow::Result<()> {
     assert_eq!(store.telemetry_seqs("NF-PG-01").await?, vec![1, 2, 3, 4]);
     // Landed rows move to the main table; a re-send is still recognised after the move.
     // A bounded step takes the first rows in key order and says more are waiting.
-    let step = store.settle_telemetry(None, SettleStep { rows: 3, devices: 10 }).await?;
+    let step = store.settle_telemetry(None, SettleStep { rows: 3, devices: 10 }, None).await?;
     assert_eq!((step.taken, step.moved, step.more), (3, 3, true));
     assert_eq!(store.telemetry_seqs("NF-PG-01").await?, vec![1, 2, 3, 4], "nothing lost between tables");
-    let step = store.settle_telemetry(None, SettleStep { rows: 3, devices: 10 }).await?;
+    let step = store.settle_telemetry(None, SettleStep { rows: 3, devices: 10 }, None).await?;
     assert_eq!((step.taken, step.moved), (1, 1));
-    let step = store.settle_telemetry(None, SettleStep { rows: 3, devices: 10 }).await?;
+    let step = store.settle_telemetry(None, SettleStep { rows: 3, devices: 10 }, None).await?;
     assert_eq!((step.taken, step.more), (0, false), "nothing left");
     let after =
         store.write_batch(&WriteBatch { telemetry: vec![rec(4), rec(5)], ..Default::default() }).await?;
@@ -120,12 +120,22 @@ async fn exercise(url: &str) -> anyhow::Result<()> {
         })
         .await?;
     let two_devices = SettleStep { rows: 100, devices: 2 };
-    let step = store.settle_telemetry(None, two_devices).await?;
+    let step = store.settle_telemetry(None, two_devices, None).await?;
     assert_eq!((step.taken, step.more), (3, true));
     assert_eq!(store.telemetry_seqs("NF-Q-2").await?, vec![1], "still landed, not lost");
-    assert_eq!(store.settle_telemetry(None, two_devices).await?.taken, 1);
-    assert_eq!(store.settle_telemetry(None, two_devices).await?.taken, 0);
-    assert_eq!(store.telemetry_count().await?, 8);
+    // A sweep goes on after the last key it took: a row landing behind it waits for
+    // the next sweep, and the sweep ends at the end of the table.
+    store.write_batch(&WriteBatch { telemetry: vec![rec(6)], ..Default::default() }).await?;
+    let cursor = step.last.expect("where the sweep goes on");
+    assert_eq!(cursor.device_id, "NF-Q-1");
+    let step = store.settle_telemetry(None, two_devices, Some(&cursor)).await?;
+    assert_eq!(step.taken, 1, "NF-Q-2 only");
+    let step = store.settle_telemetry(None, two_devices, step.last.as_ref().or(Some(&cursor))).await?;
+    assert_eq!((step.taken, step.more, step.last), (0, false, None), "the sweep is over");
+    assert_eq!(store.telemetry_seqs("NF-PG-01").await?, vec![1, 2, 3, 4, 5, 6], "landed behind the sweep");
+    assert_eq!(store.settle_telemetry(None, two_devices, None).await?.taken, 1, "the next sweep takes it");
+    assert_eq!(store.settle_telemetry(None, two_devices, None).await?.taken, 0);
+    assert_eq!(store.telemetry_count().await?, 9);
 
     let d = store.get_device("NF-PG-01").await?.expect("device");
     assert!(d.online);
@@ -627,11 +637,11 @@ async fn exercise_rollups(url: &str) -> anyhow::Result<()> {
     };
     let mut fold = TelemetryFold;
     store.write_batch(&WriteBatch { telemetry: vec![rec(1), rec(2)], ..Default::default() }).await?;
-    assert_eq!(store.settle_telemetry(Some(&mut fold), STEP).await?.moved, 2);
+    assert_eq!(store.settle_telemetry(Some(&mut fold), STEP, None).await?.moved, 2);
     // Batch 2 again (a re-send after a lost PUBACK) with batch 3: 2 is not counted twice.
     store.write_batch(&WriteBatch { telemetry: vec![rec(2), rec(3)], ..Default::default() }).await?;
-    assert_eq!(store.settle_telemetry(Some(&mut fold), STEP).await?.moved, 1);
-    assert_eq!(store.settle_telemetry(Some(&mut fold), STEP).await?.taken, 0, "nothing left to move");
+    assert_eq!(store.settle_telemetry(Some(&mut fold), STEP, None).await?.moved, 1);
+    assert_eq!(store.settle_telemetry(Some(&mut fold), STEP, None).await?.taken, 0, "nothing left to move");
 
     let minutes = store.rollups("NF-R-01", Tier::Minute, t0 - 3_600_000, t0 + 3_600_000).await?;
     assert_eq!(
@@ -707,7 +717,7 @@ async fn the_sqlite_log_stays_bounded_under_steady_writes() -> anyhow::Result<()
             })
             .collect();
         store.write_batch(&WriteBatch { telemetry, ..Default::default() }).await?;
-        store.settle_telemetry(None, STEP).await?;
+        store.settle_telemetry(None, STEP, None).await?;
         largest = largest.max(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0));
     }
     assert_eq!(store.telemetry_count().await?, 2_048);

@@ -72,6 +72,10 @@ pub struct Options {
     pub retention: Retention,
     /// Time between retention passes.
     pub expire_every: Duration,
+    /// Time between sweeps that move landed telemetry to the main table and fold it
+    /// into the rollups: the rollups lag the raw data by up to this much (plus the
+    /// sweep). Longer sweeps fold more of each device's samples at once.
+    pub settle_every: Duration,
 }
 
 impl Default for Options {
@@ -82,6 +86,7 @@ impl Default for Options {
             queue: 20_000,
             retention: Retention { raw_ms: 30 * DAY, minute_ms: 90 * DAY, hour_ms: 5 * 365 * DAY },
             expire_every: Duration::from_secs(3_600),
+            settle_every: Duration::from_secs(5),
         }
     }
 }
@@ -248,6 +253,7 @@ impl Ingest {
         // shuts down (whose shutdown waits for it): a task there holds `alive`.
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let max_batch = opts.max_batch.max(1);
+        let settle_every = opts.settle_every;
         let weak = Arc::downgrade(&inner);
         let (alive, gone) = oneshot::channel::<()>();
         tokio::spawn(async move {
@@ -258,7 +264,7 @@ impl Ingest {
         let task = tokio::task::spawn_blocking(move || {
             runtime.block_on(async {
                 tokio::select! {
-                    () = writer::run(store, rx, max_batch, weak) => {}
+                    () = writer::run(store, rx, max_batch, settle_every, weak) => {}
                     _ = gone => tracing::debug!("runtime shut down; storage writer stopped"),
                 }
             })

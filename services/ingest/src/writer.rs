@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use nanofleet_proto::Message as _;
 use nanofleet_proto::device::v1::Sample;
 use nanofleet_store::{
-    AlarmChange, EventRecord, LastValues, PresenceChange, SettleStep, Store, TelemetryRecord, WriteBatch,
+    AlarmChange, EventRecord, LandedKey, LastValues, PresenceChange, SettleStep, Store, TelemetryRecord,
+    WriteBatch,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -35,28 +36,40 @@ pub(crate) struct Item {
     pub done: oneshot::Sender<Result<(), Error>>,
 }
 
-/// How often the devices' last values are written, and landed telemetry is moved to
-/// the main table. Last values are derived data (the newest sample of stored
-/// telemetry), so they are written once a second per device, not once per message: an
-/// update per device per commit touches as many pages as the telemetry itself.
+/// How often the devices' last values are written. Last values are derived data (the
+/// newest sample of stored telemetry), so they are written once a second per device,
+/// not once per message: an update per device per commit touches as many pages as the
+/// telemetry itself.
 const LAST_VALUES_EVERY: Duration = Duration::from_secs(1);
 
 /// How much landed telemetry one step moves (and folds). Commits queued meanwhile
-/// wait for one step, not for a whole second's worth: with 10,000 devices a second's
-/// move folds thousands of rollup rows. The fold's cost follows the devices in a step,
-/// the move's the rows; each step is a transaction of its own.
+/// wait for one step, not for a whole sweep: with 10,000 devices a sweep folds
+/// thousands of rollup rows. The fold's cost follows the devices in a step, the
+/// move's the rows; each step is a transaction of its own.
 const SETTLE_STEP: SettleStep = SettleStep { rows: 8_192, devices: 256 };
 
-pub(crate) async fn run(store: Store, mut rx: mpsc::Receiver<Item>, max_batch: usize, inner: Weak<Inner>) {
+pub(crate) async fn run(
+    store: Store,
+    mut rx: mpsc::Receiver<Item>,
+    max_batch: usize,
+    settle_every: Duration,
+    inner: Weak<Inner>,
+) {
     let mut items = Vec::with_capacity(max_batch);
     // device → (highest seq, newest sample), not yet written
     let mut last: HashMap<String, (i64, Newest)> = HashMap::new();
     let mut last_written = Instant::now();
     let mut fold = crate::rollup::TelemetryFold;
-    // Landed rows wait to be moved: a step runs after each commit until none are left.
-    let mut settling = false;
+    // Landed telemetry is moved to the main table (and folded into the rollups) by a
+    // sweep every `settle_every`: one pass over the landing table in key order, a step
+    // after each commit. A device's rows of several seconds then share one fold. While
+    // a sweep runs, `sweep` holds where its next step starts.
+    let mut sweep: Option<Option<LandedKey>> = None;
+    let mut last_sweep = Instant::now();
+    // Rows may have landed since the last sweep began (or before a restart).
+    let mut landed = true;
     loop {
-        let received = if settling {
+        let received = if sweep.is_some() {
             // Between steps: take what is queued, without waiting for more.
             while items.len() < max_batch {
                 match rx.try_recv() {
@@ -65,13 +78,16 @@ pub(crate) async fn run(store: Store, mut rx: mpsc::Receiver<Item>, max_batch: u
                 }
             }
             usize::MAX
-        } else if last.is_empty() {
-            rx.recv_many(&mut items, max_batch).await
         } else {
-            let due = LAST_VALUES_EVERY.saturating_sub(last_written.elapsed());
-            match tokio::time::timeout(due, rx.recv_many(&mut items, max_batch)).await {
-                Ok(n) => n,
-                Err(_) => usize::MAX, // only the last values are due
+            let values_due =
+                (!last.is_empty()).then(|| LAST_VALUES_EVERY.saturating_sub(last_written.elapsed()));
+            let sweep_due = landed.then(|| settle_every.saturating_sub(last_sweep.elapsed()));
+            match values_due.into_iter().chain(sweep_due).min() {
+                None => rx.recv_many(&mut items, max_batch).await,
+                Some(due) => match tokio::time::timeout(due, rx.recv_many(&mut items, max_batch)).await {
+                    Ok(n) => n,
+                    Err(_) => usize::MAX, // only the periodic work is due
+                },
             }
         };
         let closed = received == 0;
@@ -126,6 +142,7 @@ pub(crate) async fn run(store: Store, mut rx: mpsc::Receiver<Item>, max_batch: u
                 if !batch.last_values.is_empty() {
                     last.clear();
                 }
+                landed |= outcome.telemetry_inserted > 0;
                 let inserted = outcome.telemetry_inserted + outcome.events_inserted;
                 let duplicates = messages.saturating_sub(inserted);
                 if let Some(inner) = inner.upgrade()
@@ -155,26 +172,33 @@ pub(crate) async fn run(store: Store, mut rx: mpsc::Receiver<Item>, max_batch: u
         }
         // Move landed telemetry into the main table in key order (see the store), and
         // fold it into the rollups, one step between commits.
-        settling |= periodic;
-        if settling {
+        if sweep.is_none() && landed && (barrier || last_sweep.elapsed() >= settle_every) {
+            sweep = Some(None);
+            last_sweep = Instant::now();
+            landed = false;
+        }
+        if let Some(after) = sweep.take() {
             let started = Instant::now();
-            match store.settle_telemetry(Some(&mut fold), SETTLE_STEP).await {
+            match store.settle_telemetry(Some(&mut fold), SETTLE_STEP, after.as_ref()).await {
                 Ok(step) => {
-                    settling = step.more;
                     tracing::trace!(
                         taken = step.taken,
                         elapsed_us = started.elapsed().as_micros() as u64,
                         "landed telemetry moved"
                     );
+                    if step.more {
+                        sweep = Some(step.last);
+                    }
                 }
                 Err(e) => {
-                    settling = false;
+                    // Retried by the next sweep; at shutdown, by the next start.
+                    landed = !closed;
                     tracing::warn!(error = %e, "telemetry not moved to the main table; will retry");
                 }
             }
         }
         // At shutdown, landed rows are moved before the writer ends.
-        if closed && !settling {
+        if closed && sweep.is_none() && !landed {
             break;
         }
     }

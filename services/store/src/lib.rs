@@ -22,10 +22,11 @@ mod records;
 mod rollups;
 mod trust;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::{AnyPool, Executor, Row};
+use sqlx::{AnyPool, Connection as _, Executor, Row};
 
 pub use alerts::*;
 pub use audit::*;
@@ -90,7 +91,16 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// SQLite: the connection that ingest's writes go through, its own and held for
+    /// good. A pooled connection's page cache is dropped whenever another connection
+    /// has written since it was last used, so each commit would read back the pages it
+    /// needs; this one keeps them.
+    writer: Option<Arc<tokio::sync::Mutex<Option<sqlx::AnyConnection>>>>,
 }
+
+/// Pages the SQLite writer connection keeps in memory: the right-hand leaves of the
+/// telemetry tables for every device that sends, and the rollups they fold into.
+const WRITER_CACHE_KIB: i64 = 64 * 1024;
 
 // Rows per multi-row statement, largest first: powers of two, so that n rows take at
 // most log2(n) statements (each a round trip to the database) of at most ten shapes
@@ -137,10 +147,16 @@ impl Store {
             Backend::Sqlite => sqlx::migrate!("./migrations/sqlite").run(&pool).await?,
             Backend::Postgres => sqlx::migrate!("./migrations/postgres").run(&pool).await?,
         }
-        if backend == Backend::Sqlite {
-            tokio::spawn(checkpoint_wal(pool.clone()));
-        }
-        Ok(Store { pool, backend })
+        let writer = match backend {
+            Backend::Sqlite => {
+                tokio::spawn(checkpoint_wal(pool.clone()));
+                let mut conn = pool.acquire().await?.detach();
+                conn.execute(format!("PRAGMA cache_size = -{WRITER_CACHE_KIB}").as_str()).await?;
+                Some(Arc::new(tokio::sync::Mutex::new(Some(conn))))
+            }
+            Backend::Postgres => None,
+        };
+        Ok(Store { pool, backend, writer })
     }
 
     pub fn backend(&self) -> Backend {
@@ -159,8 +175,33 @@ impl Store {
         })
     }
 
-    /// Waits for open connections to finish and closes the pool.
+    /// The SQLite writer connection, locked (`None` on PostgreSQL; holding `None` once
+    /// the store is closed).
+    async fn lock_writer(&self) -> Option<tokio::sync::MutexGuard<'_, Option<sqlx::AnyConnection>>> {
+        match &self.writer {
+            Some(w) => Some(w.lock().await),
+            None => None,
+        }
+    }
+
+    /// Starts a transaction as [`Store::begin`] does, on `conn` when given.
+    async fn begin_on<'c>(
+        &self,
+        conn: Option<&'c mut sqlx::AnyConnection>,
+    ) -> Result<sqlx::Transaction<'c, sqlx::Any>> {
+        Ok(match conn {
+            Some(c) => c.begin_with("BEGIN IMMEDIATE").await?,
+            None => self.begin().await?,
+        })
+    }
+
+    /// Waits for open connections to finish and closes them.
     pub async fn close(&self) {
+        if let Some(conn) = self.lock_writer().await.and_then(|mut w| w.take())
+            && let Err(e) = conn.close().await
+        {
+            tracing::warn!(error = %e, "closing the writer connection");
+        }
         self.pool.close().await;
     }
 
@@ -292,7 +333,8 @@ impl Store {
     /// sequence number) are skipped; the outcome counts what was new.
     pub async fn write_batch(&self, batch: &WriteBatch) -> Result<WriteOutcome> {
         let mut out = WriteOutcome::default();
-        let mut tx = self.begin().await?;
+        let mut writer = self.lock_writer().await;
+        let mut tx = self.begin_on(writer.as_deref_mut().and_then(Option::as_mut)).await?;
         // Presence first and in order: a birth and a death of one device may share a batch.
         for change in &batch.presence {
             match change {
@@ -387,47 +429,60 @@ impl Store {
         Ok(out)
     }
 
-    /// Moves the first landed telemetry rows (in key order) from the landing table into
-    /// the main one, at most `step.rows` rows of at most `step.devices` devices, and
-    /// folds the rows that were new into the rollups (when `fold` is given) in the same
-    /// transaction: each row is summarised exactly once. Run by the single writer
-    /// between its commits, a bounded step at a time, so that the commits waiting
-    /// behind a step wait only for that step. The fold's work grows with the devices
-    /// in a step (two rollup rows each), the move's with the rows.
+    /// Moves the first landed telemetry rows (in key order, after the key `after` when
+    /// given) from the landing table into the main one, at most `step.rows` rows of at
+    /// most `step.devices` devices, and folds the rows that were new into the rollups
+    /// (when `fold` is given) in the same transaction: each row is summarised exactly
+    /// once. Run by the single writer between its commits, a bounded step at a time, so
+    /// that the commits waiting behind a step wait only for that step. The fold's work
+    /// grows with the devices in a step (two rollup rows each), the move's with the
+    /// rows. A sweep passes the last key of each step to the next, so that it crosses
+    /// the landing table once: rows landing behind it wait for the next sweep.
     pub async fn settle_telemetry(
         &self,
         fold: Option<&mut dyn RollupFold>,
         step: SettleStep,
+        after: Option<&LandedKey>,
     ) -> Result<Settled> {
         let limit = i64::try_from(step.rows.max(1)).unwrap_or(i64::MAX);
         let devices = i64::try_from(step.devices.max(1)).unwrap_or(i64::MAX);
-        let mut tx = self.begin().await?;
-        let (taken, moved, more): (u64, Vec<TelemetryRecord>, bool) = match self.backend {
+        let mut writer = self.lock_writer().await;
+        let mut tx = self.begin_on(writer.as_deref_mut().and_then(Option::as_mut)).await?;
+        let (taken, moved, last): (u64, Vec<TelemetryRecord>, Option<LandedKey>) = match self.backend {
             // One writer per SQLite file: between the copy and the delete nothing
             // else can land, so both statements see the same first rows.
             Backend::Sqlite => {
+                // Parameters: the sweep's lower bound ($1, $2) when there is one, then
+                // the statement's own.
+                let (lower, n) = match after {
+                    Some(_) => ("(device_id, seq) > ($1, $2)", 2),
+                    None => ("true", 0),
+                };
                 // The step ends at the `limit`th key or at the last row of the
                 // `devices`th device, whichever comes first: a range along the primary
                 // key (not `IN (… LIMIT n)`, which SQLite checks row by row over the
                 // whole landing table, for every step).
-                let by_rows = sqlx::query(
-                    "SELECT device_id, seq FROM telemetry_recent ORDER BY device_id, seq LIMIT 1 OFFSET $1",
-                )
-                .bind(limit - 1)
-                .fetch_optional(&mut *tx)
-                .await?
-                .map(|r| Ok::<_, Error>((r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)?)))
-                .transpose()?;
+                let sql = format!(
+                    "SELECT device_id, seq FROM telemetry_recent WHERE {lower} \
+                     ORDER BY device_id, seq LIMIT 1 OFFSET ${}",
+                    n + 1
+                );
+                let by_rows = bind_after(sqlx::query(&sql), after)
+                    .bind(limit - 1)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .map(|r| Ok::<_, Error>((r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)?)))
+                    .transpose()?;
                 // The `devices`th device, if that many have landed.
-                let by_devices = sqlx::query(
+                let sql = format!(
                     "SELECT max(device_id), count(*) FROM (SELECT DISTINCT device_id FROM telemetry_recent \
-                     ORDER BY device_id LIMIT $1) AS d",
-                )
-                .bind(devices)
-                .fetch_one(&mut *tx)
-                .await?;
+                     WHERE {lower} ORDER BY device_id LIMIT ${}) AS d",
+                    n + 1
+                );
+                let by_devices =
+                    bind_after(sqlx::query(&sql), after).bind(devices).fetch_one(&mut *tx).await?;
                 let by_devices = match by_devices.try_get::<i64, _>(1)? {
-                    n if n >= devices => Some(by_devices.try_get::<String, _>(0)?),
+                    c if c >= devices => Some(by_devices.try_get::<String, _>(0)?),
                     _ => None,
                 };
                 let bound = match (by_rows, by_devices) {
@@ -437,7 +492,10 @@ impl Store {
                     (None, None) => None,
                 };
                 // SQLite needs a WHERE before ON CONFLICT in an INSERT … SELECT.
-                let range = if bound.is_some() { "(device_id, seq) <= ($1, $2)" } else { "true" };
+                let range = match bound {
+                    Some(_) => format!("{lower} AND (device_id, seq) <= (${}, ${})", n + 1, n + 2),
+                    None => lower.to_owned(),
+                };
                 let insert = format!(
                     "INSERT INTO telemetry (device_id, seq, first_ms, last_ms, samples, payload) \
                      SELECT device_id, seq, first_ms, last_ms, samples, payload FROM telemetry_recent \
@@ -446,14 +504,16 @@ impl Store {
                      RETURNING device_id, seq, first_ms, last_ms, samples, payload"
                 );
                 let delete = format!("DELETE FROM telemetry_recent WHERE {range}");
-                let (mut insert, mut delete) = (sqlx::query(&insert), sqlx::query(&delete));
+                let (mut insert, mut delete) =
+                    (bind_after(sqlx::query(&insert), after), bind_after(sqlx::query(&delete), after));
                 if let Some((device, seq)) = &bound {
-                    insert = insert.bind(device).bind(*seq);
-                    delete = delete.bind(device).bind(*seq);
+                    insert = insert.bind(device.clone()).bind(*seq);
+                    delete = delete.bind(device.clone()).bind(*seq);
                 }
                 let rows = insert.fetch_all(&mut *tx).await?;
                 let taken = delete.execute(&mut *tx).await?.rows_affected();
-                (taken, rows.iter().map(TelemetryRecord::from_row).collect::<Result<_>>()?, bound.is_some())
+                let last = bound.map(|(device_id, seq)| LandedKey { device_id, seq });
+                (taken, rows.iter().map(TelemetryRecord::from_row).collect::<Result<_>>()?, last)
             }
             // Several servers may share a PostgreSQL database: move exactly the rows
             // this statement deletes (rows another server is moving are skipped), and
@@ -463,11 +523,12 @@ impl Store {
                 if fold.is_some() {
                     sqlx::query("SELECT pg_advisory_xact_lock(7314600001)").execute(&mut *tx).await?;
                 }
-                let rows = sqlx::query(
+                let lower = if after.is_some() { "(device_id, seq) > ($3, $4)" } else { "true" };
+                let sql = format!(
                     "WITH moved AS (DELETE FROM telemetry_recent WHERE (device_id, seq) IN \
-                        (SELECT device_id, seq FROM telemetry_recent WHERE device_id <= \
+                        (SELECT device_id, seq FROM telemetry_recent WHERE {lower} AND device_id <= \
                             (SELECT max(device_id) FROM (SELECT DISTINCT device_id FROM telemetry_recent \
-                             ORDER BY device_id LIMIT $2) AS d) \
+                             WHERE {lower} ORDER BY device_id LIMIT $2) AS d) \
                          ORDER BY device_id, seq LIMIT $1 FOR UPDATE SKIP LOCKED) RETURNING *), \
                      inserted AS (INSERT INTO telemetry (device_id, seq, first_ms, last_ms, samples, payload) \
                         SELECT device_id, seq, first_ms, last_ms, samples, payload FROM moved \
@@ -475,20 +536,26 @@ impl Store {
                         RETURNING device_id, seq) \
                      SELECT m.device_id, m.seq, m.first_ms, m.last_ms, m.samples, m.payload, \
                         (CASE WHEN i.seq IS NULL THEN 0 ELSE 1 END)::BIGINT \
-                     FROM moved m LEFT JOIN inserted i ON i.device_id = m.device_id AND i.seq = m.seq",
-                )
-                .bind(limit)
-                .bind(devices)
-                .fetch_all(&mut *tx)
-                .await?;
+                     FROM moved m LEFT JOIN inserted i ON i.device_id = m.device_id AND i.seq = m.seq"
+                );
+                let mut q = sqlx::query(&sql).bind(limit).bind(devices);
+                if let Some(k) = after {
+                    q = q.bind(k.device_id.clone()).bind(k.seq);
+                }
+                let rows = q.fetch_all(&mut *tx).await?;
                 let mut moved = Vec::with_capacity(rows.len());
+                let mut last: Option<LandedKey> = None;
                 for r in &rows {
+                    let key = LandedKey { device_id: r.try_get(0)?, seq: r.try_get(1)? };
+                    if last.as_ref().is_none_or(|l| key > *l) {
+                        last = Some(key);
+                    }
                     if r.try_get::<i64, _>(6)? == 1 {
                         moved.push(TelemetryRecord::from_row(r)?);
                     }
                 }
                 // Until a step finds nothing left.
-                (rows.len() as u64, moved, true)
+                (rows.len() as u64, moved, last)
             }
         };
         if let Some(fold) = fold
@@ -498,7 +565,8 @@ impl Store {
             self.merge_rollups(&mut tx, partials, fold).await?;
         }
         tx.commit().await?;
-        Ok(Settled { taken, moved: moved.len() as u64, more: taken > 0 && more })
+        let more = taken > 0 && last.is_some();
+        Ok(Settled { taken, moved: moved.len() as u64, more, last: last.filter(|_| more) })
     }
 
     /// Telemetry batches of one device overlapping `[since_ms, until_ms)`, oldest first:
@@ -595,6 +663,17 @@ impl Store {
                 .await?
                 .try_get(0)?;
         Ok(n)
+    }
+}
+
+/// Binds a sweep's lower bound, when there is one, as the first two parameters.
+fn bind_after<'q>(
+    q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    after: Option<&LandedKey>,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    match after {
+        Some(k) => q.bind(k.device_id.clone()).bind(k.seq),
+        None => q,
     }
 }
 

@@ -190,8 +190,15 @@ pub struct SettleStep {
     pub devices: usize,
 }
 
+/// A landed row's key: how far a sweep of the landing table has got.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct LandedKey {
+    pub device_id: String,
+    pub seq: i64,
+}
+
 /// What one step of [`crate::Store::settle_telemetry`] did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Settled {
     /// Landed rows taken out of the landing table.
     pub taken: u64,
@@ -199,4 +206,6 @@ pub struct Settled {
     pub moved: u64,
     /// The step took as many rows as it was allowed: more may be waiting.
     pub more: bool,
+    /// With `more`, the last key the step took: where the sweep's next step starts.
+    pub last: Option<LandedKey>,
 }
