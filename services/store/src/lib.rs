@@ -149,10 +149,11 @@ impl Store {
         }
         let writer = match backend {
             Backend::Sqlite => {
-                tokio::spawn(checkpoint_wal(pool.clone()));
                 let mut conn = pool.acquire().await?.detach();
                 conn.execute(format!("PRAGMA cache_size = -{WRITER_CACHE_KIB}").as_str()).await?;
-                Some(Arc::new(tokio::sync::Mutex::new(Some(conn))))
+                let writer = Arc::new(tokio::sync::Mutex::new(Some(conn)));
+                tokio::spawn(checkpoint_wal(pool.clone(), writer.clone()));
+                Some(writer)
             }
             Backend::Postgres => None,
         };
@@ -726,10 +727,11 @@ async fn death_in(conn: &mut sqlx::AnyConnection, d: &Death) -> Result<bool> {
 /// A passive checkpoint never starts the log over either: under a steady stream of
 /// commits the writer always appends, and the log grows without end (measured: 5 GB in
 /// four minutes with 10,000 devices). So once the log holds more than
-/// [`WAL_LIMIT_BYTES`], a restarting checkpoint waits for the writer's current
-/// transaction and the readers still on the old log, and the next commit writes from
-/// the start of the file again; `journal_size_limit` then trims the file.
-async fn checkpoint_wal(pool: AnyPool) {
+/// [`WAL_LIMIT_BYTES`], a restarting checkpoint runs on the writer's connection, so
+/// that no commit slips in, and waits for the readers still on the old log; the next
+/// commit writes from the start of the file again, and `journal_size_limit` trims the
+/// file.
+async fn checkpoint_wal(pool: AnyPool, writer: Arc<tokio::sync::Mutex<Option<sqlx::AnyConnection>>>) {
     let mut every = tokio::time::interval(Duration::from_millis(500));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -748,7 +750,11 @@ async fn checkpoint_wal(pool: AnyPool) {
             }
         };
         if frames > WAL_LIMIT_BYTES / WAL_FRAME_BYTES {
-            match sqlx::query("PRAGMA wal_checkpoint(RESTART)").fetch_one(&pool).await {
+            // On the writer's own connection, holding it: a restart must find no
+            // writer, and one that commits back to back would leave it no gap.
+            let mut conn = writer.lock().await;
+            let Some(conn) = conn.as_mut() else { return };
+            match sqlx::query("PRAGMA wal_checkpoint(RESTART)").fetch_one(&mut *conn).await {
                 Ok(row) if row.try_get::<i64, _>(0).unwrap_or(1) == 0 => {
                     tracing::debug!(frames, "sqlite log started over");
                 }
