@@ -451,6 +451,9 @@ async fn exercise_batches(url: &str) -> anyhow::Result<()> {
         [("B-1", Some(81.5)), ("B-2", Some(83.0))]
     );
     assert_eq!(m[0].values[1], None, "an unmeasured value stays absent");
+    // Every field as written (on SQLite this read goes straight to the file).
+    assert_eq!(m[1], BatchMetrics { seq: m[1].seq, ..metrics("B-2", 83.0) });
+    assert!(m[1].seq > m[0].seq);
     assert_eq!(store.batch_metrics_after(m[0].seq, 10).await?.len(), 1);
     assert_eq!(store.quality_limits().await?, limits);
     assert!(store.batches_without_metrics(10).await?.is_empty());

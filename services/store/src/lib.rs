@@ -82,6 +82,9 @@ pub enum Error {
     Conflict(String),
     #[error("audit record {seq} is malformed: {detail}")]
     AuditMalformed { seq: i64, detail: String },
+    /// A bulk read straight from the SQLite file failed.
+    #[error("database (direct read): {0}")]
+    DirectRead(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -96,6 +99,9 @@ pub struct Store {
     /// has written since it was last used, so each commit would read back the pages it
     /// needs; this one keeps them.
     writer: Option<Arc<tokio::sync::Mutex<Option<sqlx::AnyConnection>>>>,
+    /// SQLite: the database file, for bulk reads on a connection of their own that
+    /// return rows without sqlx's per-value copies ([`Store::batch_metrics_after`]).
+    sqlite_file: Option<Arc<std::path::Path>>,
 }
 
 /// Pages the SQLite writer connection keeps in memory: the right-hand leaves of the
@@ -157,7 +163,19 @@ impl Store {
             }
             Backend::Postgres => None,
         };
-        Ok(Store { pool, backend, writer })
+        // A file on disk (not an in-memory database, which another connection would
+        // not see).
+        let sqlite_file = match backend {
+            Backend::Sqlite => opts
+                .url
+                .parse::<sqlx::sqlite::SqliteConnectOptions>()
+                .ok()
+                .map(|o| o.get_filename().to_path_buf())
+                .filter(|p| p.is_file())
+                .map(Arc::from),
+            Backend::Postgres => None,
+        };
+        Ok(Store { pool, backend, writer, sqlite_file })
     }
 
     pub fn backend(&self) -> Backend {
