@@ -59,27 +59,66 @@ const COLUMNS: &str = "seq, batch_id, device_id, site_id, model, firmware_versio
      cartridge_lot, ended_ms, outcome, qc_passed, size_nm, pdi, encapsulation_pct, ph, yield_pct, flow_cv, \
      max_pressure_mbar, frr_error_pct, alarms";
 
-fn metrics_from_row(r: &AnyRow) -> Result<BatchMetrics> {
+/// One result row's columns, whichever driver read it.
+trait Columns {
+    type Error;
+    fn int(&self, i: usize) -> std::result::Result<i64, Self::Error>;
+    fn text(&self, i: usize) -> std::result::Result<String, Self::Error>;
+    fn real(&self, i: usize) -> std::result::Result<Option<f64>, Self::Error>;
+}
+
+impl Columns for AnyRow {
+    type Error = sqlx::Error;
+    fn int(&self, i: usize) -> std::result::Result<i64, sqlx::Error> {
+        self.try_get(i)
+    }
+    fn text(&self, i: usize) -> std::result::Result<String, sqlx::Error> {
+        self.try_get(i)
+    }
+    fn real(&self, i: usize) -> std::result::Result<Option<f64>, sqlx::Error> {
+        self.try_get(i)
+    }
+}
+
+impl Columns for rusqlite::Row<'_> {
+    type Error = rusqlite::Error;
+    fn int(&self, i: usize) -> std::result::Result<i64, rusqlite::Error> {
+        self.get(i)
+    }
+    fn text(&self, i: usize) -> std::result::Result<String, rusqlite::Error> {
+        self.get(i)
+    }
+    fn real(&self, i: usize) -> std::result::Result<Option<f64>, rusqlite::Error> {
+        self.get(i)
+    }
+}
+
+/// A row of [`COLUMNS`].
+fn metrics_from<R: Columns>(r: &R) -> std::result::Result<BatchMetrics, R::Error> {
     let mut values = [None; 8];
     for (i, v) in values.iter_mut().enumerate() {
-        *v = r.try_get(12 + i)?;
+        *v = r.real(12 + i)?;
     }
     Ok(BatchMetrics {
-        seq: r.try_get(0)?,
-        batch_id: r.try_get(1)?,
-        device_id: r.try_get(2)?,
-        site_id: r.try_get(3)?,
-        model: r.try_get(4)?,
-        firmware_version: r.try_get(5)?,
-        recipe_id: r.try_get(6)?,
-        recipe_version: r.try_get(7)?,
-        cartridge_lot: r.try_get(8)?,
-        ended_ms: r.try_get(9)?,
-        outcome: r.try_get(10)?,
-        qc_passed: r.try_get::<i64, _>(11)? != 0,
+        seq: r.int(0)?,
+        batch_id: r.text(1)?,
+        device_id: r.text(2)?,
+        site_id: r.text(3)?,
+        model: r.text(4)?,
+        firmware_version: r.text(5)?,
+        recipe_id: r.text(6)?,
+        recipe_version: r.int(7)?,
+        cartridge_lot: r.text(8)?,
+        ended_ms: r.int(9)?,
+        outcome: r.text(10)?,
+        qc_passed: r.int(11)? != 0,
         values,
-        alarms: r.try_get(20)?,
+        alarms: r.int(20)?,
     })
+}
+
+fn metrics_from_row(r: &AnyRow) -> Result<BatchMetrics> {
+    Ok(metrics_from(r)?)
 }
 
 /// [`Store::batch_metrics_after`] on a read-only connection of its own to the SQLite
@@ -96,30 +135,7 @@ fn read_batch_metrics(file: &std::path::Path, after_seq: i64, limit: i64) -> Res
     let mut stmt = conn
         .prepare(&format!("SELECT {COLUMNS} FROM batch_metrics WHERE seq > ?1 ORDER BY seq LIMIT ?2"))
         .map_err(direct)?;
-    let rows = stmt
-        .query_map([after_seq, limit], |r| {
-            let mut values = [None; 8];
-            for (i, v) in values.iter_mut().enumerate() {
-                *v = r.get(12 + i)?;
-            }
-            Ok(BatchMetrics {
-                seq: r.get(0)?,
-                batch_id: r.get(1)?,
-                device_id: r.get(2)?,
-                site_id: r.get(3)?,
-                model: r.get(4)?,
-                firmware_version: r.get(5)?,
-                recipe_id: r.get(6)?,
-                recipe_version: r.get(7)?,
-                cartridge_lot: r.get(8)?,
-                ended_ms: r.get(9)?,
-                outcome: r.get(10)?,
-                qc_passed: r.get::<_, i64>(11)? != 0,
-                values,
-                alarms: r.get(20)?,
-            })
-        })
-        .map_err(direct)?;
+    let rows = stmt.query_map([after_seq, limit], |r| metrics_from(r)).map_err(direct)?;
     rows.collect::<std::result::Result<Vec<_>, _>>().map_err(direct)
 }
 
