@@ -3,7 +3,8 @@
 //! One store, two backends behind sqlx's `Any` driver: SQLite in a data directory (the
 //! embedded default) and PostgreSQL (scale-out). The SQL is written once, in the subset
 //! both understand (`$n` placeholders, `ON CONFLICT`, `CASE`); only the DDL differs,
-//! in `migrations/sqlite` and `migrations/postgres`.
+//! in `migrations/sqlite` and `migrations/postgres`. On SQLite, ingest's writes and
+//! bulk reads go through rusqlite instead (`sqlite_writer`, decision 0011).
 //!
 //! Telemetry is stored one row per batch as the device sent it, keyed by
 //! `(device_id, seq)`: a batch that arrives twice is stored once.
@@ -20,13 +21,14 @@ mod people;
 mod recipes;
 mod records;
 mod rollups;
+mod sqlite_writer;
 mod trust;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::{AnyPool, Connection as _, Executor, Row};
+use sqlx::{AnyPool, Executor, Row};
 
 pub use alerts::*;
 pub use audit::*;
@@ -75,6 +77,8 @@ pub enum Error {
     UnsupportedUrl { url: String },
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     #[error("database migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     /// The change contradicts the stored state (it exists already, was used up, …).
@@ -94,19 +98,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
-    /// SQLite: the connection that ingest's writes go through, its own and held for
-    /// good. A pooled connection's page cache is dropped whenever another connection
-    /// has written since it was last used, so each commit would read back the pages it
-    /// needs; this one keeps them.
-    writer: Option<Arc<tokio::sync::Mutex<Option<sqlx::AnyConnection>>>>,
+    /// SQLite: the connection that ingest's writes go through ([`sqlite_writer`]).
+    writer: Option<Arc<sqlite_writer::Writer>>,
     /// SQLite: the database file, for bulk reads on a connection of their own that
     /// return rows without sqlx's per-value copies ([`Store::batch_metrics_after`]).
     sqlite_file: Option<Arc<std::path::Path>>,
 }
-
-/// Pages the SQLite writer connection keeps in memory: the right-hand leaves of the
-/// telemetry tables for every device that sends, and the rollups they fold into.
-const WRITER_CACHE_KIB: i64 = 64 * 1024;
 
 // Rows per multi-row statement, largest first: powers of two, so that n rows take at
 // most log2(n) statements (each a round trip to the database) of at most ten shapes
@@ -126,7 +123,7 @@ impl Store {
             return Err(Error::UnsupportedUrl { url: opts.url.clone() });
         };
         let connect: AnyConnectOptions = opts.url.parse()?;
-        let sync = if opts.sqlite_sync_full { "FULL" } else { "NORMAL" };
+        let sync_full = opts.sqlite_sync_full;
         let pool = AnyPoolOptions::new()
             .max_connections(opts.max_connections.max(1))
             .acquire_timeout(Duration::from_secs(30))
@@ -134,15 +131,9 @@ impl Store {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
                         conn.execute("PRAGMA journal_mode = WAL").await?;
-                        conn.execute(format!("PRAGMA synchronous = {sync}").as_str()).await?;
-                        conn.execute("PRAGMA busy_timeout = 10000").await?;
-                        conn.execute("PRAGMA foreign_keys = ON").await?;
-                        // Checkpoints run in the background (below), not inside the
-                        // writer's commits.
-                        conn.execute("PRAGMA wal_autocheckpoint = 0").await?;
-                        // The log file is cut back to this size when it starts over.
-                        conn.execute(format!("PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}").as_str())
-                            .await?;
+                        for pragma in sqlite_pragmas(sync_full) {
+                            conn.execute(pragma.as_str()).await?;
+                        }
                     }
                     Ok(())
                 })
@@ -153,27 +144,21 @@ impl Store {
             Backend::Sqlite => sqlx::migrate!("./migrations/sqlite").run(&pool).await?,
             Backend::Postgres => sqlx::migrate!("./migrations/postgres").run(&pool).await?,
         }
-        let writer = match backend {
+        // A file on disk: the writer and bulk reads open connections of their own, which
+        // would not see an in-memory database.
+        let (writer, sqlite_file) = match backend {
             Backend::Sqlite => {
-                let mut conn = pool.acquire().await?.detach();
-                conn.execute(format!("PRAGMA cache_size = -{WRITER_CACHE_KIB}").as_str()).await?;
-                let writer = Arc::new(tokio::sync::Mutex::new(Some(conn)));
+                let file =
+                    opts.url.parse::<sqlx::sqlite::SqliteConnectOptions>()?.get_filename().to_path_buf();
+                if !file.is_file() {
+                    pool.close().await;
+                    return Err(Error::UnsupportedUrl { url: opts.url.clone() });
+                }
+                let writer = Arc::new(sqlite_writer::Writer::open(&file, sync_full)?);
                 tokio::spawn(checkpoint_wal(pool.clone(), writer.clone()));
-                Some(writer)
+                (Some(writer), Some(Arc::from(file)))
             }
-            Backend::Postgres => None,
-        };
-        // A file on disk (not an in-memory database, which another connection would
-        // not see).
-        let sqlite_file = match backend {
-            Backend::Sqlite => opts
-                .url
-                .parse::<sqlx::sqlite::SqliteConnectOptions>()
-                .ok()
-                .map(|o| o.get_filename().to_path_buf())
-                .filter(|p| p.is_file())
-                .map(Arc::from),
-            Backend::Postgres => None,
+            Backend::Postgres => (None, None),
         };
         Ok(Store { pool, backend, writer, sqlite_file })
     }
@@ -194,32 +179,10 @@ impl Store {
         })
     }
 
-    /// The SQLite writer connection, locked (`None` on PostgreSQL; holding `None` once
-    /// the store is closed).
-    async fn lock_writer(&self) -> Option<tokio::sync::MutexGuard<'_, Option<sqlx::AnyConnection>>> {
-        match &self.writer {
-            Some(w) => Some(w.lock().await),
-            None => None,
-        }
-    }
-
-    /// Starts a transaction as [`Store::begin`] does, on `conn` when given.
-    async fn begin_on<'c>(
-        &self,
-        conn: Option<&'c mut sqlx::AnyConnection>,
-    ) -> Result<sqlx::Transaction<'c, sqlx::Any>> {
-        Ok(match conn {
-            Some(c) => c.begin_with("BEGIN IMMEDIATE").await?,
-            None => self.begin().await?,
-        })
-    }
-
     /// Waits for open connections to finish and closes them.
     pub async fn close(&self) {
-        if let Some(conn) = self.lock_writer().await.and_then(|mut w| w.take())
-            && let Err(e) = conn.close().await
-        {
-            tracing::warn!(error = %e, "closing the writer connection");
+        if let Some(writer) = &self.writer {
+            writer.close();
         }
         self.pool.close().await;
     }
@@ -351,9 +314,11 @@ impl Store {
     /// Writes one ingest batch in one transaction. Rows already stored (same device and
     /// sequence number) are skipped; the outcome counts what was new.
     pub async fn write_batch(&self, batch: &WriteBatch) -> Result<WriteOutcome> {
+        if let Some(writer) = &self.writer {
+            return writer.run(|conn| sqlite_writer::write_batch(conn, batch));
+        }
         let mut out = WriteOutcome::default();
-        let mut writer = self.lock_writer().await;
-        let mut tx = self.begin_on(writer.as_deref_mut().and_then(Option::as_mut)).await?;
+        let mut tx = self.begin().await?;
         // Presence first and in order: a birth and a death of one device may share a batch.
         for change in &batch.presence {
             match change {
@@ -367,8 +332,7 @@ impl Store {
         }
         for chunk in chunks(&batch.telemetry) {
             // New rows only: not yet in `telemetry` (checked through its index, a read)
-            // nor in `telemetry_recent` (its primary key). SQLite needs the WHERE
-            // before ON CONFLICT in an INSERT … SELECT.
+            // nor in `telemetry_recent` (its primary key).
             let sql = format!(
                 "INSERT INTO telemetry_recent (device_id, seq, first_ms, last_ms, samples, payload) \
                  SELECT v.column1, v.column2, v.column3, v.column4, v.column5, v.column6 FROM ({}) AS v \
@@ -403,26 +367,19 @@ impl Store {
             out.events_inserted += q.execute(&mut *tx).await?.rows_affected();
         }
         for a in &batch.alarms {
-            // Only a newer change overwrites: re-sent events arrive late.
-            sqlx::query(
-                "INSERT INTO alarms (device_id, code, line, priority, active, detail, changed_ms) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) \
-                 ON CONFLICT (device_id, code, line) DO UPDATE SET priority = excluded.priority, \
-                    active = excluded.active, detail = excluded.detail, changed_ms = excluded.changed_ms \
-                 WHERE alarms.changed_ms <= excluded.changed_ms",
-            )
-            .bind(&a.device_id)
-            .bind(a.code)
-            .bind(a.line)
-            .bind(a.priority)
-            .bind(i64::from(a.active))
-            .bind(&a.detail)
-            .bind(a.changed_ms)
-            .execute(&mut *tx)
-            .await?;
+            sqlx::query(ALARM_SQL)
+                .bind(&a.device_id)
+                .bind(a.code)
+                .bind(a.line)
+                .bind(a.priority)
+                .bind(i64::from(a.active))
+                .bind(&a.detail)
+                .bind(a.changed_ms)
+                .execute(&mut *tx)
+                .await?;
         }
         // One statement per chunk of devices, not one per device: each statement is a
-        // round trip to the database (for SQLite, to its worker thread).
+        // round trip to the database.
         for chunk in chunks(&batch.last_values) {
             let sql = format!(
                 "UPDATE devices SET \
@@ -463,120 +420,52 @@ impl Store {
         step: SettleStep,
         after: Option<&LandedKey>,
     ) -> Result<Settled> {
+        if let Some(writer) = &self.writer {
+            return writer.run(|conn| sqlite_writer::settle(conn, fold, step, after));
+        }
         let limit = i64::try_from(step.rows.max(1)).unwrap_or(i64::MAX);
         let devices = i64::try_from(step.devices.max(1)).unwrap_or(i64::MAX);
-        let mut writer = self.lock_writer().await;
-        let mut tx = self.begin_on(writer.as_deref_mut().and_then(Option::as_mut)).await?;
-        let (taken, moved, last): (u64, Vec<TelemetryRecord>, Option<LandedKey>) = match self.backend {
-            // One writer per SQLite file: between the copy and the delete nothing
-            // else can land, so both statements see the same first rows.
-            Backend::Sqlite => {
-                // Parameters: the sweep's lower bound ($1, $2) when there is one, then
-                // the statement's own.
-                let (lower, n) = match after {
-                    Some(_) => ("(device_id, seq) > ($1, $2)", 2),
-                    None => ("true", 0),
-                };
-                // The step ends at the `limit`th key or at the last row of the
-                // `devices`th device, whichever comes first: a range along the primary
-                // key (not `IN (… LIMIT n)`, which SQLite checks row by row over the
-                // whole landing table, for every step).
-                let sql = format!(
-                    "SELECT device_id, seq FROM telemetry_recent WHERE {lower} \
-                     ORDER BY device_id, seq LIMIT 1 OFFSET ${}",
-                    n + 1
-                );
-                let by_rows = bind_after(sqlx::query(&sql), after)
-                    .bind(limit - 1)
-                    .fetch_optional(&mut *tx)
-                    .await?
-                    .map(|r| Ok::<_, Error>((r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)?)))
-                    .transpose()?;
-                // The `devices`th device, if that many have landed.
-                let sql = format!(
-                    "SELECT max(device_id), count(*) FROM (SELECT DISTINCT device_id FROM telemetry_recent \
-                     WHERE {lower} ORDER BY device_id LIMIT ${}) AS d",
-                    n + 1
-                );
-                let by_devices =
-                    bind_after(sqlx::query(&sql), after).bind(devices).fetch_one(&mut *tx).await?;
-                let by_devices = match by_devices.try_get::<i64, _>(1)? {
-                    c if c >= devices => Some(by_devices.try_get::<String, _>(0)?),
-                    _ => None,
-                };
-                let bound = match (by_rows, by_devices) {
-                    (Some(k), Some(d)) if d < k.0 => Some((d, i64::MAX)),
-                    (Some(k), _) => Some(k),
-                    (None, Some(d)) => Some((d, i64::MAX)),
-                    (None, None) => None,
-                };
-                // SQLite needs a WHERE before ON CONFLICT in an INSERT … SELECT.
-                let range = match bound {
-                    Some(_) => format!("{lower} AND (device_id, seq) <= (${}, ${})", n + 1, n + 2),
-                    None => lower.to_owned(),
-                };
-                let insert = format!(
-                    "INSERT INTO telemetry (device_id, seq, first_ms, last_ms, samples, payload) \
-                     SELECT device_id, seq, first_ms, last_ms, samples, payload FROM telemetry_recent \
-                     WHERE {range} ORDER BY device_id, seq \
-                     ON CONFLICT (device_id, seq) DO NOTHING \
-                     RETURNING device_id, seq, first_ms, last_ms, samples, payload"
-                );
-                let delete = format!("DELETE FROM telemetry_recent WHERE {range}");
-                let (mut insert, mut delete) =
-                    (bind_after(sqlx::query(&insert), after), bind_after(sqlx::query(&delete), after));
-                if let Some((device, seq)) = &bound {
-                    insert = insert.bind(device.clone()).bind(*seq);
-                    delete = delete.bind(device.clone()).bind(*seq);
-                }
-                let rows = insert.fetch_all(&mut *tx).await?;
-                let taken = delete.execute(&mut *tx).await?.rows_affected();
-                let last = bound.map(|(device_id, seq)| LandedKey { device_id, seq });
-                (taken, rows.iter().map(TelemetryRecord::from_row).collect::<Result<_>>()?, last)
+        let mut tx = self.begin().await?;
+        // Several servers may share a PostgreSQL database: move exactly the rows
+        // this statement deletes (rows another server is moving are skipped), and
+        // fold one server at a time, since a merge reads the stored rollup before
+        // it writes it.
+        if fold.is_some() {
+            sqlx::query("SELECT pg_advisory_xact_lock(7314600001)").execute(&mut *tx).await?;
+        }
+        let lower = if after.is_some() { "(device_id, seq) > ($3, $4)" } else { "true" };
+        let sql = format!(
+            "WITH moved AS (DELETE FROM telemetry_recent WHERE (device_id, seq) IN \
+                (SELECT device_id, seq FROM telemetry_recent WHERE {lower} AND device_id <= \
+                    (SELECT max(device_id) FROM (SELECT DISTINCT device_id FROM telemetry_recent \
+                     WHERE {lower} ORDER BY device_id LIMIT $2) AS d) \
+                 ORDER BY device_id, seq LIMIT $1 FOR UPDATE SKIP LOCKED) RETURNING *), \
+             inserted AS (INSERT INTO telemetry (device_id, seq, first_ms, last_ms, samples, payload) \
+                SELECT device_id, seq, first_ms, last_ms, samples, payload FROM moved \
+                ORDER BY device_id, seq ON CONFLICT (device_id, seq) DO NOTHING \
+                RETURNING device_id, seq) \
+             SELECT m.device_id, m.seq, m.first_ms, m.last_ms, m.samples, m.payload, \
+                (CASE WHEN i.seq IS NULL THEN 0 ELSE 1 END)::BIGINT \
+             FROM moved m LEFT JOIN inserted i ON i.device_id = m.device_id AND i.seq = m.seq"
+        );
+        let mut q = sqlx::query(&sql).bind(limit).bind(devices);
+        if let Some(k) = after {
+            q = q.bind(k.device_id.clone()).bind(k.seq);
+        }
+        let rows = q.fetch_all(&mut *tx).await?;
+        let mut moved = Vec::with_capacity(rows.len());
+        let mut last: Option<LandedKey> = None;
+        for r in &rows {
+            let key = LandedKey { device_id: r.try_get(0)?, seq: r.try_get(1)? };
+            if last.as_ref().is_none_or(|l| key > *l) {
+                last = Some(key);
             }
-            // Several servers may share a PostgreSQL database: move exactly the rows
-            // this statement deletes (rows another server is moving are skipped), and
-            // fold one server at a time, since a merge reads the stored rollup before
-            // it writes it.
-            Backend::Postgres => {
-                if fold.is_some() {
-                    sqlx::query("SELECT pg_advisory_xact_lock(7314600001)").execute(&mut *tx).await?;
-                }
-                let lower = if after.is_some() { "(device_id, seq) > ($3, $4)" } else { "true" };
-                let sql = format!(
-                    "WITH moved AS (DELETE FROM telemetry_recent WHERE (device_id, seq) IN \
-                        (SELECT device_id, seq FROM telemetry_recent WHERE {lower} AND device_id <= \
-                            (SELECT max(device_id) FROM (SELECT DISTINCT device_id FROM telemetry_recent \
-                             WHERE {lower} ORDER BY device_id LIMIT $2) AS d) \
-                         ORDER BY device_id, seq LIMIT $1 FOR UPDATE SKIP LOCKED) RETURNING *), \
-                     inserted AS (INSERT INTO telemetry (device_id, seq, first_ms, last_ms, samples, payload) \
-                        SELECT device_id, seq, first_ms, last_ms, samples, payload FROM moved \
-                        ORDER BY device_id, seq ON CONFLICT (device_id, seq) DO NOTHING \
-                        RETURNING device_id, seq) \
-                     SELECT m.device_id, m.seq, m.first_ms, m.last_ms, m.samples, m.payload, \
-                        (CASE WHEN i.seq IS NULL THEN 0 ELSE 1 END)::BIGINT \
-                     FROM moved m LEFT JOIN inserted i ON i.device_id = m.device_id AND i.seq = m.seq"
-                );
-                let mut q = sqlx::query(&sql).bind(limit).bind(devices);
-                if let Some(k) = after {
-                    q = q.bind(k.device_id.clone()).bind(k.seq);
-                }
-                let rows = q.fetch_all(&mut *tx).await?;
-                let mut moved = Vec::with_capacity(rows.len());
-                let mut last: Option<LandedKey> = None;
-                for r in &rows {
-                    let key = LandedKey { device_id: r.try_get(0)?, seq: r.try_get(1)? };
-                    if last.as_ref().is_none_or(|l| key > *l) {
-                        last = Some(key);
-                    }
-                    if r.try_get::<i64, _>(6)? == 1 {
-                        moved.push(TelemetryRecord::from_row(r)?);
-                    }
-                }
-                // Until a step finds nothing left.
-                (rows.len() as u64, moved, last)
+            if r.try_get::<i64, _>(6)? == 1 {
+                moved.push(TelemetryRecord::from_row(r)?);
             }
-        };
+        }
+        // Until a step finds nothing left.
+        let taken = rows.len() as u64;
         if let Some(fold) = fold
             && !moved.is_empty()
         {
@@ -584,8 +473,7 @@ impl Store {
             self.merge_rollups(&mut tx, partials, fold).await?;
         }
         tx.commit().await?;
-        let more = taken > 0 && last.is_some();
-        Ok(Settled { taken, moved: moved.len() as u64, more, last: last.filter(|_| more) })
+        Ok(Settled::of_step(taken, moved.len() as u64, last))
     }
 
     /// Telemetry batches of one device overlapping `[since_ms, until_ms)`, oldest first:
@@ -685,55 +573,63 @@ impl Store {
     }
 }
 
-/// Binds a sweep's lower bound, when there is one, as the first two parameters.
-fn bind_after<'q>(
-    q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
-    after: Option<&LandedKey>,
-) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
-    match after {
-        Some(k) => q.bind(k.device_id.clone()).bind(k.seq),
-        None => q,
-    }
-}
+/// A birth: the site (named after its id) if unknown, …
+pub(crate) const BIRTH_SITE_SQL: &str =
+    "INSERT INTO sites (id, name, created_ms) VALUES ($1, $1, $2) ON CONFLICT (id) DO NOTHING";
+/// … then the device, online in its new session.
+pub(crate) const BIRTH_DEVICE_SQL: &str = "INSERT INTO devices (id, site_id, model, firmware_version, online, session_id, connected_ms, last_seen_ms) \
+     VALUES ($1, $2, $3, $4, 1, $5, $6, $6) \
+     ON CONFLICT (id) DO UPDATE SET model = excluded.model, \
+        firmware_version = excluded.firmware_version, online = 1, session_id = excluded.session_id, \
+        connected_ms = excluded.connected_ms, \
+        last_seen_ms = CASE WHEN devices.last_seen_ms < excluded.last_seen_ms \
+                       THEN excluded.last_seen_ms ELSE devices.last_seen_ms END";
+/// A death, applied only to the session it names.
+pub(crate) const DEATH_SQL: &str = "UPDATE devices SET online = 0, \
+        last_seen_ms = CASE WHEN last_seen_ms < $3 THEN $3 ELSE last_seen_ms END \
+     WHERE id = $1 AND session_id = $2 AND online = 1";
+/// An alarm's newest state. Only a newer change overwrites: re-sent events arrive late.
+pub(crate) const ALARM_SQL: &str = "INSERT INTO alarms (device_id, code, line, priority, active, detail, changed_ms) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7) \
+     ON CONFLICT (device_id, code, line) DO UPDATE SET priority = excluded.priority, \
+        active = excluded.active, detail = excluded.detail, changed_ms = excluded.changed_ms \
+     WHERE alarms.changed_ms <= excluded.changed_ms";
 
 async fn birth_in(conn: &mut sqlx::AnyConnection, b: &Birth) -> Result<()> {
-    sqlx::query("INSERT INTO sites (id, name, created_ms) VALUES ($1, $1, $2) ON CONFLICT (id) DO NOTHING")
+    sqlx::query(BIRTH_SITE_SQL).bind(&b.site_id).bind(b.time_ms).execute(&mut *conn).await?;
+    sqlx::query(BIRTH_DEVICE_SQL)
+        .bind(&b.device_id)
         .bind(&b.site_id)
+        .bind(&b.model)
+        .bind(&b.firmware_version)
+        .bind(&b.session_id)
         .bind(b.time_ms)
         .execute(&mut *conn)
         .await?;
-    sqlx::query(
-        "INSERT INTO devices (id, site_id, model, firmware_version, online, session_id, connected_ms, last_seen_ms) \
-         VALUES ($1, $2, $3, $4, 1, $5, $6, $6) \
-         ON CONFLICT (id) DO UPDATE SET model = excluded.model, \
-            firmware_version = excluded.firmware_version, online = 1, session_id = excluded.session_id, \
-            connected_ms = excluded.connected_ms, \
-            last_seen_ms = CASE WHEN devices.last_seen_ms < excluded.last_seen_ms \
-                           THEN excluded.last_seen_ms ELSE devices.last_seen_ms END",
-    )
-    .bind(&b.device_id)
-    .bind(&b.site_id)
-    .bind(&b.model)
-    .bind(&b.firmware_version)
-    .bind(&b.session_id)
-    .bind(b.time_ms)
-    .execute(&mut *conn)
-    .await?;
     Ok(())
 }
 
 async fn death_in(conn: &mut sqlx::AnyConnection, d: &Death) -> Result<bool> {
-    let done = sqlx::query(
-        "UPDATE devices SET online = 0, \
-            last_seen_ms = CASE WHEN last_seen_ms < $3 THEN $3 ELSE last_seen_ms END \
-         WHERE id = $1 AND session_id = $2 AND online = 1",
-    )
-    .bind(&d.device_id)
-    .bind(&d.session_id)
-    .bind(d.time_ms)
-    .execute(&mut *conn)
-    .await?;
+    let done = sqlx::query(DEATH_SQL)
+        .bind(&d.device_id)
+        .bind(&d.session_id)
+        .bind(d.time_ms)
+        .execute(&mut *conn)
+        .await?;
     Ok(done.rows_affected() > 0)
+}
+
+/// Settings of every SQLite connection, pooled or the writer's.
+pub(crate) fn sqlite_pragmas(sync_full: bool) -> [String; 5] {
+    [
+        format!("PRAGMA synchronous = {}", if sync_full { "FULL" } else { "NORMAL" }),
+        "PRAGMA busy_timeout = 10000".into(),
+        "PRAGMA foreign_keys = ON".into(),
+        // Checkpoints run in the background (below), not inside the writer's commits.
+        "PRAGMA wal_autocheckpoint = 0".into(),
+        // The log file is cut back to this size when it starts over.
+        format!("PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}"),
+    ]
 }
 
 /// Copies the SQLite write-ahead log back into the database every half second, beside
@@ -749,7 +645,7 @@ async fn death_in(conn: &mut sqlx::AnyConnection, d: &Death) -> Result<bool> {
 /// that no commit slips in, and waits for the readers still on the old log; the next
 /// commit writes from the start of the file again, and `journal_size_limit` trims the
 /// file.
-async fn checkpoint_wal(pool: AnyPool, writer: Arc<tokio::sync::Mutex<Option<sqlx::AnyConnection>>>) {
+async fn checkpoint_wal(pool: AnyPool, writer: Arc<sqlite_writer::Writer>) {
     let mut every = tokio::time::interval(Duration::from_millis(500));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -770,15 +666,12 @@ async fn checkpoint_wal(pool: AnyPool, writer: Arc<tokio::sync::Mutex<Option<sql
         if frames > WAL_LIMIT_BYTES / WAL_FRAME_BYTES {
             // On the writer's own connection, holding it: a restart must find no
             // writer, and one that commits back to back would leave it no gap.
-            let mut conn = writer.lock().await;
-            let Some(conn) = conn.as_mut() else { return };
-            match sqlx::query("PRAGMA wal_checkpoint(RESTART)").fetch_one(&mut *conn).await {
-                Ok(row) if row.try_get::<i64, _>(0).unwrap_or(1) == 0 => {
-                    tracing::debug!(frames, "sqlite log started over");
-                }
-                Ok(_) => tracing::debug!(frames, "sqlite log busy; restart retried next time"),
-                Err(e) if !pool.is_closed() => tracing::warn!(error = %e, "sqlite checkpoint (restart)"),
-                Err(_) => return,
+            let w = writer.clone();
+            match tokio::task::spawn_blocking(move || w.run(sqlite_writer::restart_log)).await {
+                Ok(Ok(true)) => tracing::debug!(frames, "sqlite log started over"),
+                Ok(Ok(false)) => tracing::debug!(frames, "sqlite log busy; restart retried next time"),
+                Ok(Err(e)) if !pool.is_closed() => tracing::warn!(error = %e, "sqlite checkpoint (restart)"),
+                Ok(Err(_)) | Err(_) => return,
             }
         }
     }

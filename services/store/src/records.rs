@@ -209,3 +209,11 @@ pub struct Settled {
     /// With `more`, the last key the step took: where the sweep's next step starts.
     pub last: Option<LandedKey>,
 }
+
+impl Settled {
+    /// A step that took `taken` rows, `moved` of them new, up to the key `last`.
+    pub(crate) fn of_step(taken: u64, moved: u64, last: Option<LandedKey>) -> Settled {
+        let more = taken > 0 && last.is_some();
+        Settled { taken, moved, more, last: last.filter(|_| more) }
+    }
+}

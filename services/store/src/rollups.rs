@@ -34,7 +34,7 @@ impl Tier {
         ms.div_euclid(self.width_ms()) * self.width_ms()
     }
 
-    fn table(self) -> &'static str {
+    pub(crate) fn table(self) -> &'static str {
         match self {
             Tier::Minute => "telemetry_1m",
             Tier::Hour => "telemetry_1h",
@@ -81,11 +81,29 @@ pub struct Expired {
     pub hour: u64,
 }
 
+/// The partials of one tier merged into one row per key, in key order (stable
+/// statement shapes, ordered writes).
+pub(crate) fn combine(partials: &[RollupRow], tier: Tier, fold: &dyn RollupFold) -> Vec<RollupRow> {
+    let mut merged: HashMap<(String, i64), RollupRow> = HashMap::new();
+    for p in partials.iter().filter(|p| p.tier == tier) {
+        match merged.get_mut(&(p.device_id.clone(), p.start_ms)) {
+            Some(row) => fold.merge(row, p),
+            None => {
+                merged.insert((p.device_id.clone(), p.start_ms), p.clone());
+            }
+        }
+    }
+    let mut rows: Vec<RollupRow> = merged.into_values().collect();
+    rows.sort_by(|a, b| (&a.device_id, a.start_ms).cmp(&(&b.device_id, b.start_ms)));
+    rows
+}
+
 /// Raw rows read per step of the retention walk along a device's sequence numbers.
 const EXPIRE_STEP: i64 = 1_000;
 
 impl Store {
-    /// Merges `partials` into the stored rollups, inside `tx`.
+    /// Merges `partials` into the stored rollups, inside `tx` (PostgreSQL; SQLite's
+    /// writer has its own, in `sqlite_writer`).
     pub(crate) async fn merge_rollups(
         &self,
         conn: &mut sqlx::AnyConnection,
@@ -93,18 +111,7 @@ impl Store {
         fold: &dyn RollupFold,
     ) -> Result<()> {
         for tier in Tier::ALL {
-            // One row per key, in key order (stable statement shapes, ordered writes).
-            let mut merged: HashMap<(String, i64), RollupRow> = HashMap::new();
-            for p in partials.iter().filter(|p| p.tier == tier) {
-                match merged.get_mut(&(p.device_id.clone(), p.start_ms)) {
-                    Some(row) => fold.merge(row, p),
-                    None => {
-                        merged.insert((p.device_id.clone(), p.start_ms), p.clone());
-                    }
-                }
-            }
-            let mut rows: Vec<RollupRow> = merged.into_values().collect();
-            rows.sort_by(|a, b| (&a.device_id, a.start_ms).cmp(&(&b.device_id, b.start_ms)));
+            let mut rows = combine(&partials, tier, fold);
             let mut at: HashMap<(String, i64), usize> =
                 rows.iter().enumerate().map(|(i, r)| ((r.device_id.clone(), r.start_ms), i)).collect();
             // The stored rows for these keys, merged into the new ones.
