@@ -133,6 +133,13 @@ async fn exercise(url: &str) -> anyhow::Result<()> {
     let step = store.settle_telemetry(None, two_devices, step.last.as_ref().or(Some(&cursor))).await?;
     assert_eq!((step.taken, step.more, step.last), (0, false, None), "the sweep is over");
     assert_eq!(store.telemetry_seqs("NF-PG-01").await?, vec![1, 2, 3, 4, 5, 6], "landed behind the sweep");
+    // After a restart a landed row is still known: its re-send is not landed again,
+    // and the next sweep still finds it.
+    store.close().await;
+    let store =
+        Store::open(&Options { url: url.into(), max_connections: 4, sqlite_sync_full: false }).await?;
+    let again = store.write_batch(&WriteBatch { telemetry: vec![rec(6)], ..Default::default() }).await?;
+    assert_eq!(again.telemetry_inserted, 0, "landed before the restart");
     assert_eq!(store.settle_telemetry(None, two_devices, None).await?.taken, 1, "the next sweep takes it");
     assert_eq!(store.settle_telemetry(None, two_devices, None).await?.taken, 0);
     assert_eq!(store.telemetry_count().await?, 9);

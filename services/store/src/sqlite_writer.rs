@@ -9,13 +9,23 @@
 //! page cache is dropped whenever another connection has written since it was last
 //! used, so each commit would read back the pages it needs; this one keeps them.
 //!
+//! Telemetry lands in `telemetry_recent`, a table with no index: rows are appended in
+//! arrival order, so a commit writes a few pages whatever the number of devices in it.
+//! With a `(device_id, seq)` index there, every row of a commit dirtied an index page
+//! of its own (the table holds a few seconds of every device), and each such page is
+//! written to the log in full: about one 4 KiB page per 145-byte message, all fsynced.
+//! The index lives in memory instead ([`Landed`]): the writer is the only one that
+//! writes to the file, it checks re-sends against it, and the sweep walks it in key
+//! order. It is rebuilt from the table when the store opens.
+//!
 //! PostgreSQL keeps the sqlx path in `lib.rs` and `rollups.rs`; the SQL and the
 //! guarantees are the same (each row stored once, each folded once).
 
+use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::path::Path;
 use std::sync::Mutex;
 
-use rusqlite::types::Value;
 use rusqlite::{Connection, OpenFlags, OptionalExtension as _, TransactionBehavior};
 
 use crate::{
@@ -27,10 +37,20 @@ use crate::{
 /// telemetry tables for every device that sends, and the rollups they fold into.
 const CACHE_KIB: i64 = 64 * 1024;
 
-/// The writer connection; `None` once the store is closed.
+/// The writer connection and the landing table's index; `None` once the store is
+/// closed.
 pub(crate) struct Writer {
-    conn: Mutex<Option<Connection>>,
+    state: Mutex<Option<State>>,
 }
+
+pub(crate) struct State {
+    conn: Connection,
+    landed: Landed,
+}
+
+/// The rows of `telemetry_recent` by key: (device, sequence number) → rowid. Changed
+/// only after the transaction that changes the table commits.
+type Landed = BTreeMap<LandedKey, i64>;
 
 impl std::fmt::Debug for Writer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -50,19 +70,20 @@ impl Writer {
         conn.execute_batch(&format!("PRAGMA cache_size = -{CACHE_KIB}"))?;
         // Every statement shape below stays prepared.
         conn.set_prepared_statement_cache_capacity(64);
-        Ok(Writer { conn: Mutex::new(Some(conn)) })
+        let landed = load_landed(&conn)?;
+        Ok(Writer { state: Mutex::new(Some(State { conn, landed })) })
     }
 
     /// Runs `f` on the connection, holding it. `f` blocks: on a multi-threaded runtime
     /// the worker first hands its other tasks on; on a current-thread runtime (ingest's
     /// writer has a thread and a runtime of its own) it runs in place, which is the
     /// point: no hand-off per statement.
-    pub(crate) fn run<R>(&self, f: impl FnOnce(&mut Connection) -> Result<R>) -> Result<R> {
+    pub(crate) fn run<R>(&self, f: impl FnOnce(&mut State) -> Result<R>) -> Result<R> {
         use tokio::runtime::{Handle, RuntimeFlavor};
         let work = || {
-            let mut guard = self.conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut guard = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             match guard.as_mut() {
-                Some(conn) => f(conn),
+                Some(state) => f(state),
                 None => Err(Error::Database(sqlx::Error::PoolClosed)),
             }
         };
@@ -74,13 +95,36 @@ impl Writer {
 
     /// Closes the connection; later calls fail as on a closed pool.
     pub(crate) fn close(&self) {
-        let conn = self.conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-        if let Some(conn) = conn
+        let state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        if let Some(State { conn, .. }) = state
             && let Err((_, e)) = conn.close()
         {
             tracing::warn!(error = %e, "closing the writer connection");
         }
     }
+}
+
+/// The landing table's index, read from the table. A key found twice (which the
+/// writer never lands) keeps its first row; the others are deleted.
+fn load_landed(conn: &Connection) -> Result<Landed> {
+    let mut landed = Landed::new();
+    let mut extra = Vec::new();
+    let mut stmt = conn.prepare("SELECT rowid, device_id, seq FROM telemetry_recent ORDER BY rowid")?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let rowid: i64 = r.get(0)?;
+        let key = LandedKey { device_id: r.get(1)?, seq: r.get(2)? };
+        match landed.entry(key) {
+            std::collections::btree_map::Entry::Occupied(_) => extra.push(rowid),
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(rowid);
+            }
+        }
+    }
+    for rowid in extra {
+        conn.execute("DELETE FROM telemetry_recent WHERE rowid = ?1", [rowid])?;
+    }
+    Ok(landed)
 }
 
 /// `sql` with PostgreSQL-style `$n` placeholders as SQLite's `?n`, whose number is
@@ -91,9 +135,12 @@ fn numbered(sql: &str) -> String {
 }
 
 /// [`crate::Store::write_batch`] on SQLite.
-pub(crate) fn write_batch(conn: &mut Connection, batch: &WriteBatch) -> Result<WriteOutcome> {
+pub(crate) fn write_batch(state: &mut State, batch: &WriteBatch) -> Result<WriteOutcome> {
     let mut out = WriteOutcome::default();
+    let State { conn, landed } = state;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    // Rows this transaction lands; they join the index once it commits.
+    let mut fresh = Landed::new();
     // Presence first and in order: a birth and a death of one device may share a batch.
     for change in &batch.presence {
         match change {
@@ -119,18 +166,25 @@ pub(crate) fn write_batch(conn: &mut Connection, batch: &WriteBatch) -> Result<W
         }
     }
     if !batch.telemetry.is_empty() {
-        // New rows only: not yet in `telemetry` (checked through its index, a read) nor
-        // in `telemetry_recent` (its primary key).
+        // New rows only: not landed (the index in memory), nor in `telemetry` (checked
+        // through its primary key, a read of cached pages).
+        let mut stored = tx.prepare_cached("SELECT 1 FROM telemetry WHERE device_id = ?1 AND seq = ?2")?;
         let mut land = tx.prepare_cached(
             "INSERT INTO telemetry_recent (device_id, seq, first_ms, last_ms, samples, payload) \
-             SELECT ?1, ?2, ?3, ?4, ?5, ?6 \
-             WHERE NOT EXISTS (SELECT 1 FROM telemetry t WHERE t.device_id = ?1 AND t.seq = ?2) \
-             ON CONFLICT (device_id, seq) DO NOTHING",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
         for t in &batch.telemetry {
-            let n = land.execute((&t.device_id, t.seq, t.first_ms, t.last_ms, t.samples, &t.payload))?;
-            out.telemetry_inserted += n as u64;
+            let key = LandedKey { device_id: t.device_id.clone(), seq: t.seq };
+            if landed.contains_key(&key)
+                || fresh.contains_key(&key)
+                || stored.exists((&t.device_id, t.seq))?
+            {
+                continue;
+            }
+            let rowid = land.insert((&t.device_id, t.seq, t.first_ms, t.last_ms, t.samples, &t.payload))?;
+            fresh.insert(key, rowid);
         }
+        out.telemetry_inserted = fresh.len() as u64;
     }
     if !batch.events.is_empty() {
         let mut insert = tx.prepare_cached(
@@ -169,94 +223,73 @@ pub(crate) fn write_batch(conn: &mut Connection, batch: &WriteBatch) -> Result<W
         }
     }
     tx.commit()?;
+    // One insert each: `append` would rebuild the whole index every commit.
+    landed.extend(fresh);
     Ok(out)
 }
 
-/// [`crate::Store::settle_telemetry`] on SQLite. One writer per file: between the
-/// copy and the delete nothing else can land, so both statements see the same rows.
+/// [`crate::Store::settle_telemetry`] on SQLite: the step's rows are chosen from the
+/// index in memory, then each is copied into `telemetry` (unless it is there already)
+/// and deleted from the landing table by its rowid.
 pub(crate) fn settle(
-    conn: &mut Connection,
+    state: &mut State,
     fold: Option<&mut dyn RollupFold>,
     step: SettleStep,
     after: Option<&LandedKey>,
 ) -> Result<Settled> {
-    let limit = i64::try_from(step.rows.max(1)).unwrap_or(i64::MAX);
-    let devices = i64::try_from(step.devices.max(1)).unwrap_or(i64::MAX);
+    let State { conn, landed } = state;
+    let (rows, devices) = (step.rows.max(1), step.devices.max(1));
+    // The step: keys after `after`, up to `rows` of them, ending with the last row of
+    // the `devices`th device.
+    let range = match after {
+        Some(k) => landed.range((Bound::Excluded(k), Bound::Unbounded)),
+        None => landed.range::<LandedKey, _>(..),
+    };
+    let mut chosen: Vec<(&LandedKey, i64)> = Vec::new();
+    let mut seen = 0;
+    for (key, rowid) in range {
+        if chosen.len() == rows {
+            break;
+        }
+        if chosen.last().is_none_or(|(k, _)| k.device_id != key.device_id) {
+            if seen == devices {
+                break;
+            }
+            seen += 1;
+        }
+        chosen.push((key, *rowid));
+    }
+    // As many as allowed: more may be waiting after the last one.
+    let full = chosen.len() == rows || seen == devices;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    // Parameters: the sweep's lower bound (?1, ?2) when there is one, then the
-    // statement's own.
-    let (lower, n) = match after {
-        Some(_) => ("(device_id, seq) > (?1, ?2)", 2),
-        None => ("true", 0),
-    };
-    let with_lower = |own: &[Value]| -> Vec<Value> {
-        let mut p = match after {
-            Some(k) => vec![Value::Text(k.device_id.clone()), Value::Integer(k.seq)],
-            None => Vec::with_capacity(2),
-        };
-        p.extend_from_slice(own);
-        p
-    };
-    // The step ends at the `limit`th key or at the last row of the `devices`th device,
-    // whichever comes first: a range along the primary key (not `IN (… LIMIT n)`,
-    // which SQLite checks row by row over the whole landing table, for every step).
-    let by_rows: Option<(String, i64)> = tx
-        .prepare_cached(&format!(
-            "SELECT device_id, seq FROM telemetry_recent WHERE {lower} \
-             ORDER BY device_id, seq LIMIT 1 OFFSET ?{}",
-            n + 1
-        ))?
-        .query_row(rusqlite::params_from_iter(with_lower(&[Value::Integer(limit - 1)])), |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .optional()?;
-    // The `devices`th device, if that many have landed.
-    let (last_device, counted): (Option<String>, i64) = tx
-        .prepare_cached(&format!(
-            "SELECT max(device_id), count(*) FROM (SELECT DISTINCT device_id FROM telemetry_recent \
-             WHERE {lower} ORDER BY device_id LIMIT ?{}) AS d",
-            n + 1
-        ))?
-        .query_row(rusqlite::params_from_iter(with_lower(&[Value::Integer(devices)])), |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })?;
-    let by_devices = last_device.filter(|_| counted >= devices);
-    let bound = match (by_rows, by_devices) {
-        (Some(k), Some(d)) if d < k.0 => Some((d, i64::MAX)),
-        (Some(k), _) => Some(k),
-        (None, Some(d)) => Some((d, i64::MAX)),
-        (None, None) => None,
-    };
-    let (range, params) = match &bound {
-        Some((device, seq)) => (
-            format!("{lower} AND (device_id, seq) <= (?{}, ?{})", n + 1, n + 2),
-            with_lower(&[Value::Text(device.clone()), Value::Integer(*seq)]),
-        ),
-        None => (lower.to_owned(), with_lower(&[])),
-    };
-    // Only the rows new to the main table come back, and only they are folded.
-    let moved: Vec<TelemetryRecord> = tx
-        .prepare_cached(&format!(
+    let mut moved = Vec::new();
+    let mut taken = 0u64;
+    {
+        // Only the rows new to the main table come back, and only they are folded.
+        let mut copy = tx.prepare_cached(
             "INSERT INTO telemetry (device_id, seq, first_ms, last_ms, samples, payload) \
-             SELECT device_id, seq, first_ms, last_ms, samples, payload FROM telemetry_recent \
-             WHERE {range} ORDER BY device_id, seq \
+             SELECT device_id, seq, first_ms, last_ms, samples, payload FROM telemetry_recent WHERE rowid = ?1 \
              ON CONFLICT (device_id, seq) DO NOTHING \
-             RETURNING device_id, seq, first_ms, last_ms, samples, payload"
-        ))?
-        .query_map(rusqlite::params_from_iter(params.iter()), |r| {
-            Ok(TelemetryRecord {
-                device_id: r.get(0)?,
-                seq: r.get(1)?,
-                first_ms: r.get(2)?,
-                last_ms: r.get(3)?,
-                samples: r.get(4)?,
-                payload: r.get(5)?,
-            })
-        })?
-        .collect::<rusqlite::Result<_>>()?;
-    let taken = tx
-        .prepare_cached(&format!("DELETE FROM telemetry_recent WHERE {range}"))?
-        .execute(rusqlite::params_from_iter(params.iter()))? as u64;
+             RETURNING device_id, seq, first_ms, last_ms, samples, payload",
+        )?;
+        let mut delete = tx.prepare_cached("DELETE FROM telemetry_recent WHERE rowid = ?1")?;
+        for (_, rowid) in &chosen {
+            let row = copy
+                .query_row([rowid], |r| {
+                    Ok(TelemetryRecord {
+                        device_id: r.get(0)?,
+                        seq: r.get(1)?,
+                        first_ms: r.get(2)?,
+                        last_ms: r.get(3)?,
+                        samples: r.get(4)?,
+                        payload: r.get(5)?,
+                    })
+                })
+                .optional()?;
+            moved.extend(row);
+            taken += delete.execute([rowid])? as u64;
+        }
+    }
     if let Some(fold) = fold
         && !moved.is_empty()
     {
@@ -264,7 +297,11 @@ pub(crate) fn settle(
         merge_rollups(&tx, partials, fold)?;
     }
     tx.commit()?;
-    let last = bound.map(|(device_id, seq)| LandedKey { device_id, seq });
+    let last = chosen.last().filter(|_| full).map(|(k, _)| (*k).clone());
+    let keys: Vec<LandedKey> = chosen.into_iter().map(|(k, _)| k.clone()).collect();
+    for key in &keys {
+        landed.remove(key);
+    }
     Ok(Settled::of_step(taken, moved.len() as u64, last))
 }
 
@@ -310,7 +347,7 @@ fn merge_rollups(
 
 /// Starts the write-ahead log over (see `checkpoint_wal` in the crate root); true
 /// when it did, false when a reader still needed the old log.
-pub(crate) fn restart_log(conn: &mut Connection) -> Result<bool> {
-    let busy: i64 = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get(0))?;
+pub(crate) fn restart_log(state: &mut State) -> Result<bool> {
+    let busy: i64 = state.conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get(0))?;
     Ok(busy == 0)
 }
