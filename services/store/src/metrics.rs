@@ -6,6 +6,7 @@
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
+use crate::records::Columns;
 use crate::{Result, Store};
 
 /// The measured columns of `batch_metrics`, in the order of [`BatchMetrics::values`].
@@ -59,40 +60,6 @@ const COLUMNS: &str = "seq, batch_id, device_id, site_id, model, firmware_versio
      cartridge_lot, ended_ms, outcome, qc_passed, size_nm, pdi, encapsulation_pct, ph, yield_pct, flow_cv, \
      max_pressure_mbar, frr_error_pct, alarms";
 
-/// One result row's columns, whichever driver read it.
-trait Columns {
-    type Error;
-    fn int(&self, i: usize) -> std::result::Result<i64, Self::Error>;
-    fn text(&self, i: usize) -> std::result::Result<String, Self::Error>;
-    fn real(&self, i: usize) -> std::result::Result<Option<f64>, Self::Error>;
-}
-
-impl Columns for AnyRow {
-    type Error = sqlx::Error;
-    fn int(&self, i: usize) -> std::result::Result<i64, sqlx::Error> {
-        self.try_get(i)
-    }
-    fn text(&self, i: usize) -> std::result::Result<String, sqlx::Error> {
-        self.try_get(i)
-    }
-    fn real(&self, i: usize) -> std::result::Result<Option<f64>, sqlx::Error> {
-        self.try_get(i)
-    }
-}
-
-impl Columns for rusqlite::Row<'_> {
-    type Error = rusqlite::Error;
-    fn int(&self, i: usize) -> std::result::Result<i64, rusqlite::Error> {
-        self.get(i)
-    }
-    fn text(&self, i: usize) -> std::result::Result<String, rusqlite::Error> {
-        self.get(i)
-    }
-    fn real(&self, i: usize) -> std::result::Result<Option<f64>, rusqlite::Error> {
-        self.get(i)
-    }
-}
-
 /// A row of [`COLUMNS`].
 fn metrics_from<R: Columns>(r: &R) -> std::result::Result<BatchMetrics, R::Error> {
     let mut values = [None; 8];
@@ -125,18 +92,15 @@ fn metrics_from_row(r: &AnyRow) -> Result<BatchMetrics> {
 /// file (WAL mode: it sees every committed row and blocks no writer).
 fn read_batch_metrics(file: &std::path::Path, after_seq: i64, limit: i64) -> Result<Vec<BatchMetrics>> {
     use rusqlite::OpenFlags;
-    let direct = |e: rusqlite::Error| crate::Error::DirectRead(e.to_string());
     let conn = rusqlite::Connection::open_with_flags(
         file,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(direct)?;
-    conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(direct)?;
-    let mut stmt = conn
-        .prepare(&format!("SELECT {COLUMNS} FROM batch_metrics WHERE seq > ?1 ORDER BY seq LIMIT ?2"))
-        .map_err(direct)?;
-    let rows = stmt.query_map([after_seq, limit], |r| metrics_from(r)).map_err(direct)?;
-    rows.collect::<std::result::Result<Vec<_>, _>>().map_err(direct)
+    )?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    let mut stmt =
+        conn.prepare(&format!("SELECT {COLUMNS} FROM batch_metrics WHERE seq > ?1 ORDER BY seq LIMIT ?2"))?;
+    let rows = stmt.query_map([after_seq, limit], |r| metrics_from(r))?;
+    Ok(rows.collect::<std::result::Result<Vec<_>, _>>()?)
 }
 
 /// Writes a batch's metrics and its recipe's limits inside `tx`. A batch already

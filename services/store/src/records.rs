@@ -6,6 +6,47 @@ use sqlx::any::AnyRow;
 
 use crate::Result;
 
+/// One result row's columns, whichever driver read it.
+pub(crate) trait Columns {
+    type Error;
+    fn int(&self, i: usize) -> std::result::Result<i64, Self::Error>;
+    fn text(&self, i: usize) -> std::result::Result<String, Self::Error>;
+    fn real(&self, i: usize) -> std::result::Result<Option<f64>, Self::Error>;
+    fn bytes(&self, i: usize) -> std::result::Result<Vec<u8>, Self::Error>;
+}
+
+impl Columns for AnyRow {
+    type Error = sqlx::Error;
+    fn int(&self, i: usize) -> std::result::Result<i64, sqlx::Error> {
+        self.try_get(i)
+    }
+    fn text(&self, i: usize) -> std::result::Result<String, sqlx::Error> {
+        self.try_get(i)
+    }
+    fn real(&self, i: usize) -> std::result::Result<Option<f64>, sqlx::Error> {
+        self.try_get(i)
+    }
+    fn bytes(&self, i: usize) -> std::result::Result<Vec<u8>, sqlx::Error> {
+        self.try_get(i)
+    }
+}
+
+impl Columns for rusqlite::Row<'_> {
+    type Error = rusqlite::Error;
+    fn int(&self, i: usize) -> std::result::Result<i64, rusqlite::Error> {
+        self.get(i)
+    }
+    fn text(&self, i: usize) -> std::result::Result<String, rusqlite::Error> {
+        self.get(i)
+    }
+    fn real(&self, i: usize) -> std::result::Result<Option<f64>, rusqlite::Error> {
+        self.get(i)
+    }
+    fn bytes(&self, i: usize) -> std::result::Result<Vec<u8>, rusqlite::Error> {
+        self.get(i)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct SiteSummary {
     pub id: String,
@@ -109,13 +150,18 @@ pub struct TelemetryRecord {
 
 impl TelemetryRecord {
     pub(crate) fn from_row(r: &AnyRow) -> Result<TelemetryRecord> {
+        Ok(TelemetryRecord::from_columns(r)?)
+    }
+
+    /// A row of `device_id, seq, first_ms, last_ms, samples, payload`.
+    pub(crate) fn from_columns<R: Columns>(r: &R) -> std::result::Result<TelemetryRecord, R::Error> {
         Ok(TelemetryRecord {
-            device_id: r.try_get(0)?,
-            seq: r.try_get(1)?,
-            first_ms: r.try_get(2)?,
-            last_ms: r.try_get(3)?,
-            samples: r.try_get(4)?,
-            payload: r.try_get(5)?,
+            device_id: r.text(0)?,
+            seq: r.int(1)?,
+            first_ms: r.int(2)?,
+            last_ms: r.int(3)?,
+            samples: r.int(4)?,
+            payload: r.bytes(5)?,
         })
     }
 }

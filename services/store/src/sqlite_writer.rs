@@ -245,7 +245,7 @@ pub(crate) fn settle(
         Some(k) => landed.range((Bound::Excluded(k), Bound::Unbounded)),
         None => landed.range::<LandedKey, _>(..),
     };
-    let mut chosen: Vec<(&LandedKey, i64)> = Vec::new();
+    let mut chosen: Vec<(LandedKey, i64)> = Vec::new();
     let mut seen = 0;
     for (key, rowid) in range {
         if chosen.len() == rows {
@@ -257,7 +257,7 @@ pub(crate) fn settle(
             }
             seen += 1;
         }
-        chosen.push((key, *rowid));
+        chosen.push((key.clone(), *rowid));
     }
     // As many as allowed: more may be waiting after the last one.
     let full = chosen.len() == rows || seen == devices;
@@ -274,18 +274,7 @@ pub(crate) fn settle(
         )?;
         let mut delete = tx.prepare_cached("DELETE FROM telemetry_recent WHERE rowid = ?1")?;
         for (_, rowid) in &chosen {
-            let row = copy
-                .query_row([rowid], |r| {
-                    Ok(TelemetryRecord {
-                        device_id: r.get(0)?,
-                        seq: r.get(1)?,
-                        first_ms: r.get(2)?,
-                        last_ms: r.get(3)?,
-                        samples: r.get(4)?,
-                        payload: r.get(5)?,
-                    })
-                })
-                .optional()?;
+            let row = copy.query_row([rowid], |r| TelemetryRecord::from_columns(r)).optional()?;
             moved.extend(row);
             taken += delete.execute([rowid])? as u64;
         }
@@ -297,11 +286,10 @@ pub(crate) fn settle(
         merge_rollups(&tx, partials, fold)?;
     }
     tx.commit()?;
-    let last = chosen.last().filter(|_| full).map(|(k, _)| (*k).clone());
-    let keys: Vec<LandedKey> = chosen.into_iter().map(|(k, _)| k.clone()).collect();
-    for key in &keys {
+    for (key, _) in &chosen {
         landed.remove(key);
     }
+    let last = chosen.pop().filter(|_| full).map(|(k, _)| k);
     Ok(Settled::of_step(taken, moved.len() as u64, last))
 }
 
