@@ -10,6 +10,9 @@
 //! - [`recipes`]: the pinned trust root and the verified recipes; answers commands.
 //! - [`runs`]: run interlocks, the batch recorder and the device's signature on records.
 //! - [`link`]: the MQTT edge that runs one device.
+//! - [`update`]: the firmware update engine, a pure A/B state machine.
+//! - [`slots`]: the device's two system slots and bootloader; simulated with files.
+//! - [`updater`]: carries out the update engine's actions; survives power loss.
 //! - [`fleet`]: many simulated devices, each with its own connection.
 //! - [`process`]: logging, signals, error reports and exit codes of the binaries.
 #![forbid(unsafe_code)]
@@ -24,6 +27,9 @@ pub mod recipes;
 pub mod runs;
 pub mod seq;
 pub mod sim;
+pub mod slots;
+pub mod update;
+pub mod updater;
 
 /// Resident memory of this process in bytes (Linux), for the simulator's report.
 pub fn resident_bytes() -> Option<u64> {
