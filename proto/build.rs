@@ -17,6 +17,7 @@ const PROTOS: &[&str] = &[
     "nanofleet/v1/audit.proto",
     "nanofleet/v1/recipes.proto",
     "nanofleet/v1/monitoring.proto",
+    "nanofleet/v1/firmware.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::{AuditLog, Batches, Fleet, Monitoring, People, Recipes, Trust};
+use crate::{AuditLog, Batches, Firmware, Fleet, Monitoring, People, Recipes, Trust};
 
 /// Closes a device's live connection (the embedded broker); returns whether one was open.
 #[tonic::async_trait]
@@ -20,6 +20,7 @@ pub struct Api {
     pub recipes: Recipes,
     pub batches: Batches,
     pub monitoring: Monitoring,
+    pub firmware: Firmware,
     /// Closes a device's broker connection (the embedded broker; none with an external one).
     pub disconnect: Option<Arc<dyn Disconnect>>,
 }

@@ -7,6 +7,7 @@ use nanofleet_proto::v1 as pb;
 use nanofleet_proto::v1::audit_service_server::AuditService;
 use nanofleet_proto::v1::batch_service_server::BatchService;
 use nanofleet_proto::v1::enrollment_service_server::EnrollmentService;
+use nanofleet_proto::v1::firmware_service_server::FirmwareService;
 use nanofleet_proto::v1::fleet_service_server::FleetService;
 use nanofleet_proto::v1::monitoring_service_server::MonitoringService;
 use nanofleet_proto::v1::people_service_server::PeopleService;
@@ -535,5 +536,44 @@ impl MonitoringService for Api {
         });
         let mut out = out;
         Ok(Response::new(Box::pin(futures::stream::poll_fn(move |cx| out.poll_recv(cx)))))
+    }
+}
+
+#[tonic::async_trait]
+impl FirmwareService for Api {
+    async fn upload_firmware(
+        &self,
+        req: Request<tonic::Streaming<pb::UploadFirmwareRequest>>,
+    ) -> Result<Response<pb::UploadFirmwareResponse>, Status> {
+        use futures::StreamExt as _;
+        use pb::upload_firmware_request::Part;
+        let caller = caller(&req)?;
+        let mut stream = req.into_inner();
+        let header = match stream.next().await {
+            Some(Ok(pb::UploadFirmwareRequest { part: Some(Part::Header(h)) })) => h,
+            Some(Err(status)) => return Err(status),
+            _ => {
+                return Err(
+                    crate::Error::invalid("part", "chunk", "a header first, then the image bytes").into()
+                );
+            }
+        };
+        let chunks = stream.map(|m| match m {
+            Ok(pb::UploadFirmwareRequest { part: Some(Part::Chunk(bytes)) }) => Ok(bytes),
+            Ok(_) => Err(crate::Error::invalid("part", "header", "one header, then only chunks")),
+            Err(status) => {
+                Err(crate::Error::Unavailable(format!("upload interrupted: {}", status.message())))
+            }
+        });
+        let release = self.firmware.upload(&caller, header, chunks).await?;
+        Ok(Response::new(pb::UploadFirmwareResponse { release: Some(release) }))
+    }
+
+    async fn list_firmware(
+        &self,
+        req: Request<pb::ListFirmwareRequest>,
+    ) -> Result<Response<pb::ListFirmwareResponse>, Status> {
+        let pb::ListFirmwareRequest { model } = req.into_inner();
+        Ok(Response::new(pb::ListFirmwareResponse { releases: self.firmware.list(&model)? }))
     }
 }

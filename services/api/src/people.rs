@@ -143,6 +143,8 @@ pub const GRPC_ACCESS: &[(&str, Access)] = &[
     ("/nanofleet.v1.MonitoringService/ListAlerts", Access::Roles(EVERYONE)),
     ("/nanofleet.v1.MonitoringService/AcknowledgeAlert", Access::Roles(OPS_QA)),
     ("/nanofleet.v1.MonitoringService/WatchAlerts", Access::Roles(EVERYONE)),
+    ("/nanofleet.v1.FirmwareService/UploadFirmware", Access::Roles(OPS)),
+    ("/nanofleet.v1.FirmwareService/ListFirmware", Access::Roles(OVERSIGHT)),
 ];
 
 /// The access rule of a gRPC path; `None` for paths outside `nanofleet.v1`.

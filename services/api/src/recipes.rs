@@ -374,7 +374,12 @@ impl Recipes {
 
     /// The caller's key for `role`, unsealed with their password; created at the
     /// first signature and added to a new trust root version.
-    async fn signing_key(&self, caller: &Caller, role: &str, password: &str) -> Result<SigningKey, Error> {
+    pub(crate) async fn signing_key(
+        &self,
+        caller: &Caller,
+        role: &str,
+        password: &str,
+    ) -> Result<SigningKey, Error> {
         // Held from the lookup to the new root version: two first signatures of one
         // person at once make one key, and root versions never race.
         let mut root = self.root.lock().await;
@@ -431,6 +436,61 @@ impl Recipes {
         trust_root::save_successor(&self.pki_dir, &root, &next)
             .map_err(|e| Error::Unavailable(format!("trust root file: {e}")))?;
         tracing::info!(person = %caller.person_id, role, version, "signing key created; trust root updated");
+        *root = next;
+        Ok(key)
+    }
+
+    /// The server's online key (trust-root role `director`): it signs the firmware
+    /// repository's snapshot and timestamp, which must be re-signed without a person.
+    /// Created at first use as `online.key` (0600) beside the root key and added to a
+    /// new trust root version.
+    pub(crate) async fn online_key(&self) -> Result<SigningKey, Error> {
+        let unavailable = |e: nanofleet_pki::Error| Error::Unavailable(format!("online key: {e}"));
+        let mut root = self.root.lock().await;
+        let path = self.pki_dir.join("online.key");
+        let key = if path.exists() {
+            nanofleet_pki::check_private(&path).map_err(unavailable)?;
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| Error::Unavailable(format!("{}: {e}", path.display())))?;
+            hex::decode(text.trim())
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                .map(|b| SigningKey::from_bytes(&b))
+                .ok_or_else(|| Error::Unavailable(format!("{}: not a hex ed25519 key", path.display())))?
+        } else {
+            let key = SigningKey::from_bytes(&rand::random());
+            nanofleet_pki::write_private(&path, hex::encode(key.to_bytes()).as_bytes())
+                .map_err(unavailable)?;
+            key
+        };
+        let id = key_id(&key.verifying_key());
+        if root.signed.role_key(nanofleet_firmware::ONLINE_ROLE, &id).is_some() {
+            return Ok(key);
+        }
+        let mut body = root.successor_body();
+        body.add_role_key(nanofleet_firmware::ONLINE_ROLE, &key.verifying_key(), None);
+        let root_key = trust_root::signing_key(&self.pki_dir).map_err(unavailable)?;
+        let next = TrustRoot::signed_by(body, &[&root_key]);
+        root.verify_successor(&next).map_err(|e| Error::Unavailable(format!("new trust root: {e}")))?;
+        let now = now_ms();
+        self.store.ensure_trust_root(next.signed.version as i64, &next.to_json(), now).await?;
+        self.store
+            .audit_only(&AuditEntry {
+                at_ms: now,
+                actor: "system".into(),
+                action: "trust-root.update".into(),
+                subject: format!("trust root v{}", next.signed.version),
+                site_id: None,
+                reason: "the server's online key added to the director role".into(),
+                old_value: Some(serde_json::json!({"version": root.signed.version}).to_string()),
+                new_value: Some(
+                    serde_json::json!({"version": next.signed.version, "added_key": id}).to_string(),
+                ),
+            })
+            .await?;
+        trust_root::save_successor(&self.pki_dir, &root, &next)
+            .map_err(|e| Error::Unavailable(format!("trust root file: {e}")))?;
+        tracing::info!(version = next.signed.version, "online key added to the trust root");
         *root = next;
         Ok(key)
     }

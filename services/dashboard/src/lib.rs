@@ -32,6 +32,8 @@
 //! | `GET /healthz` | | liveness, open |
 #![forbid(unsafe_code)]
 
+mod artifacts;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -88,6 +90,10 @@ pub fn router(api: Api) -> Router {
         .route("/api/alerts", get(alerts))
         .route("/api/alerts/{id}/ack", post(ack_alert))
         .route_layer(middleware::from_fn_with_state(api.clone(), require_session));
+    let firmware = Router::new()
+        .route("/firmware/metadata/{name}", get(artifacts::metadata))
+        .route("/firmware/targets/{name}", get(artifacts::target))
+        .route_layer(middleware::from_fn_with_state(api.clone(), artifacts::require_device_or_person));
     Router::new()
         .route("/", get(|| async { static_file(INDEX_HTML, "text/html; charset=utf-8") }))
         .route("/assets/app.js", get(|| async { static_file(APP_JS, "text/javascript; charset=utf-8") }))
@@ -96,6 +102,7 @@ pub fn router(api: Api) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/login", post(login))
         .merge(guarded)
+        .merge(firmware)
         .fallback(|| async { ApiError(nanofleet_api::Error::NotFound { what: "page", id: String::new() }) })
         .with_state(api)
 }
@@ -131,7 +138,7 @@ pub async fn run(
             _ = &mut shutdown => break,
         };
         let acceptor = acceptor.clone();
-        let service = TowerToHyperService::new(app.clone());
+        let app = app.clone();
         let watcher = graceful.watcher();
         // Answers go out at once rather than after the browser's delayed ACK.
         let _ = tcp.set_nodelay(true);
@@ -145,6 +152,9 @@ pub async fn run(
                 }
                 Err(_) => return,
             };
+            // Devices fetching firmware present their certificate (verified by TLS).
+            let cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec());
+            let service = TowerToHyperService::new(app.layer(Extension(artifacts::PeerCert(cert))));
             let builder = Builder::new(TokioExecutor::new());
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
             if let Err(e) = watcher.watch(conn.into_owned()).await {
@@ -170,26 +180,29 @@ fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
 /// Authenticates the session cookie (people in a browser) or an API token
 /// (`Authorization: Bearer`, scripts) and puts the [`Caller`] into the request.
 async fn require_session(State(api): State<Api>, mut req: Request, next: Next) -> Response {
-    let bearer = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_owned);
-    let caller = match (cookie_value(req.headers(), SESSION_COOKIE), bearer) {
-        (Some(cookie), _) => api.people.authenticate_session(&cookie).await,
-        (None, Some(token)) => api.people.authenticate_token(&token).await,
-        (None, None) => {
-            return ApiError(nanofleet_api::Error::Unauthenticated("login required".into())).into_response();
-        }
-    };
-    match caller {
+    match authenticate(&api, req.headers()).await {
         Ok(caller) => {
             req.extensions_mut().insert(caller);
             next.run(req).await
         }
-        Err(_) => ApiError(nanofleet_api::Error::Unauthenticated("login required".into())).into_response(),
+        Err(e) => e.into_response(),
     }
+}
+
+/// The person behind a session cookie or a bearer API token.
+async fn authenticate(api: &Api, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    let login = || ApiError(nanofleet_api::Error::Unauthenticated("login required".into()));
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned);
+    let caller = match (cookie_value(headers, SESSION_COOKIE), bearer) {
+        (Some(cookie), _) => api.people.authenticate_session(&cookie).await,
+        (None, Some(token)) => api.people.authenticate_token(&token).await,
+        (None, None) => return Err(login()),
+    };
+    caller.map_err(|_| login())
 }
 
 /// The access table's rule for the gRPC method an endpoint mirrors.

@@ -19,11 +19,13 @@
 //! - [`keys`]: ed25519 keys as tough signers, and tough's key form of a public key.
 //! - [`repo`]: the server's repository: create it, release an image, refresh the
 //!   timestamp, rotate the root.
+//! - [`https`]: HTTPS GET for devices: tough's transport, and range requests.
 //! - [`client`]: the device's side: anchor the TUF root in the pinned trust root, load
 //!   the metadata, and check a release for this device.
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod https;
 pub mod keys;
 pub mod repo;
 

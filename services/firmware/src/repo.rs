@@ -60,6 +60,16 @@ pub struct RootKeys {
     pub online: VerifyingKey,
 }
 
+impl RootKeys {
+    /// The keys the fleet trust root names: its root keys, its firmware keys for
+    /// `targets`, and `online` for `snapshot` and `timestamp`.
+    pub fn of(trust_root: &nanofleet_pki::trust_root::TrustRoot, online: &VerifyingKey) -> RootKeys {
+        let (root, root_threshold) = crate::client::role_keys(trust_root, "root");
+        let (targets, targets_threshold) = crate::client::role_keys(trust_root, crate::FIRMWARE_ROLE);
+        RootKeys { root, root_threshold, targets, targets_threshold, online: *online }
+    }
+}
+
 /// A released image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Release {
@@ -182,6 +192,48 @@ impl ImageRepo {
             self.refresh(online, now).await?;
         }
         Ok(next)
+    }
+
+    /// Creates the repository, or rotates its root when `keys` differ from the newest
+    /// root's (a firmware key added to or removed from the trust root, another online
+    /// key). Returns the root version now in force.
+    pub async fn ensure_root(
+        &self,
+        keys: &RootKeys,
+        signers: &[&SigningKey],
+        online: &SigningKey,
+        now: Timestamp,
+    ) -> Result<u64> {
+        if !self.exists() {
+            self.create(keys, signers, now).await?;
+            return Ok(1);
+        }
+        let state = self.state()?;
+        let root = self.root(state.root_version)?;
+        let listed = |role: RoleType| -> (Vec<[u8; 32]>, u64) {
+            let Some(r) = root.signed.roles.get(&role) else { return (Vec::new(), 0) };
+            let mut keys: Vec<[u8; 32]> = r
+                .keyids
+                .iter()
+                .filter_map(|id| root.signed.keys.get(id).and_then(crate::keys::ed25519_public))
+                .map(|k| k.to_bytes())
+                .collect();
+            keys.sort_unstable();
+            (keys, r.threshold.get())
+        };
+        let wanted = |list: &[VerifyingKey], threshold: u64| {
+            let mut keys: Vec<[u8; 32]> = list.iter().map(|k| k.to_bytes()).collect();
+            keys.sort_unstable();
+            (keys, threshold)
+        };
+        let same = listed(RoleType::Root) == wanted(&keys.root, keys.root_threshold)
+            && listed(RoleType::Targets) == wanted(&keys.targets, keys.targets_threshold)
+            && listed(RoleType::Snapshot) == wanted(std::slice::from_ref(&keys.online), 1)
+            && listed(RoleType::Timestamp) == wanted(std::slice::from_ref(&keys.online), 1);
+        if same {
+            return Ok(state.root_version);
+        }
+        self.rotate_root(keys, signers, online, now).await
     }
 
     /// The newest root, as a device pins it.

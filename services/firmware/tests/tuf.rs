@@ -94,9 +94,7 @@ impl Fleet {
 }
 
 fn root_keys(trust: &TrustRoot, online: &SigningKey) -> RootKeys {
-    let (root, root_threshold) = client::role_keys(trust, "root");
-    let (targets, targets_threshold) = client::role_keys(trust, "firmware");
-    RootKeys { root, root_threshold, targets, targets_threshold, online: online.verifying_key() }
+    RootKeys::of(trust, &online.verifying_key())
 }
 
 struct Device {

@@ -16,6 +16,7 @@ use nanofleet_proto::v1::telemetry_service_client::TelemetryServiceClient;
 use tonic::transport::Channel;
 
 pub mod batches;
+pub mod firmware;
 pub mod monitoring;
 pub mod recipes;
 

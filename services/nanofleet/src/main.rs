@@ -101,6 +101,13 @@ enum Command {
         #[command(subcommand)]
         command: RecipesCommand,
     },
+    /// Firmware releases: upload an image, which the server signs with your firmware
+    /// key (TUF metadata) so devices can check it before they install.
+    #[command(after_help = FIRMWARE_HELP)]
+    Firmware {
+        #[command(subcommand)]
+        command: FirmwareCommand,
+    },
     /// Runs: a pharmacist starts a run on a device of their site; the device checks
     /// its interlocks and answers.
     Runs {
@@ -431,6 +438,59 @@ The flow, one step per person:
 
 Each signature records the signer's printed name, the UTC time and its meaning inside
 the signed bytes; it cannot be moved to another recipe or version.";
+
+const FIRMWARE_HELP: &str = "Examples:
+  nanofleet firmware upload build/nf200-2.4.0.img --model NF-200 --version 2.4.0 \\
+      --release-counter 8 --notes \"fixes pump pressure overshoot\"     # asks for your password
+  nanofleet firmware list --model NF-200
+  nanofleet firmware list --output json
+
+A release is a TUF target (hardware model, version, release counter) in the server's
+image repository, signed with your firmware key; the server's online key signs the
+snapshot and timestamp. Devices download images over HTTPS (range requests resume a cut
+download) and refuse an image for another model, with a lower release counter than they
+run, or whose bytes or metadata do not verify.";
+
+#[derive(Subcommand, Debug)]
+enum FirmwareCommand {
+    /// Uploads an image and releases it (ops). Shows progress; the server checks the
+    /// length and SHA-256 before it signs. Asks for your password (the release is signed
+    /// with your firmware key).
+    #[command(disable_version_flag = true)]
+    Upload {
+        /// The image file.
+        file: PathBuf,
+        /// Hardware model it is built for, e.g. NF-200.
+        #[arg(long)]
+        model: String,
+        /// Version, unique per model, e.g. 2.4.0.
+        #[arg(long)]
+        version: String,
+        /// Anti-rollback counter: devices refuse an image below the highest they
+        /// committed. Not below the highest released for the model.
+        #[arg(long)]
+        release_counter: u64,
+        /// Why this release (goes to the audit chain).
+        #[arg(long)]
+        notes: String,
+        /// Your user id; default: the owner of the API token.
+        #[arg(long, default_value = "")]
+        user: String,
+        /// Read the password from the first line of stdin instead of the terminal.
+        #[arg(long)]
+        password_stdin: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Released images, the highest release counter first.
+    List {
+        /// Only this model.
+        #[arg(long, default_value = "")]
+        model: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
 
 #[derive(Subcommand, Debug)]
 enum RecipesCommand {
@@ -1201,6 +1261,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             client.connect().await?.audit_list(&client.server, req).await?;
         }
         Command::Recipes { command } => recipes(command).await?,
+        Command::Firmware { command } => firmware(command).await?,
         Command::Runs { command } => runs(command).await?,
         Command::Batches { command } => batches(command).await?,
         Command::Quality { command } => quality(command).await?,
@@ -1211,6 +1272,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await?
                 .audit_verify(&client.server, checkpoint.as_deref(), save_checkpoint.as_deref())
                 .await?;
+        }
+    }
+    Ok(())
+}
+
+async fn firmware(command: FirmwareCommand) -> anyhow::Result<()> {
+    use nanofleet::cli::firmware::Upload;
+    use nanofleet::cli::recipes::PasswordSource;
+    match command {
+        FirmwareCommand::Upload {
+            file,
+            model,
+            version,
+            release_counter,
+            notes,
+            user,
+            password_stdin,
+            client,
+        } => {
+            let password = if password_stdin { PasswordSource::Stdin } else { PasswordSource::Prompt };
+            let upload = Upload { model, version, release_counter, notes, user_id: user, password };
+            client.connect().await?.firmware_upload(&client.server, &file, upload).await?;
+        }
+        FirmwareCommand::List { model, client } => {
+            client.connect().await?.firmware_list(&client.server, model).await?;
         }
     }
     Ok(())

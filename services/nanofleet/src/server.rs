@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nanofleet_api::{
-    Actor, Api, AuditLog, Batches, Bootstrap, CommandSink, Deliveries, DeviceCommands, Fleet, Monitoring,
-    People, Recipes, Trust, TrustOptions,
+    Actor, Api, AuditLog, Batches, Bootstrap, CommandSink, Deliveries, DeviceCommands, Firmware, Fleet,
+    Monitoring, People, Recipes, Trust, TrustOptions,
 };
 use nanofleet_broker::{Broker, Control};
 use nanofleet_ingest::Ingest;
@@ -15,6 +15,7 @@ use nanofleet_pki::{FleetCa, ServerNames};
 use nanofleet_proto::v1::audit_service_server::AuditServiceServer;
 use nanofleet_proto::v1::batch_service_server::BatchServiceServer;
 use nanofleet_proto::v1::enrollment_service_server::EnrollmentServiceServer;
+use nanofleet_proto::v1::firmware_service_server::FirmwareServiceServer;
 use nanofleet_proto::v1::fleet_service_server::FleetServiceServer;
 use nanofleet_proto::v1::monitoring_service_server::MonitoringServiceServer;
 use nanofleet_proto::v1::people_service_server::PeopleServiceServer;
@@ -220,6 +221,13 @@ impl Server {
         let batches = Batches::new(store.clone(), people.clone(), fleet.clone(), ca.clone(), sink);
         ingest.set_commands(Arc::new(DeviceCommands { deliveries, batches: batches.clone() }));
         let monitoring = Monitoring::new(store.clone(), fleet.clone());
+        let firmware = Firmware::new(
+            store.clone(),
+            people.clone(),
+            recipes.clone(),
+            opts.data_dir.join("pki"),
+            opts.data_dir.join("firmware"),
+        );
         let derived = monitoring.backfill().await?;
         if derived > 0 {
             tracing::info!(batches = derived, "monitoring metrics derived from stored batch records");
@@ -232,6 +240,7 @@ impl Server {
             recipes: recipes.clone(),
             batches,
             monitoring: monitoring.clone(),
+            firmware: firmware.clone(),
             disconnect: Some(Arc::new(BrokerDisconnect(broker.control()))),
         };
 
@@ -247,6 +256,7 @@ impl Server {
         health.set_serving::<RecipeServiceServer<Api>>().await;
         health.set_serving::<BatchServiceServer<Api>>().await;
         health.set_serving::<MonitoringServiceServer<Api>>().await;
+        health.set_serving::<FirmwareServiceServer<Api>>().await;
         // Both reflection versions: older tools (grpcurl before 1.8.8) ask for v1alpha.
         let reflection = || {
             tonic_reflection::server::Builder::configure()
@@ -277,7 +287,8 @@ impl Server {
             .add_service(AuditServiceServer::new(api.clone()))
             .add_service(RecipeServiceServer::new(api.clone()))
             .add_service(BatchServiceServer::new(api.clone()))
-            .add_service(MonitoringServiceServer::new(api.clone()));
+            .add_service(MonitoringServiceServer::new(api.clone()))
+            .add_service(FirmwareServiceServer::new(api.clone()));
         let stop = cancel.clone();
         tasks.push(tokio::spawn(async move {
             // Without TCP_NODELAY a response larger than one segment waits for the
@@ -290,8 +301,12 @@ impl Server {
 
         let stop = cancel.clone();
         let dash_api = api.clone();
-        let dash_tls =
-            Arc::new(nanofleet_pki::tls::server_config(ca.server_chain().to_vec(), ca.server_key()?)?);
+        // A client certificate is optional: devices fetching firmware present theirs.
+        let dash_tls = Arc::new(nanofleet_pki::tls::server_config_optional_client(
+            ca.server_chain().to_vec(),
+            ca.server_key()?,
+            ca.device_client_roots(),
+        )?);
         tasks.push(tokio::spawn(async move {
             if let Err(e) = nanofleet_dashboard::run(http, dash_api, dash_tls, stop.cancelled_owned()).await {
                 tracing::error!(error = %e, "dashboard stopped");
@@ -299,6 +314,23 @@ impl Server {
         }));
 
         tasks.push(monitoring.spawn_alerts(opts.alerts.clone(), cancel.clone()));
+
+        // The firmware repository's timestamp lives a day: re-sign it at start (after
+        // downtime) and every hour.
+        let stop = cancel.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(3600));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        if let Err(e) = firmware.refresh().await {
+                            tracing::warn!(error = %e, "firmware timestamp refresh");
+                        }
+                    }
+                    _ = stop.cancelled() => break,
+                }
+            }
+        }));
 
         // Other servers sharing the database may decommission devices: re-read who is
         // blocked now and then.

@@ -20,6 +20,29 @@ pub fn server_config(
         .with_single_cert(chain, key)?)
 }
 
+/// A server configuration that asks for a client certificate and verifies one if
+/// sent (against `client_roots`), but serves clients without one too: HTTPS for people
+/// (sessions, tokens) and devices (their certificate) on one listener.
+pub fn server_config_optional_client(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    client_roots: &[CertificateDer<'static>],
+) -> Result<ServerConfig> {
+    let mut store = RootCertStore::empty();
+    for r in client_roots {
+        store.add(r.clone())?;
+    }
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(store), crypto_provider())
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| Error::Invalid(format!("client certificate verifier: {e}")))?;
+    Ok(ServerConfig::builder_with_provider(crypto_provider())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)?)
+}
+
 /// A client configuration trusting `roots`, presenting `identity` (chain and key) if given.
 pub fn client_config(
     roots: &[CertificateDer<'static>],
