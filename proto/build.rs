@@ -9,6 +9,7 @@ const PROTOS: &[&str] = &[
     "nanofleet/device/v1/device.proto",
     "nanofleet/device/v1/recipe.proto",
     "nanofleet/device/v1/run.proto",
+    "nanofleet/device/v1/update.proto",
     "nanofleet/v1/batches.proto",
     "nanofleet/v1/fleet.proto",
     "nanofleet/v1/telemetry.proto",
@@ -18,6 +19,7 @@ const PROTOS: &[&str] = &[
     "nanofleet/v1/recipes.proto",
     "nanofleet/v1/monitoring.proto",
     "nanofleet/v1/firmware.proto",
+    "nanofleet/v1/rollouts.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

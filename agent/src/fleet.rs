@@ -364,8 +364,22 @@ impl Fleet {
                                     link.auto_runs = Some(auto.clone());
                                 }
                             }
-                            link.recipes = book.map(|b| Arc::new(Mutex::new(b)));
                             let (updates, rx) = tokio::sync::watch::channel(tls.clone());
+                            if let (Some(_), Some(dir)) = (&book, &book_dir) {
+                                let opts = crate::updates::UpdateOptions {
+                                    dir: dir.clone(),
+                                    device_id: info.device_id.clone(),
+                                    model: info.model.clone(),
+                                    factory_version: info.firmware_version.clone(),
+                                    tls: tls.clone(),
+                                    tls_updates: Some(rx.clone()),
+                                };
+                                match crate::updates::UpdateDesk::start(opts) {
+                                    Ok(desk) => link.updates = Some(desk),
+                                    Err(e) => tracing::error!(device_id = %info.device_id, error = %e, "firmware update state"),
+                                }
+                            }
+                            link.recipes = book.map(|b| Arc::new(Mutex::new(b)));
                             link.tls = Some(tls);
                             link.tls_updates = Some(rx);
                             let stop = cancel.child_token();

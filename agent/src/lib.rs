@@ -13,6 +13,7 @@
 //! - [`update`]: the firmware update engine, a pure A/B state machine.
 //! - [`slots`]: the device's two system slots and bootloader; simulated with files.
 //! - [`updater`]: carries out the update engine's actions; survives power loss.
+//! - [`updates`]: firmware offers from the cloud, checked, then run on a worker thread.
 //! - [`fleet`]: many simulated devices, each with its own connection.
 //! - [`process`]: logging, signals, error reports and exit codes of the binaries.
 #![forbid(unsafe_code)]
@@ -30,6 +31,7 @@ pub mod sim;
 pub mod slots;
 pub mod update;
 pub mod updater;
+pub mod updates;
 
 /// Resident memory of this process in bytes (Linux), for the simulator's report.
 pub fn resident_bytes() -> Option<u64> {

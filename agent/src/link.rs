@@ -77,6 +77,9 @@ pub struct LinkOptions {
     pub runs: Option<Arc<Mutex<RunDesk>>>,
     /// A simulated pharmacist who starts runs by themself (simulator only).
     pub auto_runs: Option<AutoRuns>,
+    /// Firmware updates (with `recipes`, whose trust root checks the offers): offers
+    /// on `cmd/update`, reports on the update topic.
+    pub updates: Option<crate::updates::UpdateDesk>,
 }
 
 impl Default for LinkOptions {
@@ -97,6 +100,7 @@ impl Default for LinkOptions {
             recipes: None,
             runs: None,
             auto_runs: None,
+            updates: None,
         }
     }
 }
@@ -172,7 +176,7 @@ enum Link {
     },
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
@@ -257,7 +261,11 @@ pub async fn run_device<D: Device>(
     cancel: CancellationToken,
     status: SharedStatus,
 ) -> Result<(), Error> {
-    let info = device.info().clone();
+    let mut info = device.info().clone();
+    if let Some(desk) = &opts.updates {
+        // What the slots hold decides the version, not the flag the agent started with.
+        info.firmware_version = desk.running_version();
+    }
     let boot_id = new_session_id();
     let first_session = new_session_id();
     let mut mqtt = MqttOptions::new(&info.device_id, &opts.broker_host, opts.broker_port);
@@ -434,6 +442,8 @@ pub async fn run_device<D: Device>(
     let state_topic = topics::device_topic(&info.device_id, Channel::State);
     let ack_topic = topics::device_topic(&info.device_id, Channel::Ack);
     let batch_topic = topics::device_topic(&info.device_id, Channel::Batch);
+    let update_topic = topics::device_topic(&info.device_id, Channel::Update);
+    let mut update_reports = opts.updates.as_ref().and_then(|d| d.take_reports());
     let mut auto_runs = opts.auto_runs.clone();
     if let Some(desk) = &opts.runs {
         // Records an earlier connection or process did not get acknowledged.
@@ -450,6 +460,10 @@ pub async fn run_device<D: Device>(
                 let now = now_ms();
                 let reading = device.read(now, (now - last_read).max(1));
                 last_read = now;
+                if let Some(updates) = &opts.updates {
+                    let run_active = opts.runs.as_ref().is_some_and(|d| d.lock().unwrap_or_else(|p| p.into_inner()).active_batch().is_some());
+                    updates.set_busy(device.busy() || run_active);
+                }
                 if let Some(desk) = &opts.runs {
                     let mut desk = desk.lock().unwrap_or_else(|p| p.into_inner());
                     if let Some((seq, record)) = desk.observe(&reading, &info, now) {
@@ -493,6 +507,29 @@ pub async fn run_device<D: Device>(
                     status.lock().unwrap_or_else(|p| p.into_inner()).event_batches += 1;
                 }
             }
+            Some(report) = next_report(&mut update_reports) => {
+                if report.status == nanofleet_proto::device::v1::UpdateStatus::Committed as i32
+                    && !report.running_version.is_empty()
+                    && report.running_version != info.firmware_version
+                {
+                    // The device rebooted into the new firmware: a new birth says so.
+                    info.firmware_version.clone_from(&report.running_version);
+                    if let Some(session_id) = &session
+                        && connected
+                    {
+                        let root_version = opts.recipes.as_ref().map_or(0, |b| b.lock().unwrap_or_else(|p| p.into_inner()).trust_root().signed.version);
+                        let birth = state_message(&info, Presence::Online, session_id, &boot_id, root_version);
+                        client.publish(state_topic.clone(), QoS::AtLeastOnce, true, birth).await?;
+                        outbox.handed_untracked(generation.load(Ordering::SeqCst));
+                    }
+                }
+                if connected {
+                    // Not kept for re-sending: the cloud offers again what it has no
+                    // final answer for, and the device answers where it is.
+                    client.publish(update_topic.clone(), QoS::AtLeastOnce, false, report.encode_to_vec()).await?;
+                    outbox.handed_untracked(generation.load(Ordering::SeqCst));
+                }
+            }
             Some(link) = rx.recv() => match link {
                 Link::Connected { session_id, generation } => {
                     connected = true;
@@ -520,6 +557,30 @@ pub async fn run_device<D: Device>(
                         .ok()
                         .and_then(|t| topics::parse_command_topic(&info.device_id, t));
                     match (command, &opts.recipes) {
+                        (Some(Command::Update), Some(book)) => {
+                            let refusal = match &opts.updates {
+                                Some(desk) => {
+                                    let root = book.lock().unwrap_or_else(|p| p.into_inner()).trust_root().clone();
+                                    desk.command(&payload, &root, now_ms())
+                                }
+                                None => Some(nanofleet_proto::device::v1::UpdateReport {
+                                    device_id: info.device_id.clone(),
+                                    status: nanofleet_proto::device::v1::UpdateStatus::Refused as i32,
+                                    code: "unsupported".into(),
+                                    detail: "this agent runs without update state (no state directory)".into(),
+                                    running_version: info.firmware_version.clone(),
+                                    time_unix_ms: now_ms(),
+                                    ..Default::default()
+                                }),
+                            };
+                            if let Some(report) = refusal {
+                                tracing::warn!(device_id = %info.device_id, code = %report.code, detail = %report.detail, "update command refused");
+                                if connected {
+                                    client.publish(update_topic.clone(), QoS::AtLeastOnce, false, report.encode_to_vec()).await?;
+                                    outbox.handed_untracked(generation.load(Ordering::SeqCst));
+                                }
+                            }
+                        }
                         (Some(command), Some(book)) => {
                             let ack = match (command, &opts.runs) {
                                 (Command::Run, Some(desk)) => {
@@ -626,6 +687,16 @@ pub async fn run_device<D: Device>(
     st.connected = false;
     st.outbox = outbox.stats();
     Ok(())
+}
+
+/// The next update report, or never when the device takes no updates.
+async fn next_report(
+    rx: &mut Option<tokio::sync::mpsc::UnboundedReceiver<nanofleet_proto::device::v1::UpdateReport>>,
+) -> Option<nanofleet_proto::device::v1::UpdateReport> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 #[cfg(test)]

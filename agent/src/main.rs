@@ -377,6 +377,18 @@ async fn run_one(a: RunArgs) -> anyhow::Result<()> {
                 link.runs = Some(Arc::new(std::sync::Mutex::new(desk)));
                 signer = Some(s);
                 link.recipes = Some(Arc::new(std::sync::Mutex::new(book)));
+                let updates = nanofleet_agent::updates::UpdateOptions {
+                    dir: a.state_dir.clone(),
+                    device_id: c.device_id.clone(),
+                    model: a.model.clone(),
+                    factory_version: a.firmware.clone(),
+                    tls: c.client_config_arc().context("TLS for firmware downloads")?,
+                    tls_updates: link.tls_updates.clone(),
+                };
+                link.updates = Some(
+                    nanofleet_agent::updates::UpdateDesk::start(updates)
+                        .map_err(|e| anyhow::anyhow!("firmware update state: {e}"))?,
+                );
             }
             tokio::spawn(enroll::keep_renewed(c, Some(dir), updates, signer, cancel.clone()));
             (ids.0, ids.1, link)

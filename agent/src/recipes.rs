@@ -172,6 +172,7 @@ impl RecipeBook {
                 ack.subject = AckSubject::Run as i32;
                 refuse(ack, "unsupported", "this device has no run desk and takes no run requests")
             }
+            Command::Update => refuse(ack, "unsupported", "this device takes no firmware updates"),
             Command::Recipe => {
                 ack.subject = AckSubject::Recipe as i32;
                 let ctx = DeviceContext {

@@ -47,14 +47,28 @@ impl Fetch for FileFetch {
     }
 }
 
+/// Hears each report as the engine makes it (to publish progress while the
+/// update goes on).
+pub type Reporter = Box<dyn FnMut(&Report) + Send>;
+
 /// The update engine with its state directory and the device's slots.
-#[derive(Debug)]
 pub struct Updater<S: Slots> {
     dir: PathBuf,
     engine: Engine,
     slots: S,
     /// Bytes fetched by downloads since this updater was opened.
     pub fetched_bytes: u64,
+    reporter: Option<Reporter>,
+}
+
+impl<S: Slots + std::fmt::Debug> std::fmt::Debug for Updater<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Updater")
+            .field("dir", &self.dir)
+            .field("engine", &self.engine)
+            .field("slots", &self.slots)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<S: Slots> Updater<S> {
@@ -67,7 +81,13 @@ impl<S: Slots> Updater<S> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Engine::factory(model, factory),
             Err(e) => return Err(Error::Io { path, source: e }),
         };
-        Ok(Updater { dir: dir.to_owned(), engine, slots, fetched_bytes: 0 })
+        Ok(Updater { dir: dir.to_owned(), engine, slots, fetched_bytes: 0, reporter: None })
+    }
+
+    /// Calls `reporter` with each report as it is made.
+    pub fn with_reporter(mut self, reporter: Reporter) -> Updater<S> {
+        self.reporter = Some(reporter);
+        self
     }
 
     pub fn engine(&self) -> &Engine {
@@ -97,6 +117,9 @@ impl<S: Slots> Updater<S> {
                 match action {
                     Action::Report(r) => {
                         tracing::info!(rollout = %r.rollout_id, version = %r.version, status = ?r.status, code = %r.code, detail = %r.detail, "update");
+                        if let Some(hear) = &mut self.reporter {
+                            hear(&r);
+                        }
                         reports.push(r);
                     }
                     Action::Download => queue.push_back(self.download(fetch)?),

@@ -27,11 +27,13 @@ pub enum Channel {
     /// `SignedBatchRecord`: the record of a finished run, QoS 1, kept on the device
     /// until acknowledged.
     Batch,
+    /// `UpdateReport`: where a firmware update is, QoS 1.
+    Update,
 }
 
 impl Channel {
-    pub const ALL: [Channel; 5] =
-        [Channel::Telemetry, Channel::Events, Channel::State, Channel::Ack, Channel::Batch];
+    pub const ALL: [Channel; 6] =
+        [Channel::Telemetry, Channel::Events, Channel::State, Channel::Ack, Channel::Batch, Channel::Update];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -40,6 +42,7 @@ impl Channel {
             Channel::State => "state",
             Channel::Ack => "ack",
             Channel::Batch => "batch",
+            Channel::Update => "update",
         }
     }
 }
@@ -64,16 +67,19 @@ pub enum Command {
     TrustRoot,
     /// `RunRequest`: start a run for a pharmacist, QoS 1.
     Run,
+    /// `UpdateCommand`: a signed firmware offer, or a withdrawal, QoS 1.
+    Update,
 }
 
 impl Command {
-    pub const ALL: [Command; 3] = [Command::Recipe, Command::TrustRoot, Command::Run];
+    pub const ALL: [Command; 4] = [Command::Recipe, Command::TrustRoot, Command::Run, Command::Update];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Command::Recipe => "recipe",
             Command::TrustRoot => "trust-root",
             Command::Run => "run",
+            Command::Update => "update",
         }
     }
 }
@@ -111,7 +117,9 @@ pub enum TopicError {
     NotNanofleet { topic: String },
     #[error("topic {topic:?}: device id {device_id:?} is invalid: {reason}")]
     BadDeviceId { topic: String, device_id: String, reason: &'static str },
-    #[error("topic {topic:?}: unknown channel {channel:?}, allowed: telemetry, events, state, ack, batch")]
+    #[error(
+        "topic {topic:?}: unknown channel {channel:?}, allowed: telemetry, events, state, ack, batch, update"
+    )]
     UnknownChannel { topic: String, channel: String },
 }
 

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::{AuditLog, Batches, Firmware, Fleet, Monitoring, People, Recipes, Trust};
+use crate::{AuditLog, Batches, Firmware, Fleet, Monitoring, People, Recipes, Rollouts, Trust};
 
 /// Closes a device's live connection (the embedded broker); returns whether one was open.
 #[tonic::async_trait]
@@ -21,6 +21,7 @@ pub struct Api {
     pub batches: Batches,
     pub monitoring: Monitoring,
     pub firmware: Firmware,
+    pub rollouts: Rollouts,
     /// Closes a device's broker connection (the embedded broker; none with an external one).
     pub disconnect: Option<Arc<dyn Disconnect>>,
 }

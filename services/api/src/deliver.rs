@@ -68,6 +68,12 @@ impl Deliveries {
         tokio::spawn(record_answers(store.clone(), answers_rx));
         Deliveries { store, jobs, answers, roots }
     }
+
+    /// The trust root version `device_id` said it holds (at its birth or in an
+    /// answer since); `None` when it has not said since this server started.
+    pub fn root_version(&self, device_id: &str) -> Option<u64> {
+        self.roots.lock().unwrap_or_else(|p| p.into_inner()).get(device_id).copied()
+    }
 }
 
 /// A device's answer waiting to be stored, and who waits for it.
@@ -117,6 +123,7 @@ async fn record_answers(store: Store, mut rx: mpsc::Receiver<Answer>) {
 pub struct DeviceCommands {
     pub deliveries: Deliveries,
     pub batches: Batches,
+    pub rollouts: crate::Rollouts,
 }
 
 #[tonic::async_trait]
@@ -131,6 +138,15 @@ impl nanofleet_ingest::Commands for DeviceCommands {
 
     fn born(&self, state: &DeviceState) {
         self.deliveries.born(state);
+        self.rollouts.born(state);
+    }
+
+    async fn update_reported(
+        &self,
+        device_id: &str,
+        report: nanofleet_proto::device::v1::UpdateReport,
+    ) -> Result<(), String> {
+        self.rollouts.reported(device_id, report).await
     }
 
     async fn recorded(&self, device_id: &str, payload: &[u8]) -> Result<(), nanofleet_ingest::RecordError> {

@@ -12,6 +12,7 @@ use nanofleet_proto::v1::fleet_service_server::FleetService;
 use nanofleet_proto::v1::monitoring_service_server::MonitoringService;
 use nanofleet_proto::v1::people_service_server::PeopleService;
 use nanofleet_proto::v1::recipe_service_server::RecipeService;
+use nanofleet_proto::v1::rollout_service_server::RolloutService;
 use nanofleet_proto::v1::telemetry_service_server::TelemetryService;
 use tonic::{Request, Response, Status};
 
@@ -575,5 +576,108 @@ impl FirmwareService for Api {
     ) -> Result<Response<pb::ListFirmwareResponse>, Status> {
         let pb::ListFirmwareRequest { model } = req.into_inner();
         Ok(Response::new(pb::ListFirmwareResponse { releases: self.firmware.list(&model)? }))
+    }
+}
+
+#[tonic::async_trait]
+impl RolloutService for Api {
+    async fn create_rollout(
+        &self,
+        req: Request<pb::CreateRolloutRequest>,
+    ) -> Result<Response<pb::CreateRolloutResponse>, Status> {
+        let caller = caller(&req)?;
+        let rollout = self.rollouts.create(&caller, req.into_inner()).await?;
+        Ok(Response::new(pb::CreateRolloutResponse { rollout: Some(rollout) }))
+    }
+
+    async fn get_rollout(
+        &self,
+        req: Request<pb::GetRolloutRequest>,
+    ) -> Result<Response<pb::GetRolloutResponse>, Status> {
+        let rollout = self.rollouts.get(&req.get_ref().rollout_id, true).await?;
+        Ok(Response::new(pb::GetRolloutResponse { rollout: Some(rollout) }))
+    }
+
+    async fn list_rollouts(
+        &self,
+        req: Request<pb::ListRolloutsRequest>,
+    ) -> Result<Response<pb::ListRolloutsResponse>, Status> {
+        Ok(Response::new(pb::ListRolloutsResponse {
+            rollouts: self.rollouts.list(&req.get_ref().state).await?,
+        }))
+    }
+
+    async fn pause_rollout(
+        &self,
+        req: Request<pb::PauseRolloutRequest>,
+    ) -> Result<Response<pb::PauseRolloutResponse>, Status> {
+        let caller = caller(&req)?;
+        let pb::PauseRolloutRequest { rollout_id, reason } = req.into_inner();
+        let rollout = self.rollouts.control(&caller, &rollout_id, crate::Control::Pause, &reason).await?;
+        Ok(Response::new(pb::PauseRolloutResponse { rollout: Some(rollout) }))
+    }
+
+    async fn resume_rollout(
+        &self,
+        req: Request<pb::ResumeRolloutRequest>,
+    ) -> Result<Response<pb::ResumeRolloutResponse>, Status> {
+        let caller = caller(&req)?;
+        let pb::ResumeRolloutRequest { rollout_id, reason } = req.into_inner();
+        let rollout = self.rollouts.control(&caller, &rollout_id, crate::Control::Resume, &reason).await?;
+        Ok(Response::new(pb::ResumeRolloutResponse { rollout: Some(rollout) }))
+    }
+
+    async fn cancel_rollout(
+        &self,
+        req: Request<pb::CancelRolloutRequest>,
+    ) -> Result<Response<pb::CancelRolloutResponse>, Status> {
+        let caller = caller(&req)?;
+        let pb::CancelRolloutRequest { rollout_id, reason } = req.into_inner();
+        let rollout = self.rollouts.control(&caller, &rollout_id, crate::Control::Cancel, &reason).await?;
+        Ok(Response::new(pb::CancelRolloutResponse { rollout: Some(rollout) }))
+    }
+
+    async fn rollback_rollout(
+        &self,
+        req: Request<pb::RollbackRolloutRequest>,
+    ) -> Result<Response<pb::RollbackRolloutResponse>, Status> {
+        let caller = caller(&req)?;
+        let pb::RollbackRolloutRequest { rollout_id, target, reason } = req.into_inner();
+        let rollout = self.rollouts.rollback(&caller, &rollout_id, &target, &reason).await?;
+        Ok(Response::new(pb::RollbackRolloutResponse { rollout: Some(rollout) }))
+    }
+
+    type WatchRolloutStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<pb::WatchRolloutResponse, Status>> + Send + 'static>,
+    >;
+
+    async fn watch_rollout(
+        &self,
+        req: Request<pb::WatchRolloutRequest>,
+    ) -> Result<Response<Self::WatchRolloutStream>, Status> {
+        let id = req.into_inner().rollout_id;
+        let first = self.rollouts.get(&id, true).await?;
+        let rollouts = self.rollouts.clone();
+        let stream = futures::stream::unfold(
+            (Some(first), rollouts, id, false),
+            |(next, rollouts, id, done)| async move {
+                if done {
+                    return None;
+                }
+                let current = match next {
+                    Some(r) => r,
+                    None => {
+                        rollouts.changed(Duration::from_secs(5)).await;
+                        match rollouts.get(&id, true).await {
+                            Ok(r) => r,
+                            Err(e) => return Some((Err(Status::from(e)), (None, rollouts, id, true))),
+                        }
+                    }
+                };
+                let ended = matches!(current.state.as_str(), "completed" | "cancelled");
+                Some((Ok(pb::WatchRolloutResponse { rollout: Some(current) }), (None, rollouts, id, ended)))
+            },
+        );
+        Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -21,6 +21,7 @@ pub mod json;
 pub mod monitoring;
 pub mod people;
 mod recipes;
+mod rollouts;
 pub mod series;
 mod trust;
 pub mod webhook;
@@ -36,6 +37,7 @@ pub use fleet::{DEFAULT_SAMPLE_LIMIT, Fleet, MAX_SAMPLE_LIMIT, TelemetryWindow};
 pub use monitoring::{Monitoring, factor_named};
 pub use people::{Bootstrap, Caller, People, Role};
 pub use recipes::{Recipes, Released};
+pub use rollouts::{Control, Rollouts};
 pub use trust::{Actor, Trust, TrustOptions, validate_site_id};
 
 /// The server clock, ms since the Unix epoch.

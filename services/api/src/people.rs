@@ -145,6 +145,14 @@ pub const GRPC_ACCESS: &[(&str, Access)] = &[
     ("/nanofleet.v1.MonitoringService/WatchAlerts", Access::Roles(EVERYONE)),
     ("/nanofleet.v1.FirmwareService/UploadFirmware", Access::Roles(OPS)),
     ("/nanofleet.v1.FirmwareService/ListFirmware", Access::Roles(OVERSIGHT)),
+    ("/nanofleet.v1.RolloutService/CreateRollout", Access::Roles(OPS)),
+    ("/nanofleet.v1.RolloutService/GetRollout", Access::Roles(OVERSIGHT)),
+    ("/nanofleet.v1.RolloutService/ListRollouts", Access::Roles(OVERSIGHT)),
+    ("/nanofleet.v1.RolloutService/PauseRollout", Access::Roles(OPS)),
+    ("/nanofleet.v1.RolloutService/ResumeRollout", Access::Roles(OPS)),
+    ("/nanofleet.v1.RolloutService/CancelRollout", Access::Roles(OPS)),
+    ("/nanofleet.v1.RolloutService/RollbackRollout", Access::Roles(OPS)),
+    ("/nanofleet.v1.RolloutService/WatchRollout", Access::Roles(OVERSIGHT)),
 ];
 
 /// The access rule of a gRPC path; `None` for paths outside `nanofleet.v1`.

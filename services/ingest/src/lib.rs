@@ -29,7 +29,9 @@ use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nanofleet_proto::Message as _;
-use nanofleet_proto::device::v1::{self as pb, Ack, DeviceState, EventBatch, TelemetryBatch, event};
+use nanofleet_proto::device::v1::{
+    self as pb, Ack, DeviceState, EventBatch, TelemetryBatch, UpdateReport, event,
+};
 use nanofleet_proto::topics::{self, Channel, TopicError};
 use nanofleet_store::{
     AlarmChange, Birth, Death, EventRecord, PresenceChange, Retention, Store, TelemetryRecord,
@@ -49,6 +51,8 @@ pub trait Commands: Send + Sync + 'static {
     /// Verifies and stores a device's signed batch record; the message is
     /// acknowledged only after it returns Ok.
     async fn recorded(&self, device_id: &str, payload: &[u8]) -> Result<(), RecordError>;
+    /// A device's report on a firmware update; acknowledged only after it returns Ok.
+    async fn update_reported(&self, device_id: &str, report: UpdateReport) -> Result<(), String>;
 }
 
 /// Why a batch record was not stored.
@@ -351,6 +355,24 @@ impl Ingest {
                 }
                 self.known(device)?;
                 commands.answered(device, ack).await.map_err(|e| HandleError::Fatal(Error::Commit(e)))
+            }
+            Channel::Update => {
+                let Some(commands) = self.inner.commands.get() else {
+                    return Err(Reject::UnsupportedChannel { channel }.into());
+                };
+                let report = UpdateReport::decode(msg.payload).map_err(malformed)?;
+                if report.device_id != device {
+                    return Err(Reject::PayloadIdentity {
+                        topic_device: device.to_owned(),
+                        payload_device: report.device_id,
+                    }
+                    .into());
+                }
+                self.known(device)?;
+                commands
+                    .update_reported(device, report)
+                    .await
+                    .map_err(|e| HandleError::Fatal(Error::Commit(e)))
             }
             Channel::Batch => {
                 let Some(commands) = self.inner.commands.get() else {

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nanofleet_api::{
     Actor, Api, AuditLog, Batches, Bootstrap, CommandSink, Deliveries, DeviceCommands, Firmware, Fleet,
-    Monitoring, People, Recipes, Trust, TrustOptions,
+    Monitoring, People, Recipes, Rollouts, Trust, TrustOptions,
 };
 use nanofleet_broker::{Broker, Control};
 use nanofleet_ingest::Ingest;
@@ -20,6 +20,7 @@ use nanofleet_proto::v1::fleet_service_server::FleetServiceServer;
 use nanofleet_proto::v1::monitoring_service_server::MonitoringServiceServer;
 use nanofleet_proto::v1::people_service_server::PeopleServiceServer;
 use nanofleet_proto::v1::recipe_service_server::RecipeServiceServer;
+use nanofleet_proto::v1::rollout_service_server::RolloutServiceServer;
 use nanofleet_proto::v1::telemetry_service_server::TelemetryServiceServer;
 use nanofleet_store::Store;
 use tokio::net::TcpListener;
@@ -46,6 +47,9 @@ pub struct Options {
     /// What devices are told to connect to (host:port); default: the MQTT listener's
     /// address.
     pub mqtt_advertise: Option<String>,
+    /// Where devices fetch firmware (https://host:port); default: the HTTPS
+    /// listener's address.
+    pub http_advertise: Option<String>,
     pub ingest: nanofleet_ingest::Options,
     /// Host names and addresses in the server's TLS certificate.
     pub server_names: ServerNames,
@@ -64,6 +68,7 @@ impl Options {
             http_listen: DEFAULT_HTTP.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 7480))),
             mqtt: nanofleet_broker::Options::default(),
             mqtt_advertise: None,
+            http_advertise: None,
             ingest: nanofleet_ingest::Options::default(),
             server_names: ServerNames::default(),
             device_cert_validity: TrustOptions::default().device_cert_validity,
@@ -218,8 +223,8 @@ impl Server {
         // Devices' answers and births reach the recipe deliveries through ingest.
         let sink: Arc<dyn CommandSink> = Arc::new(BrokerCommands(broker.control()));
         let deliveries = Deliveries::start(store.clone(), recipes.clone(), sink.clone());
-        let batches = Batches::new(store.clone(), people.clone(), fleet.clone(), ca.clone(), sink);
-        ingest.set_commands(Arc::new(DeviceCommands { deliveries, batches: batches.clone() }));
+        let rollout_deliveries = deliveries.clone();
+        let batches = Batches::new(store.clone(), people.clone(), fleet.clone(), ca.clone(), sink.clone());
         let monitoring = Monitoring::new(store.clone(), fleet.clone());
         let firmware = Firmware::new(
             store.clone(),
@@ -228,6 +233,23 @@ impl Server {
             opts.data_dir.join("pki"),
             opts.data_dir.join("firmware"),
         );
+        let firmware_base =
+            opts.http_advertise.clone().unwrap_or_else(|| format!("https://{}", advertised(http_addr)));
+        let rollouts = Rollouts::open(
+            store.clone(),
+            firmware.clone(),
+            recipes.clone(),
+            monitoring.clone(),
+            rollout_deliveries,
+            sink,
+            firmware_base,
+        )
+        .await?;
+        ingest.set_commands(Arc::new(DeviceCommands {
+            deliveries,
+            batches: batches.clone(),
+            rollouts: rollouts.clone(),
+        }));
         let derived = monitoring.backfill().await?;
         if derived > 0 {
             tracing::info!(batches = derived, "monitoring metrics derived from stored batch records");
@@ -241,6 +263,7 @@ impl Server {
             batches,
             monitoring: monitoring.clone(),
             firmware: firmware.clone(),
+            rollouts: rollouts.clone(),
             disconnect: Some(Arc::new(BrokerDisconnect(broker.control()))),
         };
 
@@ -257,6 +280,7 @@ impl Server {
         health.set_serving::<BatchServiceServer<Api>>().await;
         health.set_serving::<MonitoringServiceServer<Api>>().await;
         health.set_serving::<FirmwareServiceServer<Api>>().await;
+        health.set_serving::<RolloutServiceServer<Api>>().await;
         // Both reflection versions: older tools (grpcurl before 1.8.8) ask for v1alpha.
         let reflection = || {
             tonic_reflection::server::Builder::configure()
@@ -288,7 +312,8 @@ impl Server {
             .add_service(RecipeServiceServer::new(api.clone()))
             .add_service(BatchServiceServer::new(api.clone()))
             .add_service(MonitoringServiceServer::new(api.clone()))
-            .add_service(FirmwareServiceServer::new(api.clone()));
+            .add_service(FirmwareServiceServer::new(api.clone()))
+            .add_service(RolloutServiceServer::new(api.clone()));
         let stop = cancel.clone();
         tasks.push(tokio::spawn(async move {
             // Without TCP_NODELAY a response larger than one segment waits for the
@@ -314,6 +339,7 @@ impl Server {
         }));
 
         tasks.push(monitoring.spawn_alerts(opts.alerts.clone(), cancel.clone()));
+        tasks.push(rollouts.spawn_scheduler(cancel.clone()));
 
         // The firmware repository's timestamp lives a day: re-sign it at start (after
         // downtime) and every hour.

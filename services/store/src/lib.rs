@@ -20,6 +20,7 @@ mod metrics;
 mod people;
 mod recipes;
 mod records;
+mod rollouts;
 mod rollups;
 mod sqlite_writer;
 mod trust;
@@ -37,6 +38,7 @@ pub use metrics::*;
 pub use people::*;
 pub use recipes::*;
 pub use records::*;
+pub use rollouts::*;
 pub use rollups::*;
 pub use trust::*;
 
