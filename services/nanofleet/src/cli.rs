@@ -19,6 +19,7 @@ pub mod batches;
 pub mod firmware;
 pub mod monitoring;
 pub mod recipes;
+pub mod rollouts;
 
 /// Prints a line on stdout; a closed pipe (`nanofleet ... | head`) is not an error.
 #[macro_export]

@@ -108,6 +108,13 @@ enum Command {
         #[command(subcommand)]
         command: FirmwareCommand,
     },
+    /// Firmware rollouts: a release offered to a fleet in waves that advance on
+    /// success and pause themselves on failures; devices report every step.
+    #[command(after_help = ROLLOUTS_HELP)]
+    Rollouts {
+        #[command(subcommand)]
+        command: RolloutsCommand,
+    },
     /// Runs: a pharmacist starts a run on a device of their site; the device checks
     /// its interlocks and answers.
     Runs {
@@ -450,6 +457,129 @@ image repository, signed with your firmware key; the server's online key signs t
 snapshot and timestamp. Devices download images over HTTPS (range requests resume a cut
 download) and refuse an image for another model, with a lower release counter than they
 run, or whose bytes or metadata do not verify.";
+
+const ROLLOUTS_HELP: &str = "Examples:
+  nanofleet rollouts create --target NF-200-2.4.0.img --canary 2 --waves 10,50,100 \\
+      --reason \"pump pressure fix\"
+  nanofleet rollouts watch ro-3f2a9c01d4            # live progress until it ends
+  nanofleet rollouts show ro-3f2a9c01d4             # every device with its last report
+  nanofleet rollouts pause ro-3f2a9c01d4 --reason \"complaint from St Mary's\"
+  nanofleet rollouts rollback ro-3f2a9c01d4 --to NF-200-2.3.1.img --reason \"alarm storm\"
+
+A device is offered the release when its wave starts (soft: when its site's maintenance
+window is open too), checks the signed offer and the release metadata, downloads over
+HTTPS, installs into its inactive slot when no run is under way, boots it on trial and
+commits it after its health check; otherwise it rolls back. The next wave starts when
+the waves so far reached --success (percent committed); the rollout pauses when the
+failed share of a wave reaches --errors. Every decision is in the audit chain.";
+
+#[derive(Subcommand, Debug)]
+enum RolloutsCommand {
+    /// Starts a rollout of a released image (ops).
+    Create {
+        /// The release (TUF target name, `nanofleet firmware list`).
+        #[arg(long)]
+        target: String,
+        /// Only these sites (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        sites: Vec<String>,
+        /// Only devices running one of these versions (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        from_versions: Vec<String>,
+        /// Only these devices (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        devices: Vec<String>,
+        /// Devices in the first wave, before the percentages.
+        #[arg(long, default_value_t = 0)]
+        canary: u32,
+        /// Cumulative percentages of the remaining devices, e.g. 10,50,100.
+        #[arg(long)]
+        waves: Option<String>,
+        /// Exponential waves instead: FIRSTxFACTOR, e.g. 5x2 (5, 10, 20, ... devices).
+        #[arg(long)]
+        exponential: Option<String>,
+        /// Percent of the waves so far committed before the next starts (1-100).
+        #[arg(long, default_value_t = 90)]
+        success: u32,
+        /// Percent of a wave's offered devices failed that pauses the rollout (1-100).
+        #[arg(long, default_value_t = 10)]
+        errors: u32,
+        /// soft (site windows), forced (at once) or download-only.
+        #[arg(long, default_value = "soft")]
+        action: String,
+        /// Offer again (then time out) a device with no final answer after this long.
+        #[arg(long, default_value = "2h", value_parser = humantime::parse_duration)]
+        device_timeout: Duration,
+        /// Offers per device.
+        #[arg(long, default_value_t = 2)]
+        attempts: u32,
+        /// Health gate: watch each wave's devices this long, then compare their alarms
+        /// and batch quality with devices on the old version (0s: no gate).
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        health_watch: Duration,
+        /// Why (goes to the audit chain).
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// One rollout with every device's last report.
+    Show {
+        rollout_id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Rollouts, newest first.
+    List {
+        /// running, paused, completed or cancelled.
+        #[arg(long, default_value = "")]
+        state: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Follows a rollout live until it ends (Ctrl-C to stop following).
+    Watch {
+        rollout_id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Pauses a running rollout: no new offers, no new wave.
+    Pause {
+        rollout_id: String,
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Resumes a paused rollout; the failures seen so far are accepted.
+    Resume {
+        rollout_id: String,
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Cancels: devices not offered yet are taken out, offers under way withdrawn.
+    Cancel {
+        rollout_id: String,
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Offers an earlier release to the devices this rollout updated (a new forced
+    /// rollout) and cancels this one.
+    Rollback {
+        rollout_id: String,
+        /// The release to go back to (TUF target name).
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
 
 #[derive(Subcommand, Debug)]
 enum FirmwareCommand {
@@ -1262,6 +1392,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Recipes { command } => recipes(command).await?,
         Command::Firmware { command } => firmware(command).await?,
+        Command::Rollouts { command } => rollouts(command).await?,
         Command::Runs { command } => runs(command).await?,
         Command::Batches { command } => batches(command).await?,
         Command::Quality { command } => quality(command).await?,
@@ -1272,6 +1403,87 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await?
                 .audit_verify(&client.server, checkpoint.as_deref(), save_checkpoint.as_deref())
                 .await?;
+        }
+    }
+    Ok(())
+}
+
+async fn rollouts(command: RolloutsCommand) -> anyhow::Result<()> {
+    use nanofleet::cli::rollouts::{action_arg, wave_plan};
+    match command {
+        RolloutsCommand::Create {
+            target,
+            sites,
+            from_versions,
+            devices,
+            canary,
+            waves,
+            exponential,
+            success,
+            errors,
+            action,
+            device_timeout,
+            attempts,
+            health_watch,
+            reason,
+            client,
+        } => {
+            let req = pb::CreateRolloutRequest {
+                target,
+                filter: Some(pb::RolloutFilter {
+                    site_ids: sites,
+                    from_versions,
+                    device_ids: devices,
+                    ..Default::default()
+                }),
+                waves: Some(wave_plan(canary, waves.as_deref(), exponential.as_deref())?),
+                success_threshold_pct: success,
+                error_threshold_pct: errors,
+                action: action_arg(&action)? as i32,
+                device_timeout_seconds: device_timeout.as_secs() as i64,
+                max_attempts: attempts,
+                health_watch_seconds: health_watch.as_secs() as i64,
+                rollback_on_regression: false,
+                reason,
+            };
+            client.connect().await?.rollout_create(&client.server, req).await?;
+        }
+        RolloutsCommand::Show { rollout_id, client } => {
+            client.connect().await?.rollout_show(&client.server, rollout_id).await?
+        }
+        RolloutsCommand::List { state, client } => {
+            client.connect().await?.rollout_list(&client.server, state).await?
+        }
+        RolloutsCommand::Watch { rollout_id, client } => {
+            client.connect().await?.rollout_watch(&client.server, rollout_id).await?
+        }
+        RolloutsCommand::Pause { rollout_id, reason, client } => {
+            client
+                .connect()
+                .await?
+                .rollout_control(&client.server, "pause", rollout_id, reason, String::new())
+                .await?
+        }
+        RolloutsCommand::Resume { rollout_id, reason, client } => {
+            client
+                .connect()
+                .await?
+                .rollout_control(&client.server, "resume", rollout_id, reason, String::new())
+                .await?
+        }
+        RolloutsCommand::Cancel { rollout_id, reason, client } => {
+            client
+                .connect()
+                .await?
+                .rollout_control(&client.server, "cancel", rollout_id, reason, String::new())
+                .await?
+        }
+        RolloutsCommand::Rollback { rollout_id, to, reason, client } => {
+            client
+                .connect()
+                .await?
+                .rollout_control(&client.server, "rollback", rollout_id, reason, to)
+                .await?
         }
     }
     Ok(())
