@@ -46,6 +46,32 @@ enum Command {
     ///
     /// Example: nanofleet-agent simulate --sites 3 --devices-per-site 8 --duration 60s
     Simulate(SimulateArgs),
+    /// Write a firmware image the simulated device can install (for demos and tests
+    /// of rollouts), with an optional fault built in.
+    ///
+    /// Example: nanofleet-agent sim-image --version 2.4.0 --out nf200-2.4.0.img
+    SimImage(SimImageArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct SimImageArgs {
+    #[arg(long, default_value = "NF-200")]
+    model: String,
+    #[arg(long)]
+    version: String,
+    /// What the image's header says of its release counter (the signed release
+    /// metadata is what devices check).
+    #[arg(long, default_value_t = 1)]
+    release_counter: u64,
+    /// A fault built in: health (boots, fails its health check) or no-boot.
+    #[arg(long, value_parser = ["none", "health", "no-boot"], default_value = "none")]
+    fault: String,
+    /// Payload bytes after the header.
+    #[arg(long, default_value_t = 1_048_576)]
+    size: usize,
+    /// Where to write it.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 /// The development broker: the server's loopback plaintext listener.
@@ -259,6 +285,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Enroll(a) => enroll_device(a).await,
         Command::Run(a) => run_one(a).await,
         Command::Simulate(a) => simulate(a).await,
+        Command::SimImage(a) => {
+            let header = nanofleet_agent::slots::ImageHeader {
+                model: a.model,
+                version: a.version,
+                release_counter: a.release_counter,
+                fault: a.fault,
+            };
+            let bytes = nanofleet_agent::slots::sim_image(&header, a.size);
+            std::fs::write(&a.out, &bytes).with_context(|| format!("--out {}", a.out.display()))?;
+            println!(
+                "{} ({} bytes, model {}, version {}, fault {})",
+                a.out.display(),
+                bytes.len(),
+                header.model,
+                header.version,
+                header.fault
+            );
+            Ok(())
+        }
     }
 }
 

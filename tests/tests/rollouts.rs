@@ -237,6 +237,75 @@ async fn a_build_that_fails_its_health_check_is_rolled_back_and_stops_the_rollou
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_soft_rollout_waits_for_the_sites_maintenance_window() -> anyhow::Result<()> {
+    init_tracing();
+    let sb = Sandbox::start().await?;
+    let state = tempfile::tempdir()?;
+    let fleet = fleet(&sb, state.path(), 2).await?;
+    let (bearer, password) = sb.person_named("rel", "Rel Ops", pb::Role::Ops, "").await?;
+    let target = release(&sb, bearer.clone(), &password, "2.4.0", "none").await?;
+    let mut sites = FleetServiceClient::with_interceptor(sb.grpc_channel().await?, bearer.clone());
+    let site = sites.list_sites(pb::ListSitesRequest {}).await?.into_inner().sites.remove(0);
+    // A one-hour window starting three hours from now, in the site's time zone.
+    let local = jiff::Timestamp::now().to_zoned(jiff::tz::TimeZone::get(&site.time_zone)?);
+    let start = (local.hour() + 3) % 24;
+    let window = format!("daily {start:02}:00-{:02}:00", (start + 1) % 24);
+    let set = sites
+        .set_maintenance_window(pb::SetMaintenanceWindowRequest {
+            site_id: site.id.clone(),
+            window: window.clone(),
+            reason: "night shift only".into(),
+        })
+        .await?
+        .into_inner()
+        .site
+        .unwrap_or_default();
+    assert_eq!(set.maintenance_window, window);
+    let bad = sites
+        .set_maintenance_window(pb::SetMaintenanceWindowRequest {
+            site_id: site.id.clone(),
+            window: "Funday 01:00-02:00".into(),
+            reason: "x".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert!(bad.message().contains("window"), "{}", bad.message());
+
+    let mut api = RolloutServiceClient::with_interceptor(sb.grpc_channel().await?, bearer.clone());
+    let created = api
+        .create_rollout(pb::CreateRolloutRequest {
+            target,
+            reason: "in the window".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .rollout
+        .unwrap_or_default();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let r = api
+        .get_rollout(pb::GetRolloutRequest { rollout_id: created.rollout_id.clone() })
+        .await?
+        .into_inner()
+        .rollout
+        .unwrap_or_default();
+    assert_eq!(count(&r, "pending"), 2, "the window is closed: {:?}", r.devices);
+    // The window opens (here: is set to always); the offers go out.
+    sites
+        .set_maintenance_window(pb::SetMaintenanceWindowRequest {
+            site_id: site.id.clone(),
+            window: String::new(),
+            reason: "urgent fix".into(),
+        })
+        .await?;
+    wait_for(&api, &created.rollout_id, "rollout completed", |r| r.state == "completed").await?;
+    fleet.stop().await;
+    sb.stop().await;
+    Ok(())
+}
+
 #[tokio::test]
 async fn bad_rollouts_are_refused_naming_the_field() -> anyhow::Result<()> {
     let sb = Sandbox::start().await?;

@@ -48,8 +48,46 @@ impl Fleet {
                 name: s.name,
                 devices_total: s.devices_total.try_into().unwrap_or(u32::MAX),
                 devices_online: s.devices_online.try_into().unwrap_or(u32::MAX),
+                time_zone: s.time_zone,
+                maintenance_window: s.maintenance_window,
             })
             .collect())
+    }
+
+    /// Sets a site's maintenance window (checked: days, times, the site's time zone).
+    pub async fn set_window(
+        &self,
+        caller: &crate::Caller,
+        site_id: &str,
+        window: &str,
+        reason: &str,
+    ) -> Result<pb::Site, Error> {
+        caller.check_site(site_id)?;
+        if reason.trim().is_empty() {
+            return Err(Error::invalid("reason", "", "why, in words (for the audit chain)"));
+        }
+        let window = window.trim();
+        let old = self.sites().await?.into_iter().find(|s| s.id == site_id);
+        let Some(old) = old else { return Err(Error::NotFound { what: "site", id: site_id.into() }) };
+        if !window.is_empty() {
+            let parsed: nanofleet_rollout::window::Windows =
+                window.parse().map_err(|e: String| Error::invalid("window", window, e))?;
+            parsed.is_open(crate::now_ms(), &old.time_zone).map_err(|e| {
+                Error::invalid("window", window, format!("a window in the site's time zone: {e}"))
+            })?;
+        }
+        let audit = nanofleet_store::AuditEntry {
+            at_ms: crate::now_ms(),
+            actor: caller.actor().0,
+            action: "site.maintenance-window".into(),
+            subject: site_id.into(),
+            site_id: Some(site_id.into()),
+            reason: reason.into(),
+            old_value: Some(serde_json::json!({"window": old.maintenance_window}).to_string()),
+            new_value: Some(serde_json::json!({"window": window, "time_zone": old.time_zone}).to_string()),
+        };
+        self.store.set_site_window(site_id, window, &audit).await?;
+        Ok(pb::Site { maintenance_window: window.into(), ..old })
     }
 
     pub async fn devices(&self, site_id: Option<&str>) -> Result<Vec<pb::Device>, Error> {

@@ -84,6 +84,16 @@ impl FleetService for Api {
         Ok(Response::new(pb::CreateSiteResponse { site }))
     }
 
+    async fn set_maintenance_window(
+        &self,
+        req: Request<pb::SetMaintenanceWindowRequest>,
+    ) -> Result<Response<pb::SetMaintenanceWindowResponse>, Status> {
+        let caller = caller(&req)?;
+        let pb::SetMaintenanceWindowRequest { site_id, window, reason } = req.into_inner();
+        let site = self.fleet.set_window(&caller, &site_id, &window, &reason).await?;
+        Ok(Response::new(pb::SetMaintenanceWindowResponse { site: Some(site) }))
+    }
+
     async fn decommission_device(
         &self,
         req: Request<pb::DecommissionDeviceRequest>,

@@ -10,7 +10,10 @@ fn strip(name: &'static str, prefix: &str) -> &'static str {
 }
 
 pub fn site(s: &pb::Site) -> Value {
-    json!({ "id": s.id, "name": s.name, "devices_total": s.devices_total, "devices_online": s.devices_online })
+    json!({
+        "id": s.id, "name": s.name, "devices_total": s.devices_total, "devices_online": s.devices_online,
+        "time_zone": s.time_zone, "maintenance_window": s.maintenance_window,
+    })
 }
 
 pub fn device(d: &pb::Device) -> Value {

@@ -108,6 +108,7 @@ pub const GRPC_ACCESS: &[(&str, Access)] = &[
     ("/nanofleet.v1.FleetService/CreateSite", Access::Roles(OPS)),
     ("/nanofleet.v1.FleetService/DecommissionDevice", Access::Roles(OPS_SITE_IT)),
     ("/nanofleet.v1.FleetService/ReplaceDevice", Access::Roles(OPS_SITE_IT)),
+    ("/nanofleet.v1.FleetService/SetMaintenanceWindow", Access::Roles(OPS_SITE_IT)),
     ("/nanofleet.v1.TelemetryService/QueryTelemetry", Access::Roles(EVERYONE)),
     ("/nanofleet.v1.TelemetryService/QuerySeries", Access::Roles(EVERYONE)),
     ("/nanofleet.v1.TelemetryService/GetIngestStats", Access::Roles(OPS_AUDITOR)),

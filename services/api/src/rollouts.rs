@@ -400,11 +400,30 @@ impl Rollouts {
     /// One scheduler round: decide, write, then send.
     pub async fn tick(&self) {
         let now = now_ms();
+        if lock(&self.0.rollouts).is_empty() {
+            return;
+        }
+        // Each site's window, in its time zone; a site without one (or unknown) is open.
+        let windows: HashMap<String, (String, nanofleet_rollout::window::Windows)> =
+            match self.0.store.list_sites().await {
+                Ok(sites) => sites
+                    .into_iter()
+                    .filter_map(|s| Some((s.id, (s.time_zone, s.maintenance_window.parse().ok()?))))
+                    .collect(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "site windows not read; offers wait for the next tick");
+                    return;
+                }
+            };
+        let open = |site: &str| match windows.get(site) {
+            Some((tz, w)) => w.is_open(now, tz).unwrap_or(true),
+            None => true,
+        };
         let mut work = Vec::new();
         {
             let mut map = lock(&self.0.rollouts);
             for e in map.values_mut() {
-                let decisions = e.rollout.tick(now, &|_site| true);
+                let decisions = e.rollout.tick(now, &open);
                 let mut gates = Vec::new();
                 for d in &decisions {
                     match d {

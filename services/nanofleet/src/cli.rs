@@ -346,6 +346,30 @@ impl Client {
         Ok(())
     }
 
+    pub async fn sites_set_window(
+        &self,
+        server: &str,
+        req: pb::SetMaintenanceWindowRequest,
+    ) -> anyhow::Result<()> {
+        let site = self
+            .fleet()
+            .set_maintenance_window(req)
+            .await
+            .map_err(|s| status_error(server, s))?
+            .into_inner()
+            .site
+            .context("server answered without the site")?;
+        self.report(
+            || json::site(&site),
+            || {
+                let w =
+                    if site.maintenance_window.is_empty() { "always open" } else { &site.maintenance_window };
+                format!("site {}: maintenance window {w} ({})", site.id, site.time_zone)
+            },
+        );
+        Ok(())
+    }
+
     pub async fn token_create(&self, server: &str, req: pb::CreateEnrollTokenRequest) -> anyhow::Result<()> {
         let resp = self
             .enrollment()
@@ -497,13 +521,15 @@ impl Client {
             self.print_json(serde_json::json!({ "sites": sites.iter().map(json::site).collect::<Vec<_>>() }));
             return Ok(());
         }
-        let mut t = table(["SITE", "NAME", "ONLINE", "DEVICES"]);
+        let mut t = table(["SITE", "NAME", "ONLINE", "DEVICES", "TIME ZONE", "MAINTENANCE WINDOW"]);
         for s in &sites {
             t.add_row([
                 s.id.clone(),
                 s.name.clone(),
                 s.devices_online.to_string(),
                 s.devices_total.to_string(),
+                s.time_zone.clone(),
+                if s.maintenance_window.is_empty() { "always".into() } else { s.maintenance_window.clone() },
             ]);
         }
         outln!("{t}");

@@ -1011,6 +1011,17 @@ enum SitesCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Sets when soft firmware rollouts may offer updates to the site's devices, in
+    /// the site's time zone: "Mon-Fri 01:00-05:00", "daily 22:00-04:00",
+    /// "Sat,Sun 00:00-24:00", several separated by ";". "" opens it always.
+    SetWindow {
+        site: String,
+        window: String,
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -1275,6 +1286,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sites { command: SitesCommand::Create { id, name, time_zone, reason, client } } => {
             let req = pb::CreateSiteRequest { site_id: id, name, time_zone, reason };
             client.connect().await?.sites_create(&client.server, req).await?;
+        }
+        Command::Sites { command: SitesCommand::SetWindow { site, window, reason, client } } => {
+            let req = pb::SetMaintenanceWindowRequest { site_id: site, window, reason };
+            client.connect().await?.sites_set_window(&client.server, req).await?;
         }
         Command::Devices { command: DevicesCommand::List { site, client } } => {
             client.connect().await?.devices_list(&client.server, site).await?;

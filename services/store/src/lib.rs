@@ -210,7 +210,8 @@ impl Store {
         let rows = sqlx::query(
             "SELECT s.id, s.name, \
                     (SELECT COUNT(*) FROM devices d WHERE d.site_id = s.id), \
-                    (SELECT COUNT(*) FROM devices d WHERE d.site_id = s.id AND d.online = 1) \
+                    (SELECT COUNT(*) FROM devices d WHERE d.site_id = s.id AND d.online = 1), \
+                    s.time_zone, s.maintenance_window \
              FROM sites s ORDER BY s.id",
         )
         .fetch_all(&self.pool)
@@ -222,9 +223,27 @@ impl Store {
                     name: r.try_get(1)?,
                     devices_total: r.try_get(2)?,
                     devices_online: r.try_get(3)?,
+                    time_zone: r.try_get(4)?,
+                    maintenance_window: r.try_get(5)?,
                 })
             })
             .collect()
+    }
+
+    /// Sets a site's maintenance window, with its audit record. `false`: no such site.
+    pub async fn set_site_window(&self, site_id: &str, window: &str, audit: &AuditEntry) -> Result<bool> {
+        let mut tx = self.begin().await?;
+        let done = sqlx::query("UPDATE sites SET maintenance_window = $2 WHERE id = $1")
+            .bind(site_id)
+            .bind(window)
+            .execute(&mut *tx)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
+        append_audit_in(&mut tx, audit.clone()).await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     // === devices ===

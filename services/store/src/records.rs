@@ -53,6 +53,9 @@ pub struct SiteSummary {
     pub name: String,
     pub devices_total: i64,
     pub devices_online: i64,
+    pub time_zone: String,
+    /// Empty: always open.
+    pub maintenance_window: String,
 }
 
 /// A device announced itself (MQTT birth).
