@@ -403,6 +403,34 @@ describe('dashboard against a demo fleet', () => {
     await shoot('recipes.png');
   });
 
+  it('rollouts page shows the demo\'s firmware going out in waves, and the hospital whose window defers it', { timeout: 200_000 }, async () => {
+    await page.getByRole('link', { name: 'Rollouts', exact: true }).click();
+    await page.waitForURL((u) => new URL(u).hash === '#/rollouts');
+    const rows = page.getByTestId('rollout-row');
+    await until('the demo\'s two rollouts of its good build', () => rows.count(), (n) => n >= 2, 90_000);
+    // Newest first: the last hospital's, whose maintenance window opens hours from now.
+    const night = rows.nth(0);
+    const nightId = await night.getAttribute('data-rollout-id');
+    await night.click();
+    await page.waitForURL((u) => decodeURIComponent(new URL(u).hash) === `#/rollouts/${nightId}`);
+    const head = page.locator(`[data-testid="rollout-head"][data-rollout-id="${nightId}"]`);
+    await head.waitFor({ state: 'visible' });
+    assert.ok(await head.getByTestId('rollout-wave').count() >= 2, 'a bar for all devices and one per wave');
+    assert.ok(await head.locator('.seg[data-status="pending"]').count() >= 1, 'its devices wait for their window');
+    assert.equal(await head.locator('.seg[data-status="committed"]').count(), 0, 'none offered outside the window');
+
+    // The first hospitals' rollout: devices commit the new build, wave after wave.
+    const day = rows.nth(1);
+    const dayId = await day.getAttribute('data-rollout-id');
+    await day.click();
+    const dayHead = page.locator(`[data-testid="rollout-head"][data-rollout-id="${dayId}"]`);
+    await dayHead.waitFor({ state: 'visible' });
+    await until('devices committing the good build',
+      () => dayHead.locator('.seg[data-status="committed"]').count(), (n) => n >= 1, 180_000);
+    const state = await dayHead.getByTestId('rollout-state').textContent();
+    assert.ok(['running', 'completed'].includes(state.trim()), `state ${state}`);
+  });
+
   it('batches page lists the demo\'s batch records and shows one with QC, signatures and its printable record', { timeout: 200_000 }, async () => {
     await page.getByRole('link', { name: 'Batches', exact: true }).click();
     await page.waitForURL((u) => new URL(u).hash === '#/batches');

@@ -171,3 +171,23 @@ pub fn recipe_delivery(d: &pb::RecipeDelivery) -> Value {
         "answered_unix_ms": d.answered_unix_ms,
     })
 }
+
+fn status_counts(c: &[pb::StatusCount]) -> Value {
+    c.iter().map(|c| (c.status.clone(), Value::from(c.devices))).collect::<serde_json::Map<_, _>>().into()
+}
+
+/// A rollout (with its devices when it carries them). Times are ms since the Unix epoch.
+pub fn rollout(r: &pb::Rollout) -> Value {
+    json!({
+        "rollout_id": r.rollout_id, "target": r.target, "model": r.model, "version": r.version,
+        "state": r.state, "reason": r.reason, "wave": r.wave, "waves": r.waves,
+        "created_unix_ms": r.created_unix_ms, "action": r.action,
+        "success_threshold_pct": r.success_threshold_pct, "error_threshold_pct": r.error_threshold_pct,
+        "counts": status_counts(&r.counts),
+        "wave_counts": r.wave_summaries.iter().map(|w| json!({"wave": w.wave, "counts": status_counts(&w.counts)})).collect::<Vec<_>>(),
+        "devices": r.devices.iter().map(|d| json!({
+            "device_id": d.device_id, "site_id": d.site_id, "wave": d.wave, "status": d.status,
+            "attempts": d.attempts, "code": d.code, "detail": d.detail, "updated_unix_ms": d.updated_unix_ms,
+        })).collect::<Vec<_>>(),
+    })
+}

@@ -46,6 +46,11 @@
   const RECIPE_ROLES = new Set(['ops', 'pharmacist', 'qa', 'auditor']);
   // ListBatches and GetBatch in the server's access table.
   const BATCH_ROLES = RECIPE_ROLES;
+  const ROLLOUT_ROLES = new Set(['ops', 'qa', 'auditor']);
+  // A device's path through an update, in order; the colours of the wave bars follow it.
+  const ROLLOUT_STATUSES = ['committed', 'verifying', 'rebooting', 'installing', 'deferred', 'downloaded',
+    'downloading', 'offered', 'pending', 'rolled-back', 'failed', 'refused', 'timed-out', 'cancelled'];
+  const ROLLOUT_FAILURES = new Set(['rolled-back', 'failed', 'refused', 'timed-out']);
   // ReleaseBatch in the server's access table.
   const BATCH_SIGN_ROLES = new Set(['qa']);
   const BATCH_COLUMNS = ['Batch', 'Device', 'Recipe', 'Started', 'Outcome', 'QC', 'Disposition', 'Started by'];
@@ -381,6 +386,7 @@
     enrollNav: null,
     recipesNav: null,
     batchesNav: null,
+    rolloutsNav: null,
     alertsNav: null,
     alertsBadge: null,
     session: null,
@@ -494,6 +500,7 @@
     if (parts[0] === 'enroll' && parts.length === 1) return { name: 'enroll' };
     if (parts[0] === 'batches' && parts.length <= 2) return { name: 'batches', id: parts[1] || '' };
     if (parts[0] === 'quality' && parts.length === 1) return { name: 'quality', params: Object.fromEntries(params) };
+    if (parts[0] === 'rollouts' && parts.length <= 2) return { name: 'rollouts', id: parts[1] || '' };
     if (parts[0] === 'alerts' && parts.length <= 2) return { name: 'alerts', id: parts[1] || '', site: params.get('site') || '' };
     if (parts[0] === 'recipes' && parts.length <= 3) {
       const version = parts.length === 3 ? Number(parts[2]) : 0;
@@ -533,6 +540,11 @@
       refreshNow();
       return;
     }
+    if (prev && prev.name === 'rollouts' && route.name === 'rollouts' && state.view && state.view.select) {
+      state.view.select(route.id);
+      refreshNow();
+      return;
+    }
     if (prev && prev.name === 'recipes' && route.name === 'recipes' && state.view && state.view.select) {
       state.view.select(route.id, route.version);
       refreshNow();
@@ -541,7 +553,7 @@
     if (state.view && state.view.unmount) state.view.unmount();
     const make = {
       overview: overviewView, devices: devicesView, device: deviceView, enroll: enrollView, recipes: recipesView,
-      batches: batchesView, quality: qualityView, alerts: alertsView,
+      batches: batchesView, quality: qualityView, alerts: alertsView, rollouts: rolloutsView,
     }[route.name] || unknownView;
     state.view = make(route);
     el.view.replaceChildren(state.view.root);
@@ -583,6 +595,7 @@
     el.enrollNav.hidden = !can(ENROLL_CREATE_ROLES);
     el.recipesNav.hidden = !can(RECIPE_ROLES);
     el.batchesNav.hidden = !can(BATCH_ROLES);
+    el.rolloutsNav.hidden = !can(ROLLOUT_ROLES);
     if (!me) return;
     setAttr(el.whoami, 'data-person-id', me.id);
     setAttr(el.whoami, 'data-role', me.role);
@@ -4108,6 +4121,149 @@
 
   // === Unknown route ===
 
+  // === Rollouts ===
+
+  function rolloutHash(id) {
+    return id ? `#/rollouts/${encodeURIComponent(id)}` : '#/rollouts';
+  }
+
+  function countOf(counts, status) {
+    return (counts && counts[status]) || 0;
+  }
+
+  function totalOf(counts) {
+    return Object.values(counts || {}).reduce((a, b) => a + b, 0);
+  }
+
+  /** One bar per wave: devices by status, as stacked segments with a legend line. */
+  function waveBar(counts, label, current) {
+    const total = totalOf(counts);
+    const segments = ROLLOUT_STATUSES.filter((s) => countOf(counts, s) > 0).map((s) =>
+      h('span', {
+        class: `seg status-${s}`,
+        style: `width: ${(100 * countOf(counts, s)) / Math.max(1, total)}%`,
+        title: `${s}: ${countOf(counts, s)}`,
+        'data-status': s,
+      }));
+    const legend = ROLLOUT_STATUSES.filter((s) => countOf(counts, s) > 0).map((s) => `${s} ${countOf(counts, s)}`).join(' · ');
+    return h('div', { class: `wave-row${current ? ' current' : ''}`, 'data-testid': 'rollout-wave' },
+      h('span', { class: 'wave-label' }, label),
+      h('span', { class: 'wave-bar', role: 'img', 'aria-label': `${label}: ${legend}` }, segments),
+      h('span', { class: 'wave-legend muted' }, `${total} devices · ${legend}`));
+  }
+
+  function rolloutStateBadge(state) {
+    return h('span', { class: `rollout-state state-${state}`, 'data-testid': 'rollout-state' }, state);
+  }
+
+  function rolloutsView(route) {
+    let selected = route.id || '';
+    const tbody = h('tbody');
+    const count = h('span', { class: 'count', 'data-testid': 'rollout-count' });
+    const roleNote = h('div');
+    const detail = h('section', { class: 'rollout-detail', 'aria-label': 'Selected rollout' });
+    const listSection = h('div', null,
+      h('div', { class: 'toolbar' }, count),
+      h('div', { class: 'card table-wrap' },
+        h('table', { class: 'grid', 'data-testid': 'rollout-table' },
+          h('thead', null, h('tr', null, ['Rollout', 'Release', 'State', 'Wave', 'Committed', 'Failed', 'Devices', 'Created']
+            .map((n) => h('th', { class: ['Wave', 'Committed', 'Failed', 'Devices'].includes(n) ? 'num' : null }, n)))),
+          tbody)));
+    const root = h('div', { class: 'rollouts' },
+      h('div', { class: 'page-title' }, h('h1', null, 'Rollouts'),
+        h('span', { class: 'muted' }, 'Firmware releases going to the fleet in waves; what each device reported')),
+      roleNote, listSection, detail);
+
+    function createRow(r) {
+      const cells = [0, 1, 2, 3, 4, 5, 6, 7].map((i) => h('td', { class: [3, 4, 5, 6].includes(i) ? 'num' : null }));
+      const row = h('tr', { class: 'link', 'data-testid': 'rollout-row', 'data-rollout-id': r.rollout_id }, cells);
+      row.addEventListener('click', (ev) => {
+        if (ev.target.closest('a')) return;
+        navigate(rolloutHash(r.rollout_id));
+      });
+      row._cells = cells;
+      return row;
+    }
+
+    function updateRow(row, r) {
+      const [id, release, st, wave, committed, failed, devices, created] = row._cells;
+      setClass(row, `link${r.rollout_id === selected ? ' selected' : ''}`);
+      setAttr(row, 'data-state', r.state);
+      setChildren(id, r.rollout_id, () => h('a', { class: 'id-link', href: rolloutHash(r.rollout_id) }, r.rollout_id));
+      setText(release, r.target);
+      setChildren(st, r.state, () => rolloutStateBadge(r.state));
+      setText(wave, `${r.wave + 1} / ${r.waves}`);
+      setText(committed, countOf(r.counts, 'committed'));
+      setText(failed, [...ROLLOUT_FAILURES].reduce((a, s) => a + countOf(r.counts, s), 0));
+      setText(devices, totalOf(r.counts));
+      setText(created, fmtUtc(r.created_unix_ms));
+    }
+
+    function renderDetail(r) {
+      if (!r) {
+        detail.replaceChildren(h('p', { class: 'card note muted' }, 'Select a rollout to see its waves and devices.'));
+        return;
+      }
+      const failures = r.devices.filter((d) => ROLLOUT_FAILURES.has(d.status));
+      const under = r.devices.filter((d) => !['pending', 'committed', 'cancelled'].includes(d.status) && !ROLLOUT_FAILURES.has(d.status));
+      const deviceRows = (list) => list.slice(0, 500).map((d) => h('tr', { 'data-testid': 'rollout-device', 'data-device-id': d.device_id, 'data-status': d.status },
+        h('td', null, h('a', { class: 'id-link', href: deviceHash(d.device_id) }, d.device_id)),
+        h('td', null, siteName(d.site_id)),
+        h('td', { class: 'num' }, d.wave + 1),
+        h('td', null, h('span', { class: `rollout-status status-${d.status}` }, d.status)),
+        h('td', null, d.code || '—'),
+        h('td', { class: 'wrap' }, d.detail || '—'),
+        h('td', null, fmtUtc(d.updated_unix_ms))));
+      const table = (title, list, testid) => h('div', { class: 'card table-wrap', 'data-testid': testid },
+        h('h2', null, `${title} (${list.length})`),
+        list.length === 0 ? h('p', { class: 'muted' }, 'None.') : h('table', { class: 'grid' },
+          h('thead', null, h('tr', null, ['Device', 'Site', 'Wave', 'Status', 'Code', 'Detail', 'Updated'].map((n) => h('th', null, n)))),
+          h('tbody', null, deviceRows(list))));
+      detail.replaceChildren(
+        h('div', { class: 'card rollout-head', 'data-testid': 'rollout-head', 'data-rollout-id': r.rollout_id },
+          h('h2', null, `${r.rollout_id} · ${r.target}`, ' ', rolloutStateBadge(r.state)),
+          r.reason ? h('p', { class: 'rollout-reason', 'data-testid': 'rollout-reason' }, r.reason) : null,
+          h('p', { class: 'muted' },
+            `${r.action} · next wave at ${r.success_threshold_pct}% committed · pauses at ${r.error_threshold_pct}% of a wave failed · created ${fmtUtc(r.created_unix_ms)}`),
+          waveBar(r.counts, 'All', false),
+          r.wave_counts.map((w) => waveBar(w.counts, `Wave ${w.wave + 1}`, w.wave === r.wave && r.state === 'running'))),
+        table('Failures, with the device\'s reason', failures, 'rollout-failures'),
+        table('Under way', under, 'rollout-underway'));
+    }
+
+    async function refresh(isCurrent) {
+      const may = can(ROLLOUT_ROLES);
+      listSection.hidden = !may;
+      detail.hidden = !may;
+      const role = state.me ? state.me.role : '';
+      setChildren(roleNote, `${role}|${may}`, () => (may ? null
+        : h('p', { class: 'card note', 'data-testid': 'rollouts-role-note' },
+          `Rollouts are read by operations, QA and auditors; your role (${ROLE_LABEL[role] || role}) has no access to them.`)));
+      if (!may) return;
+      const list = await api('api/rollouts');
+      if (!isCurrent()) return;
+      setText(count, `${list.rollouts.length} rollout${list.rollouts.length === 1 ? '' : 's'}`);
+      reconcile(tbody, list.rollouts, (r) => r.rollout_id, createRow, updateRow);
+      if (!selected && list.rollouts.length > 0) selected = list.rollouts[0].rollout_id;
+      if (!selected) {
+        renderDetail(null);
+        return;
+      }
+      const r = await api(`api/rollouts/${encodeURIComponent(selected)}`);
+      if (!isCurrent()) return;
+      renderDetail(r);
+    }
+
+    return {
+      root,
+      title: 'Rollouts · Nanofleet',
+      refresh,
+      select(id) {
+        selected = id || '';
+      },
+    };
+  }
+
   function unknownView(route) {
     const root = h('section', { class: 'card notice' },
       h('h1', null, 'Page not found'),
@@ -4129,6 +4285,7 @@
     el.enrollNav = el.nav.querySelector('[data-nav="enroll"]');
     el.recipesNav = el.nav.querySelector('[data-nav="recipes"]');
     el.batchesNav = el.nav.querySelector('[data-nav="batches"]');
+    el.rolloutsNav = el.nav.querySelector('[data-nav="rollouts"]');
     el.alertsNav = el.nav.querySelector('[data-nav="alerts"]');
     el.alertsBadge = el.alertsNav.querySelector('.nav-badge');
     el.session = document.querySelector('.session');

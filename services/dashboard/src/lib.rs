@@ -87,6 +87,8 @@ pub fn router(api: Api) -> Router {
         .route("/api/quality/compare", get(quality_compare))
         .route("/api/quality/gate", get(quality_gate))
         .route("/api/quality/levels", get(quality_levels))
+        .route("/api/rollouts", get(rollouts))
+        .route("/api/rollouts/{id}", get(rollout))
         .route("/api/alerts", get(alerts))
         .route("/api/alerts/{id}/ack", post(ack_alert))
         .route_layer(middleware::from_fn_with_state(api.clone(), require_session));
@@ -548,6 +550,24 @@ async fn recipes(
 #[derive(serde::Deserialize)]
 struct VersionQuery {
     version: Option<u32>,
+}
+
+async fn rollouts(
+    State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    allow(&caller, "RolloutService/ListRollouts")?;
+    let list = api.rollouts.list("").await?;
+    Ok(Json(serde_json::json!({ "rollouts": list.iter().map(json::rollout).collect::<Vec<_>>() })))
+}
+
+async fn rollout(
+    State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    allow(&caller, "RolloutService/GetRollout")?;
+    Ok(Json(json::rollout(&api.rollouts.get(&id, true).await?)))
 }
 
 async fn recipe(

@@ -236,6 +236,123 @@ async fn release_demo_recipe(
 }
 
 /// What `fault` does, with how fast it grows at `time_scale`.
+/// The demo's firmware builds: a good one, and one that fails its health check.
+pub const DEMO_GOOD_FIRMWARE: &str = "2.5.0";
+pub const DEMO_FAULTY_FIRMWARE: &str = "2.6.0";
+
+struct DemoFirmware {
+    people: nanofleet_api::People,
+    fleet: nanofleet_api::Fleet,
+    firmware: nanofleet_api::Firmware,
+    rollouts: nanofleet_api::Rollouts,
+    store: nanofleet_store::Store,
+    data_dir: std::path::PathBuf,
+    admin_password: String,
+    sites: Vec<String>,
+    devices: usize,
+}
+
+/// Ships firmware to the demo fleet, as operations would: releases a good build and a
+/// faulty one; rolls the good one out to the first hospitals in waves; offers it to the
+/// last hospital too, whose maintenance window opens hours from now, so that rollout
+/// waits; then rolls the faulty build out to the updated devices, whose canaries fail
+/// their health check and roll back, which stops it. Done once per data directory.
+async fn ship_demo_firmware(d: DemoFirmware) -> anyhow::Result<()> {
+    if !d.rollouts.list("").await?.is_empty() || d.sites.len() < 2 {
+        return Ok(());
+    }
+    // Most of the fleet online first, so the waves have devices to offer to.
+    for _ in 0..60 {
+        let online = d.store.list_devices(None).await?.iter().filter(|x| x.online).count();
+        if online * 4 >= d.devices * 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let admin = d.people.verify_password("admin", &d.admin_password, "demo firmware").await?;
+    let dir = d.data_dir.join("firmware-builds");
+    std::fs::create_dir_all(&dir)?;
+    let mut targets = Vec::new();
+    for (version, fault, notes) in [
+        (DEMO_GOOD_FIRMWARE, "none", "demo: pump pressure overshoot fixed"),
+        (DEMO_FAULTY_FIRMWARE, "health", "demo: a build whose self-test fails"),
+    ] {
+        let header = nanofleet_agent::slots::ImageHeader {
+            model: "NF-200".into(),
+            version: version.into(),
+            release_counter: 1,
+            fault: fault.into(),
+        };
+        let image = nanofleet_agent::slots::sim_image(&header, 256 * 1024);
+        std::fs::write(dir.join(format!("nf200-{version}.img")), &image)?;
+        let h = pb::FirmwareHeader {
+            model: "NF-200".into(),
+            version: version.into(),
+            release_counter: 1,
+            length: image.len() as u64,
+            sha256: String::new(),
+            user_id: admin.person_id.clone(),
+            password: d.admin_password.clone(),
+            notes: notes.into(),
+        };
+        let chunks = futures::stream::iter([Ok::<_, nanofleet_api::Error>(image)]);
+        targets.push(d.firmware.upload(&admin, h, chunks).await?.target);
+    }
+    let (first, last) = (d.sites[..d.sites.len() - 1].to_vec(), d.sites[d.sites.len() - 1].clone());
+    // The last hospital updates at night only: its window opens hours from now.
+    let tz = d
+        .store
+        .list_sites()
+        .await?
+        .into_iter()
+        .find(|s| s.id == last)
+        .map(|s| s.time_zone)
+        .unwrap_or_default();
+    let hour = jiff::tz::TimeZone::get(&tz).map(|z| jiff::Timestamp::now().to_zoned(z).hour()).unwrap_or(0);
+    let start = (hour + 6) % 24;
+    let window = format!("daily {start:02}:00-{:02}:00", (start + 2) % 24);
+    d.fleet.set_window(&admin, &last, &window, "demo: this hospital updates at night").await?;
+    let rollout =
+        |target: &str, sites: Vec<String>, from: &str, canary: u32, steps: Vec<u32>, reason: &str| {
+            pb::CreateRolloutRequest {
+                target: target.into(),
+                filter: Some(pb::RolloutFilter {
+                    site_ids: sites,
+                    from_versions: vec![from.into()],
+                    ..Default::default()
+                }),
+                waves: Some(pb::WavePlan { canary, percent_steps: steps, ..Default::default() }),
+                reason: reason.into(),
+                ..Default::default()
+            }
+        };
+    let good = d
+        .rollouts
+        .create(
+            &admin,
+            rollout(&targets[0], first.clone(), "2.3.1", 2, vec![50, 100], "demo: pump pressure fix"),
+        )
+        .await?;
+    d.rollouts
+        .create(
+            &admin,
+            rollout(&targets[0], vec![last], "2.3.1", 1, vec![100], "demo: pump pressure fix, night window"),
+        )
+        .await?;
+    // The faulty build goes to the devices the good one updated, once it is done.
+    for _ in 0..600 {
+        if matches!(d.rollouts.get(&good.rollout_id, false).await?.state.as_str(), "completed" | "cancelled")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    d.rollouts
+        .create(&admin, rollout(&targets[1], first, DEMO_GOOD_FIRMWARE, 2, vec![100], "demo: the next build"))
+        .await?;
+    Ok(())
+}
+
 fn fault_line(fault: Fault, time_scale: Option<f64>) -> String {
     // Real time that `days` of simulated time take.
     let real =
@@ -347,6 +464,25 @@ impl Demo {
                 tracing::warn!(error = %e, "demo recipe not released");
             }
         });
+        let ship = ship_demo_firmware(DemoFirmware {
+            people: server.people.clone(),
+            fleet: server.fleet.clone(),
+            firmware: server.firmware.clone(),
+            rollouts: server.rollouts.clone(),
+            store: server.store.clone(),
+            data_dir: opts.server.data_dir.clone(),
+            admin_password: match &server.bootstrap {
+                Some(b) => b.password.clone(),
+                None => read_secret(&opts.server.data_dir.join("admin-password")),
+            },
+            sites: fleet::sites(opts.sites).into_iter().map(|s| s.id).collect(),
+            devices: opts.sites * opts.devices_per_site,
+        });
+        tokio::spawn(async move {
+            if let Err(e) = ship.await {
+                tracing::warn!(error = %e, "demo firmware not shipped");
+            }
+        });
         Ok(Demo {
             server,
             fleet,
@@ -380,7 +516,8 @@ impl Demo {
              nanofleet quality chart pdi --by device   (control charts; the dashboard's Quality page)\n  \
              nanofleet quality compare size_nm --by lot\n  \
              nanofleet quality gate --a firmware={DEMO_NEWER_FIRMWARE} --b firmware=2.3.1   (every 4th device runs {DEMO_NEWER_FIRMWARE})\n  \
-             nanofleet telemetry {first} --metric total_flow --since 1h\n  nanofleet alerts list\n\
+             nanofleet telemetry {first} --metric total_flow --since 1h\n  nanofleet alerts list\n  \
+             nanofleet rollouts list   (firmware {DEMO_GOOD_FIRMWARE} in waves; one hospital's window defers it; {DEMO_FAULTY_FIRMWARE} is stopped by its canaries)\n\
              {}\
              \nCtrl-C stops everything.",
             self.fleet

@@ -124,6 +124,8 @@ pub struct Server {
     pub audit: AuditLog,
     pub recipes: Recipes,
     pub monitoring: Monitoring,
+    pub firmware: Firmware,
+    pub rollouts: Rollouts,
     pub ca: Arc<FleetCa>,
     /// The administrator created at the first start (its password and API token are
     /// also in `admin-password` and `admin.token` in the data directory).
@@ -344,12 +346,13 @@ impl Server {
         // The firmware repository's timestamp lives a day: re-sign it at start (after
         // downtime) and every hour.
         let stop = cancel.clone();
+        let refresher = firmware.clone();
         tasks.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(3600));
             loop {
                 tokio::select! {
                     _ = tick.tick() => {
-                        if let Err(e) = firmware.refresh().await {
+                        if let Err(e) = refresher.refresh().await {
                             tracing::warn!(error = %e, "firmware timestamp refresh");
                         }
                     }
@@ -395,6 +398,8 @@ impl Server {
             audit,
             recipes,
             monitoring,
+            firmware,
+            rollouts,
             ca,
             bootstrap,
             mqtt_plaintext_addr,

@@ -87,27 +87,6 @@ fn counts_line(counts: &[pb::StatusCount]) -> String {
         .join(" · ")
 }
 
-pub fn rollout_json(r: &pb::Rollout) -> serde_json::Value {
-    let counts = |c: &[pb::StatusCount]| -> serde_json::Value {
-        c.iter()
-            .map(|c| (c.status.clone(), serde_json::Value::from(c.devices)))
-            .collect::<serde_json::Map<_, _>>()
-            .into()
-    };
-    serde_json::json!({
-        "rollout_id": r.rollout_id, "target": r.target, "model": r.model, "version": r.version,
-        "state": r.state, "reason": r.reason, "wave": r.wave, "waves": r.waves,
-        "created": utc(r.created_unix_ms), "action": r.action,
-        "success_threshold_pct": r.success_threshold_pct, "error_threshold_pct": r.error_threshold_pct,
-        "counts": counts(&r.counts),
-        "wave_counts": r.wave_summaries.iter().map(|w| serde_json::json!({"wave": w.wave, "counts": counts(&w.counts)})).collect::<Vec<_>>(),
-        "devices": r.devices.iter().map(|d| serde_json::json!({
-            "device_id": d.device_id, "site_id": d.site_id, "wave": d.wave, "status": d.status,
-            "attempts": d.attempts, "code": d.code, "detail": d.detail, "updated": utc(d.updated_unix_ms),
-        })).collect::<Vec<_>>(),
-    })
-}
-
 impl Client {
     fn rollouts(&self) -> RolloutServiceClient<Authed> {
         RolloutServiceClient::with_interceptor(self.channel.clone(), self.bearer.clone())
@@ -116,7 +95,7 @@ impl Client {
 
     fn print_rollout(&self, r: &pb::Rollout, with_devices: bool) {
         if self.output == Output::Json {
-            self.print_json(rollout_json(r));
+            self.print_json(nanofleet_api::json::rollout(r));
             return;
         }
         outln!(
@@ -198,7 +177,9 @@ impl Client {
             .into_inner()
             .rollouts;
         if self.output == Output::Json {
-            self.print_json(serde_json::Value::Array(list.iter().map(rollout_json).collect()));
+            self.print_json(serde_json::Value::Array(
+                list.iter().map(nanofleet_api::json::rollout).collect(),
+            ));
             return Ok(());
         }
         if list.is_empty() {
@@ -287,7 +268,7 @@ impl Client {
                 Err(_) => continue,
             };
             if self.output == Output::Json {
-                let mut v = rollout_json(&r);
+                let mut v = nanofleet_api::json::rollout(&r);
                 if let Some(o) = v.as_object_mut() {
                     o.remove("devices");
                 }
