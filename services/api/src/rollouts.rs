@@ -510,14 +510,19 @@ impl Rollouts {
     /// Sends offers and withdrawals (after the decision was written).
     async fn carry_out(&self, rollout: &Rollout, decisions: Vec<Decision>) {
         let mut offers = 0usize;
+        // Looked up once for the round: the key, the trust root version, and the root
+        // updates by the version a device holds.
+        let mut round = None;
         for d in decisions {
             match d {
-                Decision::Offer { device_id, attempt } => match self.offer(rollout, &device_id).await {
-                    Ok(()) => offers += 1,
-                    Err(e) => {
-                        tracing::warn!(rollout = %rollout.id, %device_id, attempt, error = %e, "offer not sent; retried after the device timeout")
+                Decision::Offer { device_id, attempt } => {
+                    match self.offer(rollout, &device_id, &mut round).await {
+                        Ok(()) => offers += 1,
+                        Err(e) => {
+                            tracing::warn!(rollout = %rollout.id, %device_id, attempt, error = %e, "offer not sent; retried after the device timeout")
+                        }
                     }
-                },
+                }
                 Decision::Withdraw { device_id } => {
                     let cmd = UpdateCommand {
                         command: Some(update_command::Command::WithdrawRolloutId(rollout.id.clone())),
@@ -532,18 +537,38 @@ impl Rollouts {
         }
     }
 
-    async fn offer(&self, rollout: &Rollout, device_id: &str) -> Result<(), Error> {
-        let key = self.0.recipes.online_key().await?;
+    async fn offer(
+        &self,
+        rollout: &Rollout,
+        device_id: &str,
+        round: &mut Option<Round>,
+    ) -> Result<(), Error> {
+        if round.is_none() {
+            *round = Some(Round {
+                key: self.0.recipes.online_key().await?,
+                root_version: self.0.recipes.trust_root().await.signed.version,
+                updates: HashMap::new(),
+            });
+        }
+        let Some(r) = round.as_mut() else { return Ok(()) };
         // The device checks the offer and the release against its trust root: it
         // needs the versions that added the director and firmware keys first (sent
         // on the same connection, so they arrive before the offer).
-        let current = self.0.recipes.trust_root().await.signed.version;
         let has = self.0.deliveries.root_version(device_id).unwrap_or(0);
-        if has < current {
-            let documents = self.0.store.trust_roots_after(i64::try_from(has).unwrap_or(0)).await?;
-            let update = nanofleet_proto::device::v1::TrustRootUpdate { documents };
-            self.0.sink.send(device_id, Command::TrustRoot, update.encode_to_vec()).await;
+        if has < r.root_version {
+            let update = match r.updates.get(&has) {
+                Some(u) => u.clone(),
+                None => {
+                    let documents = self.0.store.trust_roots_after(i64::try_from(has).unwrap_or(0)).await?;
+                    let u =
+                        Arc::new(nanofleet_proto::device::v1::TrustRootUpdate { documents }.encode_to_vec());
+                    r.updates.insert(has, u.clone());
+                    u
+                }
+            };
+            self.0.sink.send(device_id, Command::TrustRoot, update.to_vec()).await;
         }
+        let key = &r.key;
         let now = now_ms();
         let s = &rollout.spec;
         let offer = UpdateOffer {
@@ -568,7 +593,7 @@ impl Rollouts {
         let envelope = nanofleet_recipe::dsse::sign(
             nanofleet_recipe::dsse::FIRMWARE_PAYLOAD_TYPE,
             &offer.encode_to_vec(),
-            &key,
+            key,
         );
         let cmd = UpdateCommand { command: Some(update_command::Command::Offer(envelope)) };
         if self.0.sink.send(device_id, Command::Update, cmd.encode_to_vec()).await {
@@ -669,6 +694,14 @@ impl Rollouts {
         self.0.store.save_rollout(&row, audit).await?;
         Ok(())
     }
+}
+
+/// What one scheduler round looks up once for all its offers.
+struct Round {
+    key: ed25519_dalek::SigningKey,
+    root_version: u64,
+    /// Encoded trust root updates by the version a device holds.
+    updates: HashMap<u64, Arc<Vec<u8>>>,
 }
 
 /// What a person does to a rollout.
