@@ -71,6 +71,21 @@ impl Sandbox {
         Ok(Sandbox { dir, server })
     }
 
+    /// Stops the server and starts it again on the same data directory and the same
+    /// addresses, so that connected devices and clients find it again.
+    pub async fn restart_in_place(self) -> anyhow::Result<Sandbox> {
+        let s = &self.server;
+        let (grpc, http, mqtt, plain) = (s.grpc_addr, s.http_addr, s.mqtt_addr, s.mqtt_plaintext_addr);
+        let dir = self.stop().await;
+        let mut o = sandbox_options(dir.path());
+        o.grpc_listen = grpc;
+        o.http_listen = http;
+        o.mqtt.listen = mqtt;
+        o.mqtt.plaintext_listen = plain;
+        let server = Server::start(&o).await?;
+        Ok(Sandbox { dir, server })
+    }
+
     /// The plaintext development listener (no client certificates).
     pub fn mqtt_addr(&self) -> SocketAddr {
         self.server.mqtt_plaintext_addr.unwrap_or(self.server.mqtt_addr)

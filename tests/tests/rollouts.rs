@@ -306,6 +306,63 @@ async fn a_soft_rollout_waits_for_the_sites_maintenance_window() -> anyhow::Resu
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_rollout_carries_on_after_a_server_restart() -> anyhow::Result<()> {
+    init_tracing();
+    let sb = Sandbox::start().await?;
+    let state = tempfile::tempdir()?;
+    let fleet = fleet(&sb, state.path(), 3).await?;
+    let (bearer, password) = sb.person_named("rel", "Rel Ops", pb::Role::Ops, "").await?;
+    let target = release(&sb, bearer.clone(), &password, "2.4.0", "none").await?;
+    let mut sites = FleetServiceClient::with_interceptor(sb.grpc_channel().await?, bearer.clone());
+    let site = sites.list_sites(pb::ListSitesRequest {}).await?.into_inner().sites.remove(0);
+    let local = jiff::Timestamp::now().to_zoned(jiff::tz::TimeZone::get(&site.time_zone)?);
+    let start = (local.hour() + 3) % 24;
+    let window = format!("daily {start:02}:00-{:02}:00", (start + 1) % 24);
+    let closed = pb::SetMaintenanceWindowRequest { site_id: site.id.clone(), window, reason: "night".into() };
+    sites.set_maintenance_window(closed).await?;
+    let mut api = RolloutServiceClient::with_interceptor(sb.grpc_channel().await?, bearer.clone());
+    let created = api
+        .create_rollout(pb::CreateRolloutRequest {
+            target,
+            reason: "across a restart".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .rollout
+        .unwrap_or_default();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // The server stops while the rollout runs (its devices waiting for their window)
+    // and starts again on the same addresses; the devices reconnect.
+    let sb = sb.restart_in_place().await?;
+    let mut api = RolloutServiceClient::with_interceptor(sb.grpc_channel().await?, bearer.clone());
+    let back = api
+        .get_rollout(pb::GetRolloutRequest { rollout_id: created.rollout_id.clone() })
+        .await?
+        .into_inner()
+        .rollout
+        .unwrap_or_default();
+    assert_eq!((back.state.as_str(), count(&back, "pending")), ("running", 3));
+    let mut sites = FleetServiceClient::with_interceptor(sb.grpc_channel().await?, bearer.clone());
+    let open = pb::SetMaintenanceWindowRequest {
+        site_id: site.id.clone(),
+        window: String::new(),
+        reason: "now".into(),
+    };
+    sites.set_maintenance_window(open).await?;
+    let done = wait_for(&api, &created.rollout_id, "rollout completed after the restart", |r| {
+        r.state == "completed"
+    })
+    .await?;
+    assert_eq!(count(&done, "committed"), 3);
+    let _ = api.list_rollouts(pb::ListRolloutsRequest::default()).await?;
+    fleet.stop().await;
+    sb.stop().await;
+    Ok(())
+}
+
 #[tokio::test]
 async fn bad_rollouts_are_refused_naming_the_field() -> anyhow::Result<()> {
     let sb = Sandbox::start().await?;

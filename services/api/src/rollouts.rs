@@ -358,7 +358,8 @@ impl Rollouts {
         Ok(())
     }
 
-    /// A device came online: it joins a running rollout it matches.
+    /// A device came online: it joins a running rollout it matches, and an offer that
+    /// could not reach it before is sent at the next round.
     pub fn born(&self, s: &DeviceState) {
         let d = Device {
             id: s.device_id.clone(),
@@ -369,7 +370,7 @@ impl Rollouts {
         };
         for e in lock(&self.0.rollouts).values_mut() {
             if e.rollout.join(&d) {
-                tracing::info!(rollout = %e.rollout.id, device_id = %d.id, "device joined the rollout");
+                tracing::info!(rollout = %e.rollout.id, device_id = %d.id, "device online: joins the rollout or is offered again");
                 e.dirty = true;
             }
         }
@@ -510,6 +511,7 @@ impl Rollouts {
     /// Sends offers and withdrawals (after the decision was written).
     async fn carry_out(&self, rollout: &Rollout, decisions: Vec<Decision>) {
         let mut offers = 0usize;
+        let mut unsent = Vec::new();
         // Looked up once for the round: the key, the trust root version, and the root
         // updates by the version a device holds.
         let mut round = None;
@@ -518,6 +520,7 @@ impl Rollouts {
                 Decision::Offer { device_id, attempt } => {
                     match self.offer(rollout, &device_id, &mut round).await {
                         Ok(()) => offers += 1,
+                        Err(Error::DeviceUnavailable(_)) => unsent.push(device_id),
                         Err(e) => {
                             tracing::warn!(rollout = %rollout.id, %device_id, attempt, error = %e, "offer not sent; retried after the device timeout")
                         }
@@ -534,6 +537,17 @@ impl Rollouts {
         }
         if offers > 0 {
             tracing::info!(rollout = %rollout.id, offers, "offers sent");
+        }
+        if !unsent.is_empty() {
+            // Offered again when they come online (their birth).
+            tracing::info!(rollout = %rollout.id, devices = unsent.len(), "devices offline; offered when they connect");
+            let mut map = lock(&self.0.rollouts);
+            if let Some(e) = map.get_mut(&rollout.id) {
+                for id in &unsent {
+                    e.rollout.unsent(id);
+                }
+                e.dirty = true;
+            }
         }
     }
 

@@ -152,6 +152,10 @@ pub struct Member {
     /// against the error threshold.
     #[serde(default)]
     pub accepted: bool,
+    /// Its offer could not be sent (not connected): not offered again until the
+    /// device comes online.
+    #[serde(default)]
+    pub offline: bool,
 }
 
 /// Where a rollout is.
@@ -283,17 +287,35 @@ impl Rollout {
         })
     }
 
-    /// A device enrolled (or changed) after the rollout started: it joins the wave
-    /// under way if it matches and is not in yet. Returns whether it joined.
+    /// A device came online: a member whose offer could not be sent is offered again
+    /// at the next tick; a device enrolled (or changed) after the rollout started joins
+    /// the wave under way if it matches. Returns whether anything changed.
     pub fn join(&mut self, d: &Device) -> bool {
-        if matches!(self.state, State::Completed | State::Cancelled)
-            || self.members.contains_key(&d.id)
-            || !self.spec.filter.matches(d)
-        {
+        if matches!(self.state, State::Completed | State::Cancelled) {
+            return false;
+        }
+        if let Some(m) = self.members.get_mut(&d.id) {
+            let was = m.offline;
+            m.offline = false;
+            return was;
+        }
+        if !self.spec.filter.matches(d) {
             return false;
         }
         self.members.insert(d.id.clone(), Member::new(d, self.wave));
         true
+    }
+
+    /// The offer to `device_id` could not be sent (the device is not connected): it
+    /// goes back to pending, the attempt not counted, until the device comes online.
+    pub fn unsent(&mut self, device_id: &str) {
+        if let Some(m) = self.members.get_mut(device_id)
+            && m.status == Status::Offered
+        {
+            m.status = Status::Pending;
+            m.attempts = m.attempts.saturating_sub(1);
+            m.offline = true;
+        }
     }
 
     /// A device's report. Reports about other rollouts' offers, from devices not in
@@ -356,6 +378,7 @@ impl Rollout {
         let ignores_windows = self.spec.action != ActionType::Soft;
         for m in self.members.values_mut() {
             if m.status == Status::Pending
+                && !m.offline
                 && m.wave <= self.wave
                 && (ignores_windows || window_open(&m.site_id))
             {
@@ -530,6 +553,7 @@ impl Member {
             code: String::new(),
             detail: String::new(),
             accepted: false,
+            offline: false,
         }
     }
 }

@@ -271,3 +271,17 @@ fn bad_specs_name_the_field() {
         assert_eq!(e.field, field, "{e}");
     }
 }
+
+#[test]
+fn an_offer_that_could_not_be_sent_waits_for_the_device_to_come_online() {
+    let mut r =
+        Rollout::new("r1", spec(Waves::Percent { canary: 0, steps: vec![100] }), &devices(2), 0).unwrap();
+    assert_eq!(offers(&r.tick(0, &open)).len(), 2);
+    r.unsent("NF-000");
+    assert_eq!(r.members["NF-000"].status, Status::Pending);
+    assert!(offers(&r.tick(MIN, &open)).is_empty(), "not offered again while it is offline");
+    let back = devices(1).remove(0);
+    assert!(r.join(&back), "it came online");
+    assert_eq!(offers(&r.tick(2 * MIN, &open)), vec!["NF-000"]);
+    assert_eq!(r.members["NF-000"].attempts, 1, "the unsent offer did not count");
+}
