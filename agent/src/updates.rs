@@ -469,3 +469,76 @@ pub fn report_pb(device_id: &str, r: &Report) -> UpdateReport {
         time_unix_ms: crate::link::now_ms(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ed25519_dalek::SigningKey;
+    use nanofleet_recipe::dsse::{FIRMWARE_PAYLOAD_TYPE, sign};
+
+    fn fleet() -> (TrustRoot, SigningKey) {
+        let root_key = SigningKey::from_bytes(&[1; 32]);
+        let director = SigningKey::from_bytes(&[2; 32]);
+        let v1 = TrustRoot::initial(&root_key, "2046-11-26T00:00:00Z");
+        let mut body = v1.successor_body();
+        body.add_role_key(nanofleet_firmware::ONLINE_ROLE, &director.verifying_key(), None);
+        (TrustRoot::signed_by(body, &[&root_key]), director)
+    }
+
+    fn offer(device: &str, expires: i64) -> UpdateOffer {
+        UpdateOffer {
+            rollout_id: "ro-1".into(),
+            device_id: device.into(),
+            target: "NF-200-2.4.0.img".into(),
+            version: "2.4.0".into(),
+            expires_unix_ms: expires,
+            ..UpdateOffer::default()
+        }
+    }
+
+    fn code_of(r: Result<UpdateOffer, (String, &'static str, String)>) -> &'static str {
+        match r {
+            Ok(_) => "accepted",
+            Err((_, code, _)) => code,
+        }
+    }
+
+    #[test]
+    fn an_offer_signed_by_the_director_for_this_device_in_time_is_taken() {
+        let (trust, director) = fleet();
+        let env = sign(FIRMWARE_PAYLOAD_TYPE, &offer("NF-1", 2_000).encode_to_vec(), &director);
+        let o = verify_offer(&env, &trust, "NF-1", 1_000).unwrap();
+        assert_eq!(o.version, "2.4.0");
+    }
+
+    #[test]
+    fn offers_not_signed_by_a_director_key_are_refused() {
+        let (trust, _) = fleet();
+        let stranger = SigningKey::from_bytes(&[9; 32]);
+        let env = sign(FIRMWARE_PAYLOAD_TYPE, &offer("NF-1", 2_000).encode_to_vec(), &stranger);
+        assert_eq!(code_of(verify_offer(&env, &trust, "NF-1", 1_000)), code::BAD_SIGNATURE);
+        // A director's key that the device's trust root does not name yet counts as a stranger's.
+        let (_, director) = fleet();
+        let old = TrustRoot::initial(&SigningKey::from_bytes(&[1; 32]), "2046-11-26T00:00:00Z");
+        let env = sign(FIRMWARE_PAYLOAD_TYPE, &offer("NF-1", 2_000).encode_to_vec(), &director);
+        assert_eq!(code_of(verify_offer(&env, &old, "NF-1", 1_000)), code::BAD_SIGNATURE);
+    }
+
+    #[test]
+    fn a_tampered_offer_another_payload_type_another_device_or_an_expired_offer_is_refused() {
+        let (trust, director) = fleet();
+        let mut env = sign(FIRMWARE_PAYLOAD_TYPE, &offer("NF-1", 2_000).encode_to_vec(), &director);
+        env.payload = offer("NF-1", 9_000_000).encode_to_vec();
+        assert_eq!(code_of(verify_offer(&env, &trust, "NF-1", 1_000)), code::BAD_SIGNATURE, "tampered");
+        let env = sign(
+            nanofleet_recipe::dsse::DENY_LIST_PAYLOAD_TYPE,
+            &offer("NF-1", 2_000).encode_to_vec(),
+            &director,
+        );
+        assert_eq!(code_of(verify_offer(&env, &trust, "NF-1", 1_000)), code::BAD_SIGNATURE, "payload type");
+        let env = sign(FIRMWARE_PAYLOAD_TYPE, &offer("NF-2", 2_000).encode_to_vec(), &director);
+        assert_eq!(code_of(verify_offer(&env, &trust, "NF-1", 1_000)), code::WRONG_DEVICE);
+        let env = sign(FIRMWARE_PAYLOAD_TYPE, &offer("NF-1", 2_000).encode_to_vec(), &director);
+        assert_eq!(code_of(verify_offer(&env, &trust, "NF-1", 3_000)), code::EXPIRED);
+    }
+}

@@ -1473,35 +1473,24 @@ async fn rollouts(command: RolloutsCommand) -> anyhow::Result<()> {
             client.connect().await?.rollout_watch(&client.server, rollout_id).await?
         }
         RolloutsCommand::Pause { rollout_id, reason, client } => {
-            client
-                .connect()
-                .await?
-                .rollout_control(&client.server, "pause", rollout_id, reason, String::new())
-                .await?
+            steer(client, "pause", rollout_id, reason, String::new()).await?
         }
         RolloutsCommand::Resume { rollout_id, reason, client } => {
-            client
-                .connect()
-                .await?
-                .rollout_control(&client.server, "resume", rollout_id, reason, String::new())
-                .await?
+            steer(client, "resume", rollout_id, reason, String::new()).await?
         }
         RolloutsCommand::Cancel { rollout_id, reason, client } => {
-            client
-                .connect()
-                .await?
-                .rollout_control(&client.server, "cancel", rollout_id, reason, String::new())
-                .await?
+            steer(client, "cancel", rollout_id, reason, String::new()).await?
         }
         RolloutsCommand::Rollback { rollout_id, to, reason, client } => {
-            client
-                .connect()
-                .await?
-                .rollout_control(&client.server, "rollback", rollout_id, reason, to)
-                .await?
+            steer(client, "rollback", rollout_id, reason, to).await?
         }
     }
     Ok(())
+}
+
+/// Pause, resume, cancel or roll back a rollout.
+async fn steer(client: ClientArgs, what: &str, id: String, reason: String, to: String) -> anyhow::Result<()> {
+    client.connect().await?.rollout_control(&client.server, what, id, reason, to).await
 }
 
 async fn firmware(command: FirmwareCommand) -> anyhow::Result<()> {
