@@ -108,14 +108,36 @@ async fn wait_for(
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_release_reaches_the_fleet_in_waves_and_the_devices_run_it() -> anyhow::Result<()> {
+/// A one-hour window starting three hours from now in `time_zone`: closed now.
+fn closed_window(time_zone: &str) -> anyhow::Result<String> {
+    let local = jiff::Timestamp::now().to_zoned(jiff::tz::TimeZone::get(time_zone)?);
+    let start = (local.hour() + 3) % 24;
+    Ok(format!("daily {start:02}:00-{:02}:00", (start + 1) % 24))
+}
+
+/// A server, an enrolled fleet of `devices` with update state in `state`, a person
+/// of the ops role, and a good release of 2.4.0.
+struct Setup {
+    sb: Sandbox,
+    fleet: Fleet,
+    _state: tempfile::TempDir,
+    bearer: nanofleet::cli::Bearer,
+    target: String,
+}
+
+async fn setup(devices: usize) -> anyhow::Result<Setup> {
     init_tracing();
     let sb = Sandbox::start().await?;
     let state = tempfile::tempdir()?;
-    let fleet = fleet(&sb, state.path(), 4).await?;
+    let fleet = fleet(&sb, state.path(), devices).await?;
     let (bearer, password) = sb.person_named("rel", "Rel Ops", pb::Role::Ops, "").await?;
     let target = release(&sb, bearer.clone(), &password, "2.4.0", "none").await?;
+    Ok(Setup { sb, fleet, _state: state, bearer, target })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_reaches_the_fleet_in_waves_and_the_devices_run_it() -> anyhow::Result<()> {
+    let Setup { sb, fleet, _state, bearer, target } = setup(4).await?;
     let mut api = RolloutServiceClient::with_interceptor(sb.grpc_channel().await?, bearer.clone());
     let created = api
         .create_rollout(pb::CreateRolloutRequest {
@@ -239,18 +261,10 @@ async fn a_build_that_fails_its_health_check_is_rolled_back_and_stops_the_rollou
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_soft_rollout_waits_for_the_sites_maintenance_window() -> anyhow::Result<()> {
-    init_tracing();
-    let sb = Sandbox::start().await?;
-    let state = tempfile::tempdir()?;
-    let fleet = fleet(&sb, state.path(), 2).await?;
-    let (bearer, password) = sb.person_named("rel", "Rel Ops", pb::Role::Ops, "").await?;
-    let target = release(&sb, bearer.clone(), &password, "2.4.0", "none").await?;
+    let Setup { sb, fleet, _state, bearer, target } = setup(2).await?;
     let mut sites = FleetServiceClient::with_interceptor(sb.grpc_channel().await?, bearer.clone());
     let site = sites.list_sites(pb::ListSitesRequest {}).await?.into_inner().sites.remove(0);
-    // A one-hour window starting three hours from now, in the site's time zone.
-    let local = jiff::Timestamp::now().to_zoned(jiff::tz::TimeZone::get(&site.time_zone)?);
-    let start = (local.hour() + 3) % 24;
-    let window = format!("daily {start:02}:00-{:02}:00", (start + 1) % 24);
+    let window = closed_window(&site.time_zone)?;
     let set = sites
         .set_maintenance_window(pb::SetMaintenanceWindowRequest {
             site_id: site.id.clone(),
@@ -308,17 +322,10 @@ async fn a_soft_rollout_waits_for_the_sites_maintenance_window() -> anyhow::Resu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_rollout_carries_on_after_a_server_restart() -> anyhow::Result<()> {
-    init_tracing();
-    let sb = Sandbox::start().await?;
-    let state = tempfile::tempdir()?;
-    let fleet = fleet(&sb, state.path(), 3).await?;
-    let (bearer, password) = sb.person_named("rel", "Rel Ops", pb::Role::Ops, "").await?;
-    let target = release(&sb, bearer.clone(), &password, "2.4.0", "none").await?;
+    let Setup { sb, fleet, _state, bearer, target } = setup(3).await?;
     let mut sites = FleetServiceClient::with_interceptor(sb.grpc_channel().await?, bearer.clone());
     let site = sites.list_sites(pb::ListSitesRequest {}).await?.into_inner().sites.remove(0);
-    let local = jiff::Timestamp::now().to_zoned(jiff::tz::TimeZone::get(&site.time_zone)?);
-    let start = (local.hour() + 3) % 24;
-    let window = format!("daily {start:02}:00-{:02}:00", (start + 1) % 24);
+    let window = closed_window(&site.time_zone)?;
     let closed = pb::SetMaintenanceWindowRequest { site_id: site.id.clone(), window, reason: "night".into() };
     sites.set_maintenance_window(closed).await?;
     let mut api = RolloutServiceClient::with_interceptor(sb.grpc_channel().await?, bearer.clone());
