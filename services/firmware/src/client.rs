@@ -11,7 +11,7 @@ use tough::schema::{RoleKeys, RoleType, Root, Signed};
 use tough::{Repository, RepositoryLoader, TargetName, Transport};
 use url::Url;
 
-use crate::keys::{ed25519_public, tuf_key};
+use crate::keys::{role_publics, sorted_publics, tuf_key};
 use crate::{FIRMWARE_ROLE, custom};
 
 /// Why the device refuses metadata or a release; `code` is stable, `detail` names the
@@ -74,28 +74,19 @@ pub fn role_keys(trust_root: &TrustRoot, role: &str) -> (Vec<VerifyingKey>, u64)
 pub fn anchor(tuf_root: &[u8], trust_root: &TrustRoot) -> Result<(), Refusal> {
     let root: Signed<Root> = serde_json::from_slice(tuf_root)
         .map_err(|e| refuse(code::ROOT_NOT_ANCHORED, format!("TUF root is not readable: {e}")))?;
-    let role = root
-        .signed
-        .roles
-        .get(&RoleType::Root)
-        .ok_or_else(|| refuse(code::ROOT_NOT_ANCHORED, "TUF root has no root role"))?;
-    let mut listed: Vec<[u8; 32]> = role
-        .keyids
-        .iter()
-        .filter_map(|id| root.signed.keys.get(id).and_then(ed25519_public))
-        .map(|k| k.to_bytes())
-        .collect();
+    if !root.signed.roles.contains_key(&RoleType::Root) {
+        return Err(refuse(code::ROOT_NOT_ANCHORED, "TUF root has no root role"));
+    }
+    let (listed, listed_threshold) = role_publics(&root.signed, RoleType::Root);
     let (pinned, threshold) = role_keys(trust_root, "root");
-    let mut pinned: Vec<[u8; 32]> = pinned.iter().map(|k| k.to_bytes()).collect();
-    listed.sort_unstable();
-    pinned.sort_unstable();
-    if listed != pinned || role.threshold.get() < threshold {
+    let pinned = sorted_publics(&pinned);
+    if listed != pinned || listed_threshold < threshold {
         return Err(refuse(
             code::ROOT_NOT_ANCHORED,
             format!(
                 "TUF root role lists {} key(s) with threshold {}; the pinned trust root v{} has {} root key(s) with threshold {threshold}",
                 listed.len(),
-                role.threshold,
+                listed_threshold,
                 trust_root.signed.version,
                 pinned.len()
             ),

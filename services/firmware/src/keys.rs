@@ -30,6 +30,27 @@ pub fn ed25519_public(key: &Key) -> Option<VerifyingKey> {
     }
 }
 
+/// The ed25519 keys a TUF root lists for `role`, sorted (for comparing sets), and the
+/// role's threshold; none and 0 when the root has no such role.
+pub fn role_publics(root: &tough::schema::Root, role: tough::schema::RoleType) -> (Vec<[u8; 32]>, u64) {
+    let Some(r) = root.roles.get(&role) else { return (Vec::new(), 0) };
+    let mut keys: Vec<[u8; 32]> = r
+        .keyids
+        .iter()
+        .filter_map(|id| root.keys.get(id).and_then(ed25519_public))
+        .map(|k| k.to_bytes())
+        .collect();
+    keys.sort_unstable();
+    (keys, r.threshold.get())
+}
+
+/// `keys` as [`role_publics`] gives them: bytes, sorted.
+pub fn sorted_publics(keys: &[VerifyingKey]) -> Vec<[u8; 32]> {
+    let mut out: Vec<[u8; 32]> = keys.iter().map(|k| k.to_bytes()).collect();
+    out.sort_unstable();
+    out
+}
+
 /// A signing key held in memory, as a tough key source.
 #[derive(Clone)]
 pub struct Signer(SigningKey);

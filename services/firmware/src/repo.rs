@@ -21,7 +21,7 @@ use tough::schema::{
     Timestamp as TufTimestamp,
 };
 
-use crate::keys::{Signer, tuf_key};
+use crate::keys::{Signer, role_publics, sorted_publics, tuf_key};
 use crate::{Error, Result, custom};
 
 const SPEC_VERSION: &str = "1.0.0";
@@ -210,22 +210,8 @@ impl ImageRepo {
         }
         let state = self.state()?;
         let root = self.root(state.root_version)?;
-        let listed = |role: RoleType| -> (Vec<[u8; 32]>, u64) {
-            let Some(r) = root.signed.roles.get(&role) else { return (Vec::new(), 0) };
-            let mut keys: Vec<[u8; 32]> = r
-                .keyids
-                .iter()
-                .filter_map(|id| root.signed.keys.get(id).and_then(crate::keys::ed25519_public))
-                .map(|k| k.to_bytes())
-                .collect();
-            keys.sort_unstable();
-            (keys, r.threshold.get())
-        };
-        let wanted = |list: &[VerifyingKey], threshold: u64| {
-            let mut keys: Vec<[u8; 32]> = list.iter().map(|k| k.to_bytes()).collect();
-            keys.sort_unstable();
-            (keys, threshold)
-        };
+        let listed = |role: RoleType| role_publics(&root.signed, role);
+        let wanted = |list: &[VerifyingKey], threshold: u64| (sorted_publics(list), threshold);
         let same = listed(RoleType::Root) == wanted(&keys.root, keys.root_threshold)
             && listed(RoleType::Targets) == wanted(&keys.targets, keys.targets_threshold)
             && listed(RoleType::Snapshot) == wanted(std::slice::from_ref(&keys.online), 1)
