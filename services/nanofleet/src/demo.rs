@@ -333,6 +333,8 @@ async fn ship_demo_firmware(d: DemoFirmware) -> anyhow::Result<()> {
             rollout(&targets[0], first.clone(), "2.3.1", 2, vec![50, 100], "demo: pump pressure fix"),
         )
         .await?;
+    // Listings order rollouts by creation time: the night rollout is the newer one.
+    tokio::time::sleep(Duration::from_millis(20)).await;
     d.rollouts
         .create(
             &admin,
