@@ -406,7 +406,8 @@ describe('dashboard against a demo fleet', () => {
   it('rollouts page shows the demo\'s firmware going out in waves, and the hospital whose window defers it', { timeout: 200_000 }, async () => {
     await page.getByRole('link', { name: 'Rollouts', exact: true }).click();
     await page.waitForURL((u) => new URL(u).hash === '#/rollouts');
-    const rows = page.getByTestId('rollout-row');
+    // The good build's two rollouts; the faulty build's follows once the first is done.
+    const rows = page.getByTestId('rollout-row').filter({ hasText: '2.5.0' });
     await until('the demo\'s two rollouts of its good build', () => rows.count(), (n) => n >= 2, 90_000);
     // Newest first: the last hospital's, whose maintenance window opens hours from now.
     const night = rows.nth(0);
@@ -429,6 +430,11 @@ describe('dashboard against a demo fleet', () => {
       () => dayHead.locator('.seg[data-status="committed"]').count(), (n) => n >= 1, 180_000);
     const state = await dayHead.getByTestId('rollout-state').textContent();
     assert.ok(['running', 'completed'].includes(state.trim()), `state ${state}`);
+
+    // The faulty build, offered to the devices the good one updated: its canaries fail
+    // their health check and roll back, which pauses it.
+    const faulty = page.locator('[data-testid="rollout-row"][data-state="paused"]').filter({ hasText: '2.6.0' });
+    await until('the faulty build\'s rollout, paused by its canaries', () => faulty.count(), (n) => n === 1, 120_000);
   });
 
   it('batches page lists the demo\'s batch records and shows one with QC, signatures and its printable record', { timeout: 200_000 }, async () => {
