@@ -115,4 +115,7 @@ pub trait Device: Send {
     fn busy(&self) -> bool;
     /// Starts executing `plan` at `now_ms`; refused while a run is under way.
     fn start_run(&mut self, plan: RunPlan, now_ms: i64) -> Result<(), String>;
+    /// The firmware the device booted, by the fault built into it (simulated images
+    /// only, see [`crate::slots::ImageHeader::fault`]); real hardware ignores it.
+    fn firmware_booted(&mut self, _fault: &str) {}
 }

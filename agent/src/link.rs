@@ -266,6 +266,8 @@ pub async fn run_device<D: Device>(
         // What the slots hold decides the version, not the flag the agent started with.
         info.firmware_version = desk.running_version();
     }
+    // The fault built into the image the device runs, as last told to the device.
+    let mut booted_fault = String::new();
     let boot_id = new_session_id();
     let first_session = new_session_id();
     let mut mqtt = MqttOptions::new(&info.device_id, &opts.broker_host, opts.broker_port);
@@ -463,6 +465,11 @@ pub async fn run_device<D: Device>(
                 if let Some(updates) = &opts.updates {
                     let run_active = opts.runs.as_ref().is_some_and(|d| d.lock().unwrap_or_else(|p| p.into_inner()).active_batch().is_some());
                     updates.set_busy(device.busy() || run_active);
+                    let fault = updates.running_fault();
+                    if fault != booted_fault {
+                        device.firmware_booted(&fault);
+                        booted_fault = fault;
+                    }
                 }
                 if let Some(desk) = &opts.runs {
                     let mut desk = desk.lock().unwrap_or_else(|p| p.into_inner());

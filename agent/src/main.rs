@@ -63,8 +63,9 @@ struct SimImageArgs {
     /// metadata is what devices check).
     #[arg(long, default_value_t = 1)]
     release_counter: u64,
-    /// A fault built in: health (boots, fails its health check) or no-boot.
-    #[arg(long, value_parser = ["none", "health", "no-boot"], default_value = "none")]
+    /// A fault built in: health (boots, fails its health check), no-boot, or qc
+    /// (boots and passes its health check, but its batches come out worse).
+    #[arg(long, value_parser = ["none", "health", "no-boot", "qc"], default_value = "none")]
     fault: String,
     /// Payload bytes after the header.
     #[arg(long, default_value_t = 1_048_576)]

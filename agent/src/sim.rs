@@ -193,6 +193,8 @@ pub struct SimDevice {
     drift_c: f64,
     active: Vec<AlarmKey>,
     started: bool,
+    /// The running firmware trims the ethanol pump low (a build with the `qc` fault).
+    firmware_trims_low: bool,
 }
 
 impl SimDevice {
@@ -224,6 +226,7 @@ impl SimDevice {
             drift_c: 0.0,
             active: Vec::new(),
             started: false,
+            firmware_trims_low: false,
         }
     }
 
@@ -440,7 +443,8 @@ impl SimDevice {
         let clog = self.has(Fault::PartialClog) && line == FluidLine::Aqueous && setpoint > 0.0;
         let bubbles = self.has(Fault::Bubbles) && setpoint > 0.0;
         let crc = self.has(Fault::SensorCrc) && self.rng.random_bool(0.05);
-        let ethanol_fault = self.has(Fault::EthanolLineFault) && line == FluidLine::Ethanol;
+        let ethanol_fault =
+            (self.has(Fault::EthanolLineFault) || self.firmware_trims_low) && line == FluidLine::Ethanol;
         let (n1, n2) = (self.normal(), self.normal());
         let air = bubbles && self.rng.random_bool(0.04);
         let state = if line == FluidLine::Aqueous { &mut self.aqueous } else { &mut self.ethanol };
@@ -656,6 +660,10 @@ impl Device for SimDevice {
 
     fn busy(&self) -> bool {
         self.plan.is_some() || self.phase == RunPhase::Aborted
+    }
+
+    fn firmware_booted(&mut self, fault: &str) {
+        self.firmware_trims_low = fault == "qc";
     }
 
     fn start_run(&mut self, plan: RunPlan, now_ms: i64) -> Result<(), String> {

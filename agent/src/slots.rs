@@ -52,7 +52,10 @@ pub struct ImageHeader {
     pub version: String,
     pub release_counter: u64,
     /// A fault built into the image: `none`, `health` (boots, fails its health
-    /// check) or `no-boot` (the bootloader cannot start it).
+    /// check), `no-boot` (the bootloader cannot start it) or `qc` (boots and passes
+    /// its health check, but trims the ethanol pump 15 % low: its batches come out
+    /// with larger particles and less encapsulation, which only the rollout's health
+    /// gate can see).
     #[serde(default = "no_fault")]
     pub fault: String,
 }

@@ -58,7 +58,7 @@ pub struct UpdateDesk {
     device_id: String,
     jobs: mpsc::Sender<JobMsg>,
     busy: Arc<AtomicBool>,
-    running: Arc<std::sync::Mutex<String>>,
+    running: Arc<std::sync::Mutex<Running>>,
     /// Reports for the link, taken once by the link that runs the device.
     reports: Arc<std::sync::Mutex<Option<UnboundedReceiver<UpdateReport>>>>,
 }
@@ -105,7 +105,7 @@ impl UpdateDesk {
         let updater = Updater::open(&state, slots, &opts.model, factory)
             .map_err(|e| e.to_string())?
             .with_reporter(Box::new(hear));
-        let running = Arc::new(std::sync::Mutex::new(updater.engine().running.version.clone()));
+        let running = Arc::new(std::sync::Mutex::new(Running::of(&updater)));
         let busy = Arc::new(AtomicBool::new(false));
         let (jobs, rx) = mpsc::channel();
         let rt = tokio::runtime::Handle::current();
@@ -138,7 +138,12 @@ impl UpdateDesk {
 
     /// The version the device runs (after a committed update, the new one).
     pub fn running_version(&self) -> String {
-        self.running.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.running.lock().unwrap_or_else(|p| p.into_inner()).version.clone()
+    }
+
+    /// The fault built into the running image (simulated images; `none` otherwise).
+    pub fn running_fault(&self) -> String {
+        self.running.lock().unwrap_or_else(|p| p.into_inner()).fault.clone()
     }
 
     /// A run is under way (installs wait) or not.
@@ -237,13 +242,30 @@ fn verify_offer(
     Ok(offer)
 }
 
+/// What the device runs: the committed version, and the fault its simulated image
+/// carries.
+#[derive(Debug, Clone)]
+struct Running {
+    version: String,
+    fault: String,
+}
+
+impl Running {
+    fn of(updater: &Updater<FileSlots>) -> Running {
+        Running {
+            version: updater.engine().running.version.clone(),
+            fault: updater.slots().running_header().map_or_else(|| "none".into(), |h| h.fault),
+        }
+    }
+}
+
 struct Worker {
     https: Https,
     opts: UpdateOptions,
     updater: Updater<FileSlots>,
     rt: tokio::runtime::Handle,
     busy: Arc<AtomicBool>,
-    running: Arc<std::sync::Mutex<String>>,
+    running: Arc<std::sync::Mutex<Running>>,
     reports: UnboundedSender<UpdateReport>,
 }
 
@@ -291,8 +313,7 @@ impl Worker {
     }
 
     fn publish_running(&self) {
-        *self.running.lock().unwrap_or_else(|p| p.into_inner()) =
-            self.updater.engine().running.version.clone();
+        *self.running.lock().unwrap_or_else(|p| p.into_inner()) = Running::of(&self.updater);
     }
 
     fn refuse(&self, offer: &UpdateOffer, code: &str, detail: String) {

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use nanofleet_agent::fleet::{Fleet, FleetOptions};
 use nanofleet_agent::link::LinkOptions;
+use nanofleet_agent::runs::AutoRuns;
 use nanofleet_agent::slots::{ImageHeader, sim_image};
 use nanofleet_proto::v1 as pb;
 use nanofleet_proto::v1::audit_service_client::AuditServiceClient;
@@ -63,6 +64,16 @@ fn count(r: &pb::Rollout, status: &str) -> u32 {
 }
 
 async fn fleet(sb: &Sandbox, state: &std::path::Path, devices: usize) -> anyhow::Result<Fleet> {
+    fleet_with_runs(sb, state, devices, None).await
+}
+
+/// The fleet, with a pharmacist starting runs at every device when `runs`.
+async fn fleet_with_runs(
+    sb: &Sandbox,
+    state: &std::path::Path,
+    devices: usize,
+    runs: Option<AutoRuns>,
+) -> anyhow::Result<Fleet> {
     let opts = sb
         .enrolled(FleetOptions {
             sites: 1,
@@ -70,6 +81,7 @@ async fn fleet(sb: &Sandbox, state: &std::path::Path, devices: usize) -> anyhow:
             link: fast(sb.link()),
             fault_rate: 0.0,
             state_dir: Some(state.to_path_buf()),
+            auto_runs: runs,
             ..FleetOptions::default()
         })
         .await?;
@@ -259,6 +271,146 @@ async fn a_build_that_fails_its_health_check_is_rolled_back_and_stops_the_rollou
     Ok(())
 }
 
+/// Releases a short recipe to `site`, authored by a pharmacist there and approved by
+/// QA; returns the pharmacist as the person at the devices' screens.
+async fn release_quick_recipe(
+    sb: &Sandbox,
+    site: &str,
+) -> anyhow::Result<nanofleet_proto::device::v1::Person> {
+    use nanofleet_proto::device::v1::{RunPhase, SignatureMeaning, Targets};
+    use nanofleet_proto::v1::recipe_service_client::RecipeServiceClient;
+    use nanofleet_recipe::example::step;
+    let (pharm, pharm_pw) =
+        sb.person_named("phil", "Phil Apotheker, PharmD", pb::Role::Pharmacist, site).await?;
+    let (qa, qa_pw) = sb.person_named("quinn", "Quinn Okafor", pb::Role::Qa, "").await?;
+    let mut recipe = nanofleet_recipe::example::example(
+        "quick",
+        0,
+        Targets { site_ids: vec![site.into()], device_ids: vec![] },
+        nanofleet_tests::now_ms(),
+    );
+    // About ten seconds a run: 0.6 mL collected at 12 mL/min.
+    recipe.procedure = vec![
+        step(RunPhase::SelfTest, 1, 0.0),
+        step(RunPhase::CartridgeVerify, 1, 0.0),
+        step(RunPhase::Prime, 1, 2.0),
+        step(RunPhase::StartWaste, 1, 12.0),
+        step(RunPhase::Collect, 3, 12.0),
+        step(RunPhase::EndWaste, 1, 12.0),
+        step(RunPhase::BufferExchange, 2, 18.0),
+        step(RunPhase::QcSample, 1, 0.0),
+    ];
+    if let Some(f) = recipe.formula.as_mut() {
+        f.batch_volume_ml = 0.6;
+    }
+    let channel = sb.grpc_channel().await?;
+    let mut author = RecipeServiceClient::with_interceptor(channel.clone(), pharm);
+    author.save_draft(pb::SaveDraftRequest { recipe: Some(recipe) }).await?;
+    let sign = |user: &str, password: &str, meaning: SignatureMeaning| pb::SignRecipeRequest {
+        recipe_id: "quick".into(),
+        version: 1,
+        meaning: meaning as i32,
+        user_id: user.into(),
+        password: password.into(),
+    };
+    author.sign_recipe(sign("phil", &pharm_pw, SignatureMeaning::Authored)).await?;
+    RecipeServiceClient::with_interceptor(channel, qa)
+        .sign_recipe(sign("quinn", &qa_pw, SignatureMeaning::Approved))
+        .await?;
+    Ok(nanofleet_proto::device::v1::Person {
+        user_id: "phil".into(),
+        printed_name: "Phil Apotheker, PharmD".into(),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_whose_batches_regress_is_stopped_by_the_health_gate_and_rolled_back() -> anyhow::Result<()>
+{
+    init_tracing();
+    let sb = Sandbox::start().await?;
+    let state = tempfile::tempdir()?;
+    let site = nanofleet_agent::fleet::sites(1).remove(0).id;
+    sb.server.ensure_site(&site, "St Mary's", "Europe/London").await?;
+    let operator = release_quick_recipe(&sb, &site).await?;
+    let runs = AutoRuns::new((Duration::from_secs(2), Duration::from_secs(4)), operator);
+    let fleet = fleet_with_runs(&sb, state.path(), 4, Some(runs)).await?;
+    let (bearer, password) = sb.person_named("rel", "Rel Ops", pb::Role::Ops, "").await?;
+    // What the fleet runs now (to roll back to), and a build whose batches come out worse.
+    release(&sb, bearer.clone(), &password, "2.3.1", "none").await?;
+    let target = release(&sb, bearer.clone(), &password, "2.5.0", "qc").await?;
+    let mut api = RolloutServiceClient::with_interceptor(sb.grpc_channel().await?, bearer.clone());
+    let created = api
+        .create_rollout(pb::CreateRolloutRequest {
+            target,
+            waves: Some(pb::WavePlan { canary: 2, percent_steps: vec![100], ..Default::default() }),
+            health_watch_seconds: 30,
+            rollback_on_regression: true,
+            reason: "flow controller rework".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .rollout
+        .unwrap_or_default();
+    assert_eq!((created.health_watch_seconds, created.rollback_on_regression), (30, true));
+
+    // The canaries commit (the build passes its own health check), make batches with
+    // larger particles and less encapsulation, and the gate pauses the rollout.
+    let paused = eventually("paused by the health gate", Duration::from_secs(300), || {
+        let mut api = api.clone();
+        let id = created.rollout_id.clone();
+        async move {
+            let r =
+                api.get_rollout(pb::GetRolloutRequest { rollout_id: id }).await.ok()?.into_inner().rollout?;
+            (r.state == "paused").then_some(r)
+        }
+    })
+    .await?;
+    assert!(paused.reason.starts_with("health gate after wave 0"), "{}", paused.reason);
+    let last = paused.health_checks.last().expect("the gate's evidence");
+    assert_eq!(last.outcome, "regressed", "{:?}", paused.health_checks);
+    assert!(last.evidence.contains("batches updated"), "{}", last.evidence);
+    assert_eq!(count(&paused, "committed"), 2, "the canaries");
+    assert_eq!(count(&paused, "pending"), 2, "no further wave");
+    let canaries: Vec<String> =
+        paused.devices.iter().filter(|d| d.status == "committed").map(|d| d.device_id.clone()).collect();
+    assert!(paused.devices.iter().all(|d| d.from_version == "2.3.1"));
+
+    // Rolled back: a forced rollout of what they ran before, to the canaries only.
+    let list = api.list_rollouts(pb::ListRolloutsRequest::default()).await?.into_inner().rollouts;
+    let back = list.iter().find(|r| r.rollout_id != created.rollout_id).expect("the rollback rollout");
+    assert_eq!((back.version.as_str(), back.action.as_str()), ("2.3.1", "forced"));
+    let back = wait_for(&api, &back.rollout_id, "the rollback completed", |r| r.state == "completed").await?;
+    let mut rolled: Vec<String> = back.devices.iter().map(|d| d.device_id.clone()).collect();
+    rolled.sort();
+    let mut expected = canaries.clone();
+    expected.sort();
+    assert_eq!(rolled, expected);
+    let mut fleet_api = FleetServiceClient::with_interceptor(sb.grpc_channel().await?, sb.admin());
+    eventually("every device on 2.3.1 again", Duration::from_secs(30), || {
+        let mut api = fleet_api.clone();
+        async move {
+            let ds = api.list_devices(pb::ListDevicesRequest::default()).await.ok()?.into_inner().devices;
+            ds.iter().all(|d| d.firmware_version == "2.3.1").then_some(())
+        }
+    })
+    .await?;
+    let _ = fleet_api.list_sites(pb::ListSitesRequest {}).await?;
+
+    // The gate's verdict and the rollback are in the audit chain.
+    let mut audit = AuditServiceClient::with_interceptor(sb.grpc_channel().await?, sb.admin());
+    let records = audit.list_audit(pb::ListAuditRequest::default()).await?.into_inner().records;
+    let regressed =
+        records.iter().find(|r| r.action == "rollout.health-gate.regressed").expect("gate audited");
+    assert!(regressed.reason.contains("batches updated"), "{}", regressed.reason);
+    let rollback = records.iter().find(|r| r.action == "rollout.rollback").expect("rollback audited");
+    assert!(rollback.reason.contains(&back.rollout_id), "{}", rollback.reason);
+    assert!(rollback.subject.starts_with(&created.rollout_id), "{}", rollback.subject);
+    fleet.stop().await;
+    sb.stop().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_soft_rollout_waits_for_the_sites_maintenance_window() -> anyhow::Result<()> {
     let Setup { sb, fleet, _state, bearer, target } = setup(2).await?;
@@ -393,6 +545,11 @@ async fn bad_rollouts_are_refused_naming_the_field() -> anyhow::Result<()> {
             pb::CreateRolloutRequest { error_threshold_pct: 101, ..ok.clone() },
             tonic::Code::InvalidArgument,
             "error_threshold_pct",
+        ),
+        (
+            pb::CreateRolloutRequest { rollback_on_regression: true, ..ok.clone() },
+            tonic::Code::InvalidArgument,
+            "rollback_on_regression",
         ),
         (
             pb::CreateRolloutRequest {

@@ -188,6 +188,11 @@ pub fn rollout(r: &pb::Rollout) -> Value {
         "devices": r.devices.iter().map(|d| json!({
             "device_id": d.device_id, "site_id": d.site_id, "wave": d.wave, "status": d.status,
             "attempts": d.attempts, "code": d.code, "detail": d.detail, "updated_unix_ms": d.updated_unix_ms,
+            "from_version": d.from_version,
+        })).collect::<Vec<_>>(),
+        "health_watch_seconds": r.health_watch_seconds, "rollback_on_regression": r.rollback_on_regression,
+        "health_checks": r.health_checks.iter().map(|h| json!({
+            "wave": h.wave, "at_unix_ms": h.at_unix_ms, "outcome": h.outcome, "evidence": h.evidence,
         })).collect::<Vec<_>>(),
     })
 }

@@ -20,7 +20,9 @@ use nanofleet_proto::device::v1::{
 };
 use nanofleet_proto::topics::Command;
 use nanofleet_proto::v1 as pb;
-use nanofleet_rollout::{ActionType, Decision, Device, Filter, Rollout, Spec, State, Status, Verdict, Waves};
+use nanofleet_rollout::{
+    ActionType, Decision, Device, Filter, Outcome, Rollout, Spec, State, Status, Verdict, Waves,
+};
 use nanofleet_store::{AuditEntry, RolloutRow, Store};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -260,7 +262,9 @@ impl Rollouts {
             let old = e.rollout.state;
             let decisions = match what {
                 Control::Pause => e.rollout.pause_by(reason).map_err(Error::Conflict)?,
-                Control::Resume => e.rollout.resume().map(|()| Vec::new()).map_err(Error::Conflict)?,
+                Control::Resume => {
+                    e.rollout.resume(now_ms()).map(|()| Vec::new()).map_err(Error::Conflict)?
+                }
                 Control::Cancel => e.rollout.cancel(reason, now).map_err(Error::Conflict)?,
             };
             e.dirty = false;
@@ -310,9 +314,21 @@ impl Rollouts {
         if matches!(old.state.as_str(), "running" | "paused") {
             self.control(caller, id, Control::Cancel, &format!("rolled back: {reason}")).await?;
         }
+        self.offer_previous(caller, id, target, updated, reason).await
+    }
+
+    /// A forced rollout of `target` to `devices`, all at once: a rollback of `id`.
+    async fn offer_previous(
+        &self,
+        caller: &Caller,
+        id: &str,
+        target: &str,
+        devices: Vec<String>,
+        reason: &str,
+    ) -> Result<pb::Rollout, Error> {
         let req = pb::CreateRolloutRequest {
             target: target.into(),
-            filter: Some(pb::RolloutFilter { device_ids: updated, ..Default::default() }),
+            filter: Some(pb::RolloutFilter { device_ids: devices, ..Default::default() }),
             waves: Some(pb::WavePlan { percent_steps: vec![100], ..Default::default() }),
             action: UpdateAction::Forced as i32,
             error_threshold_pct: 100,
@@ -651,29 +667,99 @@ impl Rollouts {
         };
         let verdict = match self.0.monitoring.compare_cohorts(&system, req).await {
             Ok(r) => Verdict {
-                regressed: r.verdict == pb::Verdict::Regressed as i32,
+                outcome: match pb::Verdict::try_from(r.verdict).unwrap_or(pb::Verdict::Unspecified) {
+                    pb::Verdict::Regressed => Outcome::Regressed,
+                    pb::Verdict::NoRegression => Outcome::Passed,
+                    pb::Verdict::InsufficientData | pb::Verdict::Unspecified => Outcome::Insufficient,
+                },
                 evidence: format!("{} ({} batches updated, {} not)", r.summary, r.batches_a, r.batches_b),
             },
-            Err(e) => Verdict { regressed: false, evidence: format!("gate not evaluated: {e}") },
+            Err(e) => {
+                Verdict { outcome: Outcome::Insufficient, evidence: format!("gate not evaluated: {e}") }
+            }
         };
         let now = now_ms();
-        let mut map = lock(&self.0.rollouts);
-        let Some(e) = map.get_mut(&rollout.id) else { return };
-        e.gate_running = false;
-        let decisions = e.rollout.on_health(wave, &verdict, now);
-        let action =
-            if verdict.regressed { "rollout.health-gate.regressed" } else { "rollout.health-gate.passed" };
-        tracing::info!(rollout = %rollout.id, wave, regressed = verdict.regressed, evidence = %verdict.evidence, "health gate");
-        let a = entry(
-            "system",
-            action,
-            &e.rollout,
-            verdict.evidence.clone(),
-            serde_json::json!({"wave": wave, "updated": updated.len()}),
-        );
-        e.audit.push(a);
-        e.dirty = true;
-        let _ = decisions; // waves, pauses and offers go out at the next tick
+        let rollback = {
+            let mut map = lock(&self.0.rollouts);
+            let Some(e) = map.get_mut(&rollout.id) else { return };
+            e.gate_running = false;
+            let decisions = e.rollout.on_health(wave, &verdict, now);
+            let outcome = verdict.outcome.as_str();
+            tracing::info!(rollout = %rollout.id, wave, outcome, evidence = %verdict.evidence, "health gate");
+            let a = entry(
+                "system",
+                &format!("rollout.health-gate.{outcome}"),
+                &e.rollout,
+                verdict.evidence.clone(),
+                serde_json::json!({"wave": wave, "updated": updated.len(), "state": e.rollout.state.as_str()}),
+            );
+            e.audit.push(a);
+            e.dirty = true;
+            // Waves and offers go out at the next tick; a rollback is a rollout of its own.
+            decisions.into_iter().find_map(|d| match d {
+                Decision::RollBack { devices_by_version } => Some(devices_by_version),
+                _ => None,
+            })
+        };
+        if let Some(groups) = rollback {
+            self.roll_back_regression(&system, &rollout, groups, &verdict.evidence).await;
+        }
+    }
+
+    /// After a regression, with `rollback_on_regression`: offers each updated device
+    /// the release it ran before, as forced rollouts; audits what could not be.
+    async fn roll_back_regression(
+        &self,
+        system: &Caller,
+        rollout: &Rollout,
+        groups: std::collections::BTreeMap<String, Vec<String>>,
+        evidence: &str,
+    ) {
+        let releases = self.0.firmware.list("").unwrap_or_default();
+        for (version, devices) in groups {
+            let release = releases
+                .iter()
+                .find(|r| r.model == rollout.spec.model && r.version == version && !version.is_empty());
+            let (action, detail) = match release {
+                Some(release) => {
+                    let reason = format!("health gate regression: {evidence}");
+                    match self
+                        .offer_previous(system, &rollout.id, &release.target, devices.clone(), &reason)
+                        .await
+                    {
+                        Ok(r) => (
+                            "rollout.rollback",
+                            format!("{} devices back to {version} in {}", devices.len(), r.rollout_id),
+                        ),
+                        Err(e) => (
+                            "rollout.rollback.failed",
+                            format!("{} devices not rolled back to {version}: {e}", devices.len()),
+                        ),
+                    }
+                }
+                None => (
+                    "rollout.rollback.failed",
+                    format!(
+                        "{} devices not rolled back: {} {version} was never released here (upload it, then roll back)",
+                        devices.len(),
+                        rollout.spec.model
+                    ),
+                ),
+            };
+            tracing::warn!(rollout = %rollout.id, %detail, "rollback after a regression");
+            let mut map = lock(&self.0.rollouts);
+            if let Some(e) = map.get_mut(&rollout.id) {
+                let a = entry(
+                    "system",
+                    action,
+                    &e.rollout,
+                    detail,
+                    serde_json::json!({"version": version, "devices": devices}),
+                );
+                e.audit.push(a);
+                e.dirty = true;
+            }
+        }
     }
 
     async fn devices(&self) -> Result<Vec<Device>, Error> {
@@ -780,10 +866,23 @@ pub fn summary(r: &Rollout, devices: bool) -> pb::Rollout {
                     code: m.code.clone(),
                     detail: m.detail.clone(),
                     updated_unix_ms: m.updated_ms,
+                    from_version: m.from_version.clone(),
                 })
                 .collect()
         } else {
             Vec::new()
         },
+        health_watch_seconds: r.spec.health_watch_ms / 1000,
+        rollback_on_regression: r.spec.rollback_on_regression,
+        health_checks: r
+            .health
+            .iter()
+            .map(|h| pb::HealthCheck {
+                wave: h.wave,
+                at_unix_ms: h.at_ms,
+                outcome: h.outcome.as_str().into(),
+                evidence: h.evidence.clone(),
+            })
+            .collect(),
     }
 }

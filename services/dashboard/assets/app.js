@@ -4227,8 +4227,26 @@
             `${r.action} · next wave at ${r.success_threshold_pct}% committed · pauses at ${r.error_threshold_pct}% of a wave failed · created ${fmtUtc(r.created_unix_ms)}`),
           waveBar(r.counts, 'All', false),
           r.wave_counts.map((w) => waveBar(w.counts, `Wave ${w.wave + 1}`, w.wave === r.wave && r.state === 'running'))),
+        healthCard(r),
         table('Failures, with the device\'s reason', failures, 'rollout-failures'),
         table('Under way', under, 'rollout-underway'));
+    }
+
+    // The health gate's answers: what it compared after each wave and what it found.
+    function healthCard(r) {
+      if (!r.health_watch_seconds && r.health_checks.length === 0) return null;
+      const watch = r.health_watch_seconds
+        ? `Each wave's devices are watched ${fmtDuration(r.health_watch_seconds * 1000)}, then their alarms and batch quality are compared with devices still on another version${r.rollback_on_regression ? '; a regression rolls them back' : ''}.`
+        : 'No health gate.';
+      return h('div', { class: 'card', 'data-testid': 'rollout-health' },
+        h('h2', null, 'Health gate'),
+        h('p', { class: 'muted' }, watch),
+        r.health_checks.length === 0 ? h('p', { class: 'muted' }, 'No answer yet.')
+          : h('ul', { class: 'health-checks' }, r.health_checks.slice().reverse().map((c) => h('li', {
+            'data-testid': 'rollout-health-check', 'data-outcome': c.outcome, 'data-wave': c.wave,
+          },
+          h('span', { class: `rollout-state state-gate-${c.outcome}` }, c.outcome), ' ',
+          `wave ${c.wave + 1} · ${fmtUtc(c.at_unix_ms)} · `, c.evidence))));
     }
 
     async function refresh(isCurrent) {

@@ -471,7 +471,12 @@ window is open too), checks the signed offer and the release metadata, downloads
 HTTPS, installs into its inactive slot when no run is under way, boots it on trial and
 commits it after its health check; otherwise it rolls back. The next wave starts when
 the waves so far reached --success (percent committed); the rollout pauses when the
-failed share of a wave reaches --errors. Every decision is in the audit chain.";
+failed share of a wave reaches --errors. With --health-watch, each wave's devices are
+watched that long and their alarms and batch quality compared with devices still on the
+old version; a significant regression pauses the rollout (and, with
+--rollback-on-regression, offers the updated devices what they ran before); too few
+batches to judge watches again, up to four periods, then pauses for a person to resume.
+Every decision is in the audit chain.";
 
 #[derive(Subcommand, Debug)]
 enum RolloutsCommand {
@@ -517,6 +522,10 @@ enum RolloutsCommand {
         /// and batch quality with devices on the old version (0s: no gate).
         #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
         health_watch: Duration,
+        /// With --health-watch: when the gate finds a regression, also offer the
+        /// updated devices the release each ran before (it must have been uploaded).
+        #[arg(long, requires = "health_watch")]
+        rollback_on_regression: bool,
         /// Why (goes to the audit chain).
         #[arg(long)]
         reason: String,
@@ -1440,6 +1449,7 @@ async fn rollouts(command: RolloutsCommand) -> anyhow::Result<()> {
             device_timeout,
             attempts,
             health_watch,
+            rollback_on_regression,
             reason,
             client,
         } => {
@@ -1458,7 +1468,7 @@ async fn rollouts(command: RolloutsCommand) -> anyhow::Result<()> {
                 device_timeout_seconds: device_timeout.as_secs() as i64,
                 max_attempts: attempts,
                 health_watch_seconds: health_watch.as_secs() as i64,
-                rollback_on_regression: false,
+                rollback_on_regression,
                 reason,
             };
             client.connect().await?.rollout_create(&client.server, req).await?;

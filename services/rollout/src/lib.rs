@@ -148,6 +148,9 @@ pub struct Member {
     /// The device's code and words for a refusal or failure.
     pub code: String,
     pub detail: String,
+    /// The version the device ran when it joined (a rollback offers it again).
+    #[serde(default)]
+    pub from_version: String,
     /// A failure a person saw and resumed the rollout over: no longer counted
     /// against the error threshold.
     #[serde(default)]
@@ -191,10 +194,52 @@ impl State {
 /// the devices still on the old version?
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verdict {
-    pub regressed: bool,
+    pub outcome: Outcome,
     /// What was compared and found, in words (goes to the pause reason and the audit).
     pub evidence: String,
 }
+
+/// What the health gate found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// No significant regression: the next wave may start.
+    Passed,
+    /// The updated devices do significantly worse.
+    Regressed,
+    /// Too few batches or alarms to judge (or the comparison failed): watched for
+    /// another period, up to [`GATE_MAX_WATCHES`], then paused for a person.
+    Insufficient,
+    /// A person resumed the rollout over the gate's pause.
+    Waived,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Passed => "passed",
+            Outcome::Regressed => "regressed",
+            Outcome::Insufficient => "insufficient",
+            Outcome::Waived => "waived",
+        }
+    }
+}
+
+/// Watch periods a wave is watched for without enough evidence before the rollout
+/// pauses for a person to decide.
+pub const GATE_MAX_WATCHES: u32 = 4;
+
+/// One answer of the health gate, kept with the rollout as its evidence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthCheck {
+    pub wave: u32,
+    pub at_ms: i64,
+    pub outcome: Outcome,
+    pub evidence: String,
+}
+
+/// Health checks kept per rollout (the oldest go first).
+const HEALTH_KEPT: usize = 50;
 
 /// What the scheduler must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -219,6 +264,11 @@ pub enum Decision {
     CheckHealth {
         wave: u32,
     },
+    /// The gate found a regression and the spec says roll back: offer the updated
+    /// devices the release each ran before (device ids by that version).
+    RollBack {
+        devices_by_version: BTreeMap<String, Vec<String>>,
+    },
     Paused {
         reason: String,
     },
@@ -241,6 +291,15 @@ pub struct Rollout {
     pub gate_passed: u32,
     /// When the current wave reached its success threshold (0: not yet).
     pub wave_succeeded_ms: i64,
+    /// Watch periods of the current wave that ended without enough evidence.
+    #[serde(default)]
+    pub gate_watches: u32,
+    /// Paused by the health gate (a person's resume waives it for the wave).
+    #[serde(default)]
+    pub gate_paused: bool,
+    /// The health gate's answers, oldest first.
+    #[serde(default)]
+    pub health: Vec<HealthCheck>,
     pub created_ms: i64,
     pub members: BTreeMap<String, Member>,
 }
@@ -282,6 +341,9 @@ impl Rollout {
             waves: sizes.len() as u32,
             gate_passed: 0,
             wave_succeeded_ms: 0,
+            gate_watches: 0,
+            gate_paused: false,
+            health: Vec::new(),
             created_ms: now_ms,
             members,
         })
@@ -399,13 +461,51 @@ impl Rollout {
         if wave != self.wave || self.state != State::Running {
             return out;
         }
-        if verdict.regressed {
-            self.pause(&format!("health gate after wave {wave}: {}", verdict.evidence), &mut out);
-        } else {
-            self.gate_passed = wave + 1;
-            self.advance(now_ms, &mut out);
+        self.record_health(wave, verdict.outcome, &verdict.evidence, now_ms);
+        match verdict.outcome {
+            Outcome::Regressed => {
+                self.gate_paused = true;
+                self.pause(&format!("health gate after wave {wave}: {}", verdict.evidence), &mut out);
+                if self.spec.rollback_on_regression {
+                    let mut devices_by_version: BTreeMap<String, Vec<String>> = BTreeMap::new();
+                    for m in self.members.values().filter(|m| m.status == Status::Committed) {
+                        devices_by_version
+                            .entry(m.from_version.clone())
+                            .or_default()
+                            .push(m.device_id.clone());
+                    }
+                    if !devices_by_version.is_empty() {
+                        out.push(Decision::RollBack { devices_by_version });
+                    }
+                }
+            }
+            Outcome::Insufficient if self.gate_watches + 1 >= GATE_MAX_WATCHES => {
+                self.gate_watches += 1;
+                self.gate_paused = true;
+                let reason = format!(
+                    "health gate after wave {wave}: not enough evidence after {} watch periods ({}); resume to go on without it",
+                    self.gate_watches, verdict.evidence
+                );
+                self.pause(&reason, &mut out);
+            }
+            Outcome::Insufficient => {
+                // Watched for another period from now.
+                self.gate_watches += 1;
+                self.wave_succeeded_ms = now_ms;
+            }
+            Outcome::Passed | Outcome::Waived => {
+                self.gate_passed = wave + 1;
+                self.advance(now_ms, &mut out);
+            }
         }
         out
+    }
+
+    fn record_health(&mut self, wave: u32, outcome: Outcome, evidence: &str, now_ms: i64) {
+        self.health.push(HealthCheck { wave, at_ms: now_ms, outcome, evidence: evidence.into() });
+        if self.health.len() > HEALTH_KEPT {
+            self.health.remove(0);
+        }
     }
 
     /// Paused by a person.
@@ -420,12 +520,19 @@ impl Rollout {
 
     /// Resumed by a person: the failures so far are accepted (they no longer count
     /// against the error threshold); new ones do.
-    pub fn resume(&mut self) -> Result<(), String> {
+    pub fn resume(&mut self, now_ms: i64) -> Result<(), String> {
         if self.state != State::Paused {
             return Err(format!("rollout {} is {}, not paused", self.id, self.state.as_str()));
         }
         for m in self.members.values_mut().filter(|m| m.status.is_failure()) {
             m.accepted = true;
+        }
+        if self.gate_paused {
+            // The person who resumes decides over the gate for this wave.
+            let evidence = format!("resumed over: {}", self.reason);
+            self.record_health(self.wave, Outcome::Waived, &evidence, now_ms);
+            self.gate_passed = self.wave + 1;
+            self.gate_paused = false;
         }
         self.state = State::Running;
         self.reason.clear();
@@ -524,6 +631,7 @@ impl Rollout {
         if later {
             self.wave += 1;
             self.wave_succeeded_ms = 0;
+            self.gate_watches = 0;
             let devices = self.members.values().filter(|m| m.wave == self.wave).count();
             let reason = format!(
                 "{committed} of {} devices in waves up to {} committed ({}%), at or above the success threshold of {}%",
@@ -552,6 +660,7 @@ impl Member {
             updated_ms: 0,
             code: String::new(),
             detail: String::new(),
+            from_version: d.firmware_version.clone(),
             accepted: false,
             offline: false,
         }

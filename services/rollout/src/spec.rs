@@ -186,6 +186,13 @@ impl Spec {
                 "0 (no gate) to 30 days",
             ));
         }
+        if self.rollback_on_regression && self.health_watch_ms == 0 {
+            return Err(SpecError::new(
+                "rollback_on_regression",
+                "true",
+                "only with a health gate (health_watch above 0)",
+            ));
+        }
         match &self.waves {
             Waves::Percent { steps, canary } => {
                 if *canary > 100_000 {

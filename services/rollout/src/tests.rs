@@ -117,7 +117,7 @@ fn failures_at_the_error_threshold_pause_and_no_further_wave_starts() {
     assert_eq!(r.counts(None).get(&Status::Pending), Some(&90));
     // A person resumes: the failure they saw is accepted, the wave (90 % committed)
     // succeeded, and the next starts; a new failure there pauses again.
-    r.resume().unwrap();
+    r.resume(14 * MIN).unwrap();
     assert!(matches!(r.tick(11 * MIN, &open).first(), Some(Decision::WaveStarted { wave: 1, .. })));
     let next = offers(&r.tick(12 * MIN, &open));
     assert_eq!(next.len(), 90);
@@ -195,7 +195,8 @@ fn the_health_gate_holds_the_next_wave_and_a_regression_pauses_with_the_evidence
     assert!(r.tick(31 * MIN, &open).is_empty(), "watched from the tick that saw the success");
     let d = r.tick(32 * MIN, &open);
     assert_eq!(d, vec![Decision::CheckHealth { wave: 0 }]);
-    let verdict = Verdict { regressed: true, evidence: "encapsulation 91.2 % vs 95.8 %, p = 0.001".into() };
+    let verdict =
+        Verdict { outcome: Outcome::Regressed, evidence: "encapsulation 91.2 % vs 95.8 %, p = 0.001".into() };
     let d = r.on_health(0, &verdict, 32 * MIN);
     assert!(
         matches!(&d[..], [Decision::Paused { reason }] if reason.contains("encapsulation 91.2 %")),
@@ -208,8 +209,75 @@ fn the_health_gate_holds_the_next_wave_and_a_regression_pauses_with_the_evidence
     commit_all_offered(&mut r, MIN);
     r.tick(2 * MIN, &open);
     r.tick(32 * MIN, &open);
-    let d = r.on_health(0, &Verdict { regressed: false, evidence: "no difference".into() }, 32 * MIN);
+    let d = r.on_health(0, &Verdict { outcome: Outcome::Passed, evidence: "no difference".into() }, 32 * MIN);
     assert!(matches!(&d[..], [Decision::WaveStarted { wave: 1, .. }]), "{d:?}");
+    assert_eq!(r.health.len(), 1, "the evidence is kept");
+}
+
+#[test]
+fn a_regression_rolls_the_updated_devices_back_to_what_each_ran_when_so_configured() {
+    let mut s = spec(Waves::Percent { canary: 3, steps: vec![100] });
+    s.health_watch_ms = 30 * MIN;
+    s.rollback_on_regression = true;
+    let mut fleet = devices(10);
+    for d in fleet.iter_mut().skip(5) {
+        d.firmware_version = "2.2.0".into();
+    }
+    let mut r = Rollout::new("r1", s, &fleet, 0).unwrap();
+    r.tick(0, &open);
+    commit_all_offered(&mut r, MIN);
+    r.tick(2 * MIN, &open);
+    assert_eq!(r.tick(32 * MIN, &open), vec![Decision::CheckHealth { wave: 0 }]);
+    let verdict = Verdict { outcome: Outcome::Regressed, evidence: "size_nm +12".into() };
+    let d = r.on_health(0, &verdict, 32 * MIN);
+    let Some(Decision::RollBack { devices_by_version }) =
+        d.iter().find(|d| matches!(d, Decision::RollBack { .. }))
+    else {
+        panic!("no rollback: {d:?}");
+    };
+    let mut updated = r.updated_devices();
+    let mut offered: Vec<String> = devices_by_version.values().flatten().cloned().collect();
+    updated.sort();
+    offered.sort();
+    assert_eq!(offered, updated, "every updated device, once");
+    for (version, ids) in devices_by_version {
+        for id in ids {
+            let was = &fleet.iter().find(|d| &d.id == id).unwrap().firmware_version;
+            assert_eq!(was, version, "{id} goes back to what it ran");
+        }
+    }
+    assert_eq!(r.state, State::Paused);
+}
+
+#[test]
+fn too_little_evidence_watches_again_then_pauses_and_a_resume_waives_the_gate() {
+    let mut s = spec(Waves::Percent { canary: 2, steps: vec![100] });
+    s.health_watch_ms = 30 * MIN;
+    let mut r = Rollout::new("r1", s, &devices(10), 0).unwrap();
+    r.tick(0, &open);
+    commit_all_offered(&mut r, MIN);
+    r.tick(2 * MIN, &open);
+    let few = Verdict { outcome: Outcome::Insufficient, evidence: "3 batches updated, 5 needed".into() };
+    let mut now = 2 * MIN;
+    for watch in 1..GATE_MAX_WATCHES {
+        now += 31 * MIN;
+        assert_eq!(r.tick(now, &open), vec![Decision::CheckHealth { wave: 0 }], "watch {watch}");
+        assert!(r.on_health(0, &few, now).is_empty(), "watched again, nothing decided");
+        assert!(r.tick(now + MIN, &open).is_empty(), "a whole period again");
+    }
+    now += 31 * MIN;
+    assert_eq!(r.tick(now, &open), vec![Decision::CheckHealth { wave: 0 }]);
+    let d = r.on_health(0, &few, now);
+    assert!(
+        matches!(&d[..], [Decision::Paused { reason }] if reason.contains("not enough evidence")),
+        "{d:?}"
+    );
+    assert_eq!(r.wave, 0, "no wave started without evidence");
+
+    r.resume(now + MIN).unwrap();
+    assert_eq!(r.health.last().map(|h| h.outcome), Some(Outcome::Waived));
+    let d = r.tick(now + 2 * MIN, &open);
+    assert!(matches!(&d[0], Decision::WaveStarted { wave: 1, .. }), "{d:?}");
 }
 
 #[test]

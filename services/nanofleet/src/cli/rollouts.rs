@@ -117,6 +117,16 @@ impl Client {
             utc(r.created_unix_ms)
         );
         outln!("  {} devices: {}", total(r), counts_line(&r.counts));
+        if r.health_watch_seconds > 0 {
+            outln!(
+                "  health gate: each wave watched {} s{}",
+                r.health_watch_seconds,
+                if r.rollback_on_regression { ", a regression rolls back" } else { "" }
+            );
+        }
+        for h in &r.health_checks {
+            outln!("    wave {} {} at {}: {}", h.wave + 1, h.outcome, utc(h.at_unix_ms), h.evidence);
+        }
         for w in &r.wave_summaries {
             let marker = if w.wave == r.wave && r.state == "running" { "▶" } else { " " };
             outln!("  {marker} wave {}: {}", w.wave + 1, counts_line(&w.counts));
