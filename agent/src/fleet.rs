@@ -373,6 +373,7 @@ impl Fleet {
                                     factory_version: info.firmware_version.clone(),
                                     tls: tls.clone(),
                                     tls_updates: Some(rx.clone()),
+                                    sim_hang_at: None,
                                 };
                                 match crate::updates::UpdateDesk::start(opts) {
                                     Ok(desk) => link.updates = Some(desk),

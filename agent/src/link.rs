@@ -268,6 +268,8 @@ pub async fn run_device<D: Device>(
     }
     // The fault built into the image the device runs, as last told to the device.
     let mut booted_fault = String::new();
+    // The update engine's latest report.
+    let mut last_report: Option<nanofleet_proto::device::v1::UpdateReport> = None;
     let boot_id = new_session_id();
     let first_session = new_session_id();
     let mut mqtt = MqttOptions::new(&info.device_id, &opts.broker_host, opts.broker_port);
@@ -531,11 +533,13 @@ pub async fn run_device<D: Device>(
                     }
                 }
                 if connected {
-                    // Not kept for re-sending: the cloud offers again what it has no
-                    // final answer for, and the device answers where it is.
                     client.publish(update_topic.clone(), QoS::AtLeastOnce, false, report.encode_to_vec()).await?;
                     outbox.handed_untracked(generation.load(Ordering::SeqCst));
                 }
+                // Only the latest is kept, and said again at each connection: reports
+                // made offline (an update resumed at power-on) are not lost, and the
+                // cloud offers again what it still has no final answer for.
+                last_report = Some(report);
             }
             Some(link) = rx.recv() => match link {
                 Link::Connected { session_id, generation } => {
@@ -553,6 +557,10 @@ pub async fn run_device<D: Device>(
                     session = Some(session_id.clone());
                     client.publish(state_topic.clone(), QoS::AtLeastOnce, true, birth).await?;
                     outbox.handed_untracked(generation);
+                    if let Some(report) = &last_report {
+                        client.publish(update_topic.clone(), QoS::AtLeastOnce, false, report.encode_to_vec()).await?;
+                        outbox.handed_untracked(generation);
+                    }
                     let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
                     st.connected = true;
                     st.connects += 1;

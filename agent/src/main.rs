@@ -13,6 +13,7 @@ use nanofleet_agent::link::{LinkOptions, parse_host_port, run_device};
 use nanofleet_agent::process;
 use nanofleet_agent::seq::SeqCounter;
 use nanofleet_agent::sim::{Fault, SimDevice};
+use nanofleet_agent::slots::HangAt;
 use tokio_util::sync::CancellationToken;
 
 /// The Nanofleet device agent.
@@ -141,6 +142,10 @@ struct RunArgs {
     /// Inject a fault into the simulated hardware.
     #[arg(long, value_enum)]
     fault: Option<Fault>,
+    /// Power-cut drill: the simulated hardware hangs at this step of the next update
+    /// until the process is killed (kill -9 it, then start it again without this).
+    #[arg(long, value_parser = HangAt::NAMES, value_name = "STEP")]
+    sim_hang_at: Option<String>,
     #[command(flatten)]
     ageing: AgeingArgs,
     #[command(flatten)]
@@ -430,6 +435,7 @@ async fn run_one(a: RunArgs) -> anyhow::Result<()> {
                     factory_version: a.firmware.clone(),
                     tls: c.client_config_arc().context("TLS for firmware downloads")?,
                     tls_updates: link.tls_updates.clone(),
+                    sim_hang_at: a.sim_hang_at.as_deref().and_then(HangAt::parse),
                 };
                 link.updates = Some(
                     nanofleet_agent::updates::UpdateDesk::start(updates)

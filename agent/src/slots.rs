@@ -42,6 +42,45 @@ pub trait Slots {
     fn health_check(&self) -> Result<(), String>;
 }
 
+/// Power-cut drills: the step of an update at which the simulated hardware hangs
+/// until the agent's process is killed (`nanofleet-agent run --sim-hang-at`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HangAt {
+    /// After the first part of the image arrived.
+    Download,
+    /// Halfway through writing the inactive slot (a torn write).
+    Install,
+    /// With the trial boot armed, before the reboot.
+    Reboot,
+    /// In the new slot's health check.
+    Verify,
+    /// Before the new slot is made the default.
+    Commit,
+}
+
+impl HangAt {
+    pub const NAMES: [&'static str; 5] = ["download", "install", "reboot", "verify", "commit"];
+
+    pub fn parse(s: &str) -> Option<HangAt> {
+        Some(match s {
+            "download" => HangAt::Download,
+            "install" => HangAt::Install,
+            "reboot" => HangAt::Reboot,
+            "verify" => HangAt::Verify,
+            "commit" => HangAt::Commit,
+            _ => return None,
+        })
+    }
+}
+
+/// Hangs the calling thread for good (the drill kills the process).
+pub(crate) fn hang(at: HangAt) -> ! {
+    tracing::warn!(?at, "simulated hardware hangs here until the process is killed");
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(3600));
+    }
+}
+
 /// First line of a simulated firmware image.
 const MAGIC: &[u8] = b"NFIMG1\n";
 
@@ -100,6 +139,7 @@ struct BootEnv {
 pub struct FileSlots {
     dir: PathBuf,
     env: BootEnv,
+    hang: Option<HangAt>,
 }
 
 impl FileSlots {
@@ -118,9 +158,15 @@ impl FileSlots {
             }
             Err(e) => return Err(e),
         };
-        let mut slots = FileSlots { dir: dir.to_owned(), env };
+        let mut slots = FileSlots { dir: dir.to_owned(), env, hang: None };
         slots.boot()?;
         Ok(slots)
+    }
+
+    /// Hangs at `at` during an update (a power-cut drill).
+    pub fn hang_at(mut self, at: Option<HangAt>) -> FileSlots {
+        self.hang = at;
+        self
     }
 
     pub fn image_path(&self, slot: Slot) -> PathBuf {
@@ -171,6 +217,13 @@ impl Slots for FileSlots {
             )));
         }
         let mut f = std::fs::File::create(self.image_path(slot))?;
+        if self.hang == Some(HangAt::Install) {
+            let mut first = Vec::new();
+            image.read_to_end(&mut first)?;
+            f.write_all(&first[..first.len() / 2])?;
+            f.sync_all()?;
+            hang(HangAt::Install);
+        }
         let n = std::io::copy(image, &mut f)?;
         f.sync_all()?;
         Ok(n)
@@ -182,6 +235,9 @@ impl Slots for FileSlots {
     }
 
     fn commit(&mut self, slot: Slot) -> std::io::Result<()> {
+        if self.hang == Some(HangAt::Commit) {
+            hang(HangAt::Commit);
+        }
         self.env.default = slot;
         self.env.last.default = slot;
         self.env.armed = None;
@@ -189,10 +245,16 @@ impl Slots for FileSlots {
     }
 
     fn reboot(&mut self) -> std::io::Result<BootState> {
+        if self.hang == Some(HangAt::Reboot) {
+            hang(HangAt::Reboot);
+        }
         self.boot()
     }
 
     fn health_check(&self) -> Result<(), String> {
+        if self.hang == Some(HangAt::Verify) {
+            hang(HangAt::Verify);
+        }
         match self.running_header() {
             None => Err(format!("slot {} holds no readable image", self.env.last.booted.name())),
             Some(h) if h.fault == "health" => Err(format!(

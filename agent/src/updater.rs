@@ -182,6 +182,9 @@ impl<S: Slots> Updater<S> {
             held = 0;
         }
         if held < length {
+            if held > 0 {
+                tracing::info!(held, length, "download resumes after the bytes held");
+            }
             let mut sink = Counted { inner: &mut file, count: 0 };
             let result = fetch.fetch(&url, held, &mut sink);
             self.fetched_bytes += sink.count;

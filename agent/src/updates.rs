@@ -25,7 +25,7 @@ use nanofleet_proto::device::v1::{
 };
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
-use crate::slots::{FileSlots, ImageHeader, sim_image};
+use crate::slots::{FileSlots, HangAt, ImageHeader, sim_image};
 use crate::update::{ActionType, Firmware, Input, Offer, Report, Status};
 use crate::updater::{Fetch, Updater};
 
@@ -43,6 +43,8 @@ pub struct UpdateOptions {
     pub tls: Arc<rustls::ClientConfig>,
     /// Renewed TLS configurations (the certificate is short-lived).
     pub tls_updates: Option<tokio::sync::watch::Receiver<Arc<rustls::ClientConfig>>>,
+    /// Power-cut drills: the simulated hardware hangs at this step of an update.
+    pub sim_hang_at: Option<HangAt>,
 }
 
 enum Job {
@@ -94,7 +96,8 @@ impl UpdateDesk {
             fault: "none".into(),
         };
         let slots = FileSlots::power_on(&slots_dir, &sim_image(&header, 4096))
-            .map_err(|e| format!("slots in {}: {e}", slots_dir.display()))?;
+            .map_err(|e| format!("slots in {}: {e}", slots_dir.display()))?
+            .hang_at(opts.sim_hang_at);
         let factory = Firmware { version: opts.factory_version.clone(), release_counter: 0 };
         let state = opts.dir.join("update");
         let device_id = opts.device_id.clone();
@@ -271,7 +274,8 @@ struct Worker {
 
 impl Worker {
     fn run(mut self, rx: mpsc::Receiver<JobMsg>) {
-        let mut fetch = HttpsFetch { https: self.https.clone(), rt: self.rt.clone() };
+        let hang = (self.opts.sim_hang_at == Some(HangAt::Download)).then_some(HangAt::Download);
+        let mut fetch = HttpsFetch { https: self.https.clone(), rt: self.rt.clone(), hang };
         if let Err(e) = self.updater.resume(self.busy(), &mut fetch) {
             tracing::error!(device_id = %self.opts.device_id, error = %e, "update state: resume failed");
         }
@@ -440,6 +444,8 @@ impl Worker {
 struct HttpsFetch {
     https: Https,
     rt: tokio::runtime::Handle,
+    /// A power-cut drill: hang after the first part arrived.
+    hang: Option<HangAt>,
 }
 
 impl Fetch for HttpsFetch {
@@ -456,6 +462,13 @@ impl Fetch for HttpsFetch {
             while let Some(frame) = body.frame().await {
                 let frame = frame.map_err(|e| format!("{url}: {e}"))?;
                 if let Some(data) = frame.data_ref() {
+                    if let Some(at) = self.hang {
+                        // Half of what arrived is on disk when the power goes.
+                        out.write_all(&data[..data.len() / 2])
+                            .map_err(|e| format!("writing the download: {e}"))?;
+                        out.flush().map_err(|e| format!("writing the download: {e}"))?;
+                        crate::slots::hang(at);
+                    }
                     out.write_all(data).map_err(|e| format!("writing the download: {e}"))?;
                     n += data.len() as u64;
                 }

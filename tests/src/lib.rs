@@ -3,6 +3,7 @@
 //! clients to talk to them like a device would.
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod bench;
 
 use std::future::Future;
@@ -479,4 +480,43 @@ impl Sandbox {
         Ok(nanofleet_agent::enroll::enroll(&self.grpc_url(), &token, "NF-200", &format!("HW-{device_id}"))
             .await?)
     }
+}
+
+/// Releases `version` of NF-200 (a simulated image of 200 kB, release counter 1) with
+/// `fault` built in ("none", "health", "no-boot", "qc"), as the person `rel`.
+pub async fn release_firmware(
+    sb: &Sandbox,
+    bearer: nanofleet::cli::Bearer,
+    password: &str,
+    version: &str,
+    fault: &str,
+) -> anyhow::Result<String> {
+    use nanofleet_agent::slots::{ImageHeader, sim_image};
+    use nanofleet_proto::v1::firmware_service_client::FirmwareServiceClient;
+    use nanofleet_proto::v1::upload_firmware_request::Part;
+    use sha2::Digest as _;
+    let h = ImageHeader {
+        model: "NF-200".into(),
+        version: version.into(),
+        release_counter: 1,
+        fault: fault.into(),
+    };
+    let img = sim_image(&h, 200_000);
+    let header = nanofleet_proto::v1::FirmwareHeader {
+        model: "NF-200".into(),
+        version: version.into(),
+        release_counter: 1,
+        length: img.len() as u64,
+        sha256: hex::encode(sha2::Sha256::digest(&img)),
+        user_id: "rel".into(),
+        password: password.into(),
+        notes: format!("build {version}"),
+    };
+    let mut msgs = vec![nanofleet_proto::v1::UploadFirmwareRequest { part: Some(Part::Header(header)) }];
+    msgs.extend(
+        img.chunks(64 * 1024)
+            .map(|c| nanofleet_proto::v1::UploadFirmwareRequest { part: Some(Part::Chunk(c.to_vec())) }),
+    );
+    let mut fw = FirmwareServiceClient::with_interceptor(sb.grpc_channel().await?, bearer);
+    Ok(fw.upload_firmware(futures::stream::iter(msgs)).await?.into_inner().release.unwrap_or_default().target)
 }

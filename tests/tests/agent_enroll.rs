@@ -2,10 +2,7 @@
 //! TLS, renewal of a short certificate (the connection is made again with the new
 //! one), and a decommissioned device that is refused without being retried fast.
 
-use std::io::{BufRead as _, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use nanofleet_agent::enroll::{Credentials, identity_dir};
@@ -16,84 +13,14 @@ use nanofleet_proto::v1::fleet_service_client::FleetServiceClient;
 type Api = FleetServiceClient<
     tonic::service::interceptor::InterceptedService<tonic::transport::Channel, nanofleet::cli::Bearer>,
 >;
+use nanofleet_tests::agent::{AgentProcess, agent_bin};
 use nanofleet_tests::{Sandbox, eventually, init_tracing, now_ms};
 
 const DEVICE: &str = "NF-ENR-01";
 const SITE: &str = "enroll-site";
 
-/// The agent binary, built next to this test (`cargo test --workspace` builds it; from
-/// this crate alone, `cargo build -p nanofleet-agent` first).
-fn agent_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable");
-    // target/debug/deps/agent_enroll-… → target/debug/nanofleet-agent
-    let bin = exe.parent().and_then(Path::parent).expect("target directory").join("nanofleet-agent");
-    assert!(bin.exists(), "{} missing: build it first (cargo build -p nanofleet-agent)", bin.display());
-    bin
-}
-
 fn agent(args: &[&str]) -> Output {
     Command::new(agent_bin()).args(args).env_remove("NANOFLEET_ENROLL_TOKEN").output().expect("run agent")
-}
-
-/// A running agent whose log lines are collected.
-struct Running {
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Running {
-    fn start(state_dir: &Path) -> Running {
-        let mut child = Command::new(agent_bin())
-            .args(["run", "--state-dir"])
-            .arg(state_dir)
-            .args(["--sample-hz", "20", "--batch", "200ms"])
-            .env("RUST_LOG", "nanofleet_agent=info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn agent");
-        let stderr = child.stderr.take().expect("stderr");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let lines = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                lines.lock().unwrap().push(line);
-            }
-        });
-        Running { child, log }
-    }
-
-    fn logged(&self, needle: &str) -> bool {
-        self.log.lock().unwrap().iter().any(|l| l.contains(needle))
-    }
-
-    fn log_text(&self) -> String {
-        self.log.lock().unwrap().join("\n")
-    }
-
-    /// SIGTERM, then the exit code.
-    fn stop(mut self) -> Option<i32> {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
-        for _ in 0..100 {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return status.code();
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        None
-    }
-}
-
-/// An agent left running by a failed assertion is killed, not leaked.
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
 }
 
 async fn device(api: &mut Api) -> Option<pb::Device> {
@@ -152,7 +79,7 @@ async fn an_enrolled_agent_runs_over_mutual_tls_and_renews_its_certificate() -> 
     assert!(err.contains("the server refused"), "{err}");
 
     // Running: over mutual TLS to the address from enrollment, identity from the credentials.
-    let agent = Running::start(state.path());
+    let agent = AgentProcess::start(state.path(), &[]);
     let api = FleetServiceClient::with_interceptor(sb.grpc_channel().await?, sb.admin());
     let first_connection = eventually("the enrolled device online", Duration::from_secs(15), || {
         let mut api = api.clone();
@@ -203,7 +130,7 @@ async fn an_enrolled_agent_runs_over_mutual_tls_and_renews_its_certificate() -> 
     })
     .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let refusals = agent.log.lock().unwrap().iter().filter(|l| l.contains("broker refused")).count();
+    let refusals = agent.count_logged("broker refused");
     assert_eq!(refusals, 1, "retried too fast:\n{}", agent.log_text());
     eventually("the renewal refusal logged", Duration::from_secs(25), || async {
         agent.logged("the server refuses to renew").then_some(())

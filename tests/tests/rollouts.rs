@@ -8,14 +8,11 @@ use std::time::Duration;
 use nanofleet_agent::fleet::{Fleet, FleetOptions};
 use nanofleet_agent::link::LinkOptions;
 use nanofleet_agent::runs::AutoRuns;
-use nanofleet_agent::slots::{ImageHeader, sim_image};
 use nanofleet_proto::v1 as pb;
 use nanofleet_proto::v1::audit_service_client::AuditServiceClient;
-use nanofleet_proto::v1::firmware_service_client::FirmwareServiceClient;
 use nanofleet_proto::v1::fleet_service_client::FleetServiceClient;
 use nanofleet_proto::v1::rollout_service_client::RolloutServiceClient;
-use nanofleet_tests::{Sandbox, eventually, init_tracing};
-use sha2::Digest as _;
+use nanofleet_tests::{Sandbox, eventually, init_tracing, release_firmware};
 
 fn fast(link: LinkOptions) -> LinkOptions {
     LinkOptions {
@@ -23,40 +20,6 @@ fn fast(link: LinkOptions) -> LinkOptions {
         batch_interval: Duration::from_millis(200),
         ..link
     }
-}
-
-/// Releases `version` of NF-200 with `fault` built in ("none", "health", "no-boot").
-async fn release(
-    sb: &Sandbox,
-    bearer: nanofleet::cli::Bearer,
-    password: &str,
-    version: &str,
-    fault: &str,
-) -> anyhow::Result<String> {
-    use pb::upload_firmware_request::Part;
-    let h = ImageHeader {
-        model: "NF-200".into(),
-        version: version.into(),
-        release_counter: 1,
-        fault: fault.into(),
-    };
-    let img = sim_image(&h, 200_000);
-    let header = pb::FirmwareHeader {
-        model: "NF-200".into(),
-        version: version.into(),
-        release_counter: 1,
-        length: img.len() as u64,
-        sha256: hex::encode(sha2::Sha256::digest(&img)),
-        user_id: "rel".into(),
-        password: password.into(),
-        notes: format!("build {version}"),
-    };
-    let mut msgs = vec![pb::UploadFirmwareRequest { part: Some(Part::Header(header)) }];
-    msgs.extend(
-        img.chunks(64 * 1024).map(|c| pb::UploadFirmwareRequest { part: Some(Part::Chunk(c.to_vec())) }),
-    );
-    let mut fw = FirmwareServiceClient::with_interceptor(sb.grpc_channel().await?, bearer);
-    Ok(fw.upload_firmware(futures::stream::iter(msgs)).await?.into_inner().release.unwrap_or_default().target)
 }
 
 fn count(r: &pb::Rollout, status: &str) -> u32 {
@@ -143,7 +106,7 @@ async fn setup(devices: usize) -> anyhow::Result<Setup> {
     let state = tempfile::tempdir()?;
     let fleet = fleet(&sb, state.path(), devices).await?;
     let (bearer, password) = sb.person_named("rel", "Rel Ops", pb::Role::Ops, "").await?;
-    let target = release(&sb, bearer.clone(), &password, "2.4.0", "none").await?;
+    let target = release_firmware(&sb, bearer.clone(), &password, "2.4.0", "none").await?;
     Ok(Setup { sb, fleet, _state: state, bearer, target })
 }
 
@@ -204,7 +167,7 @@ async fn a_build_that_fails_its_health_check_is_rolled_back_and_stops_the_rollou
     let state = tempfile::tempdir()?;
     let fleet = fleet(&sb, state.path(), 4).await?;
     let (bearer, password) = sb.person_named("rel", "Rel Ops", pb::Role::Ops, "").await?;
-    let target = release(&sb, bearer.clone(), &password, "2.5.0", "health").await?;
+    let target = release_firmware(&sb, bearer.clone(), &password, "2.5.0", "health").await?;
     let mut api = RolloutServiceClient::with_interceptor(sb.grpc_channel().await?, bearer.clone());
     let created = api
         .create_rollout(pb::CreateRolloutRequest {
@@ -336,8 +299,8 @@ async fn a_canary_whose_batches_regress_is_stopped_by_the_health_gate_and_rolled
     let fleet = fleet_with_runs(&sb, state.path(), 4, Some(runs)).await?;
     let (bearer, password) = sb.person_named("rel", "Rel Ops", pb::Role::Ops, "").await?;
     // What the fleet runs now (to roll back to), and a build whose batches come out worse.
-    release(&sb, bearer.clone(), &password, "2.3.1", "none").await?;
-    let target = release(&sb, bearer.clone(), &password, "2.5.0", "qc").await?;
+    release_firmware(&sb, bearer.clone(), &password, "2.3.1", "none").await?;
+    let target = release_firmware(&sb, bearer.clone(), &password, "2.5.0", "qc").await?;
     let mut api = RolloutServiceClient::with_interceptor(sb.grpc_channel().await?, bearer.clone());
     let created = api
         .create_rollout(pb::CreateRolloutRequest {
@@ -526,7 +489,7 @@ async fn a_running_rollout_carries_on_after_a_server_restart() -> anyhow::Result
 async fn bad_rollouts_are_refused_naming_the_field() -> anyhow::Result<()> {
     let sb = Sandbox::start().await?;
     let (bearer, password) = sb.person_named("rel", "Rel Ops", pb::Role::Ops, "").await?;
-    let target = release(&sb, bearer.clone(), &password, "2.4.0", "none").await?;
+    let target = release_firmware(&sb, bearer.clone(), &password, "2.4.0", "none").await?;
     sb.enroll_device("st-a", "NF-RO-1").await?;
     let mut api = RolloutServiceClient::with_interceptor(sb.grpc_channel().await?, bearer);
     let ok = pb::CreateRolloutRequest { target: target.clone(), reason: "r".into(), ..Default::default() };

@@ -616,6 +616,18 @@ impl Rollout {
         let committed = wave.iter().filter(|m| m.status == Status::Committed).count();
         let needed = wave.len() * self.spec.success_threshold_pct as usize;
         if committed * 100 < needed || wave.is_empty() {
+            // Every device has its final answer and too few committed: nothing more
+            // will change without a person.
+            if !wave.is_empty() && wave.iter().all(|m| m.status.is_final()) {
+                let reason = format!(
+                    "wave {} ended with {committed} of {} devices committed ({}%), below the success threshold of {}%",
+                    self.wave,
+                    wave.len(),
+                    committed * 100 / wave.len(),
+                    self.spec.success_threshold_pct
+                );
+                self.pause(&reason, out);
+            }
             return;
         }
         if self.wave_succeeded_ms == 0 {

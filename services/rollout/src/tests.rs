@@ -353,3 +353,23 @@ fn an_offer_that_could_not_be_sent_waits_for_the_device_to_come_online() {
     assert_eq!(offers(&r.tick(2 * MIN, &open)), vec!["NF-000"]);
     assert_eq!(r.members["NF-000"].attempts, 1, "the unsent offer did not count");
 }
+
+#[test]
+fn a_wave_whose_devices_all_answered_below_the_success_threshold_pauses() {
+    let mut s = spec(Waves::Percent { canary: 0, steps: vec![100] });
+    s.error_threshold_pct = 100;
+    let mut r = Rollout::new("r1", s, &devices(4), 0).unwrap();
+    let ids = offers(&r.tick(0, &open));
+    assert_eq!(ids.len(), 4);
+    r.on_report(&ids[0], Status::Committed, "", "", MIN);
+    r.on_report(&ids[1], Status::Committed, "", "", MIN);
+    r.on_report(&ids[2], Status::RolledBack, "power_lost_on_trial", "", MIN);
+    assert!(r.tick(2 * MIN, &open).is_empty(), "one still under way");
+    r.on_report(&ids[3], Status::RolledBack, "power_lost_on_trial", "", 3 * MIN);
+    let d = r.tick(4 * MIN, &open);
+    assert!(
+        matches!(&d[..], [Decision::Paused { reason }] if reason.contains("2 of 4 devices committed (50%)")),
+        "{d:?}"
+    );
+    assert_eq!(r.state, State::Paused);
+}
