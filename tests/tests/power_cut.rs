@@ -2,7 +2,8 @@
 //! whose simulated hardware hangs at one step of the update (`--sim-hang-at`); the
 //! process is killed with SIGKILL there and started again. Every device must come
 //! back on a bootable slot, finish the update or roll it back as the A/B scheme
-//! says, report that to the rollout, and announce the version it runs.
+//! says, report that to the rollout, and announce the version it runs. A device
+//! enrolled after the rollout started joins it.
 
 use std::path::Path;
 use std::time::Duration;
@@ -58,39 +59,37 @@ fn default_slot_version(state: &Path) -> Option<String> {
     read_header(&slots.join(format!("slot-{slot}.img"))).map(|h| h.version)
 }
 
+/// Enrolls device `i` with the agent binary into a new state directory.
+async fn enroll(sb: &Sandbox, i: usize) -> anyhow::Result<tempfile::TempDir> {
+    let (_, token) = sb
+        .server
+        .trust
+        .create_token(&Actor::system(), SITE, Duration::from_secs(600), 1, &device_id(i), "power cut drill")
+        .await?;
+    let state = tempfile::tempdir()?;
+    let out = std::process::Command::new(agent_bin())
+        .args(["enroll", "--server", &sb.grpc_url(), "--token", &token, "--state-dir"])
+        .arg(state.path())
+        .env_remove("NANOFLEET_ENROLL_TOKEN")
+        .output()?;
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    Ok(state)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_killed_at_every_step_of_an_update_comes_back_on_a_good_slot() -> anyhow::Result<()> {
     init_tracing();
     let sb = Sandbox::start().await?;
     sb.server.ensure_site(SITE, "Power Cut Hospital", "UTC").await?;
-    let grpc = sb.grpc_url();
     let mut states = Vec::new();
     let mut agents = Vec::new();
     for (i, drill) in DRILLS.iter().enumerate() {
-        let (_, token) = sb
-            .server
-            .trust
-            .create_token(
-                &Actor::system(),
-                SITE,
-                Duration::from_secs(600),
-                1,
-                &device_id(i),
-                "power cut drill",
-            )
-            .await?;
-        let state = tempfile::tempdir()?;
-        let out = std::process::Command::new(agent_bin())
-            .args(["enroll", "--server", &grpc, "--token", &token, "--state-dir"])
-            .arg(state.path())
-            .env_remove("NANOFLEET_ENROLL_TOKEN")
-            .output()?;
-        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        let state = enroll(&sb, i).await?;
         agents.push(AgentProcess::start(state.path(), &["--sim-hang-at", drill.hang]));
         states.push(state);
     }
     let mut fleet = FleetServiceClient::with_interceptor(sb.grpc_channel().await?, sb.admin());
-    eventually("the five devices online", Duration::from_secs(30), || {
+    eventually("the drilled devices online", Duration::from_secs(30), || {
         let mut api = fleet.clone();
         async move {
             let ds = api.list_devices(pb::ListDevicesRequest::default()).await.ok()?.into_inner().devices;
@@ -116,6 +115,10 @@ async fn a_device_killed_at_every_step_of_an_update_comes_back_on_a_good_slot() 
         .into_inner()
         .rollout
         .unwrap_or_default();
+
+    // A device enrolled after the rollout started joins it when it comes online.
+    let late = enroll(&sb, DRILLS.len()).await?;
+    let late_agent = AgentProcess::start(late.path(), &[]);
 
     // Each device reaches its step, says it hangs there, and loses its power.
     for ((drill, state), agent) in DRILLS.iter().zip(&states).zip(agents.drain(..)) {
@@ -167,6 +170,10 @@ async fn a_device_killed_at_every_step_of_an_update_comes_back_on_a_good_slot() 
             drill.hang
         );
     }
+    let joined =
+        done.devices.iter().find(|d| d.device_id == device_id(DRILLS.len())).expect("the late device");
+    assert_eq!(joined.status, "committed", "{}", joined.detail);
+    assert_eq!(default_slot_version(late.path()).as_deref(), Some("2.4.0"));
     // The cut download went on from the bytes it held, not from the start.
     assert!(agents[0].logged("download resumes after the bytes held"), "{}", agents[0].log_text());
     // Each device announces what it runs.
@@ -185,7 +192,7 @@ async fn a_device_killed_at_every_step_of_an_update_comes_back_on_a_good_slot() 
     })
     .await?;
     let _ = fleet.list_sites(pb::ListSitesRequest {}).await?;
-    for agent in agents {
+    for agent in agents.into_iter().chain([late_agent]) {
         assert_eq!(agent.stop(), Some(0));
     }
     sb.stop().await;
