@@ -459,19 +459,18 @@ impl Fetch for HttpsFetch {
             }
             let mut body = resp.into_body();
             let mut n = 0u64;
-            while let Some(frame) = body.frame().await {
-                let frame = frame.map_err(|e| format!("{url}: {e}"))?;
-                if let Some(data) = frame.data_ref() {
-                    if let Some(at) = self.hang {
-                        // Half of what arrived is on disk when the power goes.
-                        out.write_all(&data[..data.len() / 2])
-                            .map_err(|e| format!("writing the download: {e}"))?;
-                        out.flush().map_err(|e| format!("writing the download: {e}"))?;
-                        crate::slots::hang(at);
-                    }
-                    out.write_all(data).map_err(|e| format!("writing the download: {e}"))?;
-                    n += data.len() as u64;
+            while let Some(data) =
+                self.https.next_chunk(&mut body).await.map_err(|e| format!("{url}: {e}"))?
+            {
+                if let Some(at) = self.hang {
+                    // Half of what arrived is on disk when the power goes.
+                    out.write_all(&data[..data.len() / 2])
+                        .map_err(|e| format!("writing the download: {e}"))?;
+                    out.flush().map_err(|e| format!("writing the download: {e}"))?;
+                    crate::slots::hang(at);
                 }
+                out.write_all(&data).map_err(|e| format!("writing the download: {e}"))?;
+                n += data.len() as u64;
             }
             Ok(n)
         })
