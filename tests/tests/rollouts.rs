@@ -544,11 +544,39 @@ async fn bad_rollouts_are_refused_naming_the_field() -> anyhow::Result<()> {
         assert_eq!(e.code(), code, "{}", e.message());
         assert!(e.message().contains(text), "{:?} lacks {text:?}", e.message());
     }
+    // Tags: set by operations (named when bad), then a filter by tag selects the device.
+    let mut fleet = FleetServiceClient::with_interceptor(sb.grpc_channel().await?, sb.admin());
+    let tag = |add: &[&str], remove: &[&str]| pb::SetDeviceTagsRequest {
+        device_id: "NF-RO-1".into(),
+        add: add.iter().map(|t| t.to_string()).collect(),
+        remove: remove.iter().map(|t| t.to_string()).collect(),
+        reason: "ward".into(),
+    };
+    let e = fleet.set_device_tags(tag(&["ICU"], &[])).await.unwrap_err();
+    assert!(e.message().contains("add") && e.message().contains("ICU"), "{}", e.message());
+    let d =
+        fleet.set_device_tags(tag(&["icu", "ring-1"], &[])).await?.into_inner().device.unwrap_or_default();
+    assert_eq!(d.tags, ["icu", "ring-1"]);
+    let d = fleet.set_device_tags(tag(&[], &["ring-1"])).await?.into_inner().device.unwrap_or_default();
+    assert_eq!(d.tags, ["icu"]);
+    let by_tag = |t: &str| pb::CreateRolloutRequest {
+        filter: Some(pb::RolloutFilter { tags: vec![t.into()], ..Default::default() }),
+        ..ok.clone()
+    };
+    let e = api.create_rollout(by_tag("oncology")).await.unwrap_err();
+    assert!(e.message().contains("filter"), "{}", e.message());
+    let r = api.create_rollout(by_tag("icu")).await?.into_inner().rollout.unwrap_or_default();
+    assert_eq!(r.counts.iter().map(|c| c.devices).sum::<u32>(), 1, "the tagged device");
+    api.cancel_rollout(pb::CancelRolloutRequest { rollout_id: r.rollout_id, reason: "test".into() }).await?;
+
     // QA may watch rollouts, not start them.
     let qa = sb.person("qa1", pb::Role::Qa, "").await?;
     let mut qa_api = RolloutServiceClient::with_interceptor(sb.grpc_channel().await?, qa);
     assert_eq!(qa_api.create_rollout(ok).await.unwrap_err().code(), tonic::Code::PermissionDenied);
-    assert!(qa_api.list_rollouts(pb::ListRolloutsRequest::default()).await?.into_inner().rollouts.is_empty());
+    assert_eq!(
+        qa_api.list_rollouts(pb::ListRolloutsRequest::default()).await?.into_inner().rollouts.len(),
+        1
+    );
     sb.stop().await;
     Ok(())
 }

@@ -90,6 +90,57 @@ impl Fleet {
         Ok(pb::Site { maintenance_window: window.into(), ..old })
     }
 
+    /// Adds and removes a device's tags, audited as `device.tags`.
+    pub async fn set_tags(
+        &self,
+        caller: &crate::Caller,
+        device_id: &str,
+        add: &[String],
+        remove: &[String],
+        reason: &str,
+    ) -> Result<pb::Device, Error> {
+        check_device_id(device_id)?;
+        if reason.trim().is_empty() {
+            return Err(Error::invalid("reason", "", "why, in words (for the audit chain)"));
+        }
+        for (field, tags) in [("add", add), ("remove", remove)] {
+            if let Some(bad) = tags.iter().find(|t| !valid_tag(t)) {
+                return Err(Error::invalid(
+                    field,
+                    bad,
+                    "lowercase letters, digits, '-', '_' and '.', starting with a letter or digit, at most 32 characters",
+                ));
+            }
+        }
+        let Some(old) = self.store.get_device(device_id).await? else {
+            return Err(Error::NotFound { what: "device", id: device_id.into() });
+        };
+        caller.check_site(&old.site_id)?;
+        let mut tags: std::collections::BTreeSet<String> = old.tags.iter().cloned().collect();
+        tags.extend(add.iter().cloned());
+        for t in remove {
+            tags.remove(t);
+        }
+        if tags.len() > MAX_TAGS {
+            return Err(Error::invalid("add", add.join(","), format!("at most {MAX_TAGS} tags a device")));
+        }
+        let tags: Vec<String> = tags.into_iter().collect();
+        let audit = nanofleet_store::AuditEntry {
+            at_ms: crate::now_ms(),
+            actor: caller.actor().0,
+            action: "device.tags".into(),
+            subject: device_id.into(),
+            site_id: Some(old.site_id.clone()),
+            reason: reason.into(),
+            old_value: Some(serde_json::json!({"tags": old.tags}).to_string()),
+            new_value: Some(serde_json::json!({"tags": tags}).to_string()),
+        };
+        if !self.store.set_device_tags(device_id, &tags, &audit).await? {
+            return Err(Error::NotFound { what: "device", id: device_id.into() });
+        }
+        Ok(device(DeviceRecord { tags, ..old }))
+    }
+
     pub async fn devices(&self, site_id: Option<&str>) -> Result<Vec<pb::Device>, Error> {
         let site = site_id.filter(|s| !s.is_empty());
         Ok(self.store.list_devices(site).await?.into_iter().map(device).collect())
@@ -157,6 +208,15 @@ pub(crate) fn count_arg(field: &'static str, n: u32, default: u32, max: u32) -> 
     }
 }
 
+/// Tags a device may carry.
+const MAX_TAGS: usize = 16;
+
+fn valid_tag(t: &str) -> bool {
+    (1..=32).contains(&t.len())
+        && t.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && t.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'))
+}
+
 pub(crate) fn check_device_id(id: &str) -> Result<(), Error> {
     validate_device_id(id).map_err(|reason| Error::InvalidArgument {
         field: "device_id",
@@ -183,6 +243,7 @@ pub(crate) fn device(d: DeviceRecord) -> pb::Device {
         enrolled_ms,
         hardware_serial,
         cert_not_after_ms,
+        tags,
     } = d;
     pb::Device {
         id,
@@ -213,5 +274,6 @@ pub(crate) fn device(d: DeviceRecord) -> pb::Device {
         enrolled_unix_ms: enrolled_ms,
         certificate_not_after_unix_ms: cert_not_after_ms,
         hardware_serial,
+        tags,
     }
 }

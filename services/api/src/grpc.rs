@@ -84,6 +84,16 @@ impl FleetService for Api {
         Ok(Response::new(pb::CreateSiteResponse { site }))
     }
 
+    async fn set_device_tags(
+        &self,
+        req: Request<pb::SetDeviceTagsRequest>,
+    ) -> Result<Response<pb::SetDeviceTagsResponse>, Status> {
+        let caller = caller(&req)?;
+        let pb::SetDeviceTagsRequest { device_id, add, remove, reason } = req.into_inner();
+        let device = self.fleet.set_tags(&caller, &device_id, &add, &remove, &reason).await?;
+        Ok(Response::new(pb::SetDeviceTagsResponse { device: Some(device) }))
+    }
+
     async fn set_maintenance_window(
         &self,
         req: Request<pb::SetMaintenanceWindowRequest>,

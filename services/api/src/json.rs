@@ -38,6 +38,7 @@ pub fn device(d: &pb::Device) -> Value {
         "enrolled_ms": d.enrolled_unix_ms,
         "certificate_not_after_ms": d.certificate_not_after_unix_ms,
         "hardware_serial": d.hardware_serial,
+        "tags": d.tags,
     })
 }
 

@@ -109,6 +109,7 @@ pub const GRPC_ACCESS: &[(&str, Access)] = &[
     ("/nanofleet.v1.FleetService/DecommissionDevice", Access::Roles(OPS_SITE_IT)),
     ("/nanofleet.v1.FleetService/ReplaceDevice", Access::Roles(OPS_SITE_IT)),
     ("/nanofleet.v1.FleetService/SetMaintenanceWindow", Access::Roles(OPS_SITE_IT)),
+    ("/nanofleet.v1.FleetService/SetDeviceTags", Access::Roles(OPS_SITE_IT)),
     ("/nanofleet.v1.TelemetryService/QueryTelemetry", Access::Roles(EVERYONE)),
     ("/nanofleet.v1.TelemetryService/QuerySeries", Access::Roles(EVERYONE)),
     ("/nanofleet.v1.TelemetryService/GetIngestStats", Access::Roles(OPS_AUDITOR)),

@@ -377,19 +377,33 @@ impl Rollouts {
     /// A device came online: it joins a running rollout it matches, and an offer that
     /// could not reach it before is sent at the next round.
     pub fn born(&self, s: &DeviceState) {
-        let d = Device {
+        if lock(&self.0.rollouts).is_empty() {
+            return;
+        }
+        let mut d = Device {
             id: s.device_id.clone(),
             site_id: s.site_id.clone(),
             model: s.model.clone(),
             firmware_version: s.firmware_version.clone(),
             tags: Vec::new(),
         };
-        for e in lock(&self.0.rollouts).values_mut() {
-            if e.rollout.join(&d) {
-                tracing::info!(rollout = %e.rollout.id, device_id = %d.id, "device online: joins the rollout or is offered again");
-                e.dirty = true;
+        let me = self.clone();
+        // Its tags are the cloud's, not in the birth.
+        tokio::spawn(async move {
+            match me.0.store.get_device(&d.id).await {
+                Ok(Some(row)) => d.tags = row.tags,
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(device_id = %d.id, error = %e, "device tags not read; matched without them")
+                }
             }
-        }
+            for e in lock(&me.0.rollouts).values_mut() {
+                if e.rollout.join(&d) {
+                    tracing::info!(rollout = %e.rollout.id, device_id = %d.id, "device online: joins the rollout or is offered again");
+                    e.dirty = true;
+                }
+            }
+        });
     }
 
     /// Waits until a rollout changed (or `timeout`).
@@ -775,7 +789,7 @@ impl Rollouts {
                 site_id: d.site_id,
                 model: d.model,
                 firmware_version: d.firmware_version,
-                tags: Vec::new(),
+                tags: d.tags,
             })
             .collect())
     }

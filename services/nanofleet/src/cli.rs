@@ -346,6 +346,25 @@ impl Client {
         Ok(())
     }
 
+    pub async fn devices_tag(&self, server: &str, req: pb::SetDeviceTagsRequest) -> anyhow::Result<()> {
+        let d = self
+            .fleet()
+            .set_device_tags(req)
+            .await
+            .map_err(|s| status_error(server, s))?
+            .into_inner()
+            .device
+            .context("server answered without the device")?;
+        self.report(
+            || json::device(&d),
+            || {
+                let tags = if d.tags.is_empty() { "no tags".to_owned() } else { d.tags.join(", ") };
+                format!("device {}: {tags}", d.id)
+            },
+        );
+        Ok(())
+    }
+
     pub async fn sites_set_window(
         &self,
         server: &str,
@@ -594,6 +613,7 @@ impl Client {
         t.add_row(["site", d.site_id.as_str()]);
         t.add_row(["model", d.model.as_str()]);
         t.add_row(["firmware", d.firmware_version.as_str()]);
+        t.add_row(["tags".to_owned(), d.tags.join(", ")]);
         t.add_row(["presence", if d.online { "online" } else { "offline" }]);
         t.add_row(["last seen".to_owned(), ago(now, d.last_seen_unix_ms)]);
         t.add_row(["connected since".to_owned(), utc(d.connected_since_unix_ms)]);

@@ -491,6 +491,10 @@ enum RolloutsCommand {
         /// Only devices running one of these versions (comma-separated).
         #[arg(long, value_delimiter = ',')]
         from_versions: Vec<String>,
+        /// Only devices carrying every one of these tags (comma-separated; nanofleet
+        /// devices tag).
+        #[arg(long, value_delimiter = ',')]
+        tags: Vec<String>,
         /// Only these devices (comma-separated).
         #[arg(long, value_delimiter = ',')]
         devices: Vec<String>,
@@ -1050,6 +1054,22 @@ enum DevicesCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Adds and removes a device's tags (ops; site IT for their site). Rollouts can
+    /// select devices by tag: nanofleet rollouts create --tags icu ...
+    Tag {
+        id: String,
+        /// Tags to add (comma-separated): lowercase letters, digits, '-', '_', '.'.
+        #[arg(long, value_delimiter = ',')]
+        add: Vec<String>,
+        /// Tags to remove (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        remove: Vec<String>,
+        /// Why (required; kept in the audit trail).
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Cuts a device off at once: its certificates are revoked, its connection is
     /// closed, renewal is refused. Its history stays.
     Decommission {
@@ -1306,6 +1326,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Devices { command: DevicesCommand::Show { id, client } } => {
             client.connect().await?.devices_show(&client.server, &id).await?;
         }
+        Command::Devices { command: DevicesCommand::Tag { id, add, remove, reason, client } } => {
+            let req = pb::SetDeviceTagsRequest { device_id: id, add, remove, reason };
+            client.connect().await?.devices_tag(&client.server, req).await?;
+        }
         Command::Devices { command: DevicesCommand::Decommission { id, reason, client } } => {
             let req = pb::DecommissionDeviceRequest { device_id: id, reason };
             client.connect().await?.devices_decommission(&client.server, req).await?;
@@ -1439,6 +1463,7 @@ async fn rollouts(command: RolloutsCommand) -> anyhow::Result<()> {
             target,
             sites,
             from_versions,
+            tags,
             devices,
             canary,
             waves,
@@ -1458,6 +1483,7 @@ async fn rollouts(command: RolloutsCommand) -> anyhow::Result<()> {
                 filter: Some(pb::RolloutFilter {
                     site_ids: sites,
                     from_versions,
+                    tags,
                     device_ids: devices,
                     ..Default::default()
                 }),

@@ -230,6 +230,28 @@ impl Store {
             .collect()
     }
 
+    /// Sets a device's tags (sorted, no duplicates), with its audit record. `false`: no
+    /// such device.
+    pub async fn set_device_tags(
+        &self,
+        device_id: &str,
+        tags: &[String],
+        audit: &AuditEntry,
+    ) -> Result<bool> {
+        let mut tx = self.begin().await?;
+        let done = sqlx::query("UPDATE devices SET tags = $2 WHERE id = $1")
+            .bind(device_id)
+            .bind(tags.join(","))
+            .execute(&mut *tx)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
+        append_audit_in(&mut tx, audit.clone()).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
     /// Sets a site's maintenance window, with its audit record. `false`: no such site.
     pub async fn set_site_window(&self, site_id: &str, window: &str, audit: &AuditEntry) -> Result<bool> {
         let mut tx = self.begin().await?;
@@ -753,7 +775,7 @@ fn chunks<T>(rows: &[T]) -> impl Iterator<Item = &[T]> {
 
 const DEVICE_COLUMNS: &str = "id, site_id, model, firmware_version, online, session_id, connected_ms, \
      last_seen_ms, telemetry_seq, last_sample_ms, last_sample, status, enrolled_ms, hardware_serial, \
-     cert_not_after_ms";
+     cert_not_after_ms, tags";
 
 #[cfg(test)]
 mod tests {

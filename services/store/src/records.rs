@@ -105,6 +105,8 @@ pub struct DeviceRecord {
     pub enrolled_ms: i64,
     pub hardware_serial: String,
     pub cert_not_after_ms: i64,
+    /// Labels given by operations, sorted.
+    pub tags: Vec<String>,
 }
 
 impl DeviceRecord {
@@ -126,6 +128,12 @@ impl DeviceRecord {
             enrolled_ms: r.try_get(12)?,
             hardware_serial: r.try_get(13)?,
             cert_not_after_ms: r.try_get(14)?,
+            tags: r
+                .try_get::<String, _>(15)?
+                .split(',')
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned)
+                .collect(),
         })
     }
 }
