@@ -467,8 +467,7 @@ pub async fn run_device<D: Device>(
                 if let Some(updates) = &opts.updates {
                     let run_active = opts.runs.as_ref().is_some_and(|d| d.lock().unwrap_or_else(|p| p.into_inner()).active_batch().is_some());
                     updates.set_busy(device.busy() || run_active);
-                    let fault = updates.running_fault();
-                    if fault != booted_fault {
+                    if let Some(fault) = updates.running_fault_unless(&booted_fault) {
                         device.firmware_booted(&fault);
                         booted_fault = fault;
                     }

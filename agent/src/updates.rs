@@ -144,9 +144,11 @@ impl UpdateDesk {
         self.running.lock().unwrap_or_else(|p| p.into_inner()).version.clone()
     }
 
-    /// The fault built into the running image (simulated images; `none` otherwise).
-    pub fn running_fault(&self) -> String {
-        self.running.lock().unwrap_or_else(|p| p.into_inner()).fault.clone()
+    /// The fault built into the running image (simulated images; `none` otherwise),
+    /// if it is not `known`: asked at every reading, so nothing is copied otherwise.
+    pub fn running_fault_unless(&self, known: &str) -> Option<String> {
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        (running.fault != known).then(|| running.fault.clone())
     }
 
     /// A run is under way (installs wait) or not.

@@ -520,3 +520,31 @@ pub async fn release_firmware(
     let mut fw = FirmwareServiceClient::with_interceptor(sb.grpc_channel().await?, bearer);
     Ok(fw.upload_firmware(futures::stream::iter(msgs)).await?.into_inner().release.unwrap_or_default().target)
 }
+
+/// The example recipe for `site` with a short procedure: 0.6 mL collected at
+/// 12 mL/min, then buffer exchanged for `exchange_s` at `exchange_ml_min`.
+pub fn quick_recipe(
+    id: &str,
+    site: &str,
+    exchange_s: u32,
+    exchange_ml_min: f64,
+) -> nanofleet_proto::device::v1::Recipe {
+    use nanofleet_proto::device::v1::{RunPhase, Targets};
+    use nanofleet_recipe::example::step;
+    let targets = Targets { site_ids: vec![site.into()], device_ids: vec![] };
+    let mut r = nanofleet_recipe::example::example(id, 0, targets, now_ms());
+    r.procedure = vec![
+        step(RunPhase::SelfTest, 1, 0.0),
+        step(RunPhase::CartridgeVerify, 1, 0.0),
+        step(RunPhase::Prime, 1, 2.0),
+        step(RunPhase::StartWaste, 1, 12.0),
+        step(RunPhase::Collect, 3, 12.0),
+        step(RunPhase::EndWaste, 1, 12.0),
+        step(RunPhase::BufferExchange, exchange_s, exchange_ml_min),
+        step(RunPhase::QcSample, 1, 0.0),
+    ];
+    if let Some(f) = r.formula.as_mut() {
+        f.batch_volume_ml = 0.6;
+    }
+    r
+}

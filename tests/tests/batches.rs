@@ -9,7 +9,7 @@ use std::time::Duration;
 use nanofleet_proto::Message as _;
 use nanofleet_proto::device::v1::{
     BatchRecord, Cartridge, Envelope, EnvelopeSignature, Recipe, RunPhase, SignatureMeaning,
-    SignedBatchRecord, Targets,
+    SignedBatchRecord,
 };
 use nanofleet_proto::v1 as pb;
 use nanofleet_proto::v1::batch_service_client::BatchServiceClient;
@@ -72,23 +72,7 @@ impl Person {
 /// The example recipe with a procedure of about twenty seconds: 0.6 mL collected at
 /// 12 mL/min, three volumes of buffer exchanged.
 fn quick_recipe(id: &str, site: &str) -> Recipe {
-    let targets = Targets { site_ids: vec![site.into()], device_ids: vec![] };
-    let mut r = nanofleet_recipe::example::example(id, 0, targets, now_ms());
-    use nanofleet_recipe::example::step;
-    r.procedure = vec![
-        step(RunPhase::SelfTest, 1, 0.0),
-        step(RunPhase::CartridgeVerify, 1, 0.0),
-        step(RunPhase::Prime, 1, 2.0),
-        step(RunPhase::StartWaste, 1, 12.0),
-        step(RunPhase::Collect, 3, 12.0),
-        step(RunPhase::EndWaste, 1, 12.0),
-        step(RunPhase::BufferExchange, 12, 9.0),
-        step(RunPhase::QcSample, 1, 0.0),
-    ];
-    if let Some(f) = r.formula.as_mut() {
-        f.batch_volume_ml = 0.6;
-    }
-    r
+    nanofleet_tests::quick_recipe(id, site, 12, 9.0)
 }
 
 /// A simulated NF-200 with a recipe book and a run desk kept in `state_dir`.

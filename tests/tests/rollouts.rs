@@ -240,32 +240,13 @@ async fn release_quick_recipe(
     sb: &Sandbox,
     site: &str,
 ) -> anyhow::Result<nanofleet_proto::device::v1::Person> {
-    use nanofleet_proto::device::v1::{RunPhase, SignatureMeaning, Targets};
+    use nanofleet_proto::device::v1::SignatureMeaning;
     use nanofleet_proto::v1::recipe_service_client::RecipeServiceClient;
-    use nanofleet_recipe::example::step;
     let (pharm, pharm_pw) =
         sb.person_named("phil", "Phil Apotheker, PharmD", pb::Role::Pharmacist, site).await?;
     let (qa, qa_pw) = sb.person_named("quinn", "Quinn Okafor", pb::Role::Qa, "").await?;
-    let mut recipe = nanofleet_recipe::example::example(
-        "quick",
-        0,
-        Targets { site_ids: vec![site.into()], device_ids: vec![] },
-        nanofleet_tests::now_ms(),
-    );
-    // About ten seconds a run: 0.6 mL collected at 12 mL/min.
-    recipe.procedure = vec![
-        step(RunPhase::SelfTest, 1, 0.0),
-        step(RunPhase::CartridgeVerify, 1, 0.0),
-        step(RunPhase::Prime, 1, 2.0),
-        step(RunPhase::StartWaste, 1, 12.0),
-        step(RunPhase::Collect, 3, 12.0),
-        step(RunPhase::EndWaste, 1, 12.0),
-        step(RunPhase::BufferExchange, 2, 18.0),
-        step(RunPhase::QcSample, 1, 0.0),
-    ];
-    if let Some(f) = recipe.formula.as_mut() {
-        f.batch_volume_ml = 0.6;
-    }
+    // About ten seconds a run: 0.6 mL collected at 12 mL/min, one volume exchanged.
+    let recipe = nanofleet_tests::quick_recipe("quick", site, 2, 18.0);
     let channel = sb.grpc_channel().await?;
     let mut author = RecipeServiceClient::with_interceptor(channel.clone(), pharm);
     author.save_draft(pb::SaveDraftRequest { recipe: Some(recipe) }).await?;

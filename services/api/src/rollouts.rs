@@ -377,9 +377,13 @@ impl Rollouts {
     /// A device came online: it joins a running rollout it matches, and an offer that
     /// could not reach it before is sent at the next round.
     pub fn born(&self, s: &DeviceState) {
-        if lock(&self.0.rollouts).is_empty() {
-            return;
-        }
+        let by_tag = {
+            let map = lock(&self.0.rollouts);
+            if map.is_empty() {
+                return;
+            }
+            map.values().any(|e| !e.rollout.spec.filter.tags.is_empty())
+        };
         let mut d = Device {
             id: s.device_id.clone(),
             site_id: s.site_id.clone(),
@@ -387,8 +391,12 @@ impl Rollouts {
             firmware_version: s.firmware_version.clone(),
             tags: Vec::new(),
         };
+        if !by_tag {
+            self.join(&d);
+            return;
+        }
+        // Its tags are the cloud's, not in the birth: read only when a rollout asks.
         let me = self.clone();
-        // Its tags are the cloud's, not in the birth.
         tokio::spawn(async move {
             match me.0.store.get_device(&d.id).await {
                 Ok(Some(row)) => d.tags = row.tags,
@@ -397,13 +405,17 @@ impl Rollouts {
                     tracing::warn!(device_id = %d.id, error = %e, "device tags not read; matched without them")
                 }
             }
-            for e in lock(&me.0.rollouts).values_mut() {
-                if e.rollout.join(&d) {
-                    tracing::info!(rollout = %e.rollout.id, device_id = %d.id, "device online: joins the rollout or is offered again");
-                    e.dirty = true;
-                }
-            }
+            me.join(&d);
         });
+    }
+
+    fn join(&self, d: &Device) {
+        for e in lock(&self.0.rollouts).values_mut() {
+            if e.rollout.join(d) {
+                tracing::info!(rollout = %e.rollout.id, device_id = %d.id, "device online: joins the rollout or is offered again");
+                e.dirty = true;
+            }
+        }
     }
 
     /// Waits until a rollout changed (or `timeout`).

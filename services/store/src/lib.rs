@@ -238,28 +238,21 @@ impl Store {
         tags: &[String],
         audit: &AuditEntry,
     ) -> Result<bool> {
-        let mut tx = self.begin().await?;
-        let done = sqlx::query("UPDATE devices SET tags = $2 WHERE id = $1")
-            .bind(device_id)
-            .bind(tags.join(","))
-            .execute(&mut *tx)
-            .await?;
-        if done.rows_affected() == 0 {
-            return Ok(false);
-        }
-        append_audit_in(&mut tx, audit.clone()).await?;
-        tx.commit().await?;
-        Ok(true)
+        self.set_audited("UPDATE devices SET tags = $2 WHERE id = $1", device_id, &tags.join(","), audit)
+            .await
     }
 
     /// Sets a site's maintenance window, with its audit record. `false`: no such site.
     pub async fn set_site_window(&self, site_id: &str, window: &str, audit: &AuditEntry) -> Result<bool> {
+        self.set_audited("UPDATE sites SET maintenance_window = $2 WHERE id = $1", site_id, window, audit)
+            .await
+    }
+
+    /// Runs `update` (`$1` the row's id, `$2` the value) with `audit` in one
+    /// transaction; `false` (nothing written) when no row has that id.
+    async fn set_audited(&self, update: &str, id: &str, value: &str, audit: &AuditEntry) -> Result<bool> {
         let mut tx = self.begin().await?;
-        let done = sqlx::query("UPDATE sites SET maintenance_window = $2 WHERE id = $1")
-            .bind(site_id)
-            .bind(window)
-            .execute(&mut *tx)
-            .await?;
+        let done = sqlx::query(update).bind(id).bind(value).execute(&mut *tx).await?;
         if done.rows_affected() == 0 {
             return Ok(false);
         }
