@@ -51,6 +51,8 @@ enum Command {
     /// of rollouts), with an optional fault built in.
     ///
     /// Example: nanofleet-agent sim-image --version 2.4.0 --out nf200-2.4.0.img
+    // Its --version is the image's; the agent's own is `nanofleet-agent --version`.
+    #[command(disable_version_flag = true)]
     SimImage(SimImageArgs),
 }
 
@@ -588,5 +590,15 @@ impl Report {
                 self.rss_bytes_per_device as f64 / 1024.0,
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        super::Cli::command().debug_assert();
     }
 }
