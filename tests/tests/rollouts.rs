@@ -321,8 +321,17 @@ async fn a_canary_whose_batches_regress_is_stopped_by_the_health_gate_and_rolled
     assert!(paused.devices.iter().all(|d| d.from_version == "2.3.1"));
 
     // Rolled back: a forced rollout of what they ran before, to the canaries only.
-    let list = api.list_rollouts(pb::ListRolloutsRequest::default()).await?.into_inner().rollouts;
-    let back = list.iter().find(|r| r.rollout_id != created.rollout_id).expect("the rollback rollout");
+    // It is created just after the pause is recorded.
+    let back = eventually("the rollback rollout", Duration::from_secs(10), || {
+        let mut api = api.clone();
+        let original = created.rollout_id.clone();
+        async move {
+            let list =
+                api.list_rollouts(pb::ListRolloutsRequest::default()).await.ok()?.into_inner().rollouts;
+            list.into_iter().find(|r| r.rollout_id != original)
+        }
+    })
+    .await?;
     assert_eq!((back.version.as_str(), back.action.as_str()), ("2.3.1", "forced"));
     let back = wait_for(&api, &back.rollout_id, "the rollback completed", |r| r.state == "completed").await?;
     let mut rolled: Vec<String> = back.devices.iter().map(|d| d.device_id.clone()).collect();
