@@ -10,6 +10,7 @@ const PROTOS: &[&str] = &[
     "nanofleet/device/v1/recipe.proto",
     "nanofleet/device/v1/run.proto",
     "nanofleet/device/v1/update.proto",
+    "nanofleet/device/v1/inventory.proto",
     "nanofleet/v1/batches.proto",
     "nanofleet/v1/fleet.proto",
     "nanofleet/v1/telemetry.proto",

@@ -416,6 +416,7 @@ async fn exercise_batches(url: &str) -> anyhow::Result<()> {
         store
             .insert_batch(
                 &row("B-1", "NF-1", "site-a", 10, "d1"),
+                None,
                 &metrics("B-1", 81.5),
                 &limits,
                 &audit("batch.record")
@@ -426,6 +427,7 @@ async fn exercise_batches(url: &str) -> anyhow::Result<()> {
         !store
             .insert_batch(
                 &row("B-1", "NF-1", "site-a", 10, "d1"),
+                None,
                 &metrics("B-1", 99.0),
                 &limits,
                 &audit("batch.record")
@@ -436,6 +438,7 @@ async fn exercise_batches(url: &str) -> anyhow::Result<()> {
         store
             .insert_batch(
                 &row("B-1", "NF-1", "site-a", 10, "d2"),
+                None,
                 &metrics("B-1", 99.0),
                 &limits,
                 &audit("batch.record")
@@ -446,6 +449,7 @@ async fn exercise_batches(url: &str) -> anyhow::Result<()> {
     store
         .insert_batch(
             &row("B-2", "NF-2", "site-b", 20, "d3"),
+            None,
             &metrics("B-2", 83.0),
             &limits,
             &audit("batch.record"),
@@ -737,5 +741,191 @@ async fn the_sqlite_log_stays_bounded_under_steady_writes() -> anyhow::Result<()
     eprintln!("largest log: {} MiB", largest / (1024 * 1024));
     assert!(largest < 512 * 1024 * 1024, "the log grew to {} MiB", largest / (1024 * 1024));
     store.close().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn inventory_works_on_sqlite() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    exercise_inventory(&format!("sqlite://{}?mode=rwc", dir.path().join("s.db").display())).await
+}
+
+#[tokio::test]
+async fn inventory_works_on_postgresql_as_on_sqlite() -> anyhow::Result<()> {
+    let Some((name, url)) = fresh_database().await else { return Ok(()) };
+    let result = exercise_inventory(&url).await;
+    drop_database(&name).await;
+    result
+}
+
+/// The catalogue, cartridges moved by versioned events, the database refusing to edit
+/// an event, stock and consumption, a recall with its deny list, and device answers.
+async fn exercise_inventory(url: &str) -> anyhow::Result<()> {
+    use nanofleet_store::{
+        CartridgeEvent, CartridgeMove, CartridgeRow, CartridgeTypeRow, DenyAckRow, DenyListRow, Error,
+        LotRow, RecallRow, ShipmentRow,
+    };
+    let store =
+        Store::open(&Options { url: url.into(), max_connections: 4, sqlite_sync_full: false }).await?;
+    const GTIN: &str = "09506000134352";
+    let kind = CartridgeTypeRow {
+        gtin: GTIN.into(),
+        name: "FIX-LNP 2 mL".into(),
+        payload: "factor IX mRNA".into(),
+        volume_ml: 2.0,
+        storage_class: "ultra-cold".into(),
+        excursion_limit_min: 30,
+        device_models: "NF-200".into(),
+        lead_time_days: 5,
+        created_by: "ops".into(),
+        created_ms: 1,
+    };
+    store.insert_cartridge_type(&kind, &audit("cartridge-type.create")).await?;
+    assert!(matches!(
+        store.insert_cartridge_type(&kind, &audit("cartridge-type.create")).await,
+        Err(Error::Conflict(_))
+    ));
+    assert_eq!(store.cartridge_type(GTIN).await?, Some(kind));
+    let mut lot = LotRow {
+        gtin: GTIN.into(),
+        lot: "L1".into(),
+        produced: "2026-11-01".into(),
+        expires: "2027-05-31".into(),
+        expires_ms: 1_811_807_999_999,
+        quantity: 3,
+        status: "released".into(),
+        status_reason: String::new(),
+        status_by: "qa".into(),
+        status_ms: 1,
+        created_ms: 1,
+    };
+    let row = |serial: &str, status: &str, site: &str, version: i64| CartridgeRow {
+        gtin: GTIN.into(),
+        serial: serial.into(),
+        lot: "L1".into(),
+        status: status.into(),
+        site_id: site.into(),
+        device_id: String::new(),
+        shipment_id: if site.is_empty() { String::new() } else { "SH-1".into() },
+        location: String::new(),
+        batch_id: String::new(),
+        expires_ms: 1_811_807_999_999,
+        version,
+        updated_ms: version,
+    };
+    let mv = |r: CartridgeRow, kind: &str| CartridgeMove {
+        event: CartridgeEvent {
+            id: 0,
+            gtin: r.gtin.clone(),
+            serial: r.serial.clone(),
+            lot: r.lot.clone(),
+            kind: kind.into(),
+            site_id: r.site_id.clone(),
+            device_id: String::new(),
+            at_ms: r.updated_ms,
+            actor: "ops".into(),
+            detail: "{}".into(),
+        },
+        row: r,
+    };
+    let made: Vec<_> = ["S1", "S2", "S3"].iter().map(|s| mv(row(s, "made", "", 1), "made")).collect();
+    store.insert_lot(&lot, &made, &audit("lot.create")).await?;
+    assert!(matches!(store.insert_lot(&lot, &[], &audit("lot.create")).await, Err(Error::Conflict(_))));
+    let shipment = ShipmentRow {
+        shipment_id: "SH-1".into(),
+        site_id: "site-a".into(),
+        gtin: GTIN.into(),
+        lot: "L1".into(),
+        count: 2,
+        sent_by: "ops".into(),
+        sent_ms: 2,
+        received_count: 0,
+        received_ms: 0,
+        readings: String::new(),
+        excursion_minutes: 0.0,
+        blocked: false,
+    };
+    let shipped: Vec<_> =
+        ["S1", "S2"].iter().map(|s| mv(row(s, "in-transit", "site-a", 2), "shipped")).collect();
+    store.insert_shipment(&shipment, &shipped, &audit("shipment.send")).await?;
+    // A change from a stale read is refused, and nothing of it is applied.
+    let stale = vec![
+        mv(row("S1", "in-stock", "site-a", 3), "received"),
+        mv(row("S3", "in-stock", "site-a", 3), "received"),
+    ];
+    assert!(matches!(store.apply_moves(&stale, None).await, Err(Error::Conflict(_))));
+    assert_eq!(store.cartridge(GTIN, "S1").await?.unwrap().status, "in-transit");
+    let mut received = shipment.clone();
+    received.received_count = 2;
+    received.received_ms = 3;
+    received.excursion_minutes = 4.5;
+    let moves: Vec<_> =
+        ["S1", "S2"].iter().map(|s| mv(row(s, "in-stock", "site-a", 3), "received")).collect();
+    store.receive_shipment(&received, &moves, &audit("shipment.receive")).await?;
+    assert_eq!(store.shipment("SH-1").await?, Some(received));
+    assert_eq!(store.shipment_cartridges("SH-1").await?.len(), 2);
+    let mut used = row("S1", "consumed", "site-a", 4);
+    used.batch_id = "B-1".into();
+    store.apply_moves(&[mv(used, "consumed")], Some(&audit("cartridge.consume"))).await?;
+    let events = store.cartridge_events(GTIN, "S1").await?;
+    assert_eq!(
+        events.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(),
+        ["made", "shipped", "received", "consumed"]
+    );
+    let raw = sqlx::AnyPool::connect(url).await?;
+    assert!(sqlx::query("UPDATE cartridge_events SET kind = 'x'").execute(&raw).await.is_err());
+    assert!(sqlx::query("DELETE FROM cartridge_events").execute(&raw).await.is_err());
+    raw.close().await;
+    let held = store.held_cartridges(Some("site-a")).await?;
+    assert_eq!(held.iter().map(|h| h.gtin.as_str()).collect::<Vec<_>>(), [GTIN]);
+    assert_eq!(store.consumed_since(None, 0).await?, vec![("site-a".to_owned(), GTIN.to_owned(), 1)]);
+    assert_eq!(
+        store.lot_whereabouts(GTIN, "L1").await?,
+        vec![
+            (String::new(), "made".to_owned(), 1),
+            ("site-a".to_owned(), "consumed".to_owned(), 1),
+            ("site-a".to_owned(), "in-stock".to_owned(), 1)
+        ]
+    );
+
+    lot.status = "recalled".into();
+    lot.status_reason = "endotoxin".into();
+    let deny = DenyListRow {
+        version: 1,
+        issued_ms: 5,
+        signer_id: "qa".into(),
+        lots: 1,
+        cartridges: 0,
+        envelope: vec![9],
+    };
+    let recall = RecallRow {
+        recall_id: "R-1".into(),
+        gtin: GTIN.into(),
+        lot: "L1".into(),
+        reason: "endotoxin".into(),
+        signer_id: "qa".into(),
+        printed_name: "Q A".into(),
+        signed_ms: 5,
+        deny_version: 1,
+    };
+    store.recall_lot(&lot, "released", &recall, &deny, &audit("lot.recall")).await?;
+    assert!(matches!(
+        store.recall_lot(&lot, "released", &recall, &deny, &audit("lot.recall")).await,
+        Err(Error::Conflict(_))
+    ));
+    assert_eq!(store.lot(GTIN, "L1").await?.unwrap().status, "recalled");
+    assert!(store.held_cartridges(Some("site-a")).await?.is_empty(), "a recalled lot is not stock");
+    assert_eq!(store.latest_deny_list().await?, Some(deny));
+    assert_eq!(store.recalls(None, Some("L1")).await?, vec![recall]);
+    let ack = |version: i64, result: &str| DenyAckRow {
+        device_id: "NF-1".into(),
+        version,
+        result: result.into(),
+        code: String::new(),
+        reason: String::new(),
+        acked_ms: version,
+    };
+    store.record_deny_acks(&[ack(2, "accepted"), ack(1, "refused")]).await?;
+    assert_eq!(store.deny_acks().await?, vec![ack(2, "accepted")], "an older answer changes nothing");
     Ok(())
 }

@@ -22,7 +22,9 @@ use nanofleet_proto::device::v1::{
 };
 use nanofleet_proto::topics::Command;
 use nanofleet_proto::v1 as pb;
-use nanofleet_store::{AuditEntry, BatchDecision, BatchFilter, BatchRow, RunAnswer, RunRequestRecord, Store};
+use nanofleet_store::{
+    AuditEntry, BatchDecision, BatchFilter, BatchRow, CartridgeUse, RunAnswer, RunRequestRecord, Store,
+};
 use tokio::sync::oneshot;
 
 use crate::{Actor, Caller, CommandSink, Error, Fleet, People, Role, now_ms};
@@ -368,7 +370,18 @@ impl Batches {
             ),
         };
         let (metrics, limits) = crate::monitoring::batch_metrics(r);
-        match self.store.insert_batch(&row, &metrics, &limits, &audit).await {
+        let used = r.cartridge.as_ref().map(|c| CartridgeUse {
+            batch_id: r.batch_id.clone(),
+            gtin: c.gtin.clone(),
+            lot: c.lot.clone(),
+            serial: c.serial.clone(),
+            device_id: device_id.to_owned(),
+            site_id: r.site_id.clone(),
+            prescription_id: r.prescription_id.clone(),
+            patient_pseudonym: r.patient_pseudonym.clone(),
+            started_ms: r.started_unix_ms,
+        });
+        match self.store.insert_batch(&row, used.as_ref(), &metrics, &limits, &audit).await {
             Ok(_) => Ok(()),
             Err(nanofleet_store::Error::Conflict(e)) => Err(refuse(e)),
             Err(e) => Err(RecordError::Storage(e.to_string())),

@@ -211,7 +211,7 @@ impl Deliveries {
                 self.answers.send((record, audit, done)).await.map_err(|_| "shutting down".to_owned())?;
                 stored.await.map_err(|_| "shutting down".to_owned())?
             }
-            AckSubject::Unspecified | AckSubject::Run => {
+            AckSubject::Unspecified | AckSubject::Run | AckSubject::DenyList => {
                 Err(format!("ack subject {} is not a recipe or a trust root", ack.subject))
             }
         }

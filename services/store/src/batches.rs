@@ -5,7 +5,7 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use crate::metrics::insert_metrics_in;
-use crate::{AuditEntry, BatchMetrics, Error, QualityLimit, Result, Store, append_audit_in};
+use crate::{AuditEntry, BatchMetrics, CartridgeUse, Error, QualityLimit, Result, Store, append_audit_in};
 
 /// A run a person asked a device for, and the device's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -207,6 +207,7 @@ impl Store {
     pub async fn insert_batch(
         &self,
         b: &BatchRow,
+        cartridge: Option<&CartridgeUse>,
         metrics: &BatchMetrics,
         limits: &[QualityLimit],
         audit: &AuditEntry,
@@ -255,6 +256,9 @@ impl Store {
             };
         }
         insert_metrics_in(&mut tx, metrics, limits).await?;
+        if let Some(u) = cartridge {
+            crate::inventory::insert_use_in(&mut tx, u).await?;
+        }
         append_audit_in(&mut tx, audit.clone()).await?;
         tx.commit().await?;
         Ok(true)

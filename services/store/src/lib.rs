@@ -16,6 +16,7 @@
 mod alerts;
 mod audit;
 mod batches;
+mod inventory;
 mod metrics;
 mod people;
 mod recipes;
@@ -34,6 +35,7 @@ use sqlx::{AnyPool, Executor, Row};
 pub use alerts::*;
 pub use audit::*;
 pub use batches::*;
+pub use inventory::*;
 pub use metrics::*;
 pub use people::*;
 pub use recipes::*;
