@@ -21,6 +21,7 @@ const PROTOS: &[&str] = &[
     "nanofleet/v1/monitoring.proto",
     "nanofleet/v1/firmware.proto",
     "nanofleet/v1/rollouts.proto",
+    "nanofleet/v1/inventory.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -189,7 +189,7 @@ fn state_message(
     presence: Presence,
     session_id: &str,
     boot_id: &str,
-    trust_root_version: u64,
+    (trust_root_version, deny_list_version): (u64, u64),
 ) -> Vec<u8> {
     let online = presence == Presence::Online;
     DeviceState {
@@ -202,6 +202,7 @@ fn state_message(
         site_id: if online { info.site_id.clone() } else { String::new() },
         boot_id: boot_id.to_owned(),
         trust_root_version: if online { trust_root_version } else { 0 },
+        deny_list_version: if online { deny_list_version } else { 0 },
     }
     .encode_to_vec()
 }
@@ -245,7 +246,7 @@ fn is_refusal(e: &ConnectionError) -> bool {
 fn last_will(info: &DeviceInfo, session_id: &str, boot_id: &str) -> LastWill {
     LastWill::new(
         topics::device_topic(&info.device_id, Channel::State),
-        state_message(info, Presence::Offline, session_id, boot_id, 0),
+        state_message(info, Presence::Offline, session_id, boot_id, (0, 0)),
         QoS::AtLeastOnce,
         false,
         None,
@@ -525,7 +526,7 @@ pub async fn run_device<D: Device>(
                     if let Some(session_id) = &session
                         && connected
                     {
-                        let root_version = opts.recipes.as_ref().map_or(0, |b| b.lock().unwrap_or_else(|p| p.into_inner()).trust_root().signed.version);
+                        let root_version = opts.recipes.as_ref().map_or((0, 0), |b| b.lock().unwrap_or_else(|p| p.into_inner()).held_versions());
                         let birth = state_message(&info, Presence::Online, session_id, &boot_id, root_version);
                         client.publish(state_topic.clone(), QoS::AtLeastOnce, true, birth).await?;
                         outbox.handed_untracked(generation.load(Ordering::SeqCst));
@@ -548,9 +549,9 @@ pub async fn run_device<D: Device>(
                             // Subscribed before the birth: the cloud answers a birth with
                             // what the device lacks, and it must not arrive unheard.
                             client.subscribe(topics::command_filter(&info.device_id), QoS::AtLeastOnce).await?;
-                            book.lock().unwrap_or_else(|p| p.into_inner()).trust_root().signed.version
+                            book.lock().unwrap_or_else(|p| p.into_inner()).held_versions()
                         }
-                        None => 0,
+                        None => (0, 0),
                     };
                     let birth = state_message(&info, Presence::Online, &session_id, &boot_id, root_version);
                     session = Some(session_id.clone());
@@ -662,7 +663,7 @@ pub async fn run_device<D: Device>(
                 client.publish(send.topic, QoS::AtLeastOnce, false, send.payload).await?;
             }
             if outbox.is_empty() && !death_sent {
-                let death = state_message(&info, Presence::Offline, session_id, &boot_id, 0);
+                let death = state_message(&info, Presence::Offline, session_id, &boot_id, (0, 0));
                 client.publish(state_topic.clone(), QoS::AtLeastOnce, false, death).await?;
                 outbox.handed_untracked(g);
                 death_sent = true;

@@ -8,6 +8,10 @@
 //!   version held (no rollback), its targets, this model's hardware envelope and
 //!   firmware (see `nanofleet_recipe::verify`).
 //!
+//! - `deny-list`: the lots and cartridges to refuse, signed by a key of the root's
+//!   `deny-list` role; a list older than the one held is refused, and the newest is
+//!   kept, so the device refuses a recalled lot offline too.
+//!
 //! Every command is answered with an [`Ack`]: accepted, or refused with a code and a
 //! reason. A refusal never touches what the device already holds. With a state
 //! directory, accepted roots and recipes survive a restart.
@@ -15,6 +19,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use nanofleet_inventory::denylist::{self, DenyIndex};
 use nanofleet_pki::trust_root::TrustRoot;
 use nanofleet_proto::Message as _;
 use nanofleet_proto::device::v1::{
@@ -38,6 +43,8 @@ pub struct HeldRecipe {
 pub struct RecipeBook {
     root: TrustRoot,
     recipes: HashMap<String, HeldRecipe>,
+    /// The newest deny list accepted.
+    deny: DenyIndex,
     /// Where accepted roots and recipes are kept; `None` keeps them in memory.
     dir: Option<PathBuf>,
 }
@@ -91,7 +98,7 @@ impl RecipeBook {
 
     /// A book over the root pinned at enrollment, in memory only.
     pub fn new(root: TrustRoot) -> RecipeBook {
-        RecipeBook { root, recipes: HashMap::new(), dir: None }
+        RecipeBook { root, recipes: HashMap::new(), deny: DenyIndex::default(), dir: None }
     }
 
     /// Opens the book kept in `dir` (created if missing): the newest root accepted
@@ -121,11 +128,31 @@ impl RecipeBook {
             };
             recipes.insert(recipe.recipe_id.clone(), HeldRecipe { recipe, digest, delivery });
         }
-        Ok(RecipeBook { root, recipes, dir: Some(dir.to_owned()) })
+        let deny_path = dir.join(DENY_LIST_FILE);
+        let deny = match std::fs::read(&deny_path) {
+            // Checked again: a list edited on disk is not believed, and the device does
+            // not start rather than run without it.
+            Ok(bytes) => denylist::verify(&bytes, &root, 0)
+                .map(|l| DenyIndex::new(&l))
+                .map_err(|e| Error::Bad { path: deny_path.clone(), reason: e.reason })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => DenyIndex::default(),
+            Err(e) => return Err(io(&deny_path)(e)),
+        };
+        Ok(RecipeBook { root, recipes, deny, dir: Some(dir.to_owned()) })
     }
 
     pub fn trust_root(&self) -> &TrustRoot {
         &self.root
+    }
+
+    /// The deny list held (empty before the first).
+    pub fn deny_list(&self) -> &DenyIndex {
+        &self.deny
+    }
+
+    /// The trust root and deny list versions held, as the birth reports them.
+    pub fn held_versions(&self) -> (u64, u64) {
+        (self.root.signed.version, self.deny.version)
     }
 
     pub fn recipe(&self, recipe_id: &str) -> Option<&HeldRecipe> {
@@ -173,6 +200,28 @@ impl RecipeBook {
                 refuse(ack, "unsupported", "this device has no run desk and takes no run requests")
             }
             Command::Update => refuse(ack, "unsupported", "this device takes no firmware updates"),
+            Command::DenyList => {
+                ack.subject = AckSubject::DenyList as i32;
+                match denylist::verify(payload, &self.root, self.deny.version) {
+                    Ok(list) => {
+                        ack.version = list.version;
+                        if list.version > self.deny.version || self.deny.version == 0 {
+                            if let Some(dir) = &self.dir
+                                && let Err(e) = write_atomic(&dir.join(DENY_LIST_FILE), payload)
+                            {
+                                return refuse(ack, "storage", &e.to_string());
+                            }
+                            self.deny = DenyIndex::new(&list);
+                        }
+                        ack.result = AckResult::Accepted as i32;
+                        ack
+                    }
+                    Err(r) => {
+                        ack.version = self.deny.version;
+                        refuse(ack, r.code, &r.reason)
+                    }
+                }
+            }
             Command::Recipe => {
                 ack.subject = AckSubject::Recipe as i32;
                 let ctx = DeviceContext {
@@ -217,6 +266,9 @@ impl RecipeBook {
         }
     }
 }
+
+/// The deny list held, as received (its signature is checked again at start).
+const DENY_LIST_FILE: &str = "deny-list.dsse";
 
 fn refuse(mut ack: Ack, code: &str, reason: &str) -> Ack {
     ack.result = AckResult::Refused as i32;

@@ -7,7 +7,8 @@
 //! answer); no run is under way; the dispensing site is this device's site; the
 //! recipe is held, in the version asked for, and its delivery still verifies against
 //! the pinned trust root now (signatures, roles, validity window, model, firmware,
-//! hardware envelope); the cartridge is of the recipe's type, not expired and not
+//! hardware envelope); the cartridge is of the recipe's type, not expired, not on
+//! the last deny list received (a recalled lot, a blocked cartridge) and not
 //! used before on this device; the prescription is dated before the run. Each
 //! refusal answers with a stable code and a reason naming the value and what was
 //! allowed.
@@ -24,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use nanofleet_inventory::denylist::Denied;
 use nanofleet_proto::Message as _;
 use nanofleet_proto::device::v1::{
     Ack, AckResult, AckSubject, AlarmPriority, AlarmRecord, BatchRecord, Cartridge, Person, PhaseChange,
@@ -49,6 +51,8 @@ pub mod code {
     pub const CARTRIDGE_WRONG_TYPE: &str = "cartridge_wrong_type";
     pub const CARTRIDGE_EXPIRED: &str = "cartridge_expired";
     pub const CARTRIDGE_USED: &str = "cartridge_used";
+    pub const CARTRIDGE_RECALLED: &str = "cartridge_recalled";
+    pub const CARTRIDGE_BLOCKED: &str = "cartridge_blocked";
     pub const PRESCRIPTION_NOT_BEFORE_RUN: &str = "prescription_not_before_run";
     pub const DEVICE_REFUSED: &str = "device_refused";
     pub const STORAGE: &str = "storage";
@@ -506,6 +510,30 @@ impl RunDesk {
                     utc(now_ms)
                 ),
             ));
+        }
+        // From the last deny list received: offline too.
+        match book.deny_list().check(&cartridge.gtin, &cartridge.lot, &cartridge.serial) {
+            Some(Denied::Lot(why)) => {
+                return Err((
+                    code::CARTRIDGE_RECALLED,
+                    format!(
+                        "cartridge lot {} is on deny list v{}: {why}",
+                        cartridge.lot,
+                        book.deny_list().version
+                    ),
+                ));
+            }
+            Some(Denied::Cartridge(why)) => {
+                return Err((
+                    code::CARTRIDGE_BLOCKED,
+                    format!(
+                        "cartridge serial {} is on deny list v{}: {why}",
+                        cartridge.serial,
+                        book.deny_list().version
+                    ),
+                ));
+            }
+            None => {}
         }
         let used_key = format!("{}/{}", cartridge.gtin, cartridge.serial);
         if self.state.used_cartridges.contains(&used_key) {

@@ -69,10 +69,13 @@ pub enum Command {
     Run,
     /// `UpdateCommand`: a signed firmware offer, or a withdrawal, QoS 1.
     Update,
+    /// `Envelope` holding a `DenyList`: the lots and cartridges to refuse, QoS 1.
+    DenyList,
 }
 
 impl Command {
-    pub const ALL: [Command; 4] = [Command::Recipe, Command::TrustRoot, Command::Run, Command::Update];
+    pub const ALL: [Command; 5] =
+        [Command::Recipe, Command::TrustRoot, Command::Run, Command::Update, Command::DenyList];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -80,6 +83,7 @@ impl Command {
             Command::TrustRoot => "trust-root",
             Command::Run => "run",
             Command::Update => "update",
+            Command::DenyList => "deny-list",
         }
     }
 }

@@ -259,6 +259,7 @@ pub fn birth(device_id: &str, site_id: &str, session_id: &str) -> Vec<u8> {
         site_id: site_id.into(),
         boot_id: "boot".into(),
         trust_root_version: 0,
+        deny_list_version: 0,
     }
     .encode_to_vec()
 }

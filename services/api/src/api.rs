@@ -22,6 +22,7 @@ pub struct Api {
     pub monitoring: Monitoring,
     pub firmware: Firmware,
     pub rollouts: Rollouts,
+    pub inventory: crate::Inventory,
     /// Closes a device's broker connection (the embedded broker; none with an external one).
     pub disconnect: Option<Arc<dyn Disconnect>>,
 }

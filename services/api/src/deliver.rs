@@ -30,7 +30,18 @@ pub trait CommandSink: Send + Sync + 'static {
 }
 
 enum Job {
-    Birth { device_id: String, root_version: u64 },
+    Birth {
+        device_id: String,
+        root_version: u64,
+    },
+    /// Sends a command to each device (after the trust root versions it lacks);
+    /// answers how many were reached.
+    Send {
+        devices: Arc<Vec<String>>,
+        command: Command,
+        payload: Arc<Vec<u8>>,
+        done: Option<oneshot::Sender<usize>>,
+    },
 }
 
 /// The delivery service; cheap to clone. Hand it to ingest as its
@@ -67,6 +78,27 @@ impl Deliveries {
         let (answers, answers_rx) = mpsc::channel(ANSWER_QUEUE);
         tokio::spawn(record_answers(store.clone(), answers_rx));
         Deliveries { store, jobs, answers, roots }
+    }
+
+    /// Sends `payload` to every device in `devices` that is connected, each after the
+    /// trust root versions it lacks, in order with what the worker sends at births.
+    /// Returns how many devices it reached.
+    pub async fn fan_out(&self, devices: Arc<Vec<String>>, command: Command, payload: Arc<Vec<u8>>) -> usize {
+        let (done, reached) = oneshot::channel();
+        if self.jobs.send(Job::Send { devices, command, payload, done: Some(done) }).is_err() {
+            return 0;
+        }
+        reached.await.unwrap_or(0)
+    }
+
+    /// Queues `payload` for one device, behind its birth's trust root versions.
+    pub fn send_later(&self, device_id: &str, command: Command, payload: Arc<Vec<u8>>) {
+        let _ = self.jobs.send(Job::Send {
+            devices: Arc::new(vec![device_id.to_owned()]),
+            command,
+            payload,
+            done: None,
+        });
     }
 
     /// The trust root version `device_id` said it holds (at its birth or in an
@@ -124,6 +156,7 @@ pub struct DeviceCommands {
     pub deliveries: Deliveries,
     pub batches: Batches,
     pub rollouts: crate::Rollouts,
+    pub inventory: crate::Inventory,
 }
 
 #[tonic::async_trait]
@@ -131,6 +164,8 @@ impl nanofleet_ingest::Commands for DeviceCommands {
     async fn answered(&self, device_id: &str, ack: Ack) -> Result<(), String> {
         if ack.subject == AckSubject::Run as i32 {
             self.batches.run_answered(device_id, ack).await
+        } else if ack.subject == AckSubject::DenyList as i32 {
+            self.inventory.answered(device_id, ack).await
         } else {
             self.deliveries.answered(device_id, ack).await
         }
@@ -138,6 +173,7 @@ impl nanofleet_ingest::Commands for DeviceCommands {
 
     fn born(&self, state: &DeviceState) {
         self.deliveries.born(state);
+        self.inventory.born(&state.device_id, state.deny_list_version);
         self.rollouts.born(state);
     }
 
@@ -150,7 +186,13 @@ impl nanofleet_ingest::Commands for DeviceCommands {
     }
 
     async fn recorded(&self, device_id: &str, payload: &[u8]) -> Result<(), nanofleet_ingest::RecordError> {
-        self.batches.recorded(device_id, payload).await
+        let batch_id = self.batches.recorded(device_id, payload).await?;
+        // The record is stored; its cartridge's consumption follows it, and a failure
+        // here does not make the device send the record again.
+        if let Err(e) = self.inventory.batch_recorded(&batch_id).await {
+            tracing::warn!(device_id, %batch_id, error = %e, "cartridge consumption not recorded");
+        }
+        Ok(())
     }
 }
 
@@ -271,6 +313,13 @@ impl Worker {
             let result = tokio::select! {
                 job = jobs.recv() => match job {
                     Some(Job::Birth { device_id, root_version }) => self.birth(&device_id, root_version).await,
+                    Some(Job::Send { devices, command, payload, done }) => {
+                        let reached = self.send_all(&devices, command, &payload).await;
+                        if let Some(done) = done {
+                            let _ = done.send(reached.as_ref().map_or(0, Vec::len));
+                        }
+                        reached.map(|_| ())
+                    }
                     None => break,
                 },
                 r = released.recv() => match r {
@@ -382,11 +431,26 @@ impl Worker {
         let devices = r.devices.clone();
         tracing::info!(recipe = %r.recipe_id, version = r.version, devices = devices.len(), "delivering a released recipe");
         let payload = self.delivery(&r.recipe_id, r.version).await?;
+        let reached = self.send_all(&devices, Command::Recipe, &payload).await?;
+        self.store.record_release_sends(&r.recipe_id, r.version, &devices, &reached, now_ms()).await?;
+        tracing::info!(recipe = %r.recipe_id, version = r.version, devices = reached.len(), "released recipe sent");
+        Ok(())
+    }
+
+    /// Sends `payload` to each connected device, after the trust root versions it
+    /// lacks; returns the devices reached. Devices not seen since this server started
+    /// get everything at their birth.
+    async fn send_all(
+        &mut self,
+        devices: &[String],
+        command: Command,
+        payload: &[u8],
+    ) -> Result<Vec<String>, Error> {
         let current = self.recipes.trust_root().await.signed.version;
         // The trust root versions each device lacks, encoded once per version it holds.
         let mut updates: HashMap<u64, Vec<u8>> = HashMap::new();
         let mut reached = Vec::with_capacity(devices.len());
-        for device_id in devices.iter() {
+        for device_id in devices {
             let has = self.roots.lock().unwrap_or_else(|p| p.into_inner()).get(device_id).copied();
             // Devices not seen since this server started get everything at their birth.
             let Some(has) = has else { continue };
@@ -401,12 +465,10 @@ impl Worker {
                 };
                 self.sink.send(device_id, Command::TrustRoot, update.clone()).await;
             }
-            if self.sink.send(device_id, Command::Recipe, payload.to_vec()).await {
+            if self.sink.send(device_id, command, payload.to_vec()).await {
                 reached.push(device_id.clone());
             }
         }
-        self.store.record_release_sends(&r.recipe_id, r.version, &devices, &reached, now_ms()).await?;
-        tracing::info!(recipe = %r.recipe_id, version = r.version, devices = reached.len(), "released recipe sent");
-        Ok(())
+        Ok(reached)
     }
 }

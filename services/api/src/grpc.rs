@@ -9,6 +9,7 @@ use nanofleet_proto::v1::batch_service_server::BatchService;
 use nanofleet_proto::v1::enrollment_service_server::EnrollmentService;
 use nanofleet_proto::v1::firmware_service_server::FirmwareService;
 use nanofleet_proto::v1::fleet_service_server::FleetService;
+use nanofleet_proto::v1::inventory_service_server::InventoryService;
 use nanofleet_proto::v1::monitoring_service_server::MonitoringService;
 use nanofleet_proto::v1::people_service_server::PeopleService;
 use nanofleet_proto::v1::recipe_service_server::RecipeService;
@@ -699,5 +700,130 @@ impl RolloutService for Api {
             },
         );
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[tonic::async_trait]
+impl InventoryService for Api {
+    async fn create_cartridge_type(
+        &self,
+        req: Request<pb::CreateCartridgeTypeRequest>,
+    ) -> Result<Response<pb::CreateCartridgeTypeResponse>, Status> {
+        let caller = caller(&req)?;
+        let t = req.into_inner().cartridge_type.unwrap_or_default();
+        let cartridge_type = self.inventory.create_type(&caller, t).await?;
+        Ok(Response::new(pb::CreateCartridgeTypeResponse { cartridge_type: Some(cartridge_type) }))
+    }
+
+    async fn list_cartridge_types(
+        &self,
+        _req: Request<pb::ListCartridgeTypesRequest>,
+    ) -> Result<Response<pb::ListCartridgeTypesResponse>, Status> {
+        Ok(Response::new(pb::ListCartridgeTypesResponse { cartridge_types: self.inventory.types().await? }))
+    }
+
+    async fn create_lot(
+        &self,
+        req: Request<pb::CreateLotRequest>,
+    ) -> Result<Response<pb::CreateLotResponse>, Status> {
+        let caller = caller(&req)?;
+        let lot = self.inventory.create_lot(&caller, req.into_inner()).await?;
+        Ok(Response::new(pb::CreateLotResponse { lot: Some(lot) }))
+    }
+
+    async fn release_lot(
+        &self,
+        req: Request<pb::ReleaseLotRequest>,
+    ) -> Result<Response<pb::ReleaseLotResponse>, Status> {
+        let caller = caller(&req)?;
+        let lot = self.inventory.release_lot(&caller, req.into_inner()).await?;
+        Ok(Response::new(pb::ReleaseLotResponse { lot: Some(lot) }))
+    }
+
+    async fn list_lots(
+        &self,
+        req: Request<pb::ListLotsRequest>,
+    ) -> Result<Response<pb::ListLotsResponse>, Status> {
+        Ok(Response::new(pb::ListLotsResponse { lots: self.inventory.lots(req.get_ref()).await? }))
+    }
+
+    async fn get_lot(&self, req: Request<pb::GetLotRequest>) -> Result<Response<pb::GetLotResponse>, Status> {
+        let caller = caller(&req)?;
+        Ok(Response::new(self.inventory.lot(&caller, req.get_ref()).await?))
+    }
+
+    async fn recall_lot(
+        &self,
+        req: Request<pb::RecallLotRequest>,
+    ) -> Result<Response<pb::RecallLotResponse>, Status> {
+        let caller = caller(&req)?;
+        Ok(Response::new(self.inventory.recall(&caller, req.into_inner()).await?))
+    }
+
+    async fn get_deny_list_status(
+        &self,
+        _req: Request<pb::GetDenyListStatusRequest>,
+    ) -> Result<Response<pb::GetDenyListStatusResponse>, Status> {
+        Ok(Response::new(self.inventory.deny_status().await?))
+    }
+
+    async fn ship_cartridges(
+        &self,
+        req: Request<pb::ShipCartridgesRequest>,
+    ) -> Result<Response<pb::ShipCartridgesResponse>, Status> {
+        let caller = caller(&req)?;
+        let shipment = self.inventory.ship(&caller, req.into_inner()).await?;
+        Ok(Response::new(pb::ShipCartridgesResponse { shipment: Some(shipment) }))
+    }
+
+    async fn list_shipments(
+        &self,
+        req: Request<pb::ListShipmentsRequest>,
+    ) -> Result<Response<pb::ListShipmentsResponse>, Status> {
+        let caller = caller(&req)?;
+        let shipments = self.inventory.shipments(&caller, &req.get_ref().site_id).await?;
+        Ok(Response::new(pb::ListShipmentsResponse { shipments }))
+    }
+
+    async fn receive_shipment(
+        &self,
+        req: Request<pb::ReceiveShipmentRequest>,
+    ) -> Result<Response<pb::ReceiveShipmentResponse>, Status> {
+        let caller = caller(&req)?;
+        Ok(Response::new(self.inventory.receive(&caller, req.into_inner()).await?))
+    }
+
+    async fn scan_cartridge(
+        &self,
+        req: Request<pb::ScanCartridgeRequest>,
+    ) -> Result<Response<pb::ScanCartridgeResponse>, Status> {
+        let caller = caller(&req)?;
+        Ok(Response::new(self.inventory.scan(&caller, req.get_ref()).await?))
+    }
+
+    async fn get_cartridge(
+        &self,
+        req: Request<pb::GetCartridgeRequest>,
+    ) -> Result<Response<pb::GetCartridgeResponse>, Status> {
+        let caller = caller(&req)?;
+        Ok(Response::new(self.inventory.cartridge(&caller, req.get_ref()).await?))
+    }
+
+    async fn move_cartridge(
+        &self,
+        req: Request<pb::MoveCartridgeRequest>,
+    ) -> Result<Response<pb::MoveCartridgeResponse>, Status> {
+        let caller = caller(&req)?;
+        let cartridge = self.inventory.move_cartridge(&caller, req.into_inner()).await?;
+        Ok(Response::new(pb::MoveCartridgeResponse { cartridge: Some(cartridge) }))
+    }
+
+    async fn get_stock(
+        &self,
+        req: Request<pb::GetStockRequest>,
+    ) -> Result<Response<pb::GetStockResponse>, Status> {
+        let caller = caller(&req)?;
+        let lines = self.inventory.stock(&caller, &req.get_ref().site_id).await?;
+        Ok(Response::new(pb::GetStockResponse { lines }))
     }
 }

@@ -99,6 +99,8 @@ const SIGNERS: &[Role] = &[Role::Pharmacist, Role::Qa];
 const QA: &[Role] = &[Role::Qa];
 const OPS_QA: &[Role] = &[Role::Ops, Role::Qa];
 const PHARMACIST: &[Role] = &[Role::Pharmacist];
+/// Who handles cartridges at a site (ops for any site).
+const SITE_STAFF: &[Role] = &[Role::Ops, Role::SiteIt, Role::Pharmacist];
 
 /// Every `nanofleet.v1` method and who may call it. A method missing here is refused.
 pub const GRPC_ACCESS: &[(&str, Access)] = &[
@@ -155,6 +157,21 @@ pub const GRPC_ACCESS: &[(&str, Access)] = &[
     ("/nanofleet.v1.RolloutService/CancelRollout", Access::Roles(OPS)),
     ("/nanofleet.v1.RolloutService/RollbackRollout", Access::Roles(OPS)),
     ("/nanofleet.v1.RolloutService/WatchRollout", Access::Roles(OVERSIGHT)),
+    ("/nanofleet.v1.InventoryService/CreateCartridgeType", Access::Roles(OPS)),
+    ("/nanofleet.v1.InventoryService/ListCartridgeTypes", Access::Roles(EVERYONE)),
+    ("/nanofleet.v1.InventoryService/CreateLot", Access::Roles(OPS)),
+    ("/nanofleet.v1.InventoryService/ReleaseLot", Access::Roles(QA)),
+    ("/nanofleet.v1.InventoryService/ListLots", Access::Roles(EVERYONE)),
+    ("/nanofleet.v1.InventoryService/GetLot", Access::Roles(EVERYONE)),
+    ("/nanofleet.v1.InventoryService/RecallLot", Access::Roles(QA)),
+    ("/nanofleet.v1.InventoryService/GetDenyListStatus", Access::Roles(OVERSIGHT)),
+    ("/nanofleet.v1.InventoryService/ShipCartridges", Access::Roles(OPS)),
+    ("/nanofleet.v1.InventoryService/ListShipments", Access::Roles(EVERYONE)),
+    ("/nanofleet.v1.InventoryService/ReceiveShipment", Access::Roles(SITE_STAFF)),
+    ("/nanofleet.v1.InventoryService/ScanCartridge", Access::Roles(EVERYONE)),
+    ("/nanofleet.v1.InventoryService/GetCartridge", Access::Roles(EVERYONE)),
+    ("/nanofleet.v1.InventoryService/MoveCartridge", Access::Roles(SITE_STAFF)),
+    ("/nanofleet.v1.InventoryService/GetStock", Access::Roles(EVERYONE)),
 ];
 
 /// The access rule of a gRPC path; `None` for paths outside `nanofleet.v1`.

@@ -445,9 +445,20 @@ impl Recipes {
     /// Created at first use as `online.key` (0600) beside the root key and added to a
     /// new trust root version.
     pub(crate) async fn online_key(&self) -> Result<SigningKey, Error> {
+        self.online_role_key(nanofleet_firmware::ONLINE_ROLE).await
+    }
+
+    /// The server's own key of trust-root `role`, created at first use (`online.key`
+    /// for the director, `{role}.key` otherwise) and added to a new root version.
+    pub(crate) async fn online_role_key(&self, role: &str) -> Result<SigningKey, Error> {
         let unavailable = |e: nanofleet_pki::Error| Error::Unavailable(format!("online key: {e}"));
         let mut root = self.root.lock().await;
-        let path = self.pki_dir.join("online.key");
+        let file = if role == nanofleet_firmware::ONLINE_ROLE {
+            "online.key".to_owned()
+        } else {
+            format!("{role}.key")
+        };
+        let path = self.pki_dir.join(file);
         let key = if path.exists() {
             nanofleet_pki::check_private(&path).map_err(unavailable)?;
             let text = std::fs::read_to_string(&path)
@@ -464,11 +475,11 @@ impl Recipes {
             key
         };
         let id = key_id(&key.verifying_key());
-        if root.signed.role_key(nanofleet_firmware::ONLINE_ROLE, &id).is_some() {
+        if root.signed.role_key(role, &id).is_some() {
             return Ok(key);
         }
         let mut body = root.successor_body();
-        body.add_role_key(nanofleet_firmware::ONLINE_ROLE, &key.verifying_key(), None);
+        body.add_role_key(role, &key.verifying_key(), None);
         let root_key = trust_root::signing_key(&self.pki_dir).map_err(unavailable)?;
         let next = TrustRoot::signed_by(body, &[&root_key]);
         root.verify_successor(&next).map_err(|e| Error::Unavailable(format!("new trust root: {e}")))?;
@@ -481,7 +492,7 @@ impl Recipes {
                 action: "trust-root.update".into(),
                 subject: format!("trust root v{}", next.signed.version),
                 site_id: None,
-                reason: "the server's online key added to the director role".into(),
+                reason: format!("the server's online key added to the {role} role"),
                 old_value: Some(serde_json::json!({"version": root.signed.version}).to_string()),
                 new_value: Some(
                     serde_json::json!({"version": next.signed.version, "added_key": id}).to_string(),
@@ -490,7 +501,7 @@ impl Recipes {
             .await?;
         trust_root::save_successor(&self.pki_dir, &root, &next)
             .map_err(|e| Error::Unavailable(format!("trust root file: {e}")))?;
-        tracing::info!(version = next.signed.version, "online key added to the trust root");
+        tracing::info!(version = next.signed.version, role, "online key added to the trust root");
         *root = next;
         Ok(key)
     }

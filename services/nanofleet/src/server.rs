@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nanofleet_api::{
     Actor, Api, AuditLog, Batches, Bootstrap, CommandSink, Deliveries, DeviceCommands, Firmware, Fleet,
-    Monitoring, People, Recipes, Rollouts, Trust, TrustOptions,
+    Inventory, Monitoring, People, Recipes, Rollouts, Trust, TrustOptions,
 };
 use nanofleet_broker::{Broker, Control};
 use nanofleet_ingest::Ingest;
@@ -17,6 +17,7 @@ use nanofleet_proto::v1::batch_service_server::BatchServiceServer;
 use nanofleet_proto::v1::enrollment_service_server::EnrollmentServiceServer;
 use nanofleet_proto::v1::firmware_service_server::FirmwareServiceServer;
 use nanofleet_proto::v1::fleet_service_server::FleetServiceServer;
+use nanofleet_proto::v1::inventory_service_server::InventoryServiceServer;
 use nanofleet_proto::v1::monitoring_service_server::MonitoringServiceServer;
 use nanofleet_proto::v1::people_service_server::PeopleServiceServer;
 use nanofleet_proto::v1::recipe_service_server::RecipeServiceServer;
@@ -247,10 +248,13 @@ impl Server {
             firmware_base,
         )
         .await?;
+        let inventory =
+            Inventory::open(store.clone(), people.clone(), recipes.clone(), deliveries.clone()).await?;
         ingest.set_commands(Arc::new(DeviceCommands {
             deliveries,
             batches: batches.clone(),
             rollouts: rollouts.clone(),
+            inventory: inventory.clone(),
         }));
         let derived = monitoring.backfill().await?;
         if derived > 0 {
@@ -266,6 +270,7 @@ impl Server {
             monitoring: monitoring.clone(),
             firmware: firmware.clone(),
             rollouts: rollouts.clone(),
+            inventory,
             disconnect: Some(Arc::new(BrokerDisconnect(broker.control()))),
         };
 
@@ -282,6 +287,7 @@ impl Server {
         health.set_serving::<BatchServiceServer<Api>>().await;
         health.set_serving::<MonitoringServiceServer<Api>>().await;
         health.set_serving::<FirmwareServiceServer<Api>>().await;
+        health.set_serving::<InventoryServiceServer<Api>>().await;
         health.set_serving::<RolloutServiceServer<Api>>().await;
         // Both reflection versions: older tools (grpcurl before 1.8.8) ask for v1alpha.
         let reflection = || {
@@ -307,6 +313,7 @@ impl Server {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(FleetServiceServer::new(api.clone()))
+            .add_service(InventoryServiceServer::new(api.clone()))
             .add_service(TelemetryServiceServer::new(api.clone()))
             .add_service(EnrollmentServiceServer::new(api.clone()))
             .add_service(PeopleServiceServer::new(api.clone()))

@@ -1,0 +1,392 @@
+//! Cartridge inventory against a real server and simulated devices over mutual TLS:
+//! a type and its lots, QA's release, a shipment received by scans with its logger's
+//! readings, a cold-chain excursion that blocks cartridges, runs consuming cartridges,
+//! stock with its replenishment, and a recall signed by QA that reaches every device as
+//! a deny list (the offline one when it connects), stops the lot on the device, and
+//! prints the trace of runs and patients. Every bad input is refused by name, and
+//! nothing of a refused request is applied.
+
+use std::time::Duration;
+
+use nanofleet_proto::device::v1::SignatureMeaning;
+use nanofleet_proto::v1 as pb;
+use nanofleet_proto::v1::batch_service_client::BatchServiceClient;
+use nanofleet_proto::v1::inventory_service_client::InventoryServiceClient;
+use nanofleet_proto::v1::recipe_service_client::RecipeServiceClient;
+use nanofleet_recipe::example::EXAMPLE_GTIN;
+use nanofleet_tests::{Sandbox, eventually, now_ms};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+type Authed = InterceptedService<Channel, nanofleet::cli::Bearer>;
+type Inventory = InventoryServiceClient<Authed>;
+
+async fn inventory_as(
+    sb: &Sandbox,
+    id: &str,
+    role: pb::Role,
+    site: &str,
+) -> anyhow::Result<(Inventory, String)> {
+    let (bearer, password) = sb.person_named(id, id, role, site).await?;
+    Ok((InventoryServiceClient::with_interceptor(sb.grpc_channel().await?, bearer), password))
+}
+
+/// A simulated NF-200 with a recipe book and a run desk kept in `state_dir`.
+fn start_device(
+    sb: &Sandbox,
+    creds: &nanofleet_agent::enroll::Credentials,
+    state_dir: &std::path::Path,
+) -> anyhow::Result<tokio_util::sync::CancellationToken> {
+    use nanofleet_agent::link::LinkOptions;
+    use std::sync::{Arc, Mutex};
+    let info = nanofleet_agent::hal::DeviceInfo {
+        device_id: creds.device_id.clone(),
+        site_id: creds.site_id.clone(),
+        model: "NF-200".into(),
+        firmware_version: "2.3.1".into(),
+    };
+    let book = nanofleet_agent::recipes::RecipeBook::for_device(creds, Some(state_dir))?
+        .expect("enrolled with a trust root");
+    let (desk, _signer) = nanofleet_agent::runs::desk_for_device(creds, &book, &info, Some(state_dir))?;
+    let link = LinkOptions {
+        tls: Some(creds.client_config_arc()?),
+        sample_interval: Duration::from_millis(50),
+        batch_interval: Duration::from_millis(200),
+        max_backoff: Duration::from_millis(500),
+        recipes: Some(Arc::new(Mutex::new(book))),
+        runs: Some(Arc::new(Mutex::new(desk))),
+        ..LinkOptions::to_broker(sb.mqtts_addr())
+    };
+    let cancel = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(nanofleet_agent::link::run_device(
+        nanofleet_agent::sim::SimDevice::new(info, 5),
+        link,
+        nanofleet_agent::seq::SeqCounter::from_clock(),
+        cancel.clone(),
+        Default::default(),
+    ));
+    Ok(cancel)
+}
+
+fn readings(from_ms: i64, minutes: i64, celsius: impl Fn(i64) -> f64) -> Vec<pb::TemperatureReading> {
+    (0..=minutes)
+        .map(|m| pb::TemperatureReading { time_unix_ms: from_ms + m * 60_000, celsius: celsius(m) })
+        .collect()
+}
+
+fn invalid(e: &tonic::Status, field: &str) {
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
+    assert!(e.message().contains(field), "{:?} does not name {field}", e.message());
+}
+
+async fn stock_of(inv: &mut Inventory, site: &str) -> anyhow::Result<pb::StockLine> {
+    let lines = inv.get_stock(pb::GetStockRequest { site_id: site.into() }).await?.into_inner().lines;
+    Ok(lines.into_iter().find(|l| l.gtin == EXAMPLE_GTIN).unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cartridges_move_from_lot_to_patient_and_a_recall_stops_the_lot_everywhere() -> anyhow::Result<()> {
+    let sb = Sandbox::start().await?;
+    let online = sb.enroll_device("site-b", "NF-B-01").await?;
+    let later = sb.enroll_device("site-b", "NF-B-02").await?;
+    sb.server.ensure_site("site-c", "Site C", "UTC").await?;
+    let mut ops = InventoryServiceClient::with_interceptor(sb.grpc_channel().await?, sb.admin());
+    let (mut qa, qa_password) = inventory_as(&sb, "quinn", pb::Role::Qa, "").await?;
+    let (mut bob, _) = inventory_as(&sb, "bob", pb::Role::Pharmacist, "site-b").await?;
+    let (mut carol, _) = inventory_as(&sb, "carol", pb::Role::Pharmacist, "site-c").await?;
+    let store = sb.server.store.clone();
+
+    // The catalogue: bad input named, then a type and a lot.
+    let kind = pb::CartridgeType {
+        gtin: EXAMPLE_GTIN.into(),
+        name: "Example LNP cartridge 2 mL".into(),
+        payload: "mRNA, SM-102 lipid mix".into(),
+        volume_ml: 2.0,
+        storage_class: "ultra-cold".into(),
+        excursion_limit_min: 30,
+        device_models: vec!["NF-200".into()],
+        lead_time_days: 5,
+        recipe_ids: vec![],
+    };
+    let mut bad = kind.clone();
+    bad.gtin = "10614141000018".into();
+    let e = ops
+        .create_cartridge_type(pb::CreateCartridgeTypeRequest { cartridge_type: Some(bad) })
+        .await
+        .unwrap_err();
+    invalid(&e, "check digit 8");
+    let mut bad = kind.clone();
+    bad.storage_class = "warm".into();
+    let e = ops
+        .create_cartridge_type(pb::CreateCartridgeTypeRequest { cartridge_type: Some(bad) })
+        .await
+        .unwrap_err();
+    invalid(&e, "storage_class");
+    ops.create_cartridge_type(pb::CreateCartridgeTypeRequest { cartridge_type: Some(kind.clone()) }).await?;
+    let lot = |lot: &str, quantity: u32| pb::CreateLotRequest {
+        gtin: EXAMPLE_GTIN.into(),
+        lot: lot.into(),
+        produced: "2026-11-01".into(),
+        expires: "2028-12-31".into(),
+        quantity,
+    };
+    let e = ops
+        .create_lot(pb::CreateLotRequest { gtin: "09506000134352".into(), ..lot("L1", 10) })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{}", e.message());
+    let e = ops.create_lot(lot("A-LOT-NUMBER-TOO-LONG", 10)).await.unwrap_err();
+    invalid(&e, "at most 20");
+    ops.create_lot(lot("L1", 12)).await?;
+
+    // Shipped only once QA released it; QA only.
+    let ship = |count: u32| pb::ShipCartridgesRequest {
+        gtin: EXAMPLE_GTIN.into(),
+        lot: "L1".into(),
+        site_id: "site-b".into(),
+        count,
+    };
+    let e = ops.ship_cartridges(ship(4)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{}", e.message());
+    let e = ops
+        .release_lot(pb::ReleaseLotRequest { gtin: String::new(), lot: "L1".into(), reason: String::new() })
+        .await;
+    assert_eq!(e.unwrap_err().code(), tonic::Code::PermissionDenied);
+    qa.release_lot(pb::ReleaseLotRequest {
+        gtin: String::new(),
+        lot: "L1".into(),
+        reason: "CoA reviewed".into(),
+    })
+    .await?;
+    let e = ops.ship_cartridges(ship(13)).await.unwrap_err();
+    invalid(&e, "at most 12");
+    let shipment = ops.ship_cartridges(ship(4)).await?.into_inner().shipment.unwrap();
+    assert_eq!(shipment.codes.len(), 4);
+
+    // Receipt at the site: the wrong site, a bad scan and a stranger's serial are
+    // refused, and none of them moves a cartridge.
+    let now = now_ms();
+    let cold = readings(now - 3_600_000, 60, |m| -75.0 + (m % 3) as f64);
+    let receive =
+        |site: &str, scans: Vec<String>, readings: Vec<pb::TemperatureReading>| pb::ReceiveShipmentRequest {
+            shipment_id: shipment.shipment_id.clone(),
+            site_id: site.into(),
+            scans,
+            readings,
+        };
+    let e =
+        carol.receive_shipment(receive("site-b", shipment.codes.clone(), cold.clone())).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{}", e.message());
+    let e = ops.receive_shipment(receive("site-c", shipment.codes.clone(), cold.clone())).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(e.message().contains("goes to site site-b"), "{}", e.message());
+    let mut scans = shipment.codes.clone();
+    scans[2] = scans[2].replacen(EXAMPLE_GTIN, "10614141000018", 1);
+    let e = bob.receive_shipment(receive("site-b", scans, cold.clone())).await.unwrap_err();
+    invalid(&e, "scan 3: (01) GTIN 10614141000018 ends in check digit 8");
+    let mut scans = shipment.codes.clone();
+    scans[3] = scans[3].replace("10L1\u{1d}", "10L9\u{1d}");
+    let e = bob.receive_shipment(receive("site-b", scans, cold.clone())).await.unwrap_err();
+    invalid(&e, "belongs to lot L1");
+    let mut scans = shipment.codes.clone();
+    scans.push(scans[0].clone());
+    let e = bob.receive_shipment(receive("site-b", scans, cold.clone())).await.unwrap_err();
+    invalid(&e, "scanned twice");
+    assert_eq!(stock_of(&mut bob, "site-b").await?.on_hand, 0, "nothing of a refused receipt applied");
+    let got =
+        bob.receive_shipment(receive("site-b", shipment.codes.clone(), cold.clone())).await?.into_inner();
+    assert_eq!((got.received, got.blocked), (4, 0));
+    let e = bob.receive_shipment(receive("site-b", shipment.codes.clone(), cold.clone())).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "a second receipt: {}", e.message());
+    assert_eq!(stock_of(&mut bob, "site-b").await?.on_hand, 4);
+
+    // A second shipment sat 40 minutes at -50 °C: received and blocked.
+    let warm = ops.ship_cartridges(ship(2)).await?.into_inner().shipment.unwrap();
+    let thawed = readings(now - 3_600_000, 60, |m| if (10..50).contains(&m) { -50.0 } else { -75.0 });
+    let got = bob
+        .receive_shipment(pb::ReceiveShipmentRequest {
+            shipment_id: warm.shipment_id.clone(),
+            site_id: "site-b".into(),
+            scans: warm.codes.clone(),
+            readings: thawed,
+        })
+        .await?
+        .into_inner();
+    assert_eq!((got.received, got.blocked), (2, 2), "{got:?}");
+    assert!(got.excursion_minutes >= 40.0, "{got:?}");
+    assert_eq!(stock_of(&mut bob, "site-b").await?.on_hand, 4, "blocked cartridges are not stock");
+
+    // Devices, and a recipe for the type, written by a pharmacist and approved by QA.
+    let state_online = tempfile::tempdir()?;
+    let state_later = tempfile::tempdir()?;
+    let _stop_online = start_device(&sb, &online, state_online.path())?;
+    let stop_later = start_device(&sb, &later, state_later.path())?;
+    let channel = sb.grpc_channel().await?;
+    let (paula, paula_password) =
+        sb.person_named("paula", "Paula Reyes, PharmD", pb::Role::Pharmacist, "site-b").await?;
+    let (quentin, quentin_password) = sb.person_named("quentin", "Quentin Ade", pb::Role::Qa, "").await?;
+    let mut paula_recipes = RecipeServiceClient::with_interceptor(channel.clone(), paula.clone());
+    let mut runs = BatchServiceClient::with_interceptor(channel.clone(), paula);
+    let recipe = nanofleet_tests::quick_recipe("inv-x", "site-b", 12, 9.0);
+    paula_recipes.save_draft(pb::SaveDraftRequest { recipe: Some(recipe) }).await?;
+    for (mut client, user, password, meaning) in [
+        (paula_recipes.clone(), "paula", paula_password.clone(), SignatureMeaning::Authored),
+        (
+            RecipeServiceClient::with_interceptor(channel.clone(), quentin),
+            "quentin",
+            quentin_password,
+            SignatureMeaning::Approved,
+        ),
+    ] {
+        let req = pb::SignRecipeRequest {
+            recipe_id: "inv-x".into(),
+            version: 1,
+            meaning: meaning as i32,
+            user_id: user.into(),
+            password,
+        };
+        client.sign_recipe(req).await?;
+    }
+    for device in ["NF-B-01", "NF-B-02"] {
+        eventually("the recipe accepted", Duration::from_secs(30), || async {
+            store
+                .recipe_deliveries("inv-x", 1)
+                .await
+                .ok()?
+                .into_iter()
+                .find(|d| d.device_id == device && d.state == "accepted")
+        })
+        .await?;
+    }
+    // Both devices took the deny list that carries the blocked cartridges.
+    eventually("deny list v1 on both devices", Duration::from_secs(30), || async {
+        let s = ops.clone().get_deny_list_status(pb::GetDenyListStatusRequest {}).await.ok()?.into_inner();
+        (s.version == 1 && s.cartridges == 2 && s.devices_acked == 2).then_some(())
+    })
+    .await?;
+
+    let run = |code: &pb::ScanCartridgeResponse, n: u32| pb::StartRunRequest {
+        device_id: "NF-B-01".into(),
+        recipe_id: "inv-x".into(),
+        recipe_version: 0,
+        cartridge: code.code.clone(),
+        prescription_id: format!("RX-{n:04}"),
+        prescription_unix_ms: now_ms() - 3_600_000,
+        patient_pseudonym: format!("PT-{n:04X}"),
+    };
+    let scan = |code: &str| pb::ScanCartridgeRequest {
+        scan: code.into(),
+        device_id: "NF-B-01".into(),
+        recipe_id: "inv-x".into(),
+    };
+    // A blocked cartridge: the scan says why, and the device refuses it.
+    let blocked = bob.scan_cartridge(scan(&warm.codes[0])).await?.into_inner();
+    assert!(!blocked.usable && blocked.problems.iter().any(|p| p.contains("blocked")), "{blocked:?}");
+    let answer = runs.start_run(run(&blocked, 1)).await?.into_inner();
+    assert_eq!((answer.accepted, answer.code.as_str()), (false, "cartridge_blocked"), "{answer:?}");
+
+    // A good cartridge runs and is consumed; the stock follows.
+    let good = bob.scan_cartridge(scan(&shipment.codes[0])).await?.into_inner();
+    assert!(good.usable, "{good:?}");
+    let answer = runs.start_run(run(&good, 2)).await?.into_inner();
+    assert!(answer.accepted, "{answer:?}");
+    let serial = good.code.as_ref().unwrap().serial.clone();
+    let used = eventually("the cartridge consumed", Duration::from_secs(90), || async {
+        store.cartridge(EXAMPLE_GTIN, &serial).await.ok()?.filter(|c| c.status == "consumed")
+    })
+    .await?;
+    assert!(!used.batch_id.is_empty());
+    let line = stock_of(&mut bob, "site-b").await?;
+    assert_eq!(line.on_hand, 3);
+    assert!(line.consumption_per_day > 0.0, "{line:?}");
+    let again = bob.scan_cartridge(scan(&shipment.codes[0])).await?.into_inner();
+    assert!(again.problems.iter().any(|p| p.contains("consumed")), "{again:?}");
+    let answer = runs.start_run(run(&good, 3)).await?.into_inner();
+    assert_eq!(answer.code, "cartridge_used", "a cartridge runs once: {answer:?}");
+
+    // One device goes offline before the recall.
+    stop_later.cancel();
+    eventually("NF-B-02 offline", Duration::from_secs(30), || async {
+        store.get_device("NF-B-02").await.ok()?.filter(|d| !d.online)
+    })
+    .await?;
+
+    // The recall: QA only, with the right password, once.
+    let recall = |password: &str| pb::RecallLotRequest {
+        gtin: EXAMPLE_GTIN.into(),
+        lot: "L1".into(),
+        reason: "endotoxin above the limit in retained samples".into(),
+        user_id: "quinn".into(),
+        password: password.into(),
+    };
+    let e = bob.recall_lot(pb::RecallLotRequest { user_id: "bob".into(), ..recall("x") }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{}", e.message());
+    assert!(qa.recall_lot(recall("wrong password")).await.is_err());
+    let e = qa
+        .recall_lot(pb::RecallLotRequest { reason: String::new(), ..recall(&qa_password) })
+        .await
+        .unwrap_err();
+    invalid(&e, "reason");
+    let started = std::time::Instant::now();
+    let r = qa.recall_lot(recall(&qa_password)).await?.into_inner();
+    assert_eq!(r.recall.as_ref().map(|x| x.deny_list_version), Some(2));
+    assert_eq!(r.runs.len(), 1, "{r:?}");
+    assert_eq!(
+        (r.runs[0].patient_pseudonym.as_str(), r.runs[0].prescription_id.as_str()),
+        ("PT-0002", "RX-0002")
+    );
+    assert_eq!(r.runs[0].batch_id, used.batch_id);
+    assert!(
+        r.places.iter().any(|p| p.site_id == "site-b" && p.status == "in-stock" && p.count == 3),
+        "{:?}",
+        r.places
+    );
+    let e = qa.recall_lot(recall(&qa_password)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "recalled once: {}", e.message());
+
+    // The online device acknowledges within seconds; the offline one is shown pending.
+    let status = eventually("NF-B-01 acknowledged the recall", Duration::from_secs(10), || async {
+        let s = ops.clone().get_deny_list_status(pb::GetDenyListStatusRequest {}).await.ok()?.into_inner();
+        (s.version == 2 && s.devices_acked == 1).then_some(s)
+    })
+    .await?;
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(
+        status.pending.iter().map(|p| (p.device_id.as_str(), p.online)).collect::<Vec<_>>(),
+        [("NF-B-02", false)]
+    );
+    assert_eq!(stock_of(&mut bob, "site-b").await?.on_hand, 0, "a recalled lot is not stock");
+
+    // The device refuses the recalled lot on its own.
+    let next = bob.scan_cartridge(scan(&shipment.codes[1])).await?.into_inner();
+    assert!(next.problems.iter().any(|p| p.contains("recalled")), "{next:?}");
+    let answer = runs.start_run(run(&next, 4)).await?.into_inner();
+    assert_eq!((answer.accepted, answer.code.as_str()), (false, "cartridge_recalled"), "{answer:?}");
+    assert!(answer.reason.contains("deny list v2"), "{answer:?}");
+
+    // The offline device gets it when it connects again.
+    let _stop_later = start_device(&sb, &later, state_later.path())?;
+    eventually("NF-B-02 acknowledged on reconnect", Duration::from_secs(30), || async {
+        let s = ops.clone().get_deny_list_status(pb::GetDenyListStatusRequest {}).await.ok()?.into_inner();
+        (s.devices_acked == 2 && s.pending.is_empty()).then_some(())
+    })
+    .await?;
+
+    // The lot's page and the audit chain keep it.
+    let lot = ops.get_lot(pb::GetLotRequest { gtin: String::new(), lot: "L1".into() }).await?.into_inner();
+    assert_eq!(lot.lot.as_ref().map(|l| l.status.as_str()), Some("recalled"));
+    assert_eq!(lot.recalls.len(), 1);
+    let audit = store
+        .list_audit(&nanofleet_store::AuditFilter { action: Some("lot.recall".into()), ..Default::default() })
+        .await?;
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0].entry.actor, "person:quinn");
+    let events = ops
+        .get_cartridge(pb::GetCartridgeRequest { gtin: EXAMPLE_GTIN.into(), serial })
+        .await?
+        .into_inner()
+        .events;
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["made", "shipped", "received", "consumed"]);
+    Ok(())
+}
