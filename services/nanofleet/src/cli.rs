@@ -17,6 +17,7 @@ use tonic::transport::Channel;
 
 pub mod batches;
 pub mod firmware;
+pub mod inventory;
 pub mod monitoring;
 pub mod recipes;
 pub mod rollouts;

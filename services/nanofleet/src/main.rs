@@ -115,6 +115,36 @@ enum Command {
         #[command(subcommand)]
         command: RolloutsCommand,
     },
+    /// Cartridges: the catalogue of types, scans, receipts at a site, movements and
+    /// each cartridge's history.
+    #[command(after_help = INVENTORY_HELP)]
+    Cartridges {
+        #[command(subcommand)]
+        command: CartridgesCommand,
+    },
+    /// Cartridge lots: register, release (QA), recall (QA, electronic signature) with
+    /// the trace of every run and patient, and the deny list's acknowledgements.
+    #[command(after_help = INVENTORY_HELP)]
+    Lots {
+        #[command(subcommand)]
+        command: LotsCommand,
+    },
+    /// Shipments of cartridges from the manufacturer to a site.
+    #[command(after_help = INVENTORY_HELP)]
+    Shipments {
+        #[command(subcommand)]
+        command: ShipmentsCommand,
+    },
+    /// Stock per site and cartridge type: on hand, consumption per day from real runs,
+    /// days of cover, reorder point, the order to place now, and alerts.
+    #[command(after_help = INVENTORY_HELP)]
+    Stock {
+        /// Only this site (site-scoped people see their own).
+        #[arg(long, default_value = "")]
+        site: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Runs: a pharmacist starts a run on a device of their site; the device checks
     /// its interlocks and answers.
     Runs {
@@ -458,6 +488,26 @@ snapshot and timestamp. Devices download images over HTTPS (range requests resum
 download) and refuse an image for another model, with a lower release counter than they
 run, or whose bytes or metadata do not verify.";
 
+const INVENTORY_HELP: &str = "Examples:
+  nanofleet cartridges types add --gtin 10614141000019 --name \"FIX-LNP 2 mL\" \\
+      --payload \"factor IX mRNA\" --volume-ml 2 --storage-class ultra-cold --lead-time-days 5
+  nanofleet lots create --gtin 10614141000019 --lot L2611A --produced 2026-11-02 \\
+      --expires 2027-05-31 --quantity 200                   # registered in quarantine
+  nanofleet lots release L2611A                             # QA
+  nanofleet shipments send --lot L2611A --site city-general --count 40 --codes codes.txt
+  nanofleet cartridges receive SH-... --site city-general --scans codes.txt --readings logger.csv
+  nanofleet cartridges scan ']d20110614141000019...'        # may it run? why not?
+  nanofleet stock --site city-general                       # cover, reorder point, order now
+  nanofleet lots recall L2611A --reason \"endotoxin OOS\"     # QA; asks for your password
+  nanofleet lots deny-list                                  # who has not acknowledged
+
+Every cartridge is serialised and every movement is an event with who and when; stock
+is derived from the events. Scans are GS1 element strings: the scanner's form (]d2, GS
+between fields; write GS as \\x1d in files) or the printed form (01)...(17)...(10)...(21)....
+A receipt needs the shipment logger's readings (CSV time,celsius); minutes outside the
+type's storage class beyond its limit block the cartridges. A recall signs a deny list
+with your deny-list key; every device refuses the lot from then on, offline too.";
+
 const ROLLOUTS_HELP: &str = "Examples:
   nanofleet rollouts create --target NF-200-2.4.0.img --canary 2 --waves 10,50,100 \\
       --reason \"pump pressure fix\"
@@ -589,6 +639,206 @@ enum RolloutsCommand {
         to: String,
         #[arg(long)]
         reason: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CartridgesCommand {
+    /// Cartridge types (GTIN-14).
+    Types {
+        #[command(subcommand)]
+        command: TypesCommand,
+    },
+    /// Reads a scan and says whether the cartridge may run, and every reason it may not
+    /// (exit status 3 when it may not).
+    Scan {
+        /// The element string as scanned, or the printed form.
+        code: String,
+        /// Check it for this device too (site, model).
+        #[arg(long, default_value = "")]
+        device: String,
+        /// Check it for this recipe too (its cartridge type).
+        #[arg(long, default_value = "")]
+        recipe: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Receives a shipment at its site: every cartridge scanned, with the shipment
+    /// logger's readings. All or nothing: one bad scan refuses the receipt.
+    Receive {
+        shipment: String,
+        /// The receiving site (the shipment's).
+        #[arg(long)]
+        site: String,
+        /// File of scans, one per line (`-`: stdin).
+        #[arg(long)]
+        scans: PathBuf,
+        /// Logger readings: CSV of time (RFC 3339 or Unix ms) and celsius.
+        #[arg(long)]
+        readings: PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// A cartridge and every event of its life.
+    Show {
+        gtin: String,
+        serial: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Records a movement at the site: put away, loaded into a device, or wasted.
+    Move {
+        gtin: String,
+        serial: String,
+        /// Put away at this location (e.g. "freezer 2, shelf B").
+        #[arg(long, group = "movement")]
+        stored: Option<String>,
+        /// Loaded into this device.
+        #[arg(long, group = "movement")]
+        loaded: Option<String>,
+        /// Wasted, for this reason.
+        #[arg(long, group = "movement")]
+        wasted: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TypesCommand {
+    /// Adds a cartridge type (ops).
+    Add {
+        /// GTIN-14 with its check digit.
+        #[arg(long)]
+        gtin: String,
+        #[arg(long)]
+        name: String,
+        /// What it holds.
+        #[arg(long)]
+        payload: String,
+        #[arg(long)]
+        volume_ml: f64,
+        /// ultra-cold (-90 to -60 °C), frozen (-25 to -15 °C) or refrigerated (2 to 8 °C).
+        #[arg(long)]
+        storage_class: String,
+        /// Minutes outside the storage class before a cartridge is blocked.
+        #[arg(long, default_value_t = 30)]
+        excursion_limit_min: u32,
+        /// Device models that take it (comma-separated); none: every model.
+        #[arg(long, value_delimiter = ',')]
+        models: Vec<String>,
+        /// Days from order to receipt at a site.
+        #[arg(long)]
+        lead_time_days: u32,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Every cartridge type with the released recipes made for it.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum LotsCommand {
+    /// Registers a lot and its serialised cartridges, in quarantine (ops).
+    Create {
+        #[arg(long)]
+        gtin: String,
+        #[arg(long)]
+        lot: String,
+        /// Production date, YYYY-MM-DD.
+        #[arg(long)]
+        produced: String,
+        /// Expiry date, YYYY-MM-DD.
+        #[arg(long)]
+        expires: String,
+        #[arg(long)]
+        quantity: u32,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Releases a lot from quarantine for use (QA).
+    Release {
+        lot: String,
+        /// The cartridge type, when the lot number exists for several.
+        #[arg(long, default_value = "")]
+        gtin: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Lots, newest first.
+    List {
+        #[arg(long, default_value = "")]
+        gtin: String,
+        /// quarantine, released or recalled.
+        #[arg(long, default_value = "")]
+        status: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// A lot: where its cartridges are, its recalls, and every run that used it.
+    Show {
+        lot: String,
+        #[arg(long, default_value = "")]
+        gtin: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Recalls a lot (QA): your electronic signature, a signed deny list to every
+    /// device, and the trace of sites, runs, prescriptions and patients. Asks for your
+    /// password.
+    Recall {
+        lot: String,
+        #[arg(long, default_value = "")]
+        gtin: String,
+        /// Why (goes to the deny list, the audit chain and every device's refusal).
+        #[arg(long)]
+        reason: String,
+        /// Your user id; default: the owner of the API token.
+        #[arg(long, default_value = "")]
+        user: String,
+        /// Read the password from the first line of stdin instead of the terminal.
+        #[arg(long)]
+        password_stdin: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// The deny list in force and the devices that have not acknowledged it.
+    DenyList {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ShipmentsCommand {
+    /// Ships cartridges of a released lot to a site (ops).
+    Send {
+        #[arg(long)]
+        lot: String,
+        #[arg(long, default_value = "")]
+        gtin: String,
+        #[arg(long)]
+        site: String,
+        #[arg(long)]
+        count: u32,
+        /// Write the shipped cartridges' codes here, one per line (to print labels or
+        /// to scan at receipt).
+        #[arg(long)]
+        codes: Option<PathBuf>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Shipments, newest first.
+    List {
+        #[arg(long, default_value = "")]
+        site: String,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -1441,6 +1691,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Recipes { command } => recipes(command).await?,
         Command::Firmware { command } => firmware(command).await?,
         Command::Rollouts { command } => rollouts(command).await?,
+        Command::Cartridges { command } => cartridges(command).await?,
+        Command::Lots { command } => lots(command).await?,
+        Command::Shipments { command } => shipments(command).await?,
+        Command::Stock { site, client } => client.connect().await?.stock(&client.server, site).await?,
         Command::Runs { command } => runs(command).await?,
         Command::Batches { command } => batches(command).await?,
         Command::Quality { command } => quality(command).await?,
@@ -1527,6 +1781,126 @@ async fn rollouts(command: RolloutsCommand) -> anyhow::Result<()> {
 /// Pause, resume, cancel or roll back a rollout.
 async fn steer(client: ClientArgs, what: &str, id: String, reason: String, to: String) -> anyhow::Result<()> {
     client.connect().await?.rollout_control(&client.server, what, id, reason, to).await
+}
+
+async fn cartridges(command: CartridgesCommand) -> anyhow::Result<()> {
+    use nanofleet::cli::inventory::{read_readings, read_scans};
+    match command {
+        CartridgesCommand::Types { command: TypesCommand::List { client } } => {
+            client.connect().await?.cartridge_types(&client.server).await?;
+        }
+        CartridgesCommand::Types {
+            command:
+                TypesCommand::Add {
+                    gtin,
+                    name,
+                    payload,
+                    volume_ml,
+                    storage_class,
+                    excursion_limit_min,
+                    models,
+                    lead_time_days,
+                    client,
+                },
+        } => {
+            let t = pb::CartridgeType {
+                gtin,
+                name,
+                payload,
+                volume_ml,
+                storage_class,
+                excursion_limit_min,
+                device_models: models,
+                lead_time_days,
+                recipe_ids: Vec::new(),
+            };
+            client.connect().await?.cartridge_type_add(&client.server, t).await?;
+        }
+        CartridgesCommand::Scan { code, device, recipe, client } => {
+            let req = pb::ScanCartridgeRequest {
+                scan: code.replace("\\x1d", "\u{1d}"),
+                device_id: device,
+                recipe_id: recipe,
+            };
+            if !client.connect().await?.cartridge_scan(&client.server, req).await? {
+                std::process::exit(3);
+            }
+        }
+        CartridgesCommand::Receive { shipment, site, scans, readings, client } => {
+            let req = pb::ReceiveShipmentRequest {
+                shipment_id: shipment,
+                site_id: site,
+                scans: read_scans(&scans)?,
+                readings: read_readings(&readings)?,
+            };
+            client.connect().await?.shipment_receive(&client.server, req).await?;
+        }
+        CartridgesCommand::Show { gtin, serial, client } => {
+            client.connect().await?.cartridge_show(&client.server, gtin, serial).await?;
+        }
+        CartridgesCommand::Move { gtin, serial, stored, loaded, wasted, client } => {
+            let mut req = pb::MoveCartridgeRequest { gtin, serial, ..Default::default() };
+            match (stored, loaded, wasted) {
+                (Some(location), None, None) => {
+                    req.kind = "stored".into();
+                    req.location = location;
+                }
+                (None, Some(device), None) => {
+                    req.kind = "loaded".into();
+                    req.device_id = device;
+                }
+                (None, None, Some(reason)) => {
+                    req.kind = "wasted".into();
+                    req.reason = reason;
+                }
+                _ => anyhow::bail!("give one of --stored LOCATION, --loaded DEVICE or --wasted REASON"),
+            }
+            client.connect().await?.cartridge_move(&client.server, req).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn lots(command: LotsCommand) -> anyhow::Result<()> {
+    use nanofleet::cli::recipes::PasswordSource;
+    match command {
+        LotsCommand::Create { gtin, lot, produced, expires, quantity, client } => {
+            let req = pb::CreateLotRequest { gtin, lot, produced, expires, quantity };
+            client.connect().await?.lot_create(&client.server, req).await?;
+        }
+        LotsCommand::Release { lot, gtin, reason, client } => {
+            client
+                .connect()
+                .await?
+                .lot_release(&client.server, pb::ReleaseLotRequest { gtin, lot, reason })
+                .await?;
+        }
+        LotsCommand::List { gtin, status, client } => {
+            client.connect().await?.lots(&client.server, pb::ListLotsRequest { gtin, status }).await?;
+        }
+        LotsCommand::Show { lot, gtin, client } => {
+            client.connect().await?.lot_show(&client.server, pb::GetLotRequest { gtin, lot }).await?;
+        }
+        LotsCommand::Recall { lot, gtin, reason, user, password_stdin, client } => {
+            let source = if password_stdin { PasswordSource::Stdin } else { PasswordSource::Prompt };
+            client.connect().await?.lot_recall(&client.server, gtin, lot, reason, user, source).await?;
+        }
+        LotsCommand::DenyList { client } => client.connect().await?.deny_list_status(&client.server).await?,
+    }
+    Ok(())
+}
+
+async fn shipments(command: ShipmentsCommand) -> anyhow::Result<()> {
+    match command {
+        ShipmentsCommand::Send { lot, gtin, site, count, codes, client } => {
+            let req = pb::ShipCartridgesRequest { gtin, lot, site_id: site, count };
+            client.connect().await?.shipment_send(&client.server, req, codes.as_deref()).await?;
+        }
+        ShipmentsCommand::List { site, client } => {
+            client.connect().await?.shipments(&client.server, site).await?
+        }
+    }
+    Ok(())
 }
 
 async fn firmware(command: FirmwareCommand) -> anyhow::Result<()> {
