@@ -741,15 +741,65 @@ pub struct AutoRuns {
     /// Cartridge lots the site holds; each run loads one of them at random. Empty:
     /// every run of a month loads that month's lot, `L{YYMM}`.
     pub lots: Vec<String>,
+    /// The sites' shelves of registered cartridges: when set, each run takes the next
+    /// cartridge of its site's shelf, and no run starts while the shelf is empty.
+    pub shelves: Option<Shelves>,
     next_ms: Option<i64>,
     count: u64,
+}
+
+/// Cartridges on each site's shelf, shared by the site's simulated pharmacists: each
+/// run takes the next one. Whoever receives shipments at the site fills it.
+#[derive(Debug, Clone, Default)]
+pub struct Shelves(Arc<Mutex<BTreeMap<String, VecDeque<Cartridge>>>>);
+
+impl Shelves {
+    /// Puts cartridges on `site`'s shelf, behind those already there.
+    pub fn stock(&self, site: &str, cartridges: impl IntoIterator<Item = Cartridge>) {
+        let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        all.entry(site.to_owned()).or_default().extend(cartridges);
+    }
+
+    /// The next cartridge of `site`'s shelf.
+    pub fn take(&self, site: &str) -> Option<Cartridge> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).get_mut(site)?.pop_front()
+    }
+
+    /// Takes every cartridge of `lot` off the shelves (a recall); returns how many.
+    pub fn withdraw_lot(&self, lot: &str) -> usize {
+        let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut n = 0;
+        for shelf in all.values_mut() {
+            let before = shelf.len();
+            shelf.retain(|c| c.lot != lot);
+            n += before - shelf.len();
+        }
+        n
+    }
+
+    pub fn len(&self, site: &str) -> usize {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).get(site).map_or(0, VecDeque::len)
+    }
 }
 
 impl AutoRuns {
     pub fn new(idle: (std::time::Duration, std::time::Duration), operator: Person) -> AutoRuns {
         let ms = |d: std::time::Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
         let (a, b) = (ms(idle.0), ms(idle.1));
-        AutoRuns { idle_ms: (a.min(b), a.max(b)), operator, lots: Vec::new(), next_ms: None, count: 0 }
+        AutoRuns {
+            idle_ms: (a.min(b), a.max(b)),
+            operator,
+            lots: Vec::new(),
+            shelves: None,
+            next_ms: None,
+            count: 0,
+        }
+    }
+
+    /// Runs take their cartridges from the sites' shelves.
+    pub fn with_shelves(mut self, shelves: Shelves) -> AutoRuns {
+        self.shelves = Some(shelves);
+        self
     }
 
     /// The same pharmacist at a site that holds `lots`.
@@ -790,8 +840,17 @@ impl AutoRuns {
             .collect();
         held.sort_by(|a, b| a.recipe.recipe_id.cmp(&b.recipe.recipe_id));
         let recipe = &held.get(usize::try_from(self.count).unwrap_or(0) % held.len().max(1))?.recipe;
+        let cartridge = match &self.shelves {
+            // The site ran out: no run until a shipment is received.
+            Some(shelves) => Some(shelves.take(&info.site_id)?),
+            None => None,
+        };
         self.count += 1;
-        Some(self.request(recipe, info, now_ms, &mut rng))
+        let mut request = self.request(recipe, info, now_ms, &mut rng);
+        if cartridge.is_some() {
+            request.cartridge = cartridge;
+        }
+        Some(request)
     }
 
     /// The request for run number `self.count` of `recipe`, with a cartridge of one of

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use nanofleet_agent::fleet::{self, Fleet, FleetEnrollment, FleetOptions, Tokens};
 use nanofleet_agent::link::LinkOptions;
-use nanofleet_agent::runs::AutoRuns;
+use nanofleet_agent::runs::{AutoRuns, Shelves};
 use nanofleet_agent::sim::{self, Fault};
 use nanofleet_api::{Actor, Caller};
 use nanofleet_proto::device::v1::{Person, RunPhase};
@@ -426,6 +426,8 @@ impl Demo {
         }
         let site_ids: Vec<String> = fleet::sites(opts.sites.max(1)).into_iter().map(|s| s.id).collect();
         let people = DemoPeople::ensure(&server, &opts.server.data_dir, &site_ids).await?;
+        // The hospitals' cartridge shelves: the supply fills them, runs take from them.
+        let shelves = Shelves::default();
         let fleet = Fleet::start(&FleetOptions {
             sites: opts.sites,
             devices_per_site: opts.devices_per_site,
@@ -446,10 +448,13 @@ impl Demo {
             }),
             // The site's pharmacist starts runs at the devices' screens whenever a
             // device is idle and holds the recipe.
-            auto_runs: Some(AutoRuns::new(
-                (Duration::from_secs(10), Duration::from_secs(40)),
-                Person { user_id: people.pharmacist.clone(), printed_name: DEMO_PHARMACIST_NAME.into() },
-            )),
+            auto_runs: Some(
+                AutoRuns::new(
+                    (Duration::from_secs(10), Duration::from_secs(40)),
+                    Person { user_id: people.pharmacist.clone(), printed_name: DEMO_PHARMACIST_NAME.into() },
+                )
+                .with_shelves(shelves.clone()),
+            ),
             site_operators: people
                 .pharmacists()
                 .into_iter()
@@ -483,6 +488,24 @@ impl Demo {
         tokio::spawn(async move {
             if let Err(e) = ship.await {
                 tracing::warn!(error = %e, "demo firmware not shipped");
+            }
+        });
+        let supply = run_demo_inventory(DemoInventory {
+            inventory: server.inventory.clone(),
+            people: server.people.clone(),
+            store: server.store.clone(),
+            staff: people.clone(),
+            admin_password: match &server.bootstrap {
+                Some(b) => b.password.clone(),
+                None => read_secret(&opts.server.data_dir.join("admin-password")),
+            },
+            sites: site_ids.clone(),
+            shelves,
+            bad_lot: opts.bad_lot.clone(),
+        });
+        tokio::spawn(async move {
+            if let Err(e) = supply.await {
+                tracing::warn!(error = %e, "demo cartridge supply stopped");
             }
         });
         Ok(Demo {
@@ -601,4 +624,305 @@ impl Demo {
         self.fleet.stop().await;
         self.server.shutdown().await;
     }
+}
+
+/// What the demo's pharmacy supply needs.
+struct DemoInventory {
+    inventory: nanofleet_api::Inventory,
+    people: nanofleet_api::People,
+    store: nanofleet_store::Store,
+    staff: DemoPeople,
+    admin_password: String,
+    sites: Vec<String>,
+    shelves: Shelves,
+    bad_lot: Option<String>,
+}
+
+/// Cartridges per lot the demo registers.
+const DEMO_LOT_SIZE: u32 = 4_000;
+/// Largest order the demo places at once.
+const DEMO_MAX_ORDER: u32 = 40;
+/// Seconds a demo shipment travels.
+const DEMO_TRANSIT: Duration = Duration::from_secs(30);
+/// When QA recalls the bad lot, after the demo starts.
+const DEMO_RECALL_AFTER: Duration = Duration::from_secs(240);
+
+/// A logger's readings for a shipment that stayed cold: one a minute for an hour.
+fn cold_readings(now: i64) -> Vec<pb::TemperatureReading> {
+    (0..=60)
+        .map(|m| pb::TemperatureReading {
+            time_unix_ms: now - (60 - m) * 60_000,
+            celsius: -76.0 + (m % 5) as f64 * 0.4,
+        })
+        .collect()
+}
+
+fn cartridge_of(code: &str, year: i16) -> Option<nanofleet_proto::device::v1::Cartridge> {
+    let c = nanofleet_inventory::gs1::parse_cartridge(code, year).ok()?;
+    Some(nanofleet_proto::device::v1::Cartridge {
+        expires_unix_ms: c.expires_unix_ms(),
+        gtin: c.gtin,
+        lot: c.lot,
+        serial: c.serial,
+    })
+}
+
+/// The demo's pharmacy supply, as operations, QA and the hospitals would run it:
+/// a cartridge type for the demo recipe and released lots; every hospital stocked by a
+/// shipment received with its logger's readings; then, in a loop, an order shipped
+/// wherever the stock falls to its reorder point (received after a short transit),
+/// new lots as lots run out, and QA's recall of the bad lot a few minutes in, which
+/// every device receives as a deny list. Runs take their cartridges from the shelves.
+async fn run_demo_inventory(d: DemoInventory) -> anyhow::Result<()> {
+    use nanofleet_recipe::example::EXAMPLE_GTIN;
+    let started = std::time::Instant::now();
+    let admin = d.people.verify_password("admin", &d.admin_password, "demo inventory").await?;
+    let qa = d.people.verify_password(&d.staff.qa, &d.staff.qa_password, "demo inventory").await?;
+    let mut pharmacists = std::collections::HashMap::new();
+    for p in d.staff.pharmacists() {
+        let caller = d.people.verify_password(&p.user_id, &p.password, "demo inventory").await?;
+        pharmacists.insert(p.site.clone(), caller);
+    }
+    let inv = &d.inventory;
+    if d.store.cartridge_type(EXAMPLE_GTIN).await?.is_none() {
+        let t = pb::CartridgeType {
+            gtin: EXAMPLE_GTIN.into(),
+            name: "Flu H5 LNP cartridge 2 mL".into(),
+            payload: "H5 HA mRNA, SM-102 / DSPC / cholesterol / PEG-lipid".into(),
+            volume_ml: 2.0,
+            storage_class: "ultra-cold".into(),
+            excursion_limit_min: 30,
+            device_models: vec!["NF-200".into()],
+            lead_time_days: 3,
+            recipe_ids: vec![],
+        };
+        inv.create_type(&admin, t).await?;
+    }
+    let today = jiff::Zoned::now().date();
+    let mut lots: Vec<String> = nanofleet_agent::fleet::COMMON_LOTS.iter().map(|l| (*l).to_owned()).collect();
+    lots.extend(d.bad_lot.clone());
+    for lot in &lots {
+        ensure_lot(inv, &d.store, &admin, &qa, lot, today).await?;
+    }
+    let year = today.year();
+    // Shelves from what the hospitals hold (a restart), else a first shipment each.
+    for site in &d.sites {
+        for lot in &lots {
+            let held = d.store.lot_cartridges(EXAMPLE_GTIN, lot, "in-stock", 100_000).await?;
+            let held = held.into_iter().filter(|c| c.site_id == *site).map(|c| {
+                nanofleet_proto::device::v1::Cartridge {
+                    gtin: c.gtin,
+                    lot: c.lot,
+                    serial: c.serial,
+                    expires_unix_ms: c.expires_ms,
+                }
+            });
+            d.shelves.stock(site, held);
+        }
+    }
+    let never_shipped = d.store.shipments(None, 1).await?.is_empty();
+    if never_shipped {
+        for (i, site) in d.sites.iter().enumerate() {
+            let mut batches = Vec::new();
+            let mut site_lots: Vec<&String> = nanofleet_agent::fleet::COMMON_LOTS
+                .iter()
+                .filter_map(|l| lots.iter().find(|x| *x == l))
+                .collect();
+            if i == 0
+                && let Some(bad) = &d.bad_lot
+            {
+                site_lots.push(bad);
+            }
+            for lot in site_lots {
+                batches
+                    .push(ship_and_receive(inv, &admin, pharmacists.get(site), site, lot, 10, year).await?);
+            }
+            // Interleaved, so each lot is loaded in turn.
+            let longest = batches.iter().map(Vec::len).max().unwrap_or(0);
+            let mut shelf = Vec::new();
+            for k in 0..longest {
+                shelf.extend(batches.iter().filter_map(|b| b.get(k).cloned()));
+            }
+            d.shelves.stock(site, shelf);
+        }
+    }
+    let mut in_transit: Vec<(String, String, std::time::Instant)> = Vec::new();
+    let mut next_lot = 0usize;
+    loop {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        // Shipments arriving.
+        let mut arrived = Vec::new();
+        in_transit.retain(|(site, shipment, due)| {
+            if due.elapsed() > Duration::ZERO {
+                arrived.push((site.clone(), shipment.clone()));
+                false
+            } else {
+                true
+            }
+        });
+        for (site, shipment) in arrived {
+            let Some(caller) = pharmacists.get(&site) else { continue };
+            let codes: Vec<String> = d
+                .store
+                .shipment_cartridges(&shipment)
+                .await?
+                .iter()
+                .filter(|c| c.status == "in-transit")
+                .map(|c| {
+                    format!("(01){}(17){}(10){}(21){}", c.gtin, expiry_yymmdd(c.expires_ms), c.lot, c.serial)
+                })
+                .collect();
+            let req = pb::ReceiveShipmentRequest {
+                shipment_id: shipment.clone(),
+                site_id: site.clone(),
+                scans: codes.clone(),
+                readings: cold_readings(now_ms()),
+            };
+            inv.receive(caller, req).await?;
+            d.shelves.stock(&site, codes.iter().filter_map(|c| cartridge_of(c, year)));
+        }
+        // Orders where the stock reached its reorder point.
+        let lines = inv.stock(&admin, "").await?;
+        for line in
+            lines.iter().filter(|l| l.gtin == EXAMPLE_GTIN && l.suggested_order > 0 && l.in_transit == 0)
+        {
+            if in_transit.iter().any(|(s, ..)| *s == line.site_id) {
+                continue;
+            }
+            let lot =
+                fresh_lot(inv, &d.store, &admin, &qa, d.bad_lot.as_deref(), &mut next_lot, today).await?;
+            let count = line.suggested_order.min(DEMO_MAX_ORDER);
+            let req = pb::ShipCartridgesRequest {
+                gtin: EXAMPLE_GTIN.into(),
+                lot: lot.clone(),
+                site_id: line.site_id.clone(),
+                count,
+            };
+            let s = inv.ship(&admin, req).await?;
+            tracing::info!(site = %line.site_id, lot, count, "demo: reorder shipped");
+            in_transit.push((line.site_id.clone(), s.shipment_id, std::time::Instant::now() + DEMO_TRANSIT));
+        }
+        // QA recalls the bad lot once runs have used it.
+        if let Some(bad) = &d.bad_lot
+            && started.elapsed() > DEMO_RECALL_AFTER
+            && d.store.lot(EXAMPLE_GTIN, bad).await?.is_some_and(|l| l.status != "recalled")
+            && !d.store.lot_trace(EXAMPLE_GTIN, bad).await?.is_empty()
+        {
+            let req = pb::RecallLotRequest {
+                gtin: EXAMPLE_GTIN.into(),
+                lot: bad.clone(),
+                reason: "demo: particle size and encapsulation out of trend (lot comparison)".into(),
+                user_id: d.staff.qa.clone(),
+                password: d.staff.qa_password.clone(),
+            };
+            let r = inv.recall(&qa, req).await?;
+            let withdrawn = d.shelves.withdraw_lot(bad);
+            tracing::info!(lot = %bad, runs = r.runs.len(), devices = r.devices_sent, withdrawn, "demo: bad lot recalled");
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn expiry_yymmdd(ms: i64) -> String {
+    jiff::Timestamp::from_millisecond(ms)
+        .map(|t| t.to_zoned(jiff::tz::TimeZone::UTC).date())
+        .map(|d| format!("{:02}{:02}{:02}", d.year() % 100, d.month(), d.day()))
+        .unwrap_or_default()
+}
+
+/// Registers (and QA releases) `lot` if the catalogue lacks it.
+async fn ensure_lot(
+    inv: &nanofleet_api::Inventory,
+    store: &nanofleet_store::Store,
+    admin: &Caller,
+    qa: &Caller,
+    lot: &str,
+    today: jiff::civil::Date,
+) -> anyhow::Result<()> {
+    use nanofleet_recipe::example::EXAMPLE_GTIN;
+    if store.lot(EXAMPLE_GTIN, lot).await?.is_none() {
+        let req = pb::CreateLotRequest {
+            gtin: EXAMPLE_GTIN.into(),
+            lot: lot.into(),
+            produced: today.saturating_sub(jiff::Span::new().days(20)).to_string(),
+            expires: today.saturating_add(jiff::Span::new().days(180)).to_string(),
+            quantity: DEMO_LOT_SIZE,
+        };
+        inv.create_lot(admin, req).await?;
+    }
+    if store.lot(EXAMPLE_GTIN, lot).await?.is_some_and(|l| l.status == "quarantine") {
+        let req = pb::ReleaseLotRequest {
+            gtin: EXAMPLE_GTIN.into(),
+            lot: lot.into(),
+            reason: "demo: CoA reviewed".into(),
+        };
+        inv.release_lot(qa, req).await?;
+    }
+    Ok(())
+}
+
+/// A released lot other than the bad one with an order's worth left to ship, taking
+/// the lots in turn and registering a new one when all run low.
+async fn fresh_lot(
+    inv: &nanofleet_api::Inventory,
+    store: &nanofleet_store::Store,
+    admin: &Caller,
+    qa: &Caller,
+    bad_lot: Option<&str>,
+    turn: &mut usize,
+    today: jiff::civil::Date,
+) -> anyhow::Result<String> {
+    use nanofleet_recipe::example::EXAMPLE_GTIN;
+    let mut good: Vec<String> = store
+        .lots(Some(EXAMPLE_GTIN), None, Some("released"))
+        .await?
+        .into_iter()
+        .map(|l| l.lot)
+        .filter(|l| Some(l.as_str()) != bad_lot)
+        .collect();
+    good.sort();
+    for _ in 0..good.len() {
+        *turn += 1;
+        let lot = &good[*turn % good.len()];
+        let left = store.lot_cartridges(EXAMPLE_GTIN, lot, "made", i64::from(DEMO_MAX_ORDER)).await?.len();
+        if left >= DEMO_MAX_ORDER as usize {
+            return Ok(lot.clone());
+        }
+    }
+    // Every good lot is shipped out: a new one.
+    let name = format!("L{}-{:02}", jiff::Zoned::now().strftime("%y%m"), good.len() + 1);
+    ensure_lot(inv, store, admin, qa, &name, today).await?;
+    Ok(name)
+}
+
+/// Ships `count` cartridges of `lot` to `site` and receives them there at once, with a
+/// cold logger; returns them as the site's pharmacist would scan them.
+async fn ship_and_receive(
+    inv: &nanofleet_api::Inventory,
+    admin: &Caller,
+    pharmacist: Option<&Caller>,
+    site: &str,
+    lot: &str,
+    count: u32,
+    year: i16,
+) -> anyhow::Result<Vec<nanofleet_proto::device::v1::Cartridge>> {
+    use nanofleet_recipe::example::EXAMPLE_GTIN;
+    let req =
+        pb::ShipCartridgesRequest { gtin: EXAMPLE_GTIN.into(), lot: lot.into(), site_id: site.into(), count };
+    let s = inv.ship(admin, req).await?;
+    let receiver = pharmacist.unwrap_or(admin);
+    let req = pb::ReceiveShipmentRequest {
+        shipment_id: s.shipment_id.clone(),
+        site_id: site.into(),
+        scans: s.codes.clone(),
+        readings: cold_readings(now_ms()),
+    };
+    inv.receive(receiver, req).await?;
+    Ok(s.codes.iter().filter_map(|c| cartridge_of(c, year)).collect())
 }

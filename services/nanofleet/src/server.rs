@@ -127,6 +127,7 @@ pub struct Server {
     pub monitoring: Monitoring,
     pub firmware: Firmware,
     pub rollouts: Rollouts,
+    pub inventory: Inventory,
     pub ca: Arc<FleetCa>,
     /// The administrator created at the first start (its password and API token are
     /// also in `admin-password` and `admin.token` in the data directory).
@@ -270,7 +271,7 @@ impl Server {
             monitoring: monitoring.clone(),
             firmware: firmware.clone(),
             rollouts: rollouts.clone(),
-            inventory,
+            inventory: inventory.clone(),
             disconnect: Some(Arc::new(BrokerDisconnect(broker.control()))),
         };
 
@@ -407,6 +408,7 @@ impl Server {
             monitoring,
             firmware,
             rollouts,
+            inventory,
             ca,
             bootstrap,
             mqtt_plaintext_addr,
