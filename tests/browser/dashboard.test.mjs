@@ -670,6 +670,30 @@ describe('dashboard against a demo fleet', () => {
     assert.deepEqual(pageErrors, [], 'no script or network errors in the page');
   });
 
+  it('inventory page shows stock moving with runs, the lots, and the recall acknowledged by every device', { timeout: 360_000 }, async () => {
+    await page.getByRole('link', { name: 'Inventory', exact: true }).click();
+    await page.waitForURL((u) => new URL(u).hash === '#/inventory');
+    // Every hospital holds cartridges of the demo's type, and runs consume them.
+    await until('a stock row per hospital', () => count('[data-testid="stock-row"]'), (n) => n >= 3, 60_000);
+    await until('consumption from real runs', async () => {
+      const rates = await page.locator('[data-testid="stock-row"] td:nth-child(6)').allTextContents();
+      return rates.filter((r) => Number(r) > 0).length;
+    }, (n) => n >= 1, 240_000);
+    for (const lot of ['L2611-A', 'L2611-B', 'L2611-X']) {
+      assert.equal(await count(`[data-testid="lot-row"][data-lot="${lot}"]`), 1, `lot ${lot} listed`);
+    }
+    // Four minutes in, QA recalls the bad lot: every device acknowledges the deny list.
+    const deny = page.getByTestId('deny-status');
+    await until('the bad lot recalled', () => page.locator('[data-testid="lot-row"][data-lot="L2611-X"]').getAttribute('data-status'),
+      (st) => st === 'recalled', 300_000);
+    await until('the deny list acknowledged by every device', async () => [
+      Number(await deny.getAttribute('data-version')), await deny.getAttribute('data-acked'), await deny.getAttribute('data-total'),
+    ], ([v, acked, total]) => v >= 1 && acked !== null && acked === total, 60_000);
+    assert.match(await page.getByTestId('deny-acked').textContent(), /of \d+ devices acknowledged/);
+    await shoot('inventory.png');
+    assert.deepEqual(pageErrors, [], 'no script or network errors in the page');
+  });
+
   it('enroll page creates a token, shows its secret once and lists it as usable', { timeout: 60_000 }, async () => {
     await page.getByRole('link', { name: 'Enroll a device', exact: true }).click();
     await page.waitForURL((u) => new URL(u).hash === '#/enroll');

@@ -501,6 +501,7 @@
     if (parts[0] === 'batches' && parts.length <= 2) return { name: 'batches', id: parts[1] || '' };
     if (parts[0] === 'quality' && parts.length === 1) return { name: 'quality', params: Object.fromEntries(params) };
     if (parts[0] === 'rollouts' && parts.length <= 2) return { name: 'rollouts', id: parts[1] || '' };
+    if (parts[0] === 'inventory' && parts.length === 1) return { name: 'inventory' };
     if (parts[0] === 'alerts' && parts.length <= 2) return { name: 'alerts', id: parts[1] || '', site: params.get('site') || '' };
     if (parts[0] === 'recipes' && parts.length <= 3) {
       const version = parts.length === 3 ? Number(parts[2]) : 0;
@@ -554,6 +555,7 @@
     const make = {
       overview: overviewView, devices: devicesView, device: deviceView, enroll: enrollView, recipes: recipesView,
       batches: batchesView, quality: qualityView, alerts: alertsView, rollouts: rolloutsView,
+      inventory: inventoryView,
     }[route.name] || unknownView;
     state.view = make(route);
     el.view.replaceChildren(state.view.root);
@@ -4281,6 +4283,133 @@
       },
     };
   }
+
+  // === Inventory ===
+
+  const DENY_ROLES = new Set(['ops', 'qa', 'auditor']);
+
+  // Days of cover as a bar: full at three lead times; red under the lead time, amber
+  // at the reorder point.
+  function coverBar(line) {
+    const lead = Number(line.lead_time_days) || 1;
+    const days = line.days_of_cover == null ? null : Number(line.days_of_cover);
+    const level = line.alerts.some((a) => a.kind === 'runs-out') ? 'low'
+      : line.alerts.some((a) => a.kind === 'reorder') ? 'reorder' : 'ok';
+    const pct = days == null ? 100 : Math.max(2, Math.min(100, (days / (3 * lead)) * 100));
+    return h('div', { class: `cover cover-${level}`, title: days == null ? 'nothing consumed yet' : `${fmtNum(days, 1)} days of cover; lead time ${lead} days` },
+      h('div', { class: 'cover-fill', style: `width: ${pct}%` }),
+      h('span', { class: 'cover-text' }, days == null ? '—' : `${fmtNum(days, 1)} d`));
+  }
+
+  function inventoryView() {
+    const stockBody = h('tbody');
+    const lotBody = h('tbody');
+    const deny = h('div', { class: 'card', 'data-testid': 'deny-status' });
+    const root = h('div', { class: 'inventory' },
+      h('div', { class: 'page-title' }, h('h1', null, 'Inventory'),
+        h('span', { class: 'muted' }, 'Cartridges per hospital from real runs, when to order, lots and recalls')),
+      h('div', { class: 'card table-wrap' },
+        h('h2', null, 'Stock by site'),
+        h('table', { class: 'grid', 'data-testid': 'stock-table' },
+          h('thead', null, h('tr', null, ['Site', 'Cartridge', 'On hand', 'Usable', 'In transit', 'Per day', 'Days of cover', 'Reorder at', 'Order now', 'Alerts']
+            .map((n) => h('th', { class: ['On hand', 'Usable', 'In transit', 'Per day', 'Reorder at', 'Order now'].includes(n) ? 'num' : null }, n)))),
+          stockBody)),
+      deny,
+      h('div', { class: 'card table-wrap' },
+        h('h2', null, 'Lots'),
+        h('table', { class: 'grid', 'data-testid': 'lot-table' },
+          h('thead', null, h('tr', null, ['Lot', 'GTIN', 'Produced', 'Expires', 'Quantity', 'Status', 'Why']
+            .map((n) => h('th', { class: n === 'Quantity' ? 'num' : null }, n)))),
+          lotBody)));
+
+    function createStockRow(l) {
+      const cells = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9].map((i) => h('td', { class: [2, 3, 4, 5, 7, 8].includes(i) ? 'num' : (i === 9 ? 'wrap' : null) }));
+      const row = h('tr', { 'data-testid': 'stock-row', 'data-site': l.site_id, 'data-gtin': l.gtin }, cells);
+      row._cells = cells;
+      return row;
+    }
+
+    function updateStockRow(row, l) {
+      const [site, kind, onHand, usable, transit, rate, cover, reorder, order, alerts] = row._cells;
+      setAttr(row, 'data-alerts', l.alerts.map((a) => a.kind).join(' '));
+      setText(site, siteName(l.site_id));
+      setText(kind, l.name || l.gtin);
+      setText(onHand, l.on_hand);
+      setText(usable, l.usable);
+      setText(transit, l.in_transit || '—');
+      setText(rate, fmtNum(Number(l.consumption_per_day), 1));
+      setChildren(cover, `${l.days_of_cover}|${l.alerts.map((a) => a.kind).join()}`, () => coverBar(l));
+      setText(reorder, l.reorder_point);
+      setText(order, l.suggested_order || '—');
+      setChildren(alerts, l.alerts.map((a) => a.message).join('|'), () => (l.alerts.length === 0 ? h('span', { class: 'muted' }, '—')
+        : h('ul', { class: 'stock-alerts' }, l.alerts.map((a) => h('li', { class: `stock-alert alert-${a.kind}`, 'data-testid': 'stock-alert', 'data-kind': a.kind }, a.message)))));
+    }
+
+    function createLotRow(l) {
+      const cells = [0, 1, 2, 3, 4, 5, 6].map((i) => h('td', { class: i === 4 ? 'num' : (i === 6 ? 'wrap' : null) }));
+      const row = h('tr', { 'data-testid': 'lot-row', 'data-lot': l.lot }, cells);
+      row._cells = cells;
+      return row;
+    }
+
+    function updateLotRow(row, l) {
+      const [lot, gtin, produced, expires, quantity, st, why] = row._cells;
+      setAttr(row, 'data-status', l.status);
+      setText(lot, l.lot);
+      setText(gtin, l.gtin);
+      setText(produced, l.produced);
+      setText(expires, l.expires);
+      setText(quantity, l.quantity);
+      setChildren(st, l.status, () => h('span', { class: `lot-status lot-${l.status}` }, l.status));
+      setText(why, l.status_reason || '—');
+    }
+
+    function renderDeny(d) {
+      if (!d) {
+        deny.replaceChildren(h('h2', null, 'Deny list'),
+          h('p', { class: 'muted' }, 'Acknowledgements are read by operations, QA and auditors.'));
+        return;
+      }
+      const version = Number(d.version);
+      if (!version) {
+        setAttr(deny, 'data-version', '0');
+        deny.replaceChildren(h('h2', null, 'Deny list'), h('p', { class: 'muted' }, 'No lot recalled and no cartridge blocked yet.'));
+        return;
+      }
+      const acked = Number(d.devices_acked);
+      const total = Number(d.devices_total);
+      setAttr(deny, 'data-version', String(version));
+      setAttr(deny, 'data-acked', String(acked));
+      setAttr(deny, 'data-total', String(total));
+      const pct = total ? Math.round((acked / total) * 100) : 100;
+      deny.replaceChildren(...[
+        h('h2', null, `Deny list v${version}`, ' ',
+          h('span', { class: `rollout-state ${acked === total ? 'state-completed' : 'state-running'}` }, acked === total ? 'acknowledged by every device' : 'in progress')),
+        h('p', { class: 'muted' }, `Issued ${fmtUtc(Number(d.issued_unix_ms))} · ${d.lots} recalled lots · ${d.cartridges} blocked cartridges · every device refuses them, offline too.`),
+        h('div', { class: 'ack-bar', title: `${acked} of ${total}` },
+          h('div', { class: 'ack-fill', style: `width: ${pct}%` }),
+          h('span', { class: 'ack-text', 'data-testid': 'deny-acked' }, `${acked} of ${total} devices acknowledged`)),
+        d.pending.length === 0 ? null : h('table', { class: 'grid', 'data-testid': 'deny-pending' },
+          h('thead', null, h('tr', null, ['Not acknowledged', 'Site', 'Online', 'Holds', 'Answer'].map((n) => h('th', null, n)))),
+          h('tbody', null, d.pending.slice(0, 500).map((p) => h('tr', { 'data-testid': 'deny-pending-device', 'data-device-id': p.device_id },
+            h('td', null, h('a', { class: 'id-link', href: deviceHash(p.device_id) }, p.device_id)),
+            h('td', null, siteName(p.site_id)),
+            h('td', null, p.online ? 'online' : 'offline'),
+            h('td', null, Number(p.acked_version) ? `v${p.acked_version}` : '—'),
+            h('td', { class: 'wrap' }, p.result ? `${p.result} ${p.code} ${p.reason}` : 'no answer yet')))))].filter(Boolean));
+    }
+
+    async function refresh(isCurrent) {
+      const data = await api('api/inventory');
+      if (!isCurrent()) return;
+      reconcile(stockBody, data.stock, (l) => `${l.site_id}|${l.gtin}`, createStockRow, updateStockRow);
+      reconcile(lotBody, data.lots, (l) => `${l.gtin}|${l.lot}`, createLotRow, updateLotRow);
+      renderDeny(can(DENY_ROLES) ? data.deny_list : null);
+    }
+
+    return { root, title: 'Inventory · Nanofleet', refresh };
+  }
+
 
   function unknownView(route) {
     const root = h('section', { class: 'card notice' },

@@ -89,6 +89,7 @@ pub fn router(api: Api) -> Router {
         .route("/api/quality/levels", get(quality_levels))
         .route("/api/rollouts", get(rollouts))
         .route("/api/rollouts/{id}", get(rollout))
+        .route("/api/inventory", get(inventory))
         .route("/api/alerts", get(alerts))
         .route("/api/alerts/{id}/ack", post(ack_alert))
         .route_layer(middleware::from_fn_with_state(api.clone(), require_session));
@@ -550,6 +551,27 @@ async fn recipes(
 #[derive(serde::Deserialize)]
 struct VersionQuery {
     version: Option<u32>,
+}
+
+/// Stock by site with replenishment, the lots, and (for oversight roles) who has not
+/// acknowledged the deny list in force.
+async fn inventory(
+    State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    allow(&caller, "InventoryService/GetStock")?;
+    use nanofleet_recipe::json::to_json;
+    let stock = api.inventory.stock(&caller, "").await?;
+    let lots = api.inventory.lots(&pb::ListLotsRequest::default()).await?;
+    let deny = match allow(&caller, "InventoryService/GetDenyListStatus") {
+        Ok(()) => to_json("nanofleet.v1.GetDenyListStatusResponse", &api.inventory.deny_status().await?),
+        Err(_) => serde_json::Value::Null,
+    };
+    Ok(Json(serde_json::json!({
+        "stock": stock.iter().map(|l| to_json("nanofleet.v1.StockLine", l)).collect::<Vec<_>>(),
+        "lots": lots.iter().map(|l| to_json("nanofleet.v1.Lot", l)).collect::<Vec<_>>(),
+        "deny_list": deny,
+    })))
 }
 
 async fn rollouts(
