@@ -276,3 +276,88 @@ fn refuse(mut ack: Ack, code: &str, reason: &str) -> Ack {
     ack.reason = reason.into();
     ack
 }
+
+#[cfg(test)]
+mod tests {
+    use ed25519_dalek::SigningKey;
+    use nanofleet_pki::trust_root::TrustRoot;
+    use nanofleet_proto::device::v1::{DeniedLot, DenyList};
+
+    use super::*;
+
+    fn root_with(qa: &SigningKey) -> TrustRoot {
+        let root_key = SigningKey::from_bytes(&[9; 32]);
+        let mut body = TrustRoot::initial(&root_key, "2046-01-01T00:00:00Z").successor_body();
+        body.add_role_key(denylist::ROLE, &qa.verifying_key(), Some("qa"));
+        TrustRoot::signed_by(body, &[&root_key])
+    }
+
+    fn list(version: u64, lot: &str) -> DenyList {
+        DenyList {
+            version,
+            issued_unix_ms: 1,
+            lots: vec![DeniedLot {
+                gtin: "10614141000019".into(),
+                lot: lot.into(),
+                reason: "recall".into(),
+                since_unix_ms: 1,
+            }],
+            cartridges: vec![],
+        }
+    }
+
+    fn device() -> DeviceInfo {
+        DeviceInfo {
+            device_id: "NF-1".into(),
+            site_id: "site-a".into(),
+            model: "NF-200".into(),
+            firmware_version: "2.3.1".into(),
+        }
+    }
+
+    #[test]
+    fn a_deny_list_is_kept_across_restarts_and_never_replaced_by_a_forged_or_older_one() {
+        let qa = SigningKey::from_bytes(&[1; 32]);
+        let dir = tempfile::tempdir().unwrap();
+        let mut book = RecipeBook::open(dir.path(), root_with(&qa)).unwrap();
+        let answer =
+            |book: &mut RecipeBook, payload: Vec<u8>| book.handle(Command::DenyList, &payload, &device(), 5);
+
+        let ack = answer(&mut book, denylist::sign(&list(2, "L1"), &qa).encode_to_vec());
+        assert_eq!(
+            (ack.result, ack.subject, ack.version),
+            (AckResult::Accepted as i32, AckSubject::DenyList as i32, 2)
+        );
+
+        // Signed by a key outside the deny-list role, or altered: refused, nothing changes.
+        let stranger = SigningKey::from_bytes(&[2; 32]);
+        let ack = answer(&mut book, denylist::sign(&list(3, "L9"), &stranger).encode_to_vec());
+        assert_eq!(
+            (ack.result, ack.code.as_str()),
+            (AckResult::Refused as i32, denylist::code::KEY_NOT_IN_ROLE)
+        );
+        let mut forged = denylist::sign(&list(3, "L9"), &qa);
+        forged.payload = list(3, "L8").encode_to_vec();
+        let ack = answer(&mut book, forged.encode_to_vec());
+        assert_eq!(ack.code, denylist::code::BAD_SIGNATURE);
+        // An older list cannot bring a lot back.
+        let ack =
+            answer(&mut book, denylist::sign(&DenyList { lots: vec![], ..list(1, "") }, &qa).encode_to_vec());
+        assert_eq!((ack.code.as_str(), ack.version), (denylist::code::ROLLBACK, 2));
+        assert!(book.deny_list().check("10614141000019", "L1", "S1").is_some());
+        assert!(book.deny_list().check("10614141000019", "L9", "S1").is_none());
+
+        // After a restart the device holds the same list.
+        let again = RecipeBook::open(dir.path(), root_with(&qa)).unwrap();
+        assert_eq!(again.held_versions().1, 2);
+        assert!(again.deny_list().check("10614141000019", "L1", "S1").is_some());
+
+        // A list edited on disk is not believed: the device does not start on it.
+        let path = dir.path().join(DENY_LIST_FILE);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+        assert!(matches!(RecipeBook::open(dir.path(), root_with(&qa)), Err(Error::Bad { .. })));
+    }
+}

@@ -388,5 +388,15 @@ async fn cartridges_move_from_lot_to_patient_and_a_recall_stops_the_lot_everywhe
         .events;
     let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
     assert_eq!(kinds, ["made", "shipped", "received", "consumed"]);
+
+    // Past the lots' expiry, every unused cartridge gets its `expired` event; a used one
+    // keeps its history.
+    let later = now_ms() + 3 * 365 * 86_400_000;
+    let expired = sb.server.inventory.expire_due(later).await?;
+    assert_eq!(expired, 12 - 1 - 2, "all of L1 but the consumed and the two blocked cartridges");
+    assert_eq!(sb.server.inventory.expire_due(later).await?, 0, "once");
+    let unused = store.cartridge(EXAMPLE_GTIN, &next.code.as_ref().unwrap().serial).await?.unwrap();
+    assert_eq!(unused.status, "expired");
+    assert_eq!(store.cartridge(EXAMPLE_GTIN, &used.serial).await?.unwrap().status, "consumed");
     Ok(())
 }

@@ -1229,6 +1229,37 @@ impl Inventory {
         }
     }
 
+    /// Every unused cartridge past its expiry gets its `expired` event (a batch at a
+    /// time); returns how many.
+    pub async fn expire_due(&self, now: i64) -> Result<usize, Error> {
+        let mut total = 0;
+        loop {
+            let due = self.store.cartridges_past_expiry(now, 1_000).await?;
+            let actor = Actor::system().0;
+            let moves: Vec<CartridgeMove> =
+                due.iter().filter_map(|c| decide(c, &Movement::Expired, &actor, now).ok()).collect();
+            if moves.is_empty() {
+                return Ok(total);
+            }
+            let entry = AuditEntry {
+                at_ms: now,
+                actor: actor.clone(),
+                action: "cartridge.expire".into(),
+                subject: format!("{} cartridges", moves.len()),
+                site_id: None,
+                reason: "past their expiry date unused".into(),
+                old_value: None,
+                new_value: Some(
+                    serde_json::json!({"serials": moves.iter().map(|m| &m.row.serial).collect::<Vec<_>>()})
+                        .to_string(),
+                ),
+            };
+            self.store.apply_moves(&moves, Some(&entry)).await.map_err(conflict_or)?;
+            total += moves.len();
+            tracing::info!(cartridges = moves.len(), "cartridges expired");
+        }
+    }
+
     // === stock ===
 
     /// Stock per site and type, with replenishment.

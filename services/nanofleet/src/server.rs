@@ -369,6 +369,24 @@ impl Server {
             }
         }));
 
+        // Cartridges past their expiry date while unused get their `expired` event: at
+        // start (after downtime) and every ten minutes.
+        let stop = cancel.clone();
+        let expiry = inventory.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(600));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        if let Err(e) = expiry.expire_due(now_ms()).await {
+                            tracing::warn!(error = %e, "cartridge expiry");
+                        }
+                    }
+                    _ = stop.cancelled() => break,
+                }
+            }
+        }));
+
         // Other servers sharing the database may decommission devices: re-read who is
         // blocked now and then.
         // The audit chain's head is signed whenever it moved.

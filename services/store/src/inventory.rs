@@ -515,6 +515,22 @@ impl Store {
         .collect()
     }
 
+    /// Unused cartridges (made, in transit, in stock, loaded) whose expiry is before
+    /// `now_ms`, up to `limit`.
+    pub async fn cartridges_past_expiry(&self, now_ms: i64, limit: i64) -> Result<Vec<CartridgeRow>> {
+        sqlx::query(&format!(
+            "SELECT {CARTRIDGE_COLUMNS} FROM cartridges WHERE expires_ms < $1 \
+             AND status IN ('made', 'in-transit', 'in-stock', 'loaded') ORDER BY expires_ms LIMIT $2"
+        ))
+        .bind(now_ms)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(cartridge_from)
+        .collect()
+    }
+
     /// A cartridge's events, oldest first.
     pub async fn cartridge_events(&self, gtin: &str, serial: &str) -> Result<Vec<CartridgeEvent>> {
         sqlx::query(&format!(
