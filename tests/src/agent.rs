@@ -90,3 +90,46 @@ impl Drop for AgentProcess {
         let _ = self.child.wait();
     }
 }
+
+/// A simulated NF-200 in this process, with a recipe book and a run desk kept in
+/// `state_dir` and an optional fault, connected to the sandbox over mutual TLS.
+pub fn start_sim_device(
+    sb: &crate::Sandbox,
+    creds: &nanofleet_agent::enroll::Credentials,
+    state_dir: &std::path::Path,
+    fault: Option<nanofleet_agent::sim::Fault>,
+) -> anyhow::Result<tokio_util::sync::CancellationToken> {
+    use nanofleet_agent::link::LinkOptions;
+    use std::sync::{Arc, Mutex};
+    let info = nanofleet_agent::hal::DeviceInfo {
+        device_id: creds.device_id.clone(),
+        site_id: creds.site_id.clone(),
+        model: "NF-200".into(),
+        firmware_version: "2.3.1".into(),
+    };
+    let book = nanofleet_agent::recipes::RecipeBook::for_device(creds, Some(state_dir))?
+        .expect("enrolled with a trust root");
+    let (desk, _signer) = nanofleet_agent::runs::desk_for_device(creds, &book, &info, Some(state_dir))?;
+    let link = LinkOptions {
+        tls: Some(creds.client_config_arc()?),
+        sample_interval: Duration::from_millis(50),
+        batch_interval: Duration::from_millis(200),
+        max_backoff: Duration::from_millis(500),
+        recipes: Some(Arc::new(Mutex::new(book))),
+        runs: Some(Arc::new(Mutex::new(desk))),
+        ..LinkOptions::to_broker(sb.mqtts_addr())
+    };
+    let mut sim = nanofleet_agent::sim::SimDevice::new(info, 5);
+    if let Some(f) = fault {
+        sim.inject(f);
+    }
+    let cancel = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(nanofleet_agent::link::run_device(
+        sim,
+        link,
+        nanofleet_agent::seq::SeqCounter::from_clock(),
+        cancel.clone(),
+        Default::default(),
+    ));
+    Ok(cancel)
+}

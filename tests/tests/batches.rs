@@ -14,6 +14,7 @@ use nanofleet_proto::device::v1::{
 use nanofleet_proto::v1 as pb;
 use nanofleet_proto::v1::batch_service_client::BatchServiceClient;
 use nanofleet_proto::v1::recipe_service_client::RecipeServiceClient;
+use nanofleet_tests::agent::start_sim_device;
 use nanofleet_tests::{Sandbox, eventually, now_ms};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -75,48 +76,6 @@ fn quick_recipe(id: &str, site: &str) -> Recipe {
     nanofleet_tests::quick_recipe(id, site, 12, 9.0)
 }
 
-/// A simulated NF-200 with a recipe book and a run desk kept in `state_dir`.
-fn start_device(
-    sb: &Sandbox,
-    creds: &nanofleet_agent::enroll::Credentials,
-    state_dir: &std::path::Path,
-    fault: Option<nanofleet_agent::sim::Fault>,
-) -> anyhow::Result<tokio_util::sync::CancellationToken> {
-    use nanofleet_agent::link::LinkOptions;
-    use std::sync::{Arc, Mutex};
-    let info = nanofleet_agent::hal::DeviceInfo {
-        device_id: creds.device_id.clone(),
-        site_id: creds.site_id.clone(),
-        model: "NF-200".into(),
-        firmware_version: "2.3.1".into(),
-    };
-    let book = nanofleet_agent::recipes::RecipeBook::for_device(creds, Some(state_dir))?
-        .expect("enrolled with a trust root");
-    let (desk, _signer) = nanofleet_agent::runs::desk_for_device(creds, &book, &info, Some(state_dir))?;
-    let link = LinkOptions {
-        tls: Some(creds.client_config_arc()?),
-        sample_interval: Duration::from_millis(50),
-        batch_interval: Duration::from_millis(200),
-        max_backoff: Duration::from_millis(500),
-        recipes: Some(Arc::new(Mutex::new(book))),
-        runs: Some(Arc::new(Mutex::new(desk))),
-        ..LinkOptions::to_broker(sb.mqtts_addr())
-    };
-    let mut sim = nanofleet_agent::sim::SimDevice::new(info, 5);
-    if let Some(f) = fault {
-        sim.inject(f);
-    }
-    let cancel = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(nanofleet_agent::link::run_device(
-        sim,
-        link,
-        nanofleet_agent::seq::SeqCounter::from_clock(),
-        cancel.clone(),
-        Default::default(),
-    ));
-    Ok(cancel)
-}
-
 fn run_request(device: &str, recipe: &str, serial: &str) -> pb::StartRunRequest {
     pb::StartRunRequest {
         device_id: device.into(),
@@ -161,9 +120,13 @@ async fn a_run_passes_its_interlocks_and_leaves_a_signed_record_that_qa_releases
 
     let state_good = tempfile::tempdir()?;
     let state_faulty = tempfile::tempdir()?;
-    let stop_good = start_device(&sb, &good, state_good.path(), None)?;
-    let stop_faulty =
-        start_device(&sb, &faulty, state_faulty.path(), Some(nanofleet_agent::sim::Fault::EthanolLineFault))?;
+    let stop_good = start_sim_device(&sb, &good, state_good.path(), None)?;
+    let stop_faulty = start_sim_device(
+        &sb,
+        &faulty,
+        state_faulty.path(),
+        Some(nanofleet_agent::sim::Fault::EthanolLineFault),
+    )?;
     bob.recipes.save_draft(pb::SaveDraftRequest { recipe: Some(quick_recipe("run-x", "site-b")) }).await?;
     bob.sign("run-x", SignatureMeaning::Authored).await?;
     quinn.sign("run-x", SignatureMeaning::Approved).await?;

@@ -14,6 +14,7 @@ use nanofleet_proto::v1::batch_service_client::BatchServiceClient;
 use nanofleet_proto::v1::inventory_service_client::InventoryServiceClient;
 use nanofleet_proto::v1::recipe_service_client::RecipeServiceClient;
 use nanofleet_recipe::example::EXAMPLE_GTIN;
+use nanofleet_tests::agent::start_sim_device;
 use nanofleet_tests::{Sandbox, eventually, now_ms};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -29,43 +30,6 @@ async fn inventory_as(
 ) -> anyhow::Result<(Inventory, String)> {
     let (bearer, password) = sb.person_named(id, id, role, site).await?;
     Ok((InventoryServiceClient::with_interceptor(sb.grpc_channel().await?, bearer), password))
-}
-
-/// A simulated NF-200 with a recipe book and a run desk kept in `state_dir`.
-fn start_device(
-    sb: &Sandbox,
-    creds: &nanofleet_agent::enroll::Credentials,
-    state_dir: &std::path::Path,
-) -> anyhow::Result<tokio_util::sync::CancellationToken> {
-    use nanofleet_agent::link::LinkOptions;
-    use std::sync::{Arc, Mutex};
-    let info = nanofleet_agent::hal::DeviceInfo {
-        device_id: creds.device_id.clone(),
-        site_id: creds.site_id.clone(),
-        model: "NF-200".into(),
-        firmware_version: "2.3.1".into(),
-    };
-    let book = nanofleet_agent::recipes::RecipeBook::for_device(creds, Some(state_dir))?
-        .expect("enrolled with a trust root");
-    let (desk, _signer) = nanofleet_agent::runs::desk_for_device(creds, &book, &info, Some(state_dir))?;
-    let link = LinkOptions {
-        tls: Some(creds.client_config_arc()?),
-        sample_interval: Duration::from_millis(50),
-        batch_interval: Duration::from_millis(200),
-        max_backoff: Duration::from_millis(500),
-        recipes: Some(Arc::new(Mutex::new(book))),
-        runs: Some(Arc::new(Mutex::new(desk))),
-        ..LinkOptions::to_broker(sb.mqtts_addr())
-    };
-    let cancel = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(nanofleet_agent::link::run_device(
-        nanofleet_agent::sim::SimDevice::new(info, 5),
-        link,
-        nanofleet_agent::seq::SeqCounter::from_clock(),
-        cancel.clone(),
-        Default::default(),
-    ));
-    Ok(cancel)
 }
 
 fn readings(from_ms: i64, minutes: i64, celsius: impl Fn(i64) -> f64) -> Vec<pb::TemperatureReading> {
@@ -219,8 +183,8 @@ async fn cartridges_move_from_lot_to_patient_and_a_recall_stops_the_lot_everywhe
     // Devices, and a recipe for the type, written by a pharmacist and approved by QA.
     let state_online = tempfile::tempdir()?;
     let state_later = tempfile::tempdir()?;
-    let _stop_online = start_device(&sb, &online, state_online.path())?;
-    let stop_later = start_device(&sb, &later, state_later.path())?;
+    let _stop_online = start_sim_device(&sb, &online, state_online.path(), None)?;
+    let stop_later = start_sim_device(&sb, &later, state_later.path(), None)?;
     let channel = sb.grpc_channel().await?;
     let (paula, paula_password) =
         sb.person_named("paula", "Paula Reyes, PharmD", pb::Role::Pharmacist, "site-b").await?;
@@ -365,7 +329,7 @@ async fn cartridges_move_from_lot_to_patient_and_a_recall_stops_the_lot_everywhe
     assert!(answer.reason.contains("deny list v2"), "{answer:?}");
 
     // The offline device gets it when it connects again.
-    let _stop_later = start_device(&sb, &later, state_later.path())?;
+    let _stop_later = start_sim_device(&sb, &later, state_later.path(), None)?;
     eventually("NF-B-02 acknowledged on reconnect", Duration::from_secs(30), || async {
         let s = ops.clone().get_deny_list_status(pb::GetDenyListStatusRequest {}).await.ok()?.into_inner();
         (s.devices_acked == 2 && s.pending.is_empty()).then_some(())

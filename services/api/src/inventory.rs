@@ -598,18 +598,7 @@ impl Inventory {
             }),
         );
         self.store.recall_lot(&lot, from.as_str(), &recall, &deny, &entry).await.map_err(conflict_or)?;
-        let payload = Arc::new(envelope);
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some((version, payload.clone()));
-        let devices: Vec<String> = self
-            .store
-            .list_devices(None)
-            .await?
-            .into_iter()
-            .filter(|d| d.status == "active")
-            .map(|d| d.id)
-            .collect();
-        let total = devices.len();
-        let sent = self.deliveries.fan_out(Arc::new(devices), Command::DenyList, payload).await;
+        let (total, sent) = self.send_in_force(version, envelope).await?;
         tracing::info!(recall = %recall_id, lot = %lot.lot, version, devices = total, sent, "lot recalled; deny list sent");
         let started = std::time::Instant::now();
         let runs = self.trace(caller, &lot).await?;
@@ -1001,6 +990,13 @@ impl Inventory {
             new_value: Some(serde_json::json!({"version": version, "lots": list.lots.len(), "cartridges": list.cartridges.len()}).to_string()),
         };
         self.store.insert_deny_list(&row, &entry).await.map_err(conflict_or)?;
+        self.send_in_force(version, envelope).await?;
+        Ok(())
+    }
+
+    /// Makes the stored deny list `version` the one in force and sends it to every
+    /// active device; returns (active devices, devices reached now).
+    async fn send_in_force(&self, version: u64, envelope: Vec<u8>) -> Result<(usize, usize), Error> {
         let payload = Arc::new(envelope);
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some((version, payload.clone()));
         let devices: Vec<String> = self
@@ -1011,8 +1007,9 @@ impl Inventory {
             .filter(|d| d.status == "active")
             .map(|d| d.id)
             .collect();
-        self.deliveries.fan_out(Arc::new(devices), Command::DenyList, payload).await;
-        Ok(())
+        let total = devices.len();
+        let sent = self.deliveries.fan_out(Arc::new(devices), Command::DenyList, payload).await;
+        Ok((total, sent))
     }
 
     // === cartridges ===
