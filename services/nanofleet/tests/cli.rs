@@ -143,6 +143,75 @@ fn the_demo_runs_three_hospitals_of_eight_devices_and_the_cli_sees_them() {
     let me = json(&demo.cli(&["whoami", "--output", "json"]));
     assert_eq!(me["role"], "ops");
 
+    // Cartridges: the demo stocks every hospital; a shipment is sent, scanned in at its
+    // site with its logger's readings, and its cartridges become usable there.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let lots = json(&demo.cli(&["lots", "list", "--status", "released", "--output", "json"]));
+        let stock = json(&demo.cli(&["stock", "--output", "json"]));
+        let stocked = stock["lines"].as_array().map_or(0, Vec::len);
+        if lots["lots"].as_array().is_some_and(|l| l.iter().any(|l| l["lot"] == "L2611-A")) && stocked == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the demo's lots and stock: {lots} / {stocked} sites");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let site = sites[1]["id"].as_str().expect("site id").to_owned();
+    let work = tempfile::tempdir().expect("tempdir");
+    let codes = work.path().join("codes.txt");
+    let codes_arg = codes.to_str().expect("utf-8 path");
+    let sent = json(&demo.cli(&[
+        "shipments",
+        "send",
+        "--lot",
+        "L2611-A",
+        "--site",
+        &site,
+        "--count",
+        "2",
+        "--codes",
+        codes_arg,
+        "--output",
+        "json",
+    ]));
+    let shipment = sent["shipment_id"].as_str().expect("shipment id").to_owned();
+    let first =
+        std::fs::read_to_string(&codes).expect("codes written").lines().next().expect("a code").to_owned();
+    let scan = demo.cli(&["cartridges", "scan", &first]);
+    assert_eq!(scan.status.code(), Some(3), "in transit: not usable yet");
+    assert!(String::from_utf8_lossy(&scan.stdout).contains("in-transit"));
+    let readings = work.path().join("logger.csv");
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as i64;
+    let csv: String = (0..=30).map(|m| format!("{},{:.1}\n", now - (30 - m) * 60_000, -75.0)).collect();
+    std::fs::write(&readings, format!("time,celsius\n{csv}")).expect("write readings");
+    let received = demo.cli(&[
+        "cartridges",
+        "receive",
+        &shipment,
+        "--site",
+        &site,
+        "--scans",
+        codes_arg,
+        "--readings",
+        readings.to_str().expect("utf-8 path"),
+    ]);
+    assert!(received.status.success(), "{}", String::from_utf8_lossy(&received.stderr));
+    assert!(String::from_utf8_lossy(&received.stdout).contains("2 received"));
+    let scan = demo.cli(&["cartridges", "scan", &first]);
+    assert_eq!(scan.status.code(), Some(0), "{}", String::from_utf8_lossy(&scan.stdout));
+    // A misread code: exit 1, the field and what is wrong.
+    let bad = demo.cli(&["cartridges", "scan", "(01)10614141000018(17)271231(10)L1(21)S1"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("check digit 8"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    let lot = json(&demo.cli(&["lots", "show", "L2611-A", "--output", "json"]));
+    assert_eq!(lot["lot"]["status"], "released");
+    assert!(lot["places"].as_array().is_some_and(|p| p.iter().any(|p| p["site_id"] == site.as_str())));
+
     // Ctrl-C stops everything cleanly.
     let status = demo.interrupt();
     assert!(status.success(), "demo exit status after SIGINT: {status:?}");
