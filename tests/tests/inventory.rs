@@ -364,3 +364,74 @@ async fn cartridges_move_from_lot_to_patient_and_a_recall_stops_the_lot_everywhe
     assert_eq!(store.cartridge(EXAMPLE_GTIN, &used.serial).await?.unwrap().status, "consumed");
     Ok(())
 }
+
+/// A batch record stored just before a crash, whose cartridge's consumption was never
+/// written: the restart catches it up, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumption_cut_off_by_a_crash_is_caught_up_at_the_next_start() -> anyhow::Result<()> {
+    let sb = Sandbox::start().await?;
+    sb.server.ensure_site("site-b", "Site B", "UTC").await?;
+    let mut ops = InventoryServiceClient::with_interceptor(sb.grpc_channel().await?, sb.admin());
+    let (mut qa, _) = inventory_as(&sb, "quinn", pb::Role::Qa, "").await?;
+    let kind = pb::CartridgeType {
+        gtin: EXAMPLE_GTIN.into(),
+        name: "Example LNP cartridge 2 mL".into(),
+        payload: "mRNA".into(),
+        volume_ml: 2.0,
+        storage_class: "refrigerated".into(),
+        excursion_limit_min: 30,
+        device_models: vec![],
+        lead_time_days: 5,
+        recipe_ids: vec![],
+    };
+    ops.create_cartridge_type(pb::CreateCartridgeTypeRequest { cartridge_type: Some(kind) }).await?;
+    let lot = pb::CreateLotRequest {
+        gtin: EXAMPLE_GTIN.into(),
+        lot: "L7".into(),
+        produced: "2026-11-01".into(),
+        expires: "2028-06-30".into(),
+        quantity: 2,
+    };
+    ops.create_lot(lot).await?;
+    qa.release_lot(pb::ReleaseLotRequest { gtin: String::new(), lot: "L7".into(), reason: "ok".into() })
+        .await?;
+    let ship = pb::ShipCartridgesRequest {
+        gtin: EXAMPLE_GTIN.into(),
+        lot: "L7".into(),
+        site_id: "site-b".into(),
+        count: 2,
+    };
+    let shipment = ops.ship_cartridges(ship).await?.into_inner().shipment.unwrap();
+    let now = now_ms();
+    ops.receive_shipment(pb::ReceiveShipmentRequest {
+        shipment_id: shipment.shipment_id.clone(),
+        site_id: "site-b".into(),
+        scans: shipment.codes.clone(),
+        readings: readings(now - 1_800_000, 30, |_| 5.0),
+    })
+    .await?;
+    let serial = sb.server.store.shipment_cartridges(&shipment.shipment_id).await?[0].serial.clone();
+
+    // The batch's cartridge row, as the record's transaction wrote it; no event.
+    let pool =
+        sqlx::SqlitePool::connect(&format!("sqlite://{}", sb.dir.path().join("nanofleet.db").display()))
+            .await?;
+    sqlx::query(
+        "INSERT INTO batch_cartridges (batch_id, gtin, lot, serial, device_id, site_id, prescription_id, \
+         patient_pseudonym, started_ms) VALUES ('B-CUT', $1, 'L7', $2, 'NF-B-01', 'site-b', 'RX-1', 'PT-1', $3)",
+    )
+    .bind(EXAMPLE_GTIN)
+    .bind(&serial)
+    .bind(now)
+    .execute(&pool)
+    .await?;
+    pool.close().await;
+    assert_eq!(stock_of(&mut ops, "site-b").await?.on_hand, 2);
+
+    assert_eq!(sb.server.inventory.reconcile().await?, 1);
+    let c = sb.server.store.cartridge(EXAMPLE_GTIN, &serial).await?.unwrap();
+    assert_eq!((c.status.as_str(), c.batch_id.as_str()), ("consumed", "B-CUT"));
+    assert_eq!(stock_of(&mut ops, "site-b").await?.on_hand, 1);
+    assert_eq!(sb.server.inventory.reconcile().await?, 0, "once");
+    Ok(())
+}

@@ -1257,6 +1257,19 @@ impl Inventory {
         }
     }
 
+    /// Applies the consumption of stored batch records whose event a crash cut off
+    /// (the record is stored before its cartridge's event); returns how many.
+    pub async fn reconcile(&self) -> Result<usize, Error> {
+        let due = self.store.unconsumed_uses(100_000).await?;
+        for batch_id in &due {
+            self.batch_recorded(batch_id).await?;
+        }
+        if !due.is_empty() {
+            tracing::info!(batches = due.len(), "cartridge consumption caught up after a restart");
+        }
+        Ok(due.len())
+    }
+
     // === stock ===
 
     /// Stock per site and type, with replenishment.

@@ -370,10 +370,14 @@ impl Server {
         }));
 
         // Cartridges past their expiry date while unused get their `expired` event: at
-        // start (after downtime) and every ten minutes.
+        // start (after downtime) and every ten minutes. At start, first, the consumption
+        // of any batch record whose event a crash cut off.
         let stop = cancel.clone();
         let expiry = inventory.clone();
         tasks.push(tokio::spawn(async move {
+            if let Err(e) = expiry.reconcile().await {
+                tracing::warn!(error = %e, "cartridge consumption catch-up");
+            }
             let mut tick = tokio::time::interval(Duration::from_secs(600));
             loop {
                 tokio::select! {

@@ -699,6 +699,21 @@ impl Store {
         .collect()
     }
 
+    /// Batches whose cartridge, registered and at the batch's site, is not consumed:
+    /// their consumption was cut off between the stored record and its event (a
+    /// crash). Oldest first, up to `limit`.
+    pub async fn unconsumed_uses(&self, limit: i64) -> Result<Vec<String>> {
+        let rows = sqlx::query(
+            "SELECT b.batch_id FROM batch_cartridges b JOIN cartridges c ON c.gtin = b.gtin AND c.serial = b.serial \
+             WHERE c.site_id = b.site_id AND c.status IN ('in-transit', 'in-stock', 'loaded', 'blocked', 'expired') \
+             ORDER BY b.started_ms LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+    }
+
     /// The cartridge a batch used, if it is known.
     pub async fn batch_cartridge(&self, batch_id: &str) -> Result<Option<CartridgeUse>> {
         sqlx::query(&format!("SELECT {USE_COLUMNS} FROM batch_cartridges WHERE batch_id = $1"))
