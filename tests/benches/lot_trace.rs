@@ -32,7 +32,7 @@ use sqlx::Connection as _;
 const SITES: usize = 50;
 const DEVICES_PER_SITE: usize = 10;
 const LOTS: usize = 1_000;
-const GTIN: &str = "10614141000019";
+const GTIN: &str = nanofleet_recipe::example::EXAMPLE_GTIN;
 /// A lot of the largest size the catalogue allows, every cartridge of it used: one run
 /// in 50 of a million.
 const BIG_LOT: &str = "LBIG";
@@ -110,17 +110,7 @@ fn main() -> anyhow::Result<()> {
             .map_err(anyhow::Error::msg)?;
         let mut client = InventoryServiceClient::with_interceptor(channel, nanofleet::cli::Bearer::new(&token)?)
             .max_decoding_message_size(256 << 20);
-        let kind = pb::CartridgeType {
-            gtin: GTIN.into(),
-            name: "bench cartridge".into(),
-            payload: "mRNA".into(),
-            volume_ml: 2.0,
-            storage_class: "ultra-cold".into(),
-            excursion_limit_min: 30,
-            device_models: vec![],
-            lead_time_days: 3,
-            recipe_ids: vec![],
-        };
+        let kind = nanofleet_tests::bench::bench_cartridge_type();
         client.create_cartridge_type(pb::CreateCartridgeTypeRequest { cartridge_type: Some(kind) }).await?;
         let mut state: u64 = 0x2545_F491_4F6C_DD1D;
         let mut picks = Vec::new();

@@ -41,7 +41,7 @@ use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use tokio_util::sync::CancellationToken;
 
-const GTIN: &str = "10614141000019";
+const GTIN: &str = nanofleet_recipe::example::EXAMPLE_GTIN;
 
 /// What one device saw of each deny list version (index = version - 1).
 #[derive(Default, Clone, Copy)]
@@ -170,17 +170,7 @@ async fn run(n: usize) -> anyhow::Result<()> {
     let (qa_bearer, qa_password) = sb.person_named("qa", "Quinn QA", pb::Role::Qa, "").await?;
     let mut qa = InventoryServiceClient::with_interceptor(sb.grpc_channel().await?, qa_bearer)
         .max_decoding_message_size(64 << 20);
-    let kind = pb::CartridgeType {
-        gtin: GTIN.into(),
-        name: "bench cartridge".into(),
-        payload: "mRNA".into(),
-        volume_ml: 2.0,
-        storage_class: "ultra-cold".into(),
-        excursion_limit_min: 30,
-        device_models: vec![],
-        lead_time_days: 3,
-        recipe_ids: vec![],
-    };
+    let kind = bench_cartridge_type();
     ops.create_cartridge_type(pb::CreateCartridgeTypeRequest { cartridge_type: Some(kind) }).await?;
     let today = jiff::Zoned::now().date();
     for lot in ["LR-1", "LR-2"] {

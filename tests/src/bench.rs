@@ -696,3 +696,19 @@ where
     calls.latencies.sort();
     calls
 }
+
+/// The cartridge type the inventory benches register (GTIN of the example recipe's
+/// cartridge).
+pub fn bench_cartridge_type() -> nanofleet_proto::v1::CartridgeType {
+    nanofleet_proto::v1::CartridgeType {
+        gtin: nanofleet_recipe::example::EXAMPLE_GTIN.into(),
+        name: "bench cartridge".into(),
+        payload: "mRNA".into(),
+        volume_ml: 2.0,
+        storage_class: "ultra-cold".into(),
+        excursion_limit_min: 30,
+        device_models: vec![],
+        lead_time_days: 3,
+        recipe_ids: vec![],
+    }
+}

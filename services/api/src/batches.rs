@@ -291,8 +291,8 @@ impl Batches {
 
     /// A device published a signed batch record: verified, then stored with its audit
     /// record before the message is acknowledged.
-    /// Returns the batch id.
-    pub async fn recorded(&self, device_id: &str, bytes: &[u8]) -> Result<String, RecordError> {
+    /// Returns the cartridge the record names, as stored with it.
+    pub async fn recorded(&self, device_id: &str, bytes: &[u8]) -> Result<Option<CartridgeUse>, RecordError> {
         let refuse = |reason: String| {
             tracing::warn!(device_id, %reason, "batch record refused");
             RecordError::Refused(reason)
@@ -383,7 +383,7 @@ impl Batches {
             started_ms: r.started_unix_ms,
         });
         match self.store.insert_batch(&row, used.as_ref(), &metrics, &limits, &audit).await {
-            Ok(_) => Ok(row.batch_id),
+            Ok(_) => Ok(used),
             Err(nanofleet_store::Error::Conflict(e)) => Err(refuse(e)),
             Err(e) => Err(RecordError::Storage(e.to_string())),
         }

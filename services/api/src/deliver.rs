@@ -186,11 +186,14 @@ impl nanofleet_ingest::Commands for DeviceCommands {
     }
 
     async fn recorded(&self, device_id: &str, payload: &[u8]) -> Result<(), nanofleet_ingest::RecordError> {
-        let batch_id = self.batches.recorded(device_id, payload).await?;
+        let used = self.batches.recorded(device_id, payload).await?;
         // The record is stored; its cartridge's consumption follows it, and a failure
-        // here does not make the device send the record again.
-        if let Err(e) = self.inventory.batch_recorded(&batch_id).await {
-            tracing::warn!(device_id, %batch_id, error = %e, "cartridge consumption not recorded");
+        // here does not make the device send the record again (the next start catches
+        // it up).
+        if let Some(u) = used
+            && let Err(e) = self.inventory.consumed(&u).await
+        {
+            tracing::warn!(device_id, batch_id = %u.batch_id, error = %e, "cartridge consumption not recorded");
         }
         Ok(())
     }

@@ -18,8 +18,8 @@ use nanofleet_proto::device::v1::{self as dev, Ack, AckResult, DeniedCartridge, 
 use nanofleet_proto::topics::Command;
 use nanofleet_proto::v1 as pb;
 use nanofleet_store::{
-    AuditEntry, CartridgeEvent, CartridgeMove, CartridgeRow, CartridgeTypeRow, DenyAckRow, DenyListRow,
-    LotRow, RecallRow, ShipmentRow, Store,
+    AuditEntry, CartridgeEvent, CartridgeMove, CartridgeRow, CartridgeTypeRow, CartridgeUse, DenyAckRow,
+    DenyListRow, LotRow, RecallRow, ShipmentRow, Store,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -1192,8 +1192,8 @@ impl Inventory {
 
     /// A batch record was stored: its cartridge is consumed. A run is a fact; only a
     /// second use or a use at another site is refused, and audited.
-    pub async fn batch_recorded(&self, batch_id: &str) -> Result<(), Error> {
-        let Some(u) = self.store.batch_cartridge(batch_id).await? else { return Ok(()) };
+    pub async fn consumed(&self, u: &CartridgeUse) -> Result<(), Error> {
+        let batch_id = u.batch_id.as_str();
         let Some(c) = self.store.cartridge(&u.gtin, &u.serial).await? else {
             tracing::debug!(batch_id, serial = %u.serial, "batch used a cartridge the inventory does not know");
             return Ok(());
@@ -1262,7 +1262,9 @@ impl Inventory {
     pub async fn reconcile(&self) -> Result<usize, Error> {
         let due = self.store.unconsumed_uses(100_000).await?;
         for batch_id in &due {
-            self.batch_recorded(batch_id).await?;
+            if let Some(u) = self.store.batch_cartridge(batch_id).await? {
+                self.consumed(&u).await?;
+            }
         }
         if !due.is_empty() {
             tracing::info!(batches = due.len(), "cartridge consumption caught up after a restart");
