@@ -488,6 +488,8 @@ pub async fn run_device<D: Device>(
                             }
                         }
                     }
+                    // Cartridge loads, from runs started here or asked for on cmd/run.
+                    events.extend(desk.take_events());
                 }
                 samples.push(reading.sample);
                 events.extend(reading.events);

@@ -26,10 +26,11 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use nanofleet_inventory::denylist::Denied;
+use nanofleet_inventory::gs1;
 use nanofleet_proto::Message as _;
 use nanofleet_proto::device::v1::{
-    Ack, AckResult, AckSubject, AlarmPriority, AlarmRecord, BatchRecord, Cartridge, Person, PhaseChange,
-    PhaseRecord, Recipe, RecipeDelivery, RunOutcome, RunPhase, RunRequest, event,
+    Ack, AckResult, AckSubject, AlarmPriority, AlarmRecord, BatchRecord, Cartridge, CartridgeLoad, Event,
+    Person, PhaseChange, PhaseRecord, Recipe, RecipeDelivery, RunOutcome, RunPhase, RunRequest, event,
 };
 use nanofleet_recipe::verify::{DeviceContext, verify_delivery};
 use rand::Rng;
@@ -53,6 +54,7 @@ pub mod code {
     pub const CARTRIDGE_USED: &str = "cartridge_used";
     pub const CARTRIDGE_RECALLED: &str = "cartridge_recalled";
     pub const CARTRIDGE_BLOCKED: &str = "cartridge_blocked";
+    pub const CARTRIDGE_UNREADABLE: &str = "cartridge_unreadable";
     pub const PRESCRIPTION_NOT_BEFORE_RUN: &str = "prescription_not_before_run";
     pub const DEVICE_REFUSED: &str = "device_refused";
     pub const STORAGE: &str = "storage";
@@ -63,6 +65,9 @@ pub const MAX_ID_LEN: usize = 64;
 
 /// Requests whose answers are remembered, to answer a repeat the same way.
 const REMEMBERED: usize = 256;
+
+/// Events kept for the link to send (cartridge loads); older ones are dropped first.
+const MAX_EVENTS: usize = 1_000;
 
 /// The device key and certificate that sign batch records.
 pub struct BatchSigner {
@@ -190,6 +195,8 @@ pub struct RunDesk {
     /// Signed records not yet acknowledged by the cloud, by number.
     pending: BTreeMap<u64, Bytes>,
     answered: VecDeque<(String, Ack)>,
+    /// Cartridge loads to report, oldest first.
+    events: VecDeque<Event>,
 }
 
 /// `ms` since the Unix epoch as `YYYYMMDD-HHMMSS` (UTC).
@@ -244,6 +251,7 @@ impl RunDesk {
             signer,
             pending: BTreeMap::new(),
             answered: VecDeque::new(),
+            events: VecDeque::new(),
         };
         let Some(dir) = dir else { return Ok(desk) };
         let pending_dir = dir.join("pending");
@@ -299,6 +307,12 @@ impl RunDesk {
         }
         let _ = std::fs::remove_file(&path);
         Ok(())
+    }
+
+    /// Events to send, oldest first: a `CartridgeLoad` for every run request judged
+    /// with a cartridge.
+    pub fn take_events(&mut self) -> Vec<Event> {
+        self.events.drain(..).collect()
     }
 
     /// The batch id of the run under way.
@@ -386,7 +400,7 @@ impl RunDesk {
     /// Checks the interlocks and starts the run, or says which one refused it.
     pub fn start(
         &mut self,
-        request: RunRequest,
+        mut request: RunRequest,
         book: &RecipeBook,
         device: &mut dyn Device,
         now_ms: i64,
@@ -403,7 +417,9 @@ impl RunDesk {
         if let Some((_, before)) = self.answered.iter().find(|(id, _)| *id == request.request_id) {
             return Ack { time_unix_ms: now_ms, ..before.clone() };
         }
-        let answer = match self.check_and_start(&request, book, device, &info, now_ms) {
+        let judged = read_scan(&mut request, now_ms)
+            .and_then(|()| self.check_and_start(&request, book, device, &info, now_ms));
+        let answer = match judged {
             Ok(batch_id) => {
                 ack.result = AckResult::Accepted as i32;
                 ack.digest = batch_id;
@@ -416,6 +432,29 @@ impl RunDesk {
                 self.answered.pop_front();
             }
             self.answered.push_back((request.request_id.clone(), answer.clone()));
+        }
+        // The scanner read a cartridge and the request was judged: the cloud learns
+        // where the cartridge is, or that the device would not take it.
+        let judged = ![code::INCOMPLETE, code::CARTRIDGE_UNREADABLE].contains(&answer.code.as_str());
+        if let Some(c) = request.cartridge.as_ref().filter(|_| judged) {
+            if self.events.len() >= MAX_EVENTS {
+                self.events.pop_front();
+            }
+            let accepted = answer.code.is_empty();
+            self.events.push_back(Event {
+                time_unix_ms: now_ms,
+                kind: Some(event::Kind::CartridgeLoad(CartridgeLoad {
+                    gtin: c.gtin.clone(),
+                    lot: c.lot.clone(),
+                    serial: c.serial.clone(),
+                    expires_unix_ms: c.expires_unix_ms,
+                    request_id: request.request_id.clone(),
+                    accepted,
+                    code: answer.code.clone(),
+                    reason: printable(&answer.reason, 512),
+                    batch_id: if accepted { answer.digest.clone() } else { String::new() },
+                })),
+            });
         }
         answer
     }
@@ -847,8 +886,10 @@ impl AutoRuns {
         };
         self.count += 1;
         let mut request = self.request(recipe, info, now_ms, &mut rng);
-        if cartridge.is_some() {
-            request.cartridge = cartridge;
+        if let Some(c) = cartridge {
+            // A registered cartridge: the device reads it off its code.
+            request.cartridge = None;
+            request.cartridge_scan = scan_of(&c);
         }
         Some(request)
     }
@@ -880,8 +921,66 @@ impl AutoRuns {
             dispensing_site_id: info.site_id.clone(),
             started_by: Some(self.operator.clone()),
             requested_unix_ms: now_ms,
+            cartridge_scan: String::new(),
         }
     }
+}
+
+/// Reads the cartridge from the request's scan, when it carries one; a cartridge the
+/// request also names must be the one scanned.
+fn read_scan(r: &mut RunRequest, now_ms: i64) -> Result<(), (&'static str, String)> {
+    if r.cartridge_scan.is_empty() {
+        return Ok(());
+    }
+    let shown: String =
+        r.cartridge_scan.chars().take(80).map(|c| if c.is_control() { '␝' } else { c }).collect();
+    let year = gs1::date_at_ms(now_ms).year();
+    let code = gs1::parse_cartridge(&r.cartridge_scan, year)
+        .map_err(|e| (code::CARTRIDGE_UNREADABLE, format!("cartridge_scan {shown:?}: {e}")))?;
+    let read = Cartridge {
+        gtin: code.gtin.clone(),
+        lot: code.lot.clone(),
+        serial: code.serial.clone(),
+        expires_unix_ms: code.expires_unix_ms(),
+    };
+    if let Some(named) = &r.cartridge
+        && (named.gtin != read.gtin || named.lot != read.lot || named.serial != read.serial)
+    {
+        return Err((
+            code::CARTRIDGE_UNREADABLE,
+            format!(
+                "the request names cartridge {} lot {} serial {}, the scan reads {} lot {} serial {}",
+                named.gtin, named.lot, named.serial, read.gtin, read.lot, read.serial
+            ),
+        ));
+    }
+    r.cartridge = Some(read);
+    Ok(())
+}
+
+/// `s` without control characters, cut to at most `max` bytes.
+fn printable(s: &str, max: usize) -> String {
+    let mut out = String::with_capacity(s.len().min(max));
+    for c in s.chars().map(|c| if c.is_control() { ' ' } else { c }) {
+        if out.len() + c.len_utf8() > max {
+            break;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The element string a scanner reads off `c`'s DataMatrix.
+pub fn scan_of(c: &Cartridge) -> String {
+    gs1::CartridgeCode {
+        gtin: c.gtin.clone(),
+        lot: c.lot.clone(),
+        serial: c.serial.clone(),
+        expiry: gs1::date_at_ms(c.expires_unix_ms),
+        production: None,
+        expiry_time: None,
+    }
+    .element_string()
 }
 
 fn refuse(mut ack: Ack, code: &str, reason: &str) -> Ack {
@@ -944,6 +1043,49 @@ mod tests {
         assert_eq!(seen.keys().collect::<Vec<_>>(), ["L2611-A", "L2611-B", "L2611-X"], "{seen:?}");
         // Uniform choice: each lot in about a third of the runs.
         assert!(seen.values().all(|n| (70..=130).contains(n)), "{seen:?}");
+    }
+
+    #[test]
+    fn the_device_reads_the_cartridge_off_its_scan() {
+        let now = 1_795_000_000_000;
+        let cartridge = Cartridge {
+            gtin: nanofleet_recipe::example::EXAMPLE_GTIN.into(),
+            lot: "L2611-A".into(),
+            serial: "11-A-000042".into(),
+            // The end of 2026-06-30 (UTC).
+            expires_unix_ms: 20_635 * 86_400_000 - 1,
+        };
+        let scan = scan_of(&cartridge);
+        assert!(scan.starts_with("]d201"), "{scan:?}");
+        let mut r = RunRequest { cartridge_scan: scan.clone(), ..RunRequest::default() };
+        read_scan(&mut r, now).unwrap();
+        assert_eq!(
+            r.cartridge.as_ref(),
+            Some(&cartridge),
+            "the scan round-trips, expiry at the end of its day"
+        );
+
+        // A scan and a named cartridge that disagree.
+        let other = Cartridge { serial: "11-A-000043".into(), ..cartridge.clone() };
+        let mut r =
+            RunRequest { cartridge_scan: scan.clone(), cartridge: Some(other), ..RunRequest::default() };
+        let (code, reason) = read_scan(&mut r, now).unwrap_err();
+        assert_eq!(code, code::CARTRIDGE_UNREADABLE);
+        assert!(reason.contains("11-A-000043") && reason.contains("11-A-000042"), "{reason}");
+
+        // A misread GTIN: named, with the scan shown without its control characters.
+        let bad = scan.replacen("]d20110614", "]d20110714", 1);
+        let mut r = RunRequest { cartridge_scan: bad, ..RunRequest::default() };
+        let (code, reason) = read_scan(&mut r, now).unwrap_err();
+        assert_eq!(code, code::CARTRIDGE_UNREADABLE);
+        assert!(reason.contains("check digit") && !reason.contains('\u{1d}'), "{reason}");
+        assert!(r.cartridge.is_none());
+    }
+
+    #[test]
+    fn reasons_sent_are_printable_and_bounded() {
+        assert_eq!(printable("a\nb", 10), "a b");
+        assert_eq!(printable(&"é".repeat(300), 511).len(), 510);
     }
 
     #[test]

@@ -90,6 +90,7 @@ fn run_request(device: &str, recipe: &str, serial: &str) -> pb::StartRunRequest 
         prescription_id: "RX-0042".into(),
         prescription_unix_ms: now_ms() - 3_600_000,
         patient_pseudonym: "PT-7F3A".into(),
+        cartridge_scan: String::new(),
     }
 }
 

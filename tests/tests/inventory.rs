@@ -229,14 +229,16 @@ async fn cartridges_move_from_lot_to_patient_and_a_recall_stops_the_lot_everywhe
     })
     .await?;
 
-    let run = |code: &pb::ScanCartridgeResponse, n: u32| pb::StartRunRequest {
+    // The pharmacist loads a cartridge; the device reads its code and judges the run.
+    let run = |scan: &str, n: u32| pb::StartRunRequest {
         device_id: "NF-B-01".into(),
         recipe_id: "inv-x".into(),
         recipe_version: 0,
-        cartridge: code.code.clone(),
+        cartridge: None,
         prescription_id: format!("RX-{n:04}"),
         prescription_unix_ms: now_ms() - 3_600_000,
         patient_pseudonym: format!("PT-{n:04X}"),
+        cartridge_scan: scan.into(),
     };
     let scan = |code: &str| pb::ScanCartridgeRequest {
         scan: code.into(),
@@ -246,13 +248,18 @@ async fn cartridges_move_from_lot_to_patient_and_a_recall_stops_the_lot_everywhe
     // A blocked cartridge: the scan says why, and the device refuses it.
     let blocked = bob.scan_cartridge(scan(&warm.codes[0])).await?.into_inner();
     assert!(!blocked.usable && blocked.problems.iter().any(|p| p.contains("blocked")), "{blocked:?}");
-    let answer = runs.start_run(run(&blocked, 1)).await?.into_inner();
+    let answer = runs.start_run(run(&warm.codes[0], 1)).await?.into_inner();
     assert_eq!((answer.accepted, answer.code.as_str()), (false, "cartridge_blocked"), "{answer:?}");
+    // A code the device cannot read is refused by name.
+    let misread = shipment.codes[0].replacen(EXAMPLE_GTIN, "10614141000018", 1);
+    let answer = runs.start_run(run(&misread, 9)).await?.into_inner();
+    assert_eq!((answer.accepted, answer.code.as_str()), (false, "cartridge_unreadable"), "{answer:?}");
+    assert!(answer.reason.contains("ends in check digit 8"), "{answer:?}");
 
     // A good cartridge runs and is consumed; the stock follows.
     let good = bob.scan_cartridge(scan(&shipment.codes[0])).await?.into_inner();
     assert!(good.usable, "{good:?}");
-    let answer = runs.start_run(run(&good, 2)).await?.into_inner();
+    let answer = runs.start_run(run(&shipment.codes[0], 2)).await?.into_inner();
     assert!(answer.accepted, "{answer:?}");
     let serial = good.code.as_ref().unwrap().serial.clone();
     let used = eventually("the cartridge consumed", Duration::from_secs(90), || async {
@@ -265,7 +272,7 @@ async fn cartridges_move_from_lot_to_patient_and_a_recall_stops_the_lot_everywhe
     assert!(line.consumption_per_day > 0.0, "{line:?}");
     let again = bob.scan_cartridge(scan(&shipment.codes[0])).await?.into_inner();
     assert!(again.problems.iter().any(|p| p.contains("consumed")), "{again:?}");
-    let answer = runs.start_run(run(&good, 3)).await?.into_inner();
+    let answer = runs.start_run(run(&shipment.codes[0], 3)).await?.into_inner();
     assert_eq!(answer.code, "cartridge_used", "a cartridge runs once: {answer:?}");
 
     // One device goes offline before the recall.
@@ -324,7 +331,7 @@ async fn cartridges_move_from_lot_to_patient_and_a_recall_stops_the_lot_everywhe
     // The device refuses the recalled lot on its own.
     let next = bob.scan_cartridge(scan(&shipment.codes[1])).await?.into_inner();
     assert!(next.problems.iter().any(|p| p.contains("recalled")), "{next:?}");
-    let answer = runs.start_run(run(&next, 4)).await?.into_inner();
+    let answer = runs.start_run(run(&shipment.codes[1], 4)).await?.into_inner();
     assert_eq!((answer.accepted, answer.code.as_str()), (false, "cartridge_recalled"), "{answer:?}");
     assert!(answer.reason.contains("deny list v2"), "{answer:?}");
 
@@ -351,7 +358,31 @@ async fn cartridges_move_from_lot_to_patient_and_a_recall_stops_the_lot_everywhe
         .into_inner()
         .events;
     let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
-    assert_eq!(kinds, ["made", "shipped", "received", "consumed"]);
+    assert_eq!(kinds, ["made", "shipped", "received", "loaded", "consumed"], "the device reported the load");
+    assert_eq!((events[3].device_id.as_str(), events[3].actor.as_str()), ("NF-B-01", "device:NF-B-01"));
+    // The loads the device refused are in the audit trail, with the interlock.
+    let refused = eventually("three refused loads audited", Duration::from_secs(10), || async {
+        let audit = store
+            .list_audit(&nanofleet_store::AuditFilter {
+                action: Some("cartridge.load.refused".into()),
+                ..Default::default()
+            })
+            .await
+            .ok()?;
+        (audit.len() == 3).then_some(audit)
+    })
+    .await?;
+    let mut codes: Vec<&str> = refused
+        .iter()
+        .filter_map(|a| {
+            ["cartridge_blocked", "cartridge_used", "cartridge_recalled"]
+                .into_iter()
+                .find(|c| a.entry.reason.contains(c))
+        })
+        .collect();
+    codes.sort_unstable();
+    assert_eq!(codes, ["cartridge_blocked", "cartridge_recalled", "cartridge_used"]);
+    assert!(refused.iter().all(|a| a.entry.actor == "device:NF-B-01"));
 
     // Past the lots' expiry, every unused cartridge gets its `expired` event; a used one
     // keeps its history.
@@ -433,5 +464,120 @@ async fn a_consumption_cut_off_by_a_crash_is_caught_up_at_the_next_start() -> an
     assert_eq!((c.status.as_str(), c.batch_id.as_str()), ("consumed", "B-CUT"));
     assert_eq!(stock_of(&mut ops, "site-b").await?.on_hand, 1);
     assert_eq!(sb.server.inventory.reconcile().await?, 0, "once");
+    Ok(())
+}
+
+/// The loads devices report: a cartridge loaded before it was scanned in at its site has
+/// arrived there, a repeat changes nothing, a refusal and a load the inventory cannot
+/// apply are audited, and the shipment's receipt later takes the loaded cartridge as
+/// already there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loads_reported_by_devices_move_cartridges_into_them() -> anyhow::Result<()> {
+    use nanofleet_proto::device::v1::CartridgeLoad;
+    let sb = Sandbox::start().await?;
+    sb.enroll_device("site-b", "NF-B-01").await?;
+    sb.enroll_device("site-c", "NF-C-01").await?;
+    let mut ops = InventoryServiceClient::with_interceptor(sb.grpc_channel().await?, sb.admin());
+    let (mut qa, _) = inventory_as(&sb, "quinn", pb::Role::Qa, "").await?;
+    let kind = pb::CartridgeType {
+        gtin: EXAMPLE_GTIN.into(),
+        name: "Example LNP cartridge 2 mL".into(),
+        payload: "mRNA".into(),
+        volume_ml: 2.0,
+        storage_class: "refrigerated".into(),
+        excursion_limit_min: 30,
+        device_models: vec![],
+        lead_time_days: 5,
+        recipe_ids: vec![],
+    };
+    ops.create_cartridge_type(pb::CreateCartridgeTypeRequest { cartridge_type: Some(kind) }).await?;
+    let lot = pb::CreateLotRequest {
+        gtin: EXAMPLE_GTIN.into(),
+        lot: "L8".into(),
+        produced: "2026-11-01".into(),
+        expires: "2028-06-30".into(),
+        quantity: 3,
+    };
+    ops.create_lot(lot).await?;
+    qa.release_lot(pb::ReleaseLotRequest { gtin: String::new(), lot: "L8".into(), reason: "ok".into() })
+        .await?;
+    let ship = pb::ShipCartridgesRequest {
+        gtin: EXAMPLE_GTIN.into(),
+        lot: "L8".into(),
+        site_id: "site-b".into(),
+        count: 3,
+    };
+    let shipment = ops.ship_cartridges(ship).await?.into_inner().shipment.unwrap();
+    let serials: Vec<String> = sb
+        .server
+        .store
+        .shipment_cartridges(&shipment.shipment_id)
+        .await?
+        .into_iter()
+        .map(|c| c.serial)
+        .collect();
+    let inventory = &sb.server.inventory;
+    let load = |serial: &str, accepted: bool| CartridgeLoad {
+        gtin: EXAMPLE_GTIN.into(),
+        lot: "L8".into(),
+        serial: serial.into(),
+        expires_unix_ms: now_ms() + 86_400_000,
+        request_id: "RQ-1".into(),
+        accepted,
+        code: if accepted { String::new() } else { "cartridge_expired".into() },
+        reason: if accepted { String::new() } else { "expired yesterday".into() },
+        batch_id: if accepted { "NF-B-01-20261127-120000".into() } else { String::new() },
+    };
+    let now = now_ms();
+
+    // Loaded before its scan-in: in the device, at the site.
+    inventory.loaded("NF-B-01", now, &load(&serials[0], true)).await?;
+    let c = sb.server.store.cartridge(EXAMPLE_GTIN, &serials[0]).await?.unwrap();
+    assert_eq!(
+        (c.status.as_str(), c.device_id.as_str(), c.site_id.as_str()),
+        ("loaded", "NF-B-01", "site-b")
+    );
+    // Reported twice (a re-sent event): one event.
+    inventory.loaded("NF-B-01", now, &load(&serials[0], true)).await?;
+    let kinds =
+        |events: Vec<nanofleet_store::CartridgeEvent>| events.into_iter().map(|e| e.kind).collect::<Vec<_>>();
+    assert_eq!(
+        kinds(sb.server.store.cartridge_events(EXAMPLE_GTIN, &serials[0]).await?),
+        ["made", "shipped", "loaded"]
+    );
+    // A device at another site: not applied, audited.
+    inventory.loaded("NF-C-01", now, &load(&serials[1], true)).await?;
+    assert_eq!(sb.server.store.cartridge(EXAMPLE_GTIN, &serials[1]).await?.unwrap().status, "in-transit");
+    // A refused load changes nothing, and is audited.
+    inventory.loaded("NF-B-01", now, &load(&serials[2], false)).await?;
+    assert_eq!(sb.server.store.cartridge(EXAMPLE_GTIN, &serials[2]).await?.unwrap().status, "in-transit");
+    // A cartridge the inventory does not know: nothing to do.
+    inventory.loaded("NF-B-01", now, &load("9999-000001", true)).await?;
+    for (action, reason) in [
+        ("cartridge.load.unrecorded", "shipped to site site-b, not site-c"),
+        ("cartridge.load.refused", "expired yesterday (cartridge_expired)"),
+    ] {
+        let audit = sb
+            .server
+            .store
+            .list_audit(&nanofleet_store::AuditFilter { action: Some(action.into()), ..Default::default() })
+            .await?;
+        assert_eq!(audit.len(), 1, "{action}: {audit:?}");
+        assert!(audit[0].entry.reason.contains(reason), "{action}: {:?}", audit[0].entry.reason);
+    }
+
+    // The shipment arrives: the loaded cartridge is already there, the others are received.
+    let got = ops
+        .receive_shipment(pb::ReceiveShipmentRequest {
+            shipment_id: shipment.shipment_id.clone(),
+            site_id: "site-b".into(),
+            scans: shipment.codes.clone(),
+            readings: readings(now - 1_800_000, 30, |_| 5.0),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(got.received, 3, "{got:?}");
+    assert_eq!(stock_of(&mut ops, "site-b").await?.on_hand, 3, "two on the shelf and one in a device");
+    assert_eq!(sb.server.store.cartridge(EXAMPLE_GTIN, &serials[0]).await?.unwrap().status, "loaded");
     Ok(())
 }

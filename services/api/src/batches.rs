@@ -151,8 +151,20 @@ impl Batches {
         check_text("recipe_id", &req.recipe_id, 64)?;
         check_text("prescription_id", &req.prescription_id, 64)?;
         check_text("patient_pseudonym", &req.patient_pseudonym, 64)?;
-        if req.cartridge.is_none() {
-            return Err(Error::invalid("cartridge", "", "the loaded cartridge: gtin, lot, serial, expiry"));
+        if req.cartridge.is_none() && req.cartridge_scan.is_empty() {
+            return Err(Error::invalid(
+                "cartridge",
+                "",
+                "the loaded cartridge: gtin, lot, serial, expiry, or its scan (cartridge_scan)",
+            ));
+        }
+        let max_scan = nanofleet_inventory::gs1::MAX_SCAN_LEN;
+        if req.cartridge_scan.chars().count() > max_scan {
+            return Err(Error::invalid(
+                "cartridge_scan",
+                req.cartridge_scan.chars().take(80).collect::<String>(),
+                format!("a scanner's element string of at most {max_scan} characters"),
+            ));
         }
         if req.prescription_unix_ms <= 0 {
             return Err(Error::invalid(
@@ -183,6 +195,7 @@ impl Batches {
                 printed_name: caller.display_name.clone(),
             }),
             requested_unix_ms: now,
+            cartridge_scan: req.cartridge_scan.clone(),
         };
         let record = RunRequestRecord {
             request_id: request_id.clone(),

@@ -185,6 +185,17 @@ impl nanofleet_ingest::Commands for DeviceCommands {
         self.rollouts.reported(device_id, report).await
     }
 
+    async fn cartridges_loaded(
+        &self,
+        device_id: &str,
+        loads: &[(i64, nanofleet_proto::device::v1::CartridgeLoad)],
+    ) -> Result<(), String> {
+        for (at_ms, load) in loads {
+            self.inventory.loaded(device_id, *at_ms, load).await.map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
     async fn recorded(&self, device_id: &str, payload: &[u8]) -> Result<(), nanofleet_ingest::RecordError> {
         let used = self.batches.recorded(device_id, payload).await?;
         // The record is stored; its cartridge's consumption follows it, and a failure

@@ -915,6 +915,12 @@ impl Inventory {
                     ),
                 ));
             }
+            // Loaded into a device or used at this site before its scan-in: it is here.
+            let here = [Status::Loaded.as_str(), Status::Consumed.as_str()].contains(&c.status.as_str())
+                && c.site_id == req.site_id;
+            if here {
+                continue;
+            }
             let received = decide(c, &Movement::Received { site: req.site_id.clone() }, &actor, now)
                 .map_err(|e| refused(&c.serial, e))?;
             if blocked {
@@ -934,6 +940,7 @@ impl Inventory {
             }
         }
         let received = u32::try_from(seen.len()).unwrap_or(u32::MAX);
+        let moved_blocked = if blocked { u32::try_from(moves.len() / 2).unwrap_or(u32::MAX) } else { 0 };
         shipment.received_count += i64::from(received);
         shipment.received_ms = now;
         shipment.readings = serde_json::to_string(&readings).unwrap_or_default();
@@ -958,7 +965,7 @@ impl Inventory {
         Ok(pb::ReceiveShipmentResponse {
             shipment: Some(shipment_pb(&shipment, Vec::new())),
             received,
-            blocked: if blocked { received } else { 0 },
+            blocked: moved_blocked,
             excursion_minutes: excursion.minutes,
             unlogged_minutes: excursion.unlogged_minutes,
         })
@@ -1221,6 +1228,57 @@ impl Inventory {
                     old_value: None,
                     new_value: None,
                 };
+                Ok(self.store.audit_only(&entry).await?)
+            }
+        }
+    }
+
+    /// A device's scanner read a cartridge for a run. An accepted load moves the
+    /// cartridge into the device; a refused one (the device's interlock held) is
+    /// audited. A load the inventory cannot apply (a cartridge used, blocked or expired
+    /// meanwhile, loaded at another site) is logged and audited; an unknown cartridge
+    /// or a repeat changes nothing. Only a storage failure is an error, so the device
+    /// reports the load again.
+    pub async fn loaded(&self, device_id: &str, at_ms: i64, load: &dev::CartridgeLoad) -> Result<(), Error> {
+        let subject = format!("{}/{}", load.gtin, load.serial);
+        let Some(c) = self.store.cartridge(&load.gtin, &load.serial).await? else {
+            tracing::debug!(device_id, cartridge = %subject, "device loaded a cartridge the inventory does not know");
+            return Ok(());
+        };
+        let actor = Actor::device(device_id).0;
+        let audit_only = |action: &str, reason: String| AuditEntry {
+            at_ms: now_ms(),
+            actor: actor.clone(),
+            action: action.into(),
+            subject: subject.clone(),
+            site_id: (!c.site_id.is_empty()).then(|| c.site_id.clone()),
+            reason,
+            old_value: None,
+            new_value: None,
+        };
+        if !load.accepted {
+            tracing::info!(device_id, cartridge = %subject, code = %load.code, "device refused to load a cartridge");
+            let entry = audit_only(
+                "cartridge.load.refused",
+                format!("run request {} on {device_id}: {} ({})", load.request_id, load.reason, load.code),
+            );
+            return Ok(self.store.audit_only(&entry).await?);
+        }
+        let repeat = (c.status == Status::Loaded.as_str() && c.device_id == device_id)
+            || (!load.batch_id.is_empty() && c.batch_id == load.batch_id);
+        if repeat {
+            return Ok(());
+        }
+        let Some(device) = self.store.get_device(device_id).await? else { return Ok(()) };
+        let m = Movement::Loaded { device: device_id.into(), site: device.site_id };
+        match decide(&c, &m, &actor, at_ms) {
+            Ok(mv) => Ok(self.store.apply_moves(&[mv], None).await?),
+            Err(e) => {
+                tracing::warn!(device_id, cartridge = %subject, reason = %e, "cartridge load not recorded");
+                let entry = audit_only(
+                    "cartridge.load.unrecorded",
+                    format!("run request {} on {device_id}: {e}", load.request_id),
+                );
                 Ok(self.store.audit_only(&entry).await?)
             }
         }

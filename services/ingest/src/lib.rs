@@ -53,6 +53,13 @@ pub trait Commands: Send + Sync + 'static {
     async fn recorded(&self, device_id: &str, payload: &[u8]) -> Result<(), RecordError>;
     /// A device's report on a firmware update; acknowledged only after it returns Ok.
     async fn update_reported(&self, device_id: &str, report: UpdateReport) -> Result<(), String>;
+    /// The device's scanner read a cartridge for a run (events stored before, in order);
+    /// the batch is acknowledged only after it returns Ok.
+    async fn cartridges_loaded(
+        &self,
+        device_id: &str,
+        loads: &[(i64, pb::CartridgeLoad)],
+    ) -> Result<(), String>;
 }
 
 /// Why a batch record was not stored.
@@ -332,7 +339,22 @@ impl Ingest {
                 let batch = EventBatch::decode(msg.payload).map_err(malformed)?;
                 let seq = validate::events(&batch, device, now)?;
                 self.known(device)?;
-                self.write(event_item(device, seq, &batch, msg.payload)).await
+                self.write(event_item(device, seq, &batch, msg.payload)).await?;
+                let loads: Vec<_> = batch
+                    .events
+                    .into_iter()
+                    .filter_map(|e| match e.kind {
+                        Some(event::Kind::CartridgeLoad(c)) => Some((e.time_unix_ms, c)),
+                        _ => None,
+                    })
+                    .collect();
+                match self.inner.commands.get() {
+                    Some(commands) if !loads.is_empty() => commands
+                        .cartridges_loaded(device, &loads)
+                        .await
+                        .map_err(|e| HandleError::Fatal(Error::Commit(e))),
+                    _ => Ok(()),
+                }
             }
             Channel::State => {
                 let state = DeviceState::decode(msg.payload).map_err(malformed)?;

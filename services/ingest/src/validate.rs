@@ -204,7 +204,7 @@ pub fn events(b: &EventBatch, topic_device: &str, now_ms: i64) -> Result<i64, Re
                 return Err(Reject::OutOfRange {
                     field: format!("events[{i}].kind"),
                     value: "none".into(),
-                    allowed: "alarm or phase_change".into(),
+                    allowed: "alarm, phase_change or cartridge_load".into(),
                 });
             }
             Some(event::Kind::Alarm(a)) => {
@@ -225,6 +225,29 @@ pub fn events(b: &EventBatch, topic_device: &str, now_ms: i64) -> Result<i64, Re
                 }
             }
             Some(event::Kind::PhaseChange(p)) => text(Field::Event(i, "phase_change.run_id"), &p.run_id, 64)?,
+            Some(event::Kind::CartridgeLoad(c)) => {
+                for (name, value, max) in [
+                    ("cartridge_load.gtin", &c.gtin, 14),
+                    ("cartridge_load.lot", &c.lot, 64),
+                    ("cartridge_load.serial", &c.serial, 64),
+                    ("cartridge_load.request_id", &c.request_id, 64),
+                    ("cartridge_load.code", &c.code, 64),
+                    ("cartridge_load.batch_id", &c.batch_id, 128),
+                    ("cartridge_load.reason", &c.reason, MAX_TEXT_LEN),
+                ] {
+                    text(Field::Event(i, name), value, max)?;
+                }
+                if c.gtin.is_empty() || c.serial.is_empty() || c.accepted != c.code.is_empty() {
+                    return Err(Reject::OutOfRange {
+                        field: format!("events[{i}].cartridge_load"),
+                        value: format!(
+                            "gtin {:?} serial {:?} accepted {} code {:?}",
+                            c.gtin, c.serial, c.accepted, c.code
+                        ),
+                        allowed: "a GTIN and a serial; a code exactly when refused".into(),
+                    });
+                }
+            }
         }
     }
     Ok(s)
@@ -344,6 +367,34 @@ mod tests {
         b.samples[0].run_id = "R-1\0".into();
         let err = telemetry(&b, "NF-1", NOW).unwrap_err().to_string();
         assert!(err.contains("samples[0].run_id") && err.contains("control"), "{err}");
+    }
+
+    #[test]
+    fn cartridge_loads_carry_a_cartridge_and_a_code_exactly_when_refused() {
+        use nanofleet_proto::device::v1::{CartridgeLoad, Event};
+        let batch = |load: CartridgeLoad| EventBatch {
+            device_id: "NF-1".into(),
+            seq: 3,
+            boot_id: "b".into(),
+            events: vec![Event { time_unix_ms: NOW - 1000, kind: Some(event::Kind::CartridgeLoad(load)) }],
+        };
+        let good = CartridgeLoad {
+            gtin: "10614141000019".into(),
+            lot: "L1".into(),
+            serial: "0001-000001".into(),
+            accepted: true,
+            batch_id: "NF-1-20261127-120000".into(),
+            ..Default::default()
+        };
+        assert_eq!(events(&batch(good.clone()), "NF-1", NOW), Ok(3));
+        let refused = CartridgeLoad { accepted: false, code: "cartridge_recalled".into(), ..good.clone() };
+        assert_eq!(events(&batch(refused), "NF-1", NOW), Ok(3));
+        let silent = CartridgeLoad { accepted: false, ..good.clone() };
+        let e = events(&batch(silent), "NF-1", NOW).unwrap_err().to_string();
+        assert!(e.contains("events[0].cartridge_load"), "{e}");
+        let long = CartridgeLoad { gtin: "1".repeat(15), ..good };
+        let e = events(&batch(long), "NF-1", NOW).unwrap_err().to_string();
+        assert!(e.contains("events[0].cartridge_load.gtin"), "{e}");
     }
 
     #[test]

@@ -156,6 +156,14 @@ pub fn day_start_ms(d: Date) -> i64 {
     days * DAY_MS
 }
 
+/// The UTC day `ms` since the Unix epoch falls on (clamped to the dates a code can
+/// carry).
+pub fn date_at_ms(ms: i64) -> Date {
+    const LAST: Date = Date::constant(2169, 12, 31);
+    let days = ms.div_euclid(DAY_MS).clamp(0, day_start_ms(LAST) / DAY_MS);
+    Date::constant(1970, 1, 1).checked_add(jiff::Span::new().days(days)).unwrap_or(LAST)
+}
+
 impl CartridgeCode {
     /// The last millisecond the cartridge may be used (UTC): the end of its expiry day,
     /// or its (7003) expiry time.
@@ -483,6 +491,15 @@ mod tests {
             production: Some(Date::constant(2026, 11, 2)),
             expiry_time: None,
         }
+    }
+
+    #[test]
+    fn a_day_from_milliseconds_inverts_day_start() {
+        let d = Date::constant(2028, 2, 29);
+        assert_eq!(date_at_ms(day_start_ms(d)), d);
+        assert_eq!(date_at_ms(day_start_ms(d) + DAY_MS - 1), d);
+        assert_eq!(date_at_ms(-1), Date::constant(1970, 1, 1), "clamped");
+        assert_eq!(date_at_ms(i64::MAX).year(), 2169, "clamped");
     }
 
     #[test]

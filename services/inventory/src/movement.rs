@@ -198,7 +198,9 @@ pub fn apply(before: Option<&State>, event: &Movement) -> Result<State, Refused>
             next.status = Status::InStock;
         }
         (Status::InStock, Movement::Stored { location }) => next.location = Some(location.clone()),
-        (Status::InStock, Movement::Loaded { device, site }) => {
+        // A load is a fact the device's scanner reports: a cartridge loaded before it
+        // was scanned in at its site has arrived there.
+        (Status::InStock | Status::InTransit, Movement::Loaded { device, site }) => {
             at_site(site)?;
             next.status = Status::Loaded;
             next.device = Some(device.clone());
@@ -337,6 +339,18 @@ mod tests {
             apply(Some(&s), &Movement::Loaded { device: "d".into(), site: "site-a".into() }),
             Err(Refused::NotNow { .. })
         ));
+    }
+
+    #[test]
+    fn a_load_before_the_scan_in_means_the_cartridge_arrived() {
+        let s = replay(&[Movement::Made, shipped("site-a")]).unwrap().unwrap();
+        let loaded =
+            apply(Some(&s), &Movement::Loaded { device: "dev-1".into(), site: "site-a".into() }).unwrap();
+        assert_eq!((loaded.status, loaded.device.as_deref()), (Status::Loaded, Some("dev-1")));
+        assert_eq!(
+            apply(Some(&s), &Movement::Loaded { device: "dev-9".into(), site: "site-b".into() }),
+            Err(Refused::WrongSite { expected: "site-a".into(), got: "site-b".into() })
+        );
     }
 
     #[test]

@@ -348,11 +348,13 @@ A batch that was aborted or failed QC can only be rejected (with --reason).";
 
 #[derive(Subcommand, Debug)]
 enum RunsCommand {
-    /// Starts a run: recipe, the cartridge loaded in the device (as scanned),
-    /// prescription and pseudonymous patient. The device refuses it, naming the
-    /// interlock, unless the recipe is accepted and valid, the cartridge is of the
-    /// recipe's type and not expired or used, the prescription is dated before the
-    /// run and no run is under way.
+    /// Starts a run: recipe, the cartridge loaded in the device (its scan, or its
+    /// GTIN, lot, serial and expiry), prescription and pseudonymous patient. The
+    /// device reads the scan itself and refuses the run, naming the interlock, unless
+    /// the recipe is accepted and valid, the cartridge is of the recipe's type, not
+    /// expired, recalled, blocked or used, the prescription is dated before the run
+    /// and no run is under way. The device reports the load: `nanofleet cartridges
+    /// show` lists it.
     Start {
         #[arg(long)]
         device: String,
@@ -361,18 +363,22 @@ enum RunsCommand {
         /// 0: the version the device holds.
         #[arg(long, default_value_t = 0)]
         recipe_version: u32,
+        /// The cartridge's code as the scanner read it: `]d201…` (GS between
+        /// variable-length fields) or the printed `(01)…(17)…(10)…(21)…`.
+        #[arg(long, conflicts_with_all = ["gtin", "lot", "serial", "expires"])]
+        scan: Option<String>,
         /// Cartridge GTIN-14, AI (01).
-        #[arg(long)]
-        gtin: String,
+        #[arg(long, required_unless_present = "scan")]
+        gtin: Option<String>,
         /// Cartridge lot, AI (10).
-        #[arg(long)]
-        lot: String,
+        #[arg(long, required_unless_present = "scan")]
+        lot: Option<String>,
         /// Cartridge serial, AI (21).
-        #[arg(long)]
-        serial: String,
+        #[arg(long, required_unless_present = "scan")]
+        serial: Option<String>,
         /// Cartridge expiry date, AI (17), YYYY-MM-DD.
-        #[arg(long)]
-        expires: String,
+        #[arg(long, required_unless_present = "scan")]
+        expires: Option<String>,
         /// Prescription id.
         #[arg(long)]
         prescription: String,
@@ -1818,7 +1824,7 @@ async fn cartridges(command: CartridgesCommand) -> anyhow::Result<()> {
         }
         CartridgesCommand::Scan { code, device, recipe, client } => {
             let req = pb::ScanCartridgeRequest {
-                scan: code.replace("\\x1d", "\u{1d}"),
+                scan: nanofleet::cli::inventory::typed_gs(&code),
                 device_id: device,
                 recipe_id: recipe,
             };
@@ -1979,6 +1985,7 @@ async fn runs(command: RunsCommand) -> anyhow::Result<()> {
         device,
         recipe,
         recipe_version,
+        scan,
         gtin,
         lot,
         serial,
@@ -1996,12 +2003,18 @@ async fn runs(command: RunsCommand) -> anyhow::Result<()> {
         device_id: device,
         recipe_id: recipe,
         recipe_version,
-        cartridge: nanofleet_proto::device::v1::Cartridge {
-            gtin,
-            lot,
-            serial,
-            expires_unix_ms: expiry_arg(&expires)?,
+        cartridge: match (gtin, lot, serial, expires) {
+            (Some(gtin), Some(lot), Some(serial), Some(expires)) => {
+                Some(nanofleet_proto::device::v1::Cartridge {
+                    gtin,
+                    lot,
+                    serial,
+                    expires_unix_ms: expiry_arg(&expires)?,
+                })
+            }
+            _ => None,
         },
+        cartridge_scan: scan.as_deref().map(nanofleet::cli::inventory::typed_gs).unwrap_or_default(),
         prescription_id: prescription,
         prescription_unix_ms: time_arg("--prescribed", &prescribed, now)?,
         patient_pseudonym: patient,

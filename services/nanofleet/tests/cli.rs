@@ -211,6 +211,20 @@ fn the_demo_runs_three_hospitals_of_eight_devices_and_the_cli_sees_them() {
     let lot = json(&demo.cli(&["lots", "show", "L2611-A", "--output", "json"]));
     assert_eq!(lot["lot"]["status"], "released");
     assert!(lot["places"].as_array().is_some_and(|p| p.iter().any(|p| p["site_id"] == site.as_str())));
+    // The simulated pharmacists load cartridges off their shelves; each device reads the
+    // code and reports the load, so cartridges show up in devices.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let in_devices = ["L2611-A", "L2611-B", "L2611-X"].iter().any(|lot| {
+            let lot = json(&demo.cli(&["lots", "show", lot, "--output", "json"]));
+            lot["places"].as_array().is_some_and(|p| p.iter().any(|p| p["status"] == "loaded"))
+        });
+        if in_devices {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no device reported loading a cartridge");
+        std::thread::sleep(Duration::from_secs(1));
+    }
 
     // Ctrl-C stops everything cleanly.
     let status = demo.interrupt();

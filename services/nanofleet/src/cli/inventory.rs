@@ -16,6 +16,11 @@ fn json<M: Message>(name: &str, m: &M) -> serde_json::Value {
     nanofleet_recipe::json::to_json(&format!("nanofleet.v1.{name}"), m)
 }
 
+/// A scan as typed: a scanner's GS may arrive as the two characters `\x1d` or `<GS>`.
+pub fn typed_gs(scan: &str) -> String {
+    scan.replace("\\x1d", "\u{1d}").replace("<GS>", "\u{1d}")
+}
+
 /// Reads scans, one per line, from a file or `-` (stdin); blank lines are skipped.
 pub fn read_scans(path: &Path) -> anyhow::Result<Vec<String>> {
     let text = if path == Path::new("-") {
@@ -23,12 +28,7 @@ pub fn read_scans(path: &Path) -> anyhow::Result<Vec<String>> {
     } else {
         std::fs::read_to_string(path).with_context(|| format!("--scans {}", path.display()))?
     };
-    // A scanner's GS may arrive typed as the two characters `\x1d` or `<GS>`.
-    Ok(text
-        .lines()
-        .map(|l| l.trim_end_matches('\r').replace("\\x1d", "\u{1d}").replace("<GS>", "\u{1d}"))
-        .filter(|l| !l.trim().is_empty())
-        .collect())
+    Ok(text.lines().map(|l| typed_gs(l.trim_end_matches('\r'))).filter(|l| !l.trim().is_empty()).collect())
 }
 
 /// Reads logger readings: a CSV of `time,celsius` with RFC 3339 or Unix-ms times
