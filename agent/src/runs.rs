@@ -927,10 +927,15 @@ impl AutoRuns {
 }
 
 /// Reads the cartridge from the request's scan, when it carries one; a cartridge the
-/// request also names must be the one scanned.
+/// request also names must be the one scanned. A cartridge named without a scan must
+/// have a GTIN-14 with its check digit.
 fn read_scan(r: &mut RunRequest, now_ms: i64) -> Result<(), (&'static str, String)> {
     if r.cartridge_scan.is_empty() {
-        return Ok(());
+        return match &r.cartridge {
+            Some(c) if !c.gtin.is_empty() => gs1::check_gtin(&c.gtin)
+                .map_err(|e| (code::CARTRIDGE_UNREADABLE, format!("cartridge.gtin: {e}"))),
+            _ => Ok(()),
+        };
     }
     let shown: String =
         r.cartridge_scan.chars().take(80).map(|c| if c.is_control() { '␝' } else { c }).collect();
@@ -1080,6 +1085,15 @@ mod tests {
         assert_eq!(code, code::CARTRIDGE_UNREADABLE);
         assert!(reason.contains("check digit") && !reason.contains('\u{1d}'), "{reason}");
         assert!(r.cartridge.is_none());
+
+        // Named without a scan: the GTIN's check digit is still checked.
+        let misread = Cartridge { gtin: "10614141000018".into(), ..cartridge.clone() };
+        let mut r = RunRequest { cartridge: Some(misread), ..RunRequest::default() };
+        let (code, reason) = read_scan(&mut r, now).unwrap_err();
+        assert_eq!(code, code::CARTRIDGE_UNREADABLE);
+        assert!(reason.contains("cartridge.gtin") && reason.contains("check digit 8"), "{reason}");
+        let mut r = RunRequest { cartridge: Some(cartridge.clone()), ..RunRequest::default() };
+        assert!(read_scan(&mut r, now).is_ok());
     }
 
     #[test]

@@ -153,6 +153,16 @@ async fn a_run_passes_its_interlocks_and_leaves_a_signed_record_that_qa_releases
     let mut req = run_request("NF-B-01", "run-x", "C-0001");
     req.cartridge.as_mut().unwrap().gtin = "10614141000026".into();
     refused(start(&mut bob, req).await?, "cartridge_wrong_type", "10614141000026");
+    // A GTIN whose check digit does not match is a misread, refused before it is sent.
+    let mut req = run_request("NF-B-01", "run-x", "C-0001");
+    req.cartridge.as_mut().unwrap().gtin = "10614141000027".into();
+    let e = bob.batches.start_run(req).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
+    assert!(
+        e.message().contains("cartridge.gtin") && e.message().contains("check digit 7"),
+        "{}",
+        e.message()
+    );
     let mut req = run_request("NF-B-01", "run-x", "C-0001");
     req.cartridge.as_mut().unwrap().expires_unix_ms = now_ms() - 86_400_000;
     refused(start(&mut bob, req).await?, "cartridge_expired", "expired");

@@ -548,8 +548,10 @@ async fn loads_reported_by_devices_move_cartridges_into_them() -> anyhow::Result
     // A device at another site: not applied, audited.
     inventory.loaded("NF-C-01", now, &load(&serials[1], true)).await?;
     assert_eq!(sb.server.store.cartridge(EXAMPLE_GTIN, &serials[1]).await?.unwrap().status, "in-transit");
-    // A refused load changes nothing, and is audited.
+    // A refused load changes nothing, and is audited, once however often it is re-sent.
     inventory.loaded("NF-B-01", now, &load(&serials[2], false)).await?;
+    inventory.loaded("NF-B-01", now, &load(&serials[2], false)).await?;
+    inventory.loaded("NF-C-01", now, &load(&serials[1], true)).await?;
     assert_eq!(sb.server.store.cartridge(EXAMPLE_GTIN, &serials[2]).await?.unwrap().status, "in-transit");
     // A cartridge the inventory does not know: nothing to do.
     inventory.loaded("NF-B-01", now, &load("9999-000001", true)).await?;
@@ -576,8 +578,61 @@ async fn loads_reported_by_devices_move_cartridges_into_them() -> anyhow::Result
         })
         .await?
         .into_inner();
-    assert_eq!(got.received, 3, "{got:?}");
+    assert_eq!((got.received, got.blocked), (3, 0), "{got:?}");
     assert_eq!(stock_of(&mut ops, "site-b").await?.on_hand, 3, "two on the shelf and one in a device");
     assert_eq!(sb.server.store.cartridge(EXAMPLE_GTIN, &serials[0]).await?.unwrap().status, "loaded");
+    // Received once: the loaded cartridge's scan-in is not counted again.
+    let again = ops
+        .receive_shipment(pb::ReceiveShipmentRequest {
+            shipment_id: shipment.shipment_id.clone(),
+            site_id: "site-b".into(),
+            scans: shipment.codes.clone(),
+            readings: readings(now - 1_800_000, 30, |_| 5.0),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), tonic::Code::FailedPrecondition, "{}", again.message());
+
+    // A second shipment, one cartridge loaded before a scan-in that reveals a warm
+    // journey: the loaded cartridge is blocked with the others.
+    let lot = pb::CreateLotRequest {
+        gtin: EXAMPLE_GTIN.into(),
+        lot: "L9".into(),
+        produced: "2026-11-01".into(),
+        expires: "2028-06-30".into(),
+        quantity: 2,
+    };
+    ops.create_lot(lot).await?;
+    qa.release_lot(pb::ReleaseLotRequest { gtin: String::new(), lot: "L9".into(), reason: "ok".into() })
+        .await?;
+    let warm = ops
+        .ship_cartridges(pb::ShipCartridgesRequest {
+            gtin: EXAMPLE_GTIN.into(),
+            lot: "L9".into(),
+            site_id: "site-b".into(),
+            count: 2,
+        })
+        .await?
+        .into_inner()
+        .shipment
+        .unwrap();
+    let warm_serials: Vec<String> =
+        sb.server.store.shipment_cartridges(&warm.shipment_id).await?.into_iter().map(|c| c.serial).collect();
+    inventory
+        .loaded("NF-B-01", now, &CartridgeLoad { lot: "L9".into(), ..load(&warm_serials[0], true) })
+        .await?;
+    let got = ops
+        .receive_shipment(pb::ReceiveShipmentRequest {
+            shipment_id: warm.shipment_id.clone(),
+            site_id: "site-b".into(),
+            scans: warm.codes.clone(),
+            readings: readings(now - 3_600_000, 60, |m| if m < 45 { 20.0 } else { 5.0 }),
+        })
+        .await?
+        .into_inner();
+    assert_eq!((got.received, got.blocked), (2, 2), "{got:?}");
+    for serial in &warm_serials {
+        assert_eq!(sb.server.store.cartridge(EXAMPLE_GTIN, serial).await?.unwrap().status, "blocked");
+    }
     Ok(())
 }

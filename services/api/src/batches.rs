@@ -158,6 +158,10 @@ impl Batches {
                 "the loaded cartridge: gtin, lot, serial, expiry, or its scan (cartridge_scan)",
             ));
         }
+        if let Some(c) = &req.cartridge {
+            nanofleet_inventory::gs1::check_gtin(&c.gtin)
+                .map_err(|e| Error::invalid("cartridge.gtin", c.gtin.clone(), e.to_string()))?;
+        }
         let max_scan = nanofleet_inventory::gs1::MAX_SCAN_LEN;
         if req.cartridge_scan.chars().count() > max_scan {
             return Err(Error::invalid(

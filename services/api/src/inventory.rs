@@ -216,6 +216,10 @@ fn refused(serial: &str, e: movement::Refused) -> Error {
     Error::Conflict(format!("cartridge {serial}: {e}"))
 }
 
+/// Tries at a movement a device reported, when another change moved the cartridge
+/// between the read and the write.
+const DEVICE_MOVE_ATTEMPTS: usize = 3;
+
 /// Answers waiting for storage, and most in one commit (a recall's thousands of
 /// acknowledgements arrive within a second).
 const ACK_QUEUE: usize = 20_000;
@@ -875,6 +879,16 @@ impl Inventory {
             .map(|c| ((c.gtin.clone(), c.serial.clone()), c))
             .collect();
         let actor = caller.actor().0;
+        let why_blocked = || {
+            format!(
+                "cold chain: {:.0} min outside {} {:?} (limit {} min)",
+                excursion.minutes,
+                class.as_str(),
+                class.range_c(),
+                kind.excursion_limit_min
+            )
+        };
+        let mut blocks = 0u32;
         let mut seen = BTreeSet::new();
         let mut moves = Vec::with_capacity(req.scans.len() * 2);
         for (i, scan) in req.scans.iter().enumerate() {
@@ -915,32 +929,30 @@ impl Inventory {
                     ),
                 ));
             }
-            // Loaded into a device or used at this site before its scan-in: it is here.
-            let here = [Status::Loaded.as_str(), Status::Consumed.as_str()].contains(&c.status.as_str())
-                && c.site_id == req.site_id;
-            if here {
+            // Loaded into a device or used at this site before its scan-in: it has
+            // arrived. Blocked with its shipment if it is still unused.
+            if self.arrived_unscanned(c, &req.site_id).await? {
+                if blocked && c.status == Status::Loaded.as_str() {
+                    let block = decide(c, &Movement::Blocked { reason: why_blocked() }, &actor, now)
+                        .map_err(|e| refused(&c.serial, e))?;
+                    moves.push(block);
+                    blocks += 1;
+                }
                 continue;
             }
             let received = decide(c, &Movement::Received { site: req.site_id.clone() }, &actor, now)
                 .map_err(|e| refused(&c.serial, e))?;
             if blocked {
-                let why = format!(
-                    "cold chain: {:.0} min outside {} {:?} (limit {} min)",
-                    excursion.minutes,
-                    class.as_str(),
-                    class.range_c(),
-                    kind.excursion_limit_min
-                );
-                let block = decide(&received.row, &Movement::Blocked { reason: why }, &actor, now)
+                let block = decide(&received.row, &Movement::Blocked { reason: why_blocked() }, &actor, now)
                     .map_err(|e| refused(&c.serial, e))?;
                 moves.push(received);
                 moves.push(block);
+                blocks += 1;
             } else {
                 moves.push(received);
             }
         }
         let received = u32::try_from(seen.len()).unwrap_or(u32::MAX);
-        let moved_blocked = if blocked { u32::try_from(moves.len() / 2).unwrap_or(u32::MAX) } else { 0 };
         shipment.received_count += i64::from(received);
         shipment.received_ms = now;
         shipment.readings = serde_json::to_string(&readings).unwrap_or_default();
@@ -952,7 +964,7 @@ impl Inventory {
             shipment.shipment_id.clone(),
             Some(&req.site_id),
             if blocked {
-                format!("{received} received and blocked: {:.0} min excursion", excursion.minutes)
+                format!("{received} received, {blocks} blocked: {:.0} min excursion", excursion.minutes)
             } else {
                 format!("{received} received")
             },
@@ -965,10 +977,21 @@ impl Inventory {
         Ok(pb::ReceiveShipmentResponse {
             shipment: Some(shipment_pb(&shipment, Vec::new())),
             received,
-            blocked: moved_blocked,
+            blocked: blocks,
             excursion_minutes: excursion.minutes,
             unlogged_minutes: excursion.unlogged_minutes,
         })
+    }
+
+    /// Whether `c`, in a shipment to `site`, was loaded into a device or used there
+    /// without ever being scanned in: it arrived, unscanned.
+    async fn arrived_unscanned(&self, c: &CartridgeRow, site: &str) -> Result<bool, Error> {
+        let used = [Status::Loaded.as_str(), Status::Consumed.as_str()].contains(&c.status.as_str());
+        if !used || c.site_id != site {
+            return Ok(false);
+        }
+        let events = self.store.cartridge_events(&c.gtin, &c.serial).await?;
+        Ok(!events.iter().any(|e| e.kind == Movement::Received { site: String::new() }.kind()))
     }
 
     /// Cartridges were blocked or wasted: a new deny list, signed with the server's
@@ -1201,87 +1224,119 @@ impl Inventory {
     /// second use or a use at another site is refused, and audited.
     pub async fn consumed(&self, u: &CartridgeUse) -> Result<(), Error> {
         let batch_id = u.batch_id.as_str();
-        let Some(c) = self.store.cartridge(&u.gtin, &u.serial).await? else {
-            tracing::debug!(batch_id, serial = %u.serial, "batch used a cartridge the inventory does not know");
-            return Ok(());
-        };
-        if c.batch_id == batch_id {
-            return Ok(());
-        }
         let actor = Actor::device(&u.device_id).0;
         let m = Movement::Consumed {
             batch_id: batch_id.into(),
             device: u.device_id.clone(),
             site: u.site_id.clone(),
         };
-        match decide(&c, &m, &actor, u.started_ms) {
-            Ok(mv) => Ok(self.store.apply_moves(&[mv], None).await?),
-            Err(e) => {
-                tracing::warn!(batch_id, serial = %u.serial, reason = %e, "cartridge use refused");
-                let entry = AuditEntry {
-                    at_ms: now_ms(),
-                    actor,
-                    action: "cartridge.use.refused".into(),
-                    subject: format!("{}/{}", u.gtin, u.serial),
-                    site_id: Some(u.site_id.clone()),
-                    reason: format!("batch {batch_id}: {e}"),
-                    old_value: None,
-                    new_value: None,
-                };
-                Ok(self.store.audit_only(&entry).await?)
+        for attempt in 1..=DEVICE_MOVE_ATTEMPTS {
+            let Some(c) = self.store.cartridge(&u.gtin, &u.serial).await? else {
+                tracing::debug!(batch_id, serial = %u.serial, "batch used a cartridge the inventory does not know");
+                return Ok(());
+            };
+            if c.batch_id == batch_id {
+                return Ok(());
+            }
+            match decide(&c, &m, &actor, u.started_ms) {
+                Ok(mv) => match self.store.apply_moves(&[mv], None).await {
+                    // Moved meanwhile (the device's load, an expiry): read it again.
+                    Err(nanofleet_store::Error::Conflict(_)) if attempt < DEVICE_MOVE_ATTEMPTS => continue,
+                    done => return Ok(done?),
+                },
+                Err(e) => {
+                    tracing::warn!(batch_id, serial = %u.serial, reason = %e, "cartridge use refused");
+                    let entry = AuditEntry {
+                        at_ms: now_ms(),
+                        actor,
+                        action: "cartridge.use.refused".into(),
+                        subject: format!("{}/{}", u.gtin, u.serial),
+                        site_id: Some(u.site_id.clone()),
+                        reason: format!("batch {batch_id}: {e}"),
+                        old_value: None,
+                        new_value: None,
+                    };
+                    return Ok(self.store.audit_only(&entry).await?);
+                }
             }
         }
+        Ok(())
     }
 
     /// A device's scanner read a cartridge for a run. An accepted load moves the
     /// cartridge into the device; a refused one (the device's interlock held) is
     /// audited. A load the inventory cannot apply (a cartridge used, blocked or expired
-    /// meanwhile, loaded at another site) is logged and audited; an unknown cartridge
-    /// or a repeat changes nothing. Only a storage failure is an error, so the device
-    /// reports the load again.
+    /// meanwhile, loaded at another site) is logged and audited. A cartridge or device
+    /// the inventory does not know, and a repeat, change nothing. Only a storage
+    /// failure is an error, so the device reports the load again.
     pub async fn loaded(&self, device_id: &str, at_ms: i64, load: &dev::CartridgeLoad) -> Result<(), Error> {
-        let subject = format!("{}/{}", load.gtin, load.serial);
-        let Some(c) = self.store.cartridge(&load.gtin, &load.serial).await? else {
-            tracing::debug!(device_id, cartridge = %subject, "device loaded a cartridge the inventory does not know");
-            return Ok(());
+        let unknown = || {
+            tracing::debug!(device_id, gtin = %load.gtin, serial = %load.serial, "a load the inventory does not know");
+            Ok(())
         };
+        if !load.accepted {
+            let Some(c) = self.store.cartridge(&load.gtin, &load.serial).await? else { return unknown() };
+            tracing::info!(device_id, serial = %c.serial, code = %load.code, "device refused to load a cartridge");
+            let why = format!("{} ({})", load.reason, load.code);
+            return self.audit_load_once(device_id, &c, "cartridge.load.refused", load, why).await;
+        }
+        let Some(device) = self.store.get_device(device_id).await? else { return unknown() };
         let actor = Actor::device(device_id).0;
-        let audit_only = |action: &str, reason: String| AuditEntry {
+        let m = Movement::Loaded { device: device_id.into(), site: device.site_id };
+        for attempt in 1..=DEVICE_MOVE_ATTEMPTS {
+            let Some(c) = self.store.cartridge(&load.gtin, &load.serial).await? else { return unknown() };
+            let repeat = (c.status == Status::Loaded.as_str() && c.device_id == device_id)
+                || (!load.batch_id.is_empty() && c.batch_id == load.batch_id);
+            if repeat {
+                return Ok(());
+            }
+            match decide(&c, &m, &actor, at_ms) {
+                Ok(mv) => match self.store.apply_moves(&[mv], None).await {
+                    // Moved meanwhile (the run's consumption, an expiry): read it again.
+                    Err(nanofleet_store::Error::Conflict(_)) if attempt < DEVICE_MOVE_ATTEMPTS => continue,
+                    done => return Ok(done?),
+                },
+                Err(e) => {
+                    tracing::warn!(device_id, serial = %c.serial, reason = %e, "cartridge load not recorded");
+                    let why = e.to_string();
+                    return self.audit_load_once(device_id, &c, "cartridge.load.unrecorded", load, why).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Audits a load once: a re-sent event finds its entry and adds none.
+    async fn audit_load_once(
+        &self,
+        device_id: &str,
+        c: &CartridgeRow,
+        action: &str,
+        load: &dev::CartridgeLoad,
+        why: String,
+    ) -> Result<(), Error> {
+        let subject = format!("{}/{}", c.gtin, c.serial);
+        let head = format!("run request {} on {device_id}:", load.request_id);
+        let filter = nanofleet_store::AuditFilter {
+            action: Some(action.into()),
+            subject: Some(subject.clone()),
+            limit: Some(1_000),
+            ..Default::default()
+        };
+        if self.store.list_audit(&filter).await?.iter().any(|a| a.entry.reason.starts_with(&head)) {
+            return Ok(());
+        }
+        let entry = AuditEntry {
             at_ms: now_ms(),
-            actor: actor.clone(),
+            actor: Actor::device(device_id).0,
             action: action.into(),
-            subject: subject.clone(),
+            subject,
             site_id: (!c.site_id.is_empty()).then(|| c.site_id.clone()),
-            reason,
+            reason: format!("{head} {why}"),
             old_value: None,
             new_value: None,
         };
-        if !load.accepted {
-            tracing::info!(device_id, cartridge = %subject, code = %load.code, "device refused to load a cartridge");
-            let entry = audit_only(
-                "cartridge.load.refused",
-                format!("run request {} on {device_id}: {} ({})", load.request_id, load.reason, load.code),
-            );
-            return Ok(self.store.audit_only(&entry).await?);
-        }
-        let repeat = (c.status == Status::Loaded.as_str() && c.device_id == device_id)
-            || (!load.batch_id.is_empty() && c.batch_id == load.batch_id);
-        if repeat {
-            return Ok(());
-        }
-        let Some(device) = self.store.get_device(device_id).await? else { return Ok(()) };
-        let m = Movement::Loaded { device: device_id.into(), site: device.site_id };
-        match decide(&c, &m, &actor, at_ms) {
-            Ok(mv) => Ok(self.store.apply_moves(&[mv], None).await?),
-            Err(e) => {
-                tracing::warn!(device_id, cartridge = %subject, reason = %e, "cartridge load not recorded");
-                let entry = audit_only(
-                    "cartridge.load.unrecorded",
-                    format!("run request {} on {device_id}: {e}", load.request_id),
-                );
-                Ok(self.store.audit_only(&entry).await?)
-            }
-        }
+        Ok(self.store.audit_only(&entry).await?)
     }
 
     /// Every unused cartridge past its expiry gets its `expired` event (a batch at a

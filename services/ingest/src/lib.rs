@@ -348,13 +348,20 @@ impl Ingest {
                         _ => None,
                     })
                     .collect();
-                match self.inner.commands.get() {
-                    Some(commands) if !loads.is_empty() => commands
-                        .cartridges_loaded(device, &loads)
-                        .await
-                        .map_err(|e| HandleError::Fatal(Error::Commit(e))),
-                    _ => Ok(()),
+                if loads.is_empty() {
+                    return Ok(());
                 }
+                // Not acknowledged until the loads are applied: while the server starts,
+                // the device sends the batch again.
+                let commands = self.inner.commands.get().ok_or_else(|| {
+                    HandleError::Fatal(Error::Commit(
+                        "cartridge loads arrived before the inventory is ready".into(),
+                    ))
+                })?;
+                commands
+                    .cartridges_loaded(device, &loads)
+                    .await
+                    .map_err(|e| HandleError::Fatal(Error::Commit(e)))
             }
             Channel::State => {
                 let state = DeviceState::decode(msg.payload).map_err(malformed)?;
