@@ -48,6 +48,51 @@ async fn stock_of(inv: &mut Inventory, site: &str) -> anyhow::Result<pb::StockLi
     Ok(lines.into_iter().find(|l| l.gtin == EXAMPLE_GTIN).unwrap_or_default())
 }
 
+/// A refrigerated type for the example GTIN.
+async fn add_example_type(ops: &mut Inventory) -> anyhow::Result<()> {
+    let kind = pb::CartridgeType {
+        gtin: EXAMPLE_GTIN.into(),
+        name: "Example LNP cartridge 2 mL".into(),
+        payload: "mRNA".into(),
+        volume_ml: 2.0,
+        storage_class: "refrigerated".into(),
+        excursion_limit_min: 30,
+        device_models: vec![],
+        lead_time_days: 5,
+        recipe_ids: vec![],
+    };
+    ops.create_cartridge_type(pb::CreateCartridgeTypeRequest { cartridge_type: Some(kind) }).await?;
+    Ok(())
+}
+
+/// A lot of `quantity` example cartridges, released by QA and all shipped to `site`.
+async fn shipped_lot(
+    ops: &mut Inventory,
+    qa: &mut Inventory,
+    lot: &str,
+    quantity: u32,
+    site: &str,
+) -> anyhow::Result<pb::Shipment> {
+    let create = pb::CreateLotRequest {
+        gtin: EXAMPLE_GTIN.into(),
+        lot: lot.into(),
+        produced: "2026-11-01".into(),
+        expires: "2028-06-30".into(),
+        quantity,
+    };
+    ops.create_lot(create).await?;
+    qa.release_lot(pb::ReleaseLotRequest { gtin: String::new(), lot: lot.into(), reason: "ok".into() })
+        .await?;
+    let ship = pb::ShipCartridgesRequest {
+        gtin: EXAMPLE_GTIN.into(),
+        lot: lot.into(),
+        site_id: site.into(),
+        count: quantity,
+    };
+    let shipment = ops.ship_cartridges(ship).await?.into_inner().shipment;
+    shipment.ok_or_else(|| anyhow::anyhow!("ShipCartridges answered without a shipment"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cartridges_move_from_lot_to_patient_and_a_recall_stops_the_lot_everywhere() -> anyhow::Result<()> {
     let sb = Sandbox::start().await?;
@@ -404,35 +449,8 @@ async fn a_consumption_cut_off_by_a_crash_is_caught_up_at_the_next_start() -> an
     sb.server.ensure_site("site-b", "Site B", "UTC").await?;
     let mut ops = InventoryServiceClient::with_interceptor(sb.grpc_channel().await?, sb.admin());
     let (mut qa, _) = inventory_as(&sb, "quinn", pb::Role::Qa, "").await?;
-    let kind = pb::CartridgeType {
-        gtin: EXAMPLE_GTIN.into(),
-        name: "Example LNP cartridge 2 mL".into(),
-        payload: "mRNA".into(),
-        volume_ml: 2.0,
-        storage_class: "refrigerated".into(),
-        excursion_limit_min: 30,
-        device_models: vec![],
-        lead_time_days: 5,
-        recipe_ids: vec![],
-    };
-    ops.create_cartridge_type(pb::CreateCartridgeTypeRequest { cartridge_type: Some(kind) }).await?;
-    let lot = pb::CreateLotRequest {
-        gtin: EXAMPLE_GTIN.into(),
-        lot: "L7".into(),
-        produced: "2026-11-01".into(),
-        expires: "2028-06-30".into(),
-        quantity: 2,
-    };
-    ops.create_lot(lot).await?;
-    qa.release_lot(pb::ReleaseLotRequest { gtin: String::new(), lot: "L7".into(), reason: "ok".into() })
-        .await?;
-    let ship = pb::ShipCartridgesRequest {
-        gtin: EXAMPLE_GTIN.into(),
-        lot: "L7".into(),
-        site_id: "site-b".into(),
-        count: 2,
-    };
-    let shipment = ops.ship_cartridges(ship).await?.into_inner().shipment.unwrap();
+    add_example_type(&mut ops).await?;
+    let shipment = shipped_lot(&mut ops, &mut qa, "L7", 2, "site-b").await?;
     let now = now_ms();
     ops.receive_shipment(pb::ReceiveShipmentRequest {
         shipment_id: shipment.shipment_id.clone(),
@@ -479,35 +497,8 @@ async fn loads_reported_by_devices_move_cartridges_into_them() -> anyhow::Result
     sb.enroll_device("site-c", "NF-C-01").await?;
     let mut ops = InventoryServiceClient::with_interceptor(sb.grpc_channel().await?, sb.admin());
     let (mut qa, _) = inventory_as(&sb, "quinn", pb::Role::Qa, "").await?;
-    let kind = pb::CartridgeType {
-        gtin: EXAMPLE_GTIN.into(),
-        name: "Example LNP cartridge 2 mL".into(),
-        payload: "mRNA".into(),
-        volume_ml: 2.0,
-        storage_class: "refrigerated".into(),
-        excursion_limit_min: 30,
-        device_models: vec![],
-        lead_time_days: 5,
-        recipe_ids: vec![],
-    };
-    ops.create_cartridge_type(pb::CreateCartridgeTypeRequest { cartridge_type: Some(kind) }).await?;
-    let lot = pb::CreateLotRequest {
-        gtin: EXAMPLE_GTIN.into(),
-        lot: "L8".into(),
-        produced: "2026-11-01".into(),
-        expires: "2028-06-30".into(),
-        quantity: 3,
-    };
-    ops.create_lot(lot).await?;
-    qa.release_lot(pb::ReleaseLotRequest { gtin: String::new(), lot: "L8".into(), reason: "ok".into() })
-        .await?;
-    let ship = pb::ShipCartridgesRequest {
-        gtin: EXAMPLE_GTIN.into(),
-        lot: "L8".into(),
-        site_id: "site-b".into(),
-        count: 3,
-    };
-    let shipment = ops.ship_cartridges(ship).await?.into_inner().shipment.unwrap();
+    add_example_type(&mut ops).await?;
+    let shipment = shipped_lot(&mut ops, &mut qa, "L8", 3, "site-b").await?;
     let serials: Vec<String> = sb
         .server
         .store
@@ -529,6 +520,12 @@ async fn loads_reported_by_devices_move_cartridges_into_them() -> anyhow::Result
         batch_id: if accepted { "NF-B-01-20261127-120000".into() } else { String::new() },
     };
     let now = now_ms();
+    let receipt = |s: &pb::Shipment, readings: Vec<pb::TemperatureReading>| pb::ReceiveShipmentRequest {
+        shipment_id: s.shipment_id.clone(),
+        site_id: "site-b".into(),
+        scans: s.codes.clone(),
+        readings,
+    };
 
     // Loaded before its scan-in: in the device, at the site.
     inventory.loaded("NF-B-01", now, &load(&serials[0], true)).await?;
@@ -569,65 +566,26 @@ async fn loads_reported_by_devices_move_cartridges_into_them() -> anyhow::Result
     }
 
     // The shipment arrives: the loaded cartridge is already there, the others are received.
-    let got = ops
-        .receive_shipment(pb::ReceiveShipmentRequest {
-            shipment_id: shipment.shipment_id.clone(),
-            site_id: "site-b".into(),
-            scans: shipment.codes.clone(),
-            readings: readings(now - 1_800_000, 30, |_| 5.0),
-        })
-        .await?
-        .into_inner();
+    let got =
+        ops.receive_shipment(receipt(&shipment, readings(now - 1_800_000, 30, |_| 5.0))).await?.into_inner();
     assert_eq!((got.received, got.blocked), (3, 0), "{got:?}");
     assert_eq!(stock_of(&mut ops, "site-b").await?.on_hand, 3, "two on the shelf and one in a device");
     assert_eq!(sb.server.store.cartridge(EXAMPLE_GTIN, &serials[0]).await?.unwrap().status, "loaded");
     // Received once: the loaded cartridge's scan-in is not counted again.
-    let again = ops
-        .receive_shipment(pb::ReceiveShipmentRequest {
-            shipment_id: shipment.shipment_id.clone(),
-            site_id: "site-b".into(),
-            scans: shipment.codes.clone(),
-            readings: readings(now - 1_800_000, 30, |_| 5.0),
-        })
-        .await
-        .unwrap_err();
+    let again =
+        ops.receive_shipment(receipt(&shipment, readings(now - 1_800_000, 30, |_| 5.0))).await.unwrap_err();
     assert_eq!(again.code(), tonic::Code::FailedPrecondition, "{}", again.message());
 
     // A second shipment, one cartridge loaded before a scan-in that reveals a warm
     // journey: the loaded cartridge is blocked with the others.
-    let lot = pb::CreateLotRequest {
-        gtin: EXAMPLE_GTIN.into(),
-        lot: "L9".into(),
-        produced: "2026-11-01".into(),
-        expires: "2028-06-30".into(),
-        quantity: 2,
-    };
-    ops.create_lot(lot).await?;
-    qa.release_lot(pb::ReleaseLotRequest { gtin: String::new(), lot: "L9".into(), reason: "ok".into() })
-        .await?;
-    let warm = ops
-        .ship_cartridges(pb::ShipCartridgesRequest {
-            gtin: EXAMPLE_GTIN.into(),
-            lot: "L9".into(),
-            site_id: "site-b".into(),
-            count: 2,
-        })
-        .await?
-        .into_inner()
-        .shipment
-        .unwrap();
+    let warm = shipped_lot(&mut ops, &mut qa, "L9", 2, "site-b").await?;
     let warm_serials: Vec<String> =
         sb.server.store.shipment_cartridges(&warm.shipment_id).await?.into_iter().map(|c| c.serial).collect();
     inventory
         .loaded("NF-B-01", now, &CartridgeLoad { lot: "L9".into(), ..load(&warm_serials[0], true) })
         .await?;
     let got = ops
-        .receive_shipment(pb::ReceiveShipmentRequest {
-            shipment_id: warm.shipment_id.clone(),
-            site_id: "site-b".into(),
-            scans: warm.codes.clone(),
-            readings: readings(now - 3_600_000, 60, |m| if m < 45 { 20.0 } else { 5.0 }),
-        })
+        .receive_shipment(receipt(&warm, readings(now - 3_600_000, 60, |m| if m < 45 { 20.0 } else { 5.0 })))
         .await?
         .into_inner();
     assert_eq!((got.received, got.blocked), (2, 2), "{got:?}");
