@@ -144,18 +144,7 @@ async fn device(
 }
 
 fn main() {
-    let quick = quick();
-    let devices = env_count("NF_BENCH_DEVICES", if quick { 200 } else { 10_000 }, 1..=20_000);
-    // Client and server side of every connection are in this process.
-    if let Err(e) = ensure_open_files(devices as u64 * 2 + 256) {
-        eprintln!("rollout: {e:#}");
-        std::process::exit(1);
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
-    if let Err(e) = rt.block_on(run(devices)) {
-        eprintln!("rollout: {e:#}");
-        std::process::exit(1);
-    }
+    fleet_main("rollout", run);
 }
 
 async fn run(n: usize) -> anyhow::Result<()> {

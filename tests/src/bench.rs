@@ -418,6 +418,26 @@ pub fn ensure_open_files(needed: u64) -> anyhow::Result<()> {
     std::process::exit(status.code().unwrap_or(1));
 }
 
+/// The `main` of a bench that connects a fleet of simulated devices: takes the device
+/// count from `NF_BENCH_DEVICES` (200 quick, else 10,000; at most 20,000), makes room
+/// for a client and a server connection per device in this process, and runs
+/// `run(devices)`; an error is printed under `name` and exits 1.
+pub fn fleet_main<F, Fut>(name: &str, run: F)
+where
+    F: FnOnce(usize) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let devices = env_count("NF_BENCH_DEVICES", if quick() { 200 } else { 10_000 }, 1..=20_000);
+    let result = ensure_open_files(devices as u64 * 2 + 256).and_then(|()| {
+        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        rt.block_on(run(devices))
+    });
+    if let Err(e) = result {
+        eprintln!("{name}: {e:#}");
+        std::process::exit(1);
+    }
+}
+
 /// A log line without its terminal colours.
 pub fn strip_ansi(line: &str) -> String {
     let mut out = String::with_capacity(line.len());
